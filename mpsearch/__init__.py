@@ -1,0 +1,51 @@
+"""mpsearch: hardware-aware mixed-precision quantization search for ONNX models.
+
+Public API; see README.md for an example.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from mpsearch.data import Dataset, open_dataset, split
+from mpsearch.errors import (
+    DataError,
+    ExportError,
+    InfeasibleBudgetError,
+    ModelError,
+    MpsearchError,
+    ProfileError,
+    UsageError,
+)
+from mpsearch.evaluate import EvalResult, evaluate
+from mpsearch.export.qdq import QdqModel, export_qdq, uniform_plan
+from mpsearch.formats import Candidate, Format, parse_candidate
+from mpsearch.graph import LayerGraph, build_layer_graph, load_model
+from mpsearch.pipeline import Analysis, QuantizeOptions, analyze
+
+__all__ = [
+    "Analysis",
+    "Candidate",
+    "DataError",
+    "Dataset",
+    "EvalResult",
+    "ExportError",
+    "Format",
+    "InfeasibleBudgetError",
+    "LayerGraph",
+    "ModelError",
+    "MpsearchError",
+    "ProfileError",
+    "QdqModel",
+    "QuantizeOptions",
+    "UsageError",
+    "analyze",
+    "build_layer_graph",
+    "evaluate",
+    "export_qdq",
+    "load_model",
+    "open_dataset",
+    "parse_candidate",
+    "split",
+    "uniform_plan",
+]

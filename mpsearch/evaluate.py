@@ -1,0 +1,116 @@
+"""Compare a quantized model with its FP32 original on evaluation data.
+
+Per output, over the whole set: ``SQNR = 10·log10(Σ y² / Σ (y - ŷ)²)`` (dB), the mean over
+samples of the cosine similarity of the flattened outputs, and, for classifier outputs
+(shape ``[N, C]`` with ``C ≥ 2``), top-1 agreement with FP32 and top-5 containment (FP32's
+top-1 class among the quantized model's five best); with labels, the accuracy of both models.
+Both models run batch by batch on ONNX Runtime's CPU execution provider.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from mpsearch.calibrate import make_session
+
+__all__ = ["EvalResult", "OutputMetrics", "evaluate", "sqnr_db"]
+
+
+def sqnr_db(signal_power: float, noise_power: float) -> float:
+    if noise_power <= 0:
+        return math.inf
+    if signal_power <= 0:
+        return -math.inf
+    return 10.0 * math.log10(signal_power / noise_power)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputMetrics:
+    name: str
+    sqnr_db: float
+    cosine: float
+    top1_agreement: float | None = None
+    top5_containment: float | None = None
+    accuracy: float | None = None
+    accuracy_fp32: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalResult:
+    outputs: tuple[OutputMetrics, ...]
+    samples: int
+
+    def to_dict(self) -> dict:
+        return {"samples": self.samples, "outputs": [asdict(o) for o in self.outputs]}
+
+    @property
+    def primary(self) -> OutputMetrics:
+        return self.outputs[0]
+
+
+class _Acc:
+    def __init__(self) -> None:
+        self.sig = self.noise = self.cos = 0.0
+        self.n = self.top1 = self.top5 = self.correct = self.correct_ref = 0
+        self.classifier = True
+
+    def update(self, ref: np.ndarray, q: np.ndarray, labels: np.ndarray | None) -> None:
+        r = ref.astype(np.float64).reshape(len(ref), -1)
+        y = q.astype(np.float64).reshape(len(q), -1)
+        self.sig += float((r**2).sum())
+        self.noise += float(((r - y) ** 2).sum())
+        nr, ny = np.linalg.norm(r, axis=1), np.linalg.norm(y, axis=1)
+        denom = np.where(nr * ny > 0, nr * ny, 1.0)
+        cos = np.where(nr * ny > 0, (r * y).sum(axis=1) / denom, (nr == ny).astype(float))
+        self.cos += float(cos.sum())
+        self.n += len(r)
+        self.classifier &= ref.ndim == 2 and ref.shape[1] >= 2
+        if self.classifier:
+            ref_top = ref.argmax(axis=1)
+            self.top1 += int((q.argmax(axis=1) == ref_top).sum())
+            k = min(5, q.shape[1])
+            top5 = np.argpartition(-q, k - 1, axis=1)[:, :k]
+            self.top5 += int((top5 == ref_top[:, None]).any(axis=1).sum())
+            if labels is not None:
+                self.correct += int((q.argmax(axis=1) == labels).sum())
+                self.correct_ref += int((ref_top == labels).sum())
+
+    def result(self, name: str, with_labels: bool) -> OutputMetrics:
+        n = max(self.n, 1)
+        cls = self.classifier and self.n > 0
+        return OutputMetrics(
+            name=name, sqnr_db=sqnr_db(self.sig, self.noise), cosine=self.cos / n,
+            top1_agreement=self.top1 / n if cls else None,
+            top5_containment=self.top5 / n if cls else None,
+            accuracy=self.correct / n if cls and with_labels else None,
+            accuracy_fp32=self.correct_ref / n if cls and with_labels else None)
+
+
+def evaluate(reference: onnx.ModelProto | str, quantized: onnx.ModelProto | str,
+             batches: Iterable[Mapping[str, np.ndarray]], *,
+             labels: np.ndarray | None = None,
+             progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Run both models over ``batches`` and compare every output of the reference."""
+    ref_s, q_s = make_session(reference), make_session(quantized)
+    names = [o.name for o in ref_s.get_outputs()]
+    q_names = {o.name for o in q_s.get_outputs()}
+    names = [n for n in names if n in q_names]
+    acc = {n: _Acc() for n in names}
+    seen = 0
+    for batch in batches:
+        ref_out = ref_s.run(names, dict(batch))
+        q_out = q_s.run(names, dict(batch))
+        n = len(ref_out[0])
+        lab = labels[seen:seen + n] if labels is not None else None
+        for name, r, q in zip(names, ref_out, q_out, strict=True):
+            acc[name].update(r, q, lab)
+        seen += n
+        if progress:
+            progress(n)
+    return EvalResult(outputs=tuple(acc[n].result(n, labels is not None) for n in names),
+                      samples=seen)

@@ -1,0 +1,1 @@
+"""Writers that turn a plan into files a runtime or toolchain accepts."""

@@ -1,0 +1,447 @@
+"""Any per-group plan -> a QDQ ONNX model that ONNX Runtime runs.
+
+Every quantized tensor ``t`` becomes ``producer -> t_prequant -> QuantizeLinear ->
+DequantizeLinear -> t``, so graph output names are kept and every consumer sees the
+dequantized value. Each node carries one activation format (see :mod:`mpsearch.graph`): a layer
+takes its group's, other ops inherit the widest format among their producers (or, with no
+quantized producer, the widest among their consumers). Where a consumer's format differs from
+the producer's, a conversion ``DQ_a -> Q_b -> DQ_b`` is inserted in front of it, the pattern
+ORT's ``MixedPrecisionTensorQuantOverridesFixer`` writes and QNN reads as a Convert op.
+Weights are stored as integers (or fp8) with a per-channel ``DequantizeLinear``; a bias next to
+an integer weight and activation is stored as int32 with scale ``s_x · s_w`` (zero point 0),
+the form Qualcomm's HTP and ORT's QDQ fusions expect.
+
+Why the Q/DQ nodes are written here rather than by ``onnxruntime.quantization.quantize_static``
+with tensor overrides: (1) the weights must be written exactly as scored — the MSE-clipped
+per-channel scales and, later, Hessian-rounded integers — while ``quantize_static`` recomputes
+weight scales from min/max and rounds to nearest; (2) it re-runs its own calibration pass for
+every plan (seconds each, and the search exports many plans); (3) DESIGN.md §6 lists traps
+seen here (an int4 override without ``axis`` silently per tensor; only the first override
+entry type-checked; a shared ``-inferred.onnx`` side file that collides between processes).
+ORT's overrides remain a product output for users who quantize with ORT (export/overrides.py).
+
+fp16 groups are exported in float with their weights rounded to fp16 (exact for the weights;
+the activation rounding of fp16, about 2^-11 relative, is left to the runtime). The opset is
+raised only as far as the formats need (int4/int16/uint16: 21; fp8: 19) with ONNX's version
+converter, on the float model, before any Q/DQ node is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, version_converter
+
+from mpsearch.errors import ExportError, UsageError
+from mpsearch.formats import Candidate, Format, FormatKind, quantize
+from mpsearch.graph import LayerGraph
+from mpsearch.ops import OpRole, lookup
+from mpsearch.ranges import (
+    INT32_BIAS_LIMIT,
+    QParams,
+    RangeSetter,
+    constant_qparams,
+    qparams_from_range,
+)
+
+__all__ = ["QdqModel", "export_qdq", "uniform_plan"]
+
+log = logging.getLogger(__name__)
+
+_RANK = {Format.FLOAT: 100, Format.FP16: 90, Format.INT16: 16, Format.UINT16: 16,
+         Format.FP8_E4M3: 9, Format.FP8_E5M2: 9, Format.INT8: 8, Format.UINT8: 8,
+         Format.INT4: 4, Format.UINT4: 4}
+_IR_FOR_TYPE = {TensorProto.INT4: 10, TensorProto.UINT4: 10, TensorProto.FLOAT8E4M3FN: 9,
+                TensorProto.FLOAT8E5M2: 9}
+
+
+@dataclass(frozen=True, kw_only=True)
+class QdqModel:
+    """The exported model and what was decided for it."""
+
+    model: onnx.ModelProto
+    plan: Mapping[str, Candidate]
+    node_formats: Mapping[str, Format]  # activation format of every node (FLOAT: not quantized)
+    tensor_formats: Mapping[str, Format]  # format each quantized activation tensor is stored in
+    conversions: tuple[tuple[str, Format, Format], ...]  # (tensor, from, to)
+    opset: int
+
+    def save(self, path: str) -> None:
+        onnx.save(self.model, path)
+
+
+def uniform_plan(lg: LayerGraph, candidate: Candidate) -> dict[str, Candidate]:
+    """The same candidate for every group (weightless groups take its activation format)."""
+    return {g.name: candidate for g in lg.groups}
+
+
+def _widest(fmts: list[Format]) -> Format:
+    best = fmts[0]
+    for f in fmts[1:]:
+        if _RANK[f] > _RANK[best]:
+            best = f
+    return best
+
+
+def _check_plan(lg: LayerGraph, plan: Mapping[str, Candidate]) -> None:
+    names = set(lg.group_names)
+    missing = [g for g in lg.group_names if g not in plan]
+    extra = sorted(set(plan) - names)
+    if missing:
+        raise UsageError(f"the plan has no candidate for {len(missing)} group(s), first "
+                         f"'{missing[0]}'", fix="give every quantizer group a candidate")
+    if extra:
+        raise UsageError(f"the plan names unknown group(s) {extra[:3]}",
+                         fix="use group names from 'mpsearch inspect'")
+    for g, c in plan.items():
+        if c.activation is Format.INT4 or c.activation is Format.UINT4:
+            raise UsageError(f"group '{g}': 4-bit activations are not supported",
+                             fix="use 8- or 16-bit activations")
+
+
+def node_formats(lg: LayerGraph, plan: Mapping[str, Candidate]) -> dict[str, Format]:
+    """Activation format of every node under ``plan`` (FLOAT for nodes left in float)."""
+    fmt: dict[str, Format] = {}
+    float_nodes = {f.node for f in lg.float_ops}
+    producer_of = {a.name: a.producer for a in lg.activations.values()}
+    unresolved: list[str] = []
+    for name in lg.order:
+        node = lg.nodes[name]
+        if name in lg.layers:
+            fmt[name] = plan[name].activation
+        elif name in float_nodes or lookup(node.op_type, node.domain) is None:
+            fmt[name] = Format.FLOAT
+        else:
+            srcs = [fmt[p] for t in lg.activation_inputs(name)
+                    if (p := producer_of.get(t)) is not None and p in fmt]
+            if srcs:
+                fmt[name] = _widest(srcs)
+            else:
+                unresolved.append(name)
+                fmt[name] = Format.FLOAT  # placeholder until consumers are known
+    # Reverse topological order: a consumer that was itself unresolved is settled first.
+    for name in reversed(unresolved):
+        quant = [fmt[c] for o in lg.nodes[name].output if o in lg.activations
+                 for c in lg.activations[o].consumers if fmt[c].is_quantized]
+        fmt[name] = _widest(quant) if quant else Format.FLOAT
+    return fmt
+
+
+class _Writer:
+    """Accumulates new nodes and initializers with unique names."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.names = {n.name for n in graph.node} | {t.name for t in graph.initializer}
+        self.names |= {o for n in graph.node for o in n.output}
+        self.names |= {i.name for i in graph.input}
+        self.nodes_after: dict[str, list[onnx.NodeProto]] = {}  # producer node -> new nodes
+        self.front: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.types: set[int] = set()
+
+    def unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def params(self, base: str, qp: QParams) -> tuple[str, str]:
+        s = self.unique(f"{base}_scale")
+        z = self.unique(f"{base}_zero_point")
+        self.inits.append(numpy_helper.from_array(np.asarray(qp.scale, np.float32), s))
+        self.inits.append(_zero_point_tensor(z, qp))
+        self.types.add(qp.fmt.spec.onnx_type)
+        return s, z
+
+    def qdq(self, src: str, dst: str, qp: QParams, after: str | None) -> None:
+        """src -Q-> -DQ-> dst, placed after node ``after`` (None: at the front)."""
+        s, z = self.params(dst, qp)
+        q_out = self.unique(f"{dst}_{qp.fmt}")
+        axis = [] if qp.axis is None else [("axis", qp.axis)]
+        q = helper.make_node("QuantizeLinear", [src, s, z], [q_out],
+                             name=self.unique(f"{dst}_QuantizeLinear"), **dict(axis))
+        dq = helper.make_node("DequantizeLinear", [q_out, s, z], [dst],
+                              name=self.unique(f"{dst}_DequantizeLinear"), **dict(axis))
+        (self.nodes_after.setdefault(after, []) if after else self.front).extend([q, dq])
+
+    def stored(self, base: str, values: np.ndarray, qp: QParams, onnx_type: int,
+               dst: str) -> onnx.NodeProto:
+        """An initializer of quantized values and the DequantizeLinear that reads it."""
+        qname = self.unique(f"{base}_quantized")
+        self.inits.append(_quantized_tensor(qname, values, onnx_type))
+        if qp.fmt.spec.onnx_type is not None:
+            self.types.add(qp.fmt.spec.onnx_type)
+        s = self.unique(f"{base}_scale")
+        z = self.unique(f"{base}_zero_point")
+        self.inits.append(numpy_helper.from_array(np.asarray(qp.scale, np.float32), s))
+        if onnx_type == TensorProto.INT32:
+            self.inits.append(numpy_helper.from_array(np.zeros(np.shape(qp.scale), np.int32), z))
+        else:
+            self.inits.append(_zero_point_tensor(z, qp))
+        attrs = {} if qp.axis is None else {"axis": qp.axis}
+        return helper.make_node("DequantizeLinear", [qname, s, z], [dst],
+                                name=self.unique(f"{base}_DequantizeLinear"), **attrs)
+
+
+def _zero_point_tensor(name: str, qp: QParams) -> onnx.TensorProto:
+    t = qp.fmt.spec.onnx_type
+    zp = np.asarray(qp.zero_point)
+    return helper.make_tensor(name, t, list(zp.shape), _flat_values(zp, qp.fmt))
+
+
+def _flat_values(values: np.ndarray, fmt: Format) -> list:
+    v = np.asarray(values)
+    if fmt.spec.kind is FormatKind.FP8:
+        return v.astype(np.float32).ravel().tolist()
+    return v.astype(np.int64).ravel().tolist()
+
+
+def _quantized_tensor(name: str, values: np.ndarray, onnx_type: int) -> onnx.TensorProto:
+    if onnx_type in (TensorProto.INT4, TensorProto.UINT4):
+        return helper.make_tensor(name, onnx_type, list(values.shape),
+                                  values.astype(np.int64).ravel().tolist())
+    if onnx_type in (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2):
+        t = TensorProto(name=name, data_type=onnx_type, dims=list(values.shape))
+        t.raw_data = np.ascontiguousarray(values).view(np.uint8).tobytes()
+        return t
+    return numpy_helper.from_array(np.ascontiguousarray(values), name)
+
+
+def _required_opset(fmts: set[Format]) -> int:
+    return max([f.spec.min_opset for f in fmts] + [13])
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def export_qdq(lg: LayerGraph, plan: Mapping[str, Candidate], ranges: RangeSetter) -> QdqModel:
+    """Write ``plan`` (group name -> candidate) as a QDQ model. ``lg.model`` is not modified."""
+    _check_plan(lg, plan)
+    fmt = node_formats(lg, plan)
+    used = {f for f in fmt.values() if f.is_quantized}
+    used |= {c.weight for c in plan.values() if c.weight.is_quantized}
+    model = onnx.ModelProto()
+    model.CopyFrom(lg.model)
+    need = _required_opset(used) if used else _opset(model)
+    if need > _opset(model):
+        try:
+            model = version_converter.convert_version(model, need)
+        except Exception as e:  # noqa: BLE001 - the converter raises many kinds
+            raise ExportError(f"cannot raise the model's opset from {_opset(model)} to {need}, "
+                              f"which the formats need ({e})",
+                              fix="export the model at opset 21 yourself, or avoid "
+                                  "int4/int16/fp8 formats") from e
+    g = model.graph
+    nodes = {n.name: n for n in g.node}
+    w = _Writer(g)
+    inits = {t.name: t for t in g.initializer}
+    graph_outputs = {o.name for o in g.output}
+
+    # ---- activation tensors
+    tensor_fmt: dict[str, Format] = {}
+    qparams: dict[tuple[str, Format], QParams] = {}
+    conversions: list[tuple[str, Format, Format]] = []
+    renames: dict[str, str] = {}  # producer output renames t -> t_prequant
+    rewires: dict[tuple[str, str], str] = {}  # (consumer node, tensor) -> new input
+
+    def q_inputs(node_name: str) -> list[str]:
+        if node_name in lg.layers:
+            return list(lg.layers[node_name].inputs)
+        return lg.activation_inputs(node_name)
+
+    def params_for(t: str, f: Format) -> QParams:
+        key = (t, f)
+        if key in qparams:
+            return qparams[key]
+        act = lg.activations[t]
+        info = lg.op_info(act.producer) if act.producer else None
+        qp = None
+        if info is not None and act.producer not in lg.layers:
+            src = lg.activation_inputs(act.producer)
+            if info.role is OpRole.FIXED_RANGE and info.fixed_range:
+                qp = qparams_from_range(*info.fixed_range, f)
+            elif ((info.role is OpRole.PASSTHROUGH or info.fuses_into_producer)
+                  and src and (src[0], f) in qparams):
+                qp = qparams[(src[0], f)]
+        if qp is None:
+            qp = ranges.activation(_fused_range_source(t, f), f)
+        qparams[key] = qp
+        return qp
+
+    def _fused_range_source(t: str, f: Format) -> str:
+        """The tensor whose range ``t`` takes: the output of a Relu/Clip that is ``t``'s only
+        consumer and runs in the same format, else ``t`` itself."""
+        cons = lg.activations[t].consumers
+        if t in graph_outputs or len(cons) != 1:
+            return t
+        c = cons[0]
+        info = lg.op_info(c)
+        node = lg.nodes[c]
+        if (info is not None and info.fuses_into_producer and fmt[c] is f
+                and node.input[0] == t and node.output[0] in lg.activations
+                and node.output[0] in ranges.stats):
+            return node.output[0]
+        return t
+
+    for t in _tensor_order(lg):
+        act = lg.activations[t]
+        pf = fmt.get(act.producer) if act.producer else None
+        needs: dict[Format, list[str]] = {}
+        for c in act.consumers:
+            if t in q_inputs(c) and fmt[c].is_quantized:
+                needs.setdefault(fmt[c], []).append(c)
+        if pf is not None and pf.is_quantized:
+            pre = w.unique(f"{t}_prequant")
+            renames[t] = pre
+            w.qdq(pre, t, params_for(t, pf), after=act.producer)
+            tensor_fmt[t] = pf
+            for f, consumers in needs.items():
+                if f is pf:
+                    continue
+                dst = w.unique(f"{t}_{f}")
+                w.qdq(t, dst, params_for(t, f), after=act.producer)
+                conversions.append((t, pf, f))
+                for c in consumers:
+                    rewires[(c, t)] = dst
+        else:
+            for f, consumers in needs.items():
+                dst = w.unique(f"{t}_{f}")
+                w.qdq(t, dst, params_for(t, f), after=act.producer)
+                tensor_fmt.setdefault(t, f)
+                for c in consumers:
+                    rewires[(c, t)] = dst
+
+    # ---- weights, biases and constant inputs
+    weight_users: dict[str, int] = {}
+    for layer in lg.layers.values():
+        if layer.weight:
+            weight_users[layer.weight] = weight_users.get(layer.weight, 0) + 1
+    for name, layer in lg.layers.items():
+        cand = plan[name]
+        node = nodes[name]
+        if layer.weight is None:
+            continue
+        base = layer.weight if weight_users[layer.weight] == 1 else f"{layer.weight}_{name}"
+        wf = cand.weight
+        if wf.is_quantized:
+            af = fmt[name]
+            int_bias = (layer.bias is not None and af.spec.kind is FormatKind.INT
+                        and wf.spec.kind is FormatKind.INT)
+            s_x = params_for(layer.inputs[0], af) if int_bias else None
+            qp, qv = ranges.weight(layer.weight, wf, layer.channel_axis,
+                                   bias=layer.bias if int_bias else None,
+                                   input_scale=float(s_x.scale) if s_x else None)
+            dst = w.unique(f"{base}_dequantized")
+            w.front.append(w.stored(base, qv, qp, wf.spec.onnx_type, dst))
+            rewires[(name, layer.weight)] = dst
+            if int_bias:
+                bias = numpy_helper.to_array(inits[layer.bias]).astype(np.float64)
+                s_b = np.float64(s_x.scale) * qp.scale.astype(np.float64)
+                qb = np.clip(np.rint(bias / s_b), -INT32_BIAS_LIMIT, INT32_BIAS_LIMIT)
+                bqp = QParams(fmt=Format.INT8, scale=s_b.astype(np.float32),
+                              zero_point=np.zeros(s_b.shape, np.int64), axis=0)
+                bdst = w.unique(f"{layer.bias}_dequantized")
+                w.front.append(w.stored(layer.bias, qb.astype(np.int32), bqp,
+                                        TensorProto.INT32, bdst))
+                rewires[(name, layer.bias)] = bdst
+        elif wf is Format.FP16:
+            arr = numpy_helper.to_array(inits[layer.weight])
+            dst = w.unique(f"{base}_fp16rounded")
+            w.inits.append(numpy_helper.from_array(
+                arr.astype(np.float16).astype(np.float32), dst))
+            rewires[(name, layer.weight)] = dst
+
+    for name in lg.order:
+        if name in lg.layers or not fmt[name].is_quantized:
+            continue
+        node = nodes[name]
+        info = lg.op_info(name)
+        idx = range(len(node.input)) if info.act_inputs is None else info.act_inputs
+        const_pos = [(i, fmt[name]) for i in idx if i < len(node.input)]
+        const_pos += [(i, Format.UINT8) for i in info.const_inputs if i < len(node.input)]
+        for i, cf in const_pos:
+            c = node.input[i]
+            if c not in inits or inits[c].data_type != TensorProto.FLOAT:
+                continue
+            arr = numpy_helper.to_array(inits[c])
+            qp = constant_qparams(arr, cf)
+            qv = quantize(arr, cf, qp.scale, qp.zero_point)
+            dst = w.unique(f"{c}_dequantized")
+            w.front.append(w.stored(c, qv, qp, cf.spec.onnx_type, dst))
+            rewires[(name, c)] = dst
+
+    # ---- rewrite the graph
+    new_nodes: list[onnx.NodeProto] = list(w.front)
+    for node in g.node:
+        for k, out in enumerate(node.output):
+            if out in renames:
+                node.output[k] = renames[out]
+        for k, inp in enumerate(node.input):
+            if (node.name, inp) in rewires:
+                node.input[k] = rewires[(node.name, inp)]
+        new_nodes.append(node)
+        new_nodes.extend(w.nodes_after.pop(node.name, []))
+    del g.node[:]
+    g.node.extend(_fp8_safe_clips(new_nodes, w))
+    g.initializer.extend(w.inits)
+    still_used = {i for n in g.node for i in n.input}
+    keep = [t for t in g.initializer if t.name in still_used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    ir_need = max([_IR_FOR_TYPE.get(t, 0) for t in w.types] + [model.ir_version])
+    model.ir_version = ir_need
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the exported model fails the ONNX checker: "
+                          f"{str(e).splitlines()[0]}",
+                          fix="report this as a bug with the model") from e
+    return QdqModel(model=model, plan=dict(plan), node_formats=fmt, tensor_formats=tensor_fmt,
+                    conversions=tuple(conversions), opset=_opset(model))
+
+
+_FP8_TYPES = (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2)
+
+
+def _fp8_safe_clips(nodes: list[onnx.NodeProto], w: _Writer) -> list[onnx.NodeProto]:
+    """Rewrite ``Clip(x, lo, hi)`` as the identical ``Max(Min(x, hi), lo)`` where its only
+    consumer is an fp8 QuantizeLinear: ONNX Runtime's ClipQuantFusion (1.32) throws
+    "Unexpected data type for QuantizeLinear input y_zero_point of 17" on that pattern."""
+    fp8_zp = {t.name for t in w.inits if t.data_type in _FP8_TYPES}
+    uses: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for i in n.input:
+            uses.setdefault(i, []).append(n)
+    out: list[onnx.NodeProto] = []
+    for n in nodes:
+        users = uses.get(n.output[0], []) if n.op_type == "Clip" else []
+        if (len(users) == 1 and users[0].op_type == "QuantizeLinear"
+                and len(users[0].input) > 2 and users[0].input[2] in fp8_zp):
+            x = n.input[0]
+            lo = n.input[1] if len(n.input) > 1 and n.input[1] else None
+            hi = n.input[2] if len(n.input) > 2 and n.input[2] else None
+            if hi:
+                mid = w.unique(f"{n.output[0]}_min") if lo else n.output[0]
+                out.append(helper.make_node("Min", [x, hi], [mid], name=w.unique(f"{n.name}_min")))
+                x = mid
+            if lo:
+                out.append(helper.make_node("Max", [x, lo], [n.output[0]],
+                                            name=w.unique(f"{n.name}_max")))
+            if lo or hi:
+                continue
+        out.append(n)
+    return out
+
+
+def _tensor_order(lg: LayerGraph) -> list[str]:
+    """Activation tensors: graph inputs first, then node outputs in topological order."""
+    inputs = [t for t, a in lg.activations.items() if a.producer is None]
+    produced = [o for n in lg.order for o in lg.nodes[n].output if o in lg.activations]
+    return inputs + produced

@@ -1,0 +1,93 @@
+"""Writing results safely: the output folder is checked before any long work starts, every file
+is written to a temporary name and renamed into place, and a failed run removes what it wrote
+(and the folder, if it created it). The input model is never a target."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import onnx
+
+from mpsearch.errors import ExportError, UsageError
+
+__all__ = ["OutputDir"]
+
+
+class OutputDir:
+    """A folder that receives a run's files, all or nothing."""
+
+    def __init__(self, path: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]],
+                 names: Iterable[str]) -> None:
+        self.path = Path(path)
+        self.names = list(names)
+        targets = {(self.path / n).resolve() for n in self.names}
+        for i in inputs:
+            if Path(i).resolve() in targets or Path(i).resolve() == self.path.resolve():
+                raise UsageError(f"the output {self.path} would overwrite the input {i}",
+                                 fix="choose another --out folder")
+        if self.path.exists() and not self.path.is_dir():
+            raise ExportError(f"--out {self.path} exists and is not a folder",
+                              fix="pass a folder path")
+        self.created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.path, prefix=".mpsearch-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            if self.created:
+                self._remove_dir()
+            raise ExportError(f"cannot write to the output folder {self.path} ({e.strerror})",
+                              fix="choose a writable --out folder") from e
+        self.written: list[Path] = []
+
+    def _target(self, name: str) -> Path:
+        if name not in self.names:
+            raise ValueError(f"{name} was not declared")
+        return self.path / name
+
+    def _atomic(self, name: str, write) -> Path:
+        target = self._target(name)
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, target)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise ExportError(f"cannot write {target} ({e.strerror})",
+                              fix="check free disk space and permissions") from e
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.written.append(target)
+        return target
+
+    def write_model(self, name: str, model: onnx.ModelProto) -> Path:
+        return self._atomic(name, lambda p: onnx.save(model, p))
+
+    def write_json(self, name: str, obj: object) -> Path:
+        def w(p: str) -> None:
+            with open(p, "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=2, sort_keys=False)
+                f.write("\n")
+
+        return self._atomic(name, w)
+
+    def rollback(self) -> None:
+        """Remove what this run wrote (and the folder if this run created it)."""
+        for p in self.written:
+            p.unlink(missing_ok=True)
+        self.written.clear()
+        if self.created:
+            self._remove_dir()
+
+    def _remove_dir(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass

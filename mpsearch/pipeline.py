@@ -1,0 +1,90 @@
+"""The stages chained for a user: ingest -> (equalize) -> calibrate -> ranges -> export.
+
+``analyze`` runs the expensive, plan-independent part once (one ONNX Runtime pass over the
+calibration data); the returned :class:`Analysis` then exports any number of plans cheaply.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from mpsearch.calibrate import Calibration, calibrate
+from mpsearch.data import Dataset
+from mpsearch.equalize import EqualizeMode, EqualizeReport, equalize
+from mpsearch.export.qdq import QdqModel, export_qdq, uniform_plan
+from mpsearch.formats import Candidate
+from mpsearch.graph import LayerGraph, build_layer_graph, prepare_model
+from mpsearch.ranges import RangeMethod, RangeSetter
+
+__all__ = ["Analysis", "QuantizeOptions", "analyze"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeOptions:
+    """Settings of the plan-independent stages."""
+
+    batch_size: int = 16
+    activation_range: RangeMethod = RangeMethod.MSE
+    weight_range: RangeMethod = RangeMethod.MSE
+    equalize: EqualizeMode = EqualizeMode.AUTO
+
+
+@dataclass(frozen=True, kw_only=True)
+class Analysis:
+    """A model ready to be exported under any plan."""
+
+    original: onnx.ModelProto  # the user's model, untouched (the FP32 reference)
+    graph: LayerGraph  # of the prepared (and possibly equalized) model
+    calibration: Calibration
+    ranges: RangeSetter
+    options: QuantizeOptions
+    equalization: EqualizeReport | None = None
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+    def export(self, plan: Mapping[str, Candidate]) -> QdqModel:
+        return export_qdq(self.graph, plan, self.ranges)
+
+    def export_uniform(self, candidate: Candidate) -> QdqModel:
+        return export_qdq(self.graph, uniform_plan(self.graph, candidate), self.ranges)
+
+
+def _float_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+            if t.data_type == TensorProto.FLOAT}
+
+
+def analyze(model: onnx.ModelProto, data: Dataset, *,
+            options: QuantizeOptions | None = None,
+            progress: Callable[[int], None] | None = None) -> Analysis:
+    """Ingest ``model`` and calibrate it on ``data``. ``model`` is not modified."""
+    opts = options or QuantizeOptions()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    prepared = prepare_model(model)
+    # Dynamic dims (batch, sequence) are taken from the data: the first sample's shapes.
+    first = next(data.batches(1), None)
+    shapes = {k: (1, *v.shape[1:]) for k, v in first.items()} if first else None
+    graph = build_layer_graph(prepared, input_shapes=shapes, prepared=True)
+    report = None
+    if opts.equalize is not EqualizeMode.OFF:
+        eq_model, report = equalize(graph, mode=opts.equalize)
+        if report.pairs:
+            graph = build_layer_graph(eq_model, input_shapes=shapes, prepared=True)
+    timings["ingest"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cal = calibrate(graph, data.batches(opts.batch_size), progress=progress)
+    timings["calibrate"] = time.perf_counter() - t0
+    ranges = RangeSetter(cal.stats, _float_weights(graph.model),
+                         activation_method=opts.activation_range,
+                         weight_method=opts.weight_range)
+    return Analysis(original=model, graph=graph, calibration=cal, ranges=ranges, options=opts,
+                    equalization=report, timings=timings)

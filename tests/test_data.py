@@ -1,0 +1,323 @@
+"""Tests for mpsearch.data: real .npz/.npy files in tmp_path, tiny models built in code."""
+
+from __future__ import annotations
+
+import logging
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import ModelProto, TensorProto, helper
+
+from mpsearch import data
+from mpsearch.data import DataSpec, open_dataset, split
+from mpsearch.errors import DataError
+
+
+def _model(inputs: list[tuple[str, int, list[int | str]]]) -> ModelProto:
+    nodes = [helper.make_node("Identity", [n], [f"{n}_out"]) for n, _, _ in inputs]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+        [helper.make_tensor_value_info(f"{n}_out", t, s) for n, t, s in inputs])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.fixture
+def image_model() -> ModelProto:
+    return _model([("x", TensorProto.FLOAT, ["N", 3, 8, 8])])
+
+
+@pytest.fixture
+def two_input_model() -> ModelProto:
+    return _model([("ids", TensorProto.INT64, ["N", "seq"]),
+                   ("x", TensorProto.FLOAT, ["N", "seq", 4])])
+
+
+def _images(n: int, start: int = 0) -> np.ndarray:
+    """Samples whose every value is the sample's index, so order is easy to check."""
+    return np.broadcast_to(np.arange(start, start + n, dtype=np.float32)[:, None, None, None],
+                           (n, 3, 8, 8)).copy()
+
+
+def _stack(ds: data.Dataset, batch_size: int | None = None) -> tuple[list[int], np.ndarray]:
+    batches = list(ds.batches(batch_size))
+    for b in batches:
+        assert b["x"].dtype == ds.spec["x"].dtype and b["x"].flags.c_contiguous
+    return [len(b["x"]) for b in batches], np.concatenate([b["x"] for b in batches])
+
+
+def _error(call) -> str:
+    with pytest.raises(DataError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# --------------------------------------------------------------------------- happy paths
+
+
+def test_spec_from_model(two_input_model: ModelProto) -> None:
+    spec = DataSpec.from_model(two_input_model)
+    assert spec.names == ("ids", "x")
+    assert spec["ids"].dtype == np.int64 and spec["x"].dtype == np.float32
+    assert spec["x"].shape == (None, None, 4) and spec["x"].describe() == "(N, seq, 4)"
+    assert spec.static_batch is None
+
+
+def test_npz_file_batches_and_labels(tmp_path: Path, image_model: ModelProto) -> None:
+    x = np.random.default_rng(0).normal(size=(10, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x, labels=np.arange(10) % 3)
+    ds = open_dataset(tmp_path / "calib.npz", image_model, batch_size=4)
+    assert len(ds) == 10
+    sizes, got = _stack(ds)
+    assert sizes == [4, 4, 2]
+    np.testing.assert_array_equal(got, x)
+    np.testing.assert_array_equal(ds.labels, np.arange(10) % 3)
+    assert _stack(ds, 10)[0] == [10]
+
+
+def test_folder_of_npz_in_file_name_order(tmp_path: Path, image_model: ModelProto) -> None:
+    np.savez_compressed(tmp_path / "b.npz", x=_images(5, start=3), labels=np.arange(3, 8))
+    np.savez(tmp_path / "a.npz", x=_images(3), labels=np.arange(3))
+    ds = open_dataset(tmp_path, image_model, batch_size=4)
+    sizes, got = _stack(ds)
+    assert sizes == [4, 4]
+    np.testing.assert_array_equal(got, _images(8))
+    np.testing.assert_array_equal(ds.labels, np.arange(8))
+
+
+def test_folder_of_npy_chunks_single_input(tmp_path: Path, image_model: ModelProto) -> None:
+    np.save(tmp_path / "part0.npy", _images(4))
+    np.save(tmp_path / "part1.npy", _images(3, start=4).astype(np.float64))  # cast, warned
+    np.save(tmp_path / "labels.npy", np.arange(7, dtype=np.int32))
+    ds = open_dataset(tmp_path, image_model, batch_size=5)
+    sizes, got = _stack(ds)
+    assert sizes == [5, 2]
+    np.testing.assert_array_equal(got, _images(7))
+    assert ds.labels.dtype == np.int64 and list(ds.labels) == list(range(7))
+
+
+def test_single_npy_file_and_float64_warning(tmp_path: Path, image_model: ModelProto,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    np.save(tmp_path / "x.npy", _images(3).astype(np.float64))
+    with caplog.at_level(logging.WARNING, logger="mpsearch.data"):
+        ds = open_dataset(tmp_path / "x.npy", image_model)
+    assert "float64" in caplog.text and "'x'" in caplog.text
+    assert ds.labels is None and _stack(ds)[0] == [3]
+
+
+def test_folder_of_named_npy_two_inputs(tmp_path: Path, two_input_model: ModelProto) -> None:
+    ids = np.arange(12, dtype=np.int32).reshape(6, 2)  # int32 data for an int64 input: cast
+    x = np.ones((6, 2, 4), np.float32)
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "x.npy", x)
+    ds = open_dataset(tmp_path, two_input_model, batch_size=4)
+    batches = list(ds.batches())
+    assert [b["ids"].shape for b in batches] == [(4, 2), (2, 2)]
+    assert batches[0]["ids"].dtype == np.int64
+    np.testing.assert_array_equal(np.concatenate([b["ids"] for b in batches]), ids)
+
+
+def test_dynamic_dims_differ_between_files(tmp_path: Path, two_input_model: ModelProto) -> None:
+    for name, n, seq in [("a", 3, 5), ("b", 3, 7)]:
+        np.savez(tmp_path / f"{name}.npz", ids=np.zeros((n, seq), np.int64),
+                 x=np.zeros((n, seq, 4), np.float32), note=np.zeros(n))
+    np.savez(tmp_path / "c.npz", ids=np.zeros((2, 7), np.int64), x=np.zeros((2, 7, 4), np.float32))
+    ds = open_dataset(tmp_path, two_input_model, batch_size=4)
+    # A batch never mixes sequence lengths: it is cut short at the file boundary.
+    assert [b["x"].shape for b in ds.batches()] == [(3, 5, 4), (4, 7, 4), (1, 7, 4)]
+    sub = ds.take([0, 1, 6, 7])  # nothing from b.npz
+    assert [b["x"].shape for b in sub.batches()] == [(2, 5, 4), (2, 7, 4)]
+
+
+def test_fortran_order_arrays(tmp_path: Path, image_model: ModelProto) -> None:
+    x = np.asfortranarray(np.random.default_rng(1).normal(size=(5, 3, 8, 8)).astype(np.float32))
+    np.savez(tmp_path / "f.npz", x=x)
+    np.save(tmp_path / "f.npy", x)
+    for path in ("f.npz", "f.npy"):
+        ds = open_dataset(tmp_path / path, image_model, batch_size=2).take([0, 2, 3, 4])
+        np.testing.assert_array_equal(_stack(ds)[1], x[[0, 2, 3, 4]])
+
+
+def test_static_batch_is_forced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = _model([("x", TensorProto.FLOAT, [2, 3])])
+    np.savez(tmp_path / "d.npz", x=np.zeros((5, 3), np.float32))
+    with caplog.at_level(logging.WARNING, logger="mpsearch.data"):
+        ds = open_dataset(tmp_path / "d.npz", model, batch_size=8)
+        assert [len(b["x"]) for b in ds.batches()] == [2, 2]
+    assert "fixed at 2" in caplog.text and "dropping a batch of 1" in caplog.text
+
+
+def test_seeded_split_is_disjoint_and_deterministic(tmp_path: Path,
+                                                     image_model: ModelProto) -> None:
+    np.savez(tmp_path / "a.npz", x=_images(12), labels=np.arange(12))
+    np.savez(tmp_path / "b.npz", x=_images(8, start=12), labels=np.arange(12, 20))
+    ds = open_dataset(tmp_path, image_model, batch_size=3)
+    calib, held = split(ds, 0.25, seed=7)
+    assert (len(calib), len(held)) == (15, 5) and held.name == "evaluation"
+    seen = {name: _stack(part)[1][:, 0, 0, 0].astype(int) for name, part in
+            [("calib", calib), ("eval", held)]}
+    np.testing.assert_array_equal(seen["calib"], calib.labels)  # values follow the labels
+    np.testing.assert_array_equal(seen["eval"], held.labels)
+    assert not set(calib.labels) & set(held.labels)
+    assert sorted([*calib.labels, *held.labels]) == list(range(20))
+    again = split(ds, 0.25, seed=7)
+    np.testing.assert_array_equal(again.evaluation.labels, held.labels)
+    assert list(split(ds, 0.25, seed=8).evaluation.labels) != list(held.labels)
+    sub = held.take([0, 4])
+    np.testing.assert_array_equal(_stack(sub)[1][:, 0, 0, 0], held.labels[[0, 4]])
+
+
+def test_subset_of_npz_read_in_small_chunks(tmp_path: Path, image_model: ModelProto,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "_CHUNK_BYTES", 3 * 3 * 8 * 8 * 4)  # three samples per read
+    np.savez_compressed(tmp_path / "a.npz", x=_images(40))
+    ds = open_dataset(tmp_path / "a.npz", image_model).take([1, 2, 9, 10, 11, 12, 30, 39])
+    sizes, got = _stack(ds, 3)
+    assert sizes == [3, 3, 2]
+    np.testing.assert_array_equal(got[:, 0, 0, 0], [1, 2, 9, 10, 11, 12, 30, 39])
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_missing_path_and_empty_folder(tmp_path: Path, image_model: ModelProto) -> None:
+    assert "does not exist" in _error(lambda: open_dataset(tmp_path / "no.npz", image_model))
+    (tmp_path / "notes.txt").write_text("hello")
+    assert "no .npz or .npy files" in _error(lambda: open_dataset(tmp_path, image_model))
+
+
+def test_not_an_npz(tmp_path: Path, image_model: ModelProto) -> None:
+    (tmp_path / "calib.npz").write_text("this is not a zip file\nat all\n")
+    message = _error(lambda: open_dataset(tmp_path / "calib.npz", image_model))
+    assert "calib.npz" in message and "not a readable .npz" in message
+
+
+def test_truncated_npz(tmp_path: Path, image_model: ModelProto) -> None:
+    np.savez(tmp_path / "calib.npz", x=_images(4))
+    raw = (tmp_path / "calib.npz").read_bytes()
+    (tmp_path / "calib.npz").write_bytes(raw[: len(raw) // 2])
+    assert "calib.npz" in _error(lambda: open_dataset(tmp_path / "calib.npz", image_model))
+
+
+def test_missing_input_lists_keys(tmp_path: Path, two_input_model: ModelProto) -> None:
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 3, 4), np.float32), input_ids=np.zeros((2, 3)))
+    message = _error(lambda: open_dataset(tmp_path / "d.npz", two_input_model))
+    assert "input 'ids'" in message and "input_ids, x" in message
+
+
+def test_wrong_shape_names_input_and_both_shapes(tmp_path: Path,
+                                                 image_model: ModelProto) -> None:
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 7, 8), np.float32))
+    message = _error(lambda: open_dataset(tmp_path / "d.npz", image_model))
+    assert "'x'" in message and "(4, 3, 7, 8)" in message and "(N, 3, 8, 8)" in message
+    np.savez(tmp_path / "d.npz", x=np.zeros((3, 8, 8), np.float32))  # no sample axis
+    assert "(3, 8, 8)" in _error(lambda: open_dataset(tmp_path / "d.npz", image_model))
+
+
+def test_named_dim_must_agree_across_inputs(tmp_path: Path, two_input_model: ModelProto) -> None:
+    np.savez(tmp_path / "d.npz", ids=np.zeros((2, 5), np.int64), x=np.zeros((2, 6, 4), np.float32))
+    message = _error(lambda: open_dataset(tmp_path / "d.npz", two_input_model))
+    assert "'seq'" in message and "'ids'" in message and "'x'" in message
+
+
+@pytest.mark.parametrize(("ids", "x", "words"), [
+    (np.zeros((2, 3), np.int64), np.zeros((2, 3, 4), np.uint8), ["'x'", "uint8", "float32"]),
+    (np.zeros((2, 3), np.float32), np.zeros((2, 3, 4), np.float32), ["'ids'", "int64"]),
+])
+def test_wrong_dtype(tmp_path: Path, two_input_model: ModelProto, ids: np.ndarray, x: np.ndarray,
+                     words: list[str]) -> None:
+    np.savez(tmp_path / "d.npz", ids=ids, x=x)
+    message = _error(lambda: open_dataset(tmp_path / "d.npz", two_input_model))
+    assert all(w in message for w in words)
+
+
+def test_int_values_out_of_range(tmp_path: Path) -> None:
+    model = _model([("ids", TensorProto.INT32, ["N", 2])])
+    np.savez(tmp_path / "d.npz", ids=np.array([[1, 2], [3, 2**40]], np.int64))
+    ds = open_dataset(tmp_path / "d.npz", model)
+    assert "'ids'" in _error(lambda: list(ds.batches()))
+
+
+def test_nan_names_input_and_sample(tmp_path: Path, image_model: ModelProto) -> None:
+    np.savez(tmp_path / "a.npz", x=_images(4))
+    bad = _images(4, start=4)
+    bad[2, 1, 5, 5] = np.nan
+    np.savez(tmp_path / "b.npz", x=bad)
+    ds = open_dataset(tmp_path, image_model, batch_size=3)  # opening reads headers only
+    message = _error(ds.check_values)
+    assert "input 'x'" in message and "NaN at sample 6" in message and "b.npz" in message
+    np.save(tmp_path / "inf.npy", np.full((2, 3, 8, 8), np.inf, np.float32))
+    assert "Inf at sample 0" in _error(open_dataset(tmp_path / "inf.npy", image_model).check_values)
+
+
+def test_sample_counts_differ(tmp_path: Path, two_input_model: ModelProto) -> None:
+    np.savez(tmp_path / "d.npz", ids=np.zeros((3, 2), np.int64), x=np.zeros((4, 2, 4), np.float32))
+    message = _error(lambda: open_dataset(tmp_path / "d.npz", two_input_model))
+    assert "'ids' 3" in message and "'x' 4" in message
+
+
+def test_empty_data(tmp_path: Path, image_model: ModelProto) -> None:
+    np.savez(tmp_path / "d.npz", x=np.zeros((0, 3, 8, 8), np.float32))
+    assert "0 samples" in _error(lambda: open_dataset(tmp_path / "d.npz", image_model))
+
+
+@pytest.mark.parametrize(("labels", "words"), [
+    (np.arange(3), ["3 labels for 4 samples"]),
+    (np.zeros(4, np.float32), ["'labels'", "float32"]),
+])
+def test_bad_labels(tmp_path: Path, image_model: ModelProto, labels: np.ndarray,
+                    words: list[str]) -> None:
+    np.savez(tmp_path / "d.npz", x=_images(4), labels=labels)
+    message = _error(lambda: open_dataset(tmp_path / "d.npz", image_model))
+    assert all(w in message for w in words)
+
+
+def test_folder_layout_errors(tmp_path: Path, two_input_model: ModelProto) -> None:
+    np.save(tmp_path / "ids.npy", np.zeros((2, 3), np.int64))
+    assert "x.npy" in _error(lambda: open_dataset(tmp_path, two_input_model))
+    np.savez(tmp_path / "more.npz", ids=np.zeros((2, 3), np.int64))
+    assert "mixes .npz and .npy" in _error(lambda: open_dataset(tmp_path, two_input_model))
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_large_npy_is_memory_mapped_and_streamed(tmp_path: Path,
+                                                 image_model: ModelProto) -> None:
+    model = _model([("x", TensorProto.FLOAT, ["N", 3, 64, 64])])
+    n = 4096  # 4096 x 48 KiB = 192 MiB, a sparse file: written without touching the data
+    big = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float32,
+                                    shape=(n, 3, 64, 64))
+    big[-1] = 1.0
+    del big
+    start = time.perf_counter()
+    ds = open_dataset(tmp_path / "big.npy", model, batch_size=64)
+    assert time.perf_counter() - start < 0.5 and len(ds) == n
+    tracemalloc.start()
+    try:
+        sizes, last = [], None
+        for batch in ds.batches():
+            sizes.append(len(batch["x"]))
+            last = batch["x"]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sizes == [64] * (n // 64) and last[-1].min() == 1.0
+    assert peak < 32 << 20  # a few batches of 3 MiB, never the 192 MiB file
+
+
+def test_npz_member_is_streamed(tmp_path: Path, image_model: ModelProto) -> None:
+    np.savez_compressed(tmp_path / "d.npz", x=np.zeros((8192, 3, 8, 8), np.float32))  # 24 MiB
+    ds = open_dataset(tmp_path / "d.npz", image_model, batch_size=256)
+    tracemalloc.start()
+    try:
+        count = sum(len(b["x"]) for b in ds.batches())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 8192 and peak < 8 << 20
