@@ -44,7 +44,7 @@ import onnx
 from onnx import ModelProto
 
 from mpsearch.errors import DataError, UsageError
-from mpsearch.graph import input_specs
+from mpsearch.ingest import input_specs
 
 __all__ = ["DataSpec", "Dataset", "InputSpec", "Split", "open_dataset", "split"]
 

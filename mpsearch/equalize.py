@@ -124,8 +124,9 @@ def equalize(lg: LayerGraph, *, mode: EqualizeMode = EqualizeMode.AUTO,
     arrays = {name: numpy_helper.to_array(inits[name]).astype(np.float64)
               for a, b, _ in pairs for layer in (lg.layers[a], lg.layers[b])
               for name in (layer.weight, layer.bias) if name}
-    it = 0
-    for it in range(1, max_iter + 1):
+    iterations = 0
+    while iterations < max_iter:
+        iterations += 1
         worst = 0.0
         for a_name, b_name, _ in pairs:
             a, b = lg.layers[a_name], lg.layers[b_name]
@@ -153,7 +154,7 @@ def equalize(lg: LayerGraph, *, mode: EqualizeMode = EqualizeMode.AUTO,
             node.op_type = "Relu"
             del node.input[1:]
             replaced.append(node.name)
-    log.info("equalized %d layer pairs in %d iterations (%d Clip -> Relu)", len(pairs), it,
+    log.info("equalized %d layer pairs in %d iterations (%d Clip -> Relu)", len(pairs), iterations,
              len(replaced))
     return model, EqualizeReport(mode=mode, pairs=tuple((a, b) for a, b, _ in pairs),
-                                 clips_replaced=tuple(replaced), iterations=it)
+                                 clips_replaced=tuple(replaced), iterations=iterations)

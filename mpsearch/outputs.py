@@ -4,6 +4,7 @@ is written to a temporary name and renamed into place, and a failed run removes 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -87,7 +88,5 @@ class OutputDir:
             self._remove_dir()
 
     def _remove_dir(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.path.rmdir()
-        except OSError:
-            pass

@@ -20,7 +20,8 @@ from mpsearch.data import Dataset
 from mpsearch.equalize import EqualizeMode, EqualizeReport, equalize
 from mpsearch.export.qdq import QdqModel, export_qdq, uniform_plan
 from mpsearch.formats import Candidate
-from mpsearch.graph import LayerGraph, build_layer_graph, prepare_model
+from mpsearch.graph import LayerGraph, build_layer_graph
+from mpsearch.ingest import prepare_model
 from mpsearch.ranges import RangeMethod, RangeSetter
 
 __all__ = ["Analysis", "QuantizeOptions", "analyze"]
