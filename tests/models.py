@@ -1,0 +1,120 @@
+"""Tiny ONNX models built in code for the tests (STYLE rule 10)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(arr), name)
+
+
+def _model(nodes, inputs, outputs, inits, opset: int = OPSET) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def mbconv(seed: int = 0, *, batch: int | str = "N", act: str = "Clip") -> onnx.ModelProto:
+    """Stem conv + BN + ReLU6, an inverted-residual block (1x1 expand, 3x3 depthwise, 1x1
+    project) with a residual Add, a grouped conv, a Concat, global pooling and a Gemm:
+    every op kind the EfficientNet family uses, in miniature."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int, scale: float = 0.4) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    inits = [
+        _init("stem_w", w(8, 3, 3, 3)),
+        _init("bn_scale", (1 + 0.2 * rng.standard_normal(8)).astype(np.float32)),
+        _init("bn_bias", w(8, scale=0.1)), _init("bn_mean", w(8, scale=0.1)),
+        _init("bn_var", (0.5 + rng.random(8)).astype(np.float32)),
+        _init("exp_w", w(16, 8, 1, 1)), _init("exp_b", w(16, scale=0.1)),
+        _init("dw_w", w(16, 1, 3, 3)), _init("dw_b", w(16, scale=0.1)),
+        _init("proj_w", w(8, 16, 1, 1, scale=0.2)), _init("proj_b", w(8, scale=0.1)),
+        _init("grp_w", w(8, 4, 3, 3, scale=0.2)), _init("grp_b", w(8, scale=0.1)),
+        _init("fc_w", w(10, 16, scale=0.3)), _init("fc_b", w(10, scale=0.1)),
+        _init("lo", np.float32(0.0)), _init("hi", np.float32(6.0)),
+        _init("shape", np.array([0, -1], np.int64)),
+    ]
+
+    def activation(x: str, y: str, name: str) -> onnx.NodeProto:
+        if act == "Clip":
+            return helper.make_node("Clip", [x, "lo", "hi"], [y], name=name)
+        return helper.make_node(act, [x], [y], name=name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "stem_w"], ["s"], name="stem", pads=[1, 1, 1, 1],
+                         strides=[2, 2]),
+        helper.make_node("BatchNormalization", ["s", "bn_scale", "bn_bias", "bn_mean",
+                                                "bn_var"], ["s_bn"], name="bn"),
+        activation("s_bn", "s_act", "stem_act"),
+        helper.make_node("Conv", ["s_act", "exp_w", "exp_b"], ["e"], name="expand"),
+        activation("e", "e_act", "expand_act"),
+        helper.make_node("Conv", ["e_act", "dw_w", "dw_b"], ["d"], name="depthwise",
+                         group=16, pads=[1, 1, 1, 1]),
+        activation("d", "d_act", "dw_act"),
+        helper.make_node("Conv", ["d_act", "proj_w", "proj_b"], ["p"], name="project"),
+        helper.make_node("Add", ["p", "s_act"], ["res"], name="residual"),
+        helper.make_node("Conv", ["res", "grp_w", "grp_b"], ["gc"], name="grouped", group=2,
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["gc", "res"], ["cat"], name="concat", axis=1),
+        helper.make_node("GlobalAveragePool", ["cat"], ["pool"], name="pool"),
+        helper.make_node("Reshape", ["pool", "shape"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                         [batch, 3, 16, 16])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
+                  inits)
+
+
+def attention(seed: int = 0) -> onnx.ModelProto:
+    """One self-attention head: MatMuls with constant weights, an activation x activation
+    MatMul, Softmax, a Constant-node weight, and an op the registry does not know (Einsum
+    would be too exotic; CumSum is float in, float out)."""
+    rng = np.random.default_rng(seed)
+    d = 8
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+
+    inits = [_init("wq", w(d, d)), _init("wk", w(d, d)), _init("bq", w(d)),
+             _init("scale", np.float32(1 / np.sqrt(d))), _init("axis", np.array(1, np.int64))]
+    wv_const = helper.make_node("Constant", [], ["wv"], name="wv_const",
+                                value=numpy_helper.from_array(w(d, d), "wv"))
+    nodes = [
+        wv_const,
+        helper.make_node("MatMul", ["x", "wq"], ["q0"], name="q_proj"),
+        helper.make_node("Add", ["q0", "bq"], ["q"], name="q_bias"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="k_t", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores0"], name="qk"),
+        helper.make_node("Mul", ["scores0", "scale"], ["scores"], name="scale_mul"),
+        helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "v"], ["ctx"], name="pv"),
+        helper.make_node("CumSum", ["ctx", "axis"], ["y"], name="cumsum"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", d])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", d])], inits)
+
+
+def conv_transpose(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    inits = [_init("w", (rng.standard_normal((4, 6, 3, 3)) * 0.3).astype(np.float32)),
+             _init("b", (rng.standard_normal(6) * 0.1).astype(np.float32))]
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="deconv",
+                              strides=[2, 2])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 11, 11])], inits)
+
+
+def images(n: int, seed: int = 0, shape: tuple[int, ...] = (3, 16, 16)) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)

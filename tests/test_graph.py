@@ -1,0 +1,141 @@
+"""Ingestion and the LayerGraph: layers, MACs, groups, ties, float ops, normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from models import attention, conv_transpose, images, mbconv
+from onnx import helper
+
+from mpsearch.calibrate import make_session
+from mpsearch.errors import ModelError
+from mpsearch.graph import build_layer_graph
+from mpsearch.ingest import load_model, prepare_model
+from mpsearch.ops import OpRole
+
+
+def test_batchnorm_is_folded_and_outputs_unchanged():
+    m = mbconv()
+    pm = prepare_model(m)
+    assert "BatchNormalization" not in {n.op_type for n in pm.graph.node}
+    x = images(4)
+    ref = make_session(m).run(None, {"x": x})[0]
+    got = make_session(pm).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_layers_macs_and_params_match_hand_counts():
+    lg = build_layer_graph(mbconv(), input_shapes={"x": (1, 3, 16, 16)})
+    assert list(lg.layers) == ["stem", "expand", "depthwise", "project", "grouped", "fc"]
+    L = lg.layers
+    # stem: 8 out ch, 8x8 output, 3 in ch, 3x3 kernel
+    assert L["stem"].macs == 8 * 8 * 8 * 3 * 9
+    assert L["expand"].macs == 16 * 8 * 8 * 8
+    assert L["depthwise"].macs == 16 * 8 * 8 * 9 and L["depthwise"].depthwise
+    assert L["grouped"].macs == 8 * 8 * 8 * 4 * 9 and not L["grouped"].depthwise
+    assert L["grouped"].conv_groups == 2
+    assert L["fc"].macs == 10 * 16 and L["fc"].channel_axis == 0
+    assert L["stem"].params == 8 * 27 + 8  # BN folded: the stem gained a bias
+    assert lg.total_macs == sum(layer.macs for layer in L.values())
+    assert [g.name for g in lg.groups] == list(L)
+
+
+def test_residual_add_and_concat_tie_their_source_groups():
+    lg = build_layer_graph(mbconv())
+    ties = {t.node: set(t.groups) for t in lg.ties}
+    assert ties["residual"] == {"project", "stem"}
+    # concat meets the grouped conv and the residual (itself from project and stem)
+    assert ties["concat"] == {"grouped", "project", "stem"}
+    assert lg.tie_classes() == (frozenset({"grouped", "project", "stem"}),)
+
+
+def test_attention_layers_constant_weights_and_unknown_op():
+    lg = build_layer_graph(attention(), input_shapes={"x": (1, 6, 8)})
+    roles = {n: layer.role for n, layer in lg.layers.items()}
+    assert roles == {"q_proj": OpRole.LAYER, "k_proj": OpRole.LAYER, "v_proj": OpRole.LAYER,
+                     "qk": OpRole.ACT_MATMUL, "pv": OpRole.ACT_MATMUL}
+    assert lg.layers["v_proj"].weight == "wv"  # the Constant node became an initializer
+    assert lg.layers["q_proj"].channel_axis == 1
+    assert lg.layers["qk"].macs == 6 * 6 * 8  # [6,8] x [8,6]
+    assert [(f.node, f.op_type) for f in lg.float_ops] == [("cumsum", "CumSum")]
+    assert "registry" in lg.float_ops[0].reason
+    assert not [g for g in lg.groups if g.name in ("qk", "pv") and g.has_weight]
+
+
+def test_convtranspose_macs_and_channel_axis():
+    lg = build_layer_graph(conv_transpose())
+    layer = lg.layers["deconv"]
+    assert layer.channel_axis == 1 and layer.out_channels == 6
+    assert layer.macs == 4 * 5 * 5 * 6 * 9
+
+
+def test_dynamic_dims_take_shapes_from_the_caller():
+    lg1 = build_layer_graph(attention(), input_shapes={"x": (1, 4, 8)})
+    lg2 = build_layer_graph(attention(), input_shapes={"x": (1, 8, 8)})
+    assert lg2.layers["q_proj"].macs == 2 * lg1.layers["q_proj"].macs
+    assert lg2.layers["qk"].macs == 4 * lg1.layers["qk"].macs
+    # the graph itself keeps its dynamic dims
+    dims = lg1.model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "N" and dims[1].dim_param == "T"
+
+
+def test_input_model_is_not_modified():
+    m = mbconv()
+    before = m.SerializeToString()
+    build_layer_graph(m)
+    assert m.SerializeToString() == before
+
+
+def test_external_data_model_loads(tmp_path):
+    m = mbconv()
+    path = tmp_path / "ext.onnx"
+    onnx.save(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.data", size_threshold=0)
+    assert (tmp_path / "ext.data").exists()
+    loaded = load_model(path)
+    lg = build_layer_graph(loaded)
+    assert len(lg.layers) == 6
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "empty"),
+    (b"this is not a protobuf at all \xff\xfe" * 10, "not a readable ONNX model"),
+])
+def test_unreadable_files_raise_model_error(tmp_path, content, needle):
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(content)
+    with pytest.raises(ModelError, match=needle):
+        load_model(p)
+
+
+def test_truncated_file_raises_model_error(tmp_path):
+    data = mbconv().SerializeToString()
+    p = tmp_path / "trunc.onnx"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError) as e:
+        load_model(p)
+    assert "\n" not in str(e.value)
+
+
+def test_checker_failure_names_the_problem(tmp_path):
+    m = mbconv()
+    m.graph.node[0].input[1] = "no_such_weight"
+    p = tmp_path / "broken.onnx"
+    onnx.save(m, str(p))
+    with pytest.raises(ModelError, match="checker"):
+        load_model(p)
+
+
+def test_contrib_op_stays_float_and_the_layers_after_it_are_found():
+    m = mbconv()
+    node = helper.make_node("Gelu", ["e_act"], ["e_gelu"], name="gelu", domain="com.microsoft")
+    m.graph.node.insert(5, node)
+    for n in m.graph.node:
+        if n.name == "depthwise":
+            n.input[0] = "e_gelu"
+    m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    lg = build_layer_graph(m)
+    assert [(f.node, f.op_type) for f in lg.float_ops] == [("gelu", "Gelu")]
+    assert "com.microsoft" in lg.float_ops[0].reason
+    assert list(lg.layers) == ["stem", "expand", "depthwise", "project", "grouped", "fc"]
