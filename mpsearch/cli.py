@@ -36,9 +36,7 @@ class _Ui:
     @contextlib.contextmanager
     def progress(self, label: str, total: int | None) -> Iterator:
         if self.quiet or not self.err.is_terminal:
-            if not self.quiet and not self.as_json:
-                self.err.print(f"{label} ...")
-            yield lambda n: None
+            yield lambda n: None  # scripts and CI: no bars (-v logs each stage instead)
             return
         from rich.progress import (
             BarColumn,
@@ -172,7 +170,8 @@ def cmd_quantize(args: argparse.Namespace, ui: _Ui) -> int:
 
     candidate = parse_candidate(args.uniform)
     inputs = [args.model, args.data] + ([args.eval_data] if args.eval_data else [])
-    out = OutputDir(args.out, inputs=inputs, names=["model.qdq.onnx", "quantize.json"])
+    out = OutputDir(args.out, inputs=inputs, names=["model.qdq.onnx", "quantize.json"],
+                    flag="--out")
     try:
         t0 = time.perf_counter()
         model = load_model(args.model)
@@ -183,7 +182,7 @@ def cmd_quantize(args: argparse.Namespace, ui: _Ui) -> int:
                                name="evaluation")
         elif args.holdout:
             calib, evald = split(calib, args.holdout, seed=args.seed)
-        opts = QuantizeOptions(batch_size=calib.batch_size,
+        opts = QuantizeOptions(batch_size=args.batch_size or QuantizeOptions.batch_size,
                                activation_range=RangeMethod(args.activation_range),
                                weight_range=RangeMethod(args.weight_range),
                                equalize=EqualizeMode(args.equalize))
@@ -233,19 +232,21 @@ def cmd_eval(args: argparse.Namespace, ui: _Ui) -> int:
     from mpsearch.evaluate import evaluate
     from mpsearch.graph import load_model
 
+    from mpsearch.outputs import OutputDir
+
+    od = None
+    if args.save:
+        save = Path(args.save)
+        od = OutputDir(save.parent, inputs=[args.fp32, args.quantized, args.data],
+                       names=[save.name], flag="--save")
     ref = load_model(args.fp32)
     quant = load_model(args.quantized)
     data = _open_data(args.data, ref, batch_size=args.batch_size, name="evaluation")
     with ui.progress("evaluating", len(data)) as advance:
         result = evaluate(ref, quant, data.batches(), labels=data.labels, progress=advance)
     payload = {"fp32": str(args.fp32), "quantized": str(args.quantized), **result.to_dict()}
-    if args.save:
-        from mpsearch.outputs import OutputDir
-
-        save = Path(args.save)
-        od = OutputDir(save.parent if str(save.parent) else ".",
-                       inputs=[args.fp32, args.quantized, args.data], names=[save.name])
-        od.write_json(save.name, payload)
+    if od is not None:
+        od.write_json(Path(args.save).name, payload)
     if ui.as_json:
         print(json.dumps(payload, indent=2))
     else:

@@ -1,9 +1,11 @@
 """Compare a quantized model with its FP32 original on evaluation data.
 
 Per output, over the whole set: ``SQNR = 10·log10(Σ y² / Σ (y - ŷ)²)`` (dB), the mean over
-samples of the cosine similarity of the flattened outputs, and, for classifier outputs
-(shape ``[N, C]`` with ``C ≥ 2``), top-1 agreement with FP32 and top-5 containment (FP32's
-top-1 class among the quantized model's five best); with labels, the accuracy of both models.
+samples of the cosine similarity of the flattened outputs, and, for classifier outputs,
+top-1 agreement with FP32 and top-5 containment (FP32's top-1 class among the quantized
+model's five best); with labels, the accuracy of both models. An output is taken for a
+classifier when it is ``[N, C]`` with ``C ≥ 2`` and its FP32 rows are not unit vectors
+(L2-normalised rows are embeddings, where "top-1" means nothing); ``classifier=`` overrides.
 Both models run batch by batch on ONNX Runtime's CPU execution provider.
 """
 
@@ -54,10 +56,10 @@ class EvalResult:
 
 
 class _Acc:
-    def __init__(self) -> None:
+    def __init__(self, classifier: bool | None) -> None:
         self.sig = self.noise = self.cos = 0.0
         self.n = self.top1 = self.top5 = self.correct = self.correct_ref = 0
-        self.classifier = True
+        self.classifier = classifier
 
     def update(self, ref: np.ndarray, q: np.ndarray, labels: np.ndarray | None) -> None:
         r = ref.astype(np.float64).reshape(len(ref), -1)
@@ -69,8 +71,10 @@ class _Acc:
         cos = np.where(nr * ny > 0, (r * y).sum(axis=1) / denom, (nr == ny).astype(float))
         self.cos += float(cos.sum())
         self.n += len(r)
-        self.classifier &= ref.ndim == 2 and ref.shape[1] >= 2
-        if self.classifier:
+        if self.classifier is None:
+            unit = bool(np.all(np.abs(nr - 1.0) < 1e-3))
+            self.classifier = ref.ndim == 2 and ref.shape[1] >= 2 and not unit
+        if self.classifier and ref.ndim == 2:
             ref_top = ref.argmax(axis=1)
             self.top1 += int((q.argmax(axis=1) == ref_top).sum())
             k = min(5, q.shape[1])
@@ -82,7 +86,7 @@ class _Acc:
 
     def result(self, name: str, with_labels: bool) -> OutputMetrics:
         n = max(self.n, 1)
-        cls = self.classifier and self.n > 0
+        cls = bool(self.classifier) and self.n > 0
         return OutputMetrics(
             name=name, sqnr_db=sqnr_db(self.sig, self.noise), cosine=self.cos / n,
             top1_agreement=self.top1 / n if cls else None,
@@ -93,14 +97,14 @@ class _Acc:
 
 def evaluate(reference: onnx.ModelProto | str, quantized: onnx.ModelProto | str,
              batches: Iterable[Mapping[str, np.ndarray]], *,
-             labels: np.ndarray | None = None,
+             labels: np.ndarray | None = None, classifier: bool | None = None,
              progress: Callable[[int], None] | None = None) -> EvalResult:
     """Run both models over ``batches`` and compare every output of the reference."""
     ref_s, q_s = make_session(reference), make_session(quantized)
     names = [o.name for o in ref_s.get_outputs()]
     q_names = {o.name for o in q_s.get_outputs()}
     names = [n for n in names if n in q_names]
-    acc = {n: _Acc() for n in names}
+    acc = {n: _Acc(classifier) for n in names}
     seen = 0
     for batch in batches:
         ref_out = ref_s.run(names, dict(batch))

@@ -22,16 +22,20 @@ class OutputDir:
     """A folder that receives a run's files, all or nothing."""
 
     def __init__(self, path: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]],
-                 names: Iterable[str]) -> None:
+                 names: Iterable[str], flag: str = "--out") -> None:
         self.path = Path(path)
         self.names = list(names)
-        targets = {(self.path / n).resolve() for n in self.names}
         for i in inputs:
-            if Path(i).resolve() in targets or Path(i).resolve() == self.path.resolve():
-                raise UsageError(f"the output {self.path} would overwrite the input {i}",
-                                 fix="choose another --out folder")
+            src = Path(i).resolve()
+            for n in self.names:
+                if (self.path / n).resolve() == src:
+                    raise UsageError(f"the output {self.path / n} would overwrite the input {i}",
+                                     fix=f"choose another {flag}")
+            if src == self.path.resolve():
+                raise UsageError(f"the output folder {self.path} is the input {i}",
+                                 fix=f"choose another {flag}")
         if self.path.exists() and not self.path.is_dir():
-            raise ExportError(f"--out {self.path} exists and is not a folder",
+            raise ExportError(f"{flag} {self.path} exists and is not a folder",
                               fix="pass a folder path")
         self.created = not self.path.exists()
         try:
@@ -43,7 +47,7 @@ class OutputDir:
             if self.created:
                 self._remove_dir()
             raise ExportError(f"cannot write to the output folder {self.path} ({e.strerror})",
-                              fix="choose a writable --out folder") from e
+                              fix=f"choose a writable {flag}") from e
         self.written: list[Path] = []
 
     def _target(self, name: str) -> Path:

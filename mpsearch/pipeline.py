@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class QuantizeOptions:
     """Settings of the plan-independent stages."""
 
-    batch_size: int = 16
+    batch_size: int = 8  # calibration batch: larger ones run slower with every tensor exposed
     activation_range: RangeMethod = RangeMethod.MSE
     weight_range: RangeMethod = RangeMethod.MSE
     equalize: EqualizeMode = EqualizeMode.AUTO

@@ -1,0 +1,197 @@
+"""The command line: happy paths and every bad input the foundation issue lists. Each bad
+input exits 2 with one line on stderr, writes nothing and leaves the input as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from models import images, mbconv
+
+from mpsearch.cli import main
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    model = tmp_path / "model.onnx"
+    onnx.save(mbconv(), str(model))
+    np.savez(tmp_path / "calib.npz", x=images(32, seed=1))
+    np.savez(tmp_path / "eval.npz", x=images(16, seed=2))
+    return {"model": model, "calib": tmp_path / "calib.npz", "eval": tmp_path / "eval.npz",
+            "dir": tmp_path}
+
+
+def _digest(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _bad(capsys, argv: list[str], needle: str) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mpsearch: error: ")
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_quantize_writes_model_and_summary(files, capsys):
+    out = files["dir"] / "out"
+    before = _digest(files["model"])
+    code = main(["quantize", str(files["model"]), "--uniform", "w8a8", "--data",
+                 str(files["calib"]), "--eval-data", str(files["eval"]), "--out", str(out),
+                 "--json", "-q"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in out.iterdir()) == ["model.qdq.onnx", "quantize.json"]
+    assert summary["candidate"] == "w8a8" and summary["layers"] == 6
+    assert summary["evaluation"]["outputs"][0]["sqnr_db"] > 15
+    assert _digest(files["model"]) == before
+    onnx.checker.check_model(onnx.load(str(out / "model.qdq.onnx")))
+
+
+def test_quantize_with_holdout_split(files, capsys):
+    out = files["dir"] / "out"
+    assert main(["quantize", str(files["model"]), "--uniform", "w8a16", "--data",
+                 str(files["calib"]), "--holdout", "0.25", "--out", str(out), "--json",
+                 "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["calibration_samples"] == 24
+    assert summary["evaluation"]["samples"] == 8
+
+
+def test_inspect_lists_layers_ties_and_float_ops(files, capsys):
+    assert main(["inspect", str(files["model"]), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["layers"] == 6 and doc["float_ops"] == []
+    assert [sorted(c) for c in doc["tie_classes"]] == [["grouped", "project", "stem"]]
+    assert main(["inspect", str(files["model"])]) == 0
+    text = capsys.readouterr().out
+    assert "depthwise" in text and "Conv dw" in text and "no ops left in float" in text
+
+
+def test_eval_json_and_save(files, capsys):
+    out = files["dir"] / "out"
+    main(["quantize", str(files["model"]), "--uniform", "w8a8", "--data",
+          str(files["calib"]), "--out", str(out), "-q"])
+    capsys.readouterr()
+    save = files["dir"] / "eval.json"
+    assert main(["eval", str(files["model"]), str(out / "model.qdq.onnx"), "--data",
+                 str(files["eval"]), "--json", "--save", str(save)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert json.loads(save.read_text()) == doc
+    o = doc["outputs"][0]
+    assert o["name"] == "logits" and 0 <= o["top1_agreement"] <= 1 and o["cosine"] > 0.9
+
+
+def test_truncated_model(files, capsys):
+    data = files["model"].read_bytes()
+    bad = files["dir"] / "trunc.onnx"
+    bad.write_bytes(data[: len(data) // 3])
+    out = files["dir"] / "out"
+    _bad(capsys, ["quantize", str(bad), "--uniform", "w8a8", "--data", str(files["calib"]),
+                  "--out", str(out)], "trunc.onnx")
+    assert not out.exists()
+
+
+def test_not_an_onnx_file(files, capsys):
+    bad = files["dir"] / "notes.onnx"
+    bad.write_text("just some text, certainly not a model\n" * 20)
+    _bad(capsys, ["inspect", str(bad)], "not")
+
+
+def test_data_missing_an_input(files, capsys):
+    np.savez(files["dir"] / "wrong.npz", y=images(4))
+    out = files["dir"] / "out"
+    _bad(capsys, ["quantize", str(files["model"]), "--uniform", "w8a8", "--data",
+                  str(files["dir"] / "wrong.npz"), "--out", str(out)], "'x'")
+    assert not out.exists()
+
+
+def test_data_of_the_wrong_shape(files, capsys):
+    np.savez(files["dir"] / "shape.npz", x=images(4, shape=(3, 8, 8)))
+    out = files["dir"] / "out"
+    line = _bad(capsys, ["quantize", str(files["model"]), "--uniform", "w8a8", "--data",
+                         str(files["dir"] / "shape.npz"), "--out", str(out)], "'x'")
+    assert "16" in line and "8" in line
+    assert not out.exists()
+
+
+def test_nan_in_the_data(files, capsys):
+    x = images(16)
+    x[5, 1, 2, 3] = np.nan
+    np.savez(files["dir"] / "nan.npz", x=x)
+    out = files["dir"] / "out"
+    line = _bad(capsys, ["quantize", str(files["model"]), "--uniform", "w8a8", "--data",
+                         str(files["dir"] / "nan.npz"), "--out", str(out)], "NaN")
+    assert "5" in line
+    assert not out.exists()
+
+
+def test_nan_in_evaluation_data_leaves_no_partial_output(files, capsys):
+    x = images(16)
+    x[9] = np.inf
+    np.savez(files["dir"] / "inf.npz", x=x)
+    out = files["dir"] / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _bad(capsys, ["quantize", str(files["model"]), "--uniform", "w8a8", "--data",
+                  str(files["calib"]), "--eval-data", str(files["dir"] / "inf.npz"),
+                  "--out", str(out)], "Inf")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_output_folder_that_cannot_be_written(files, capsys):
+    blocker = files["dir"] / "a_file"
+    blocker.write_text("x")
+    _bad(capsys, ["quantize", str(files["model"]), "--uniform", "w8a8", "--data",
+                  str(files["calib"]), "--out", str(blocker / "sub")], "cannot write")
+    _bad(capsys, ["quantize", str(files["model"]), "--uniform", "w8a8", "--data",
+                  str(files["calib"]), "--out", str(blocker)], "not a folder")
+    assert blocker.read_text() == "x"
+
+
+def test_output_path_equal_to_the_input(files, capsys):
+    d = files["dir"] / "work"
+    d.mkdir()
+    model = d / "model.qdq.onnx"
+    model.write_bytes(files["model"].read_bytes())
+    before = _digest(model)
+    _bad(capsys, ["quantize", str(model), "--uniform", "w8a8", "--data", str(files["calib"]),
+                  "--out", str(d)], "overwrite the input")
+    assert _digest(model) == before
+    _bad(capsys, ["eval", str(files["model"]), str(model), "--data", str(files["eval"]),
+                  "--save", str(files["eval"])], "overwrite the input")
+
+
+def test_unknown_candidate_and_bad_input_shape(files, capsys):
+    _bad(capsys, ["quantize", str(files["model"]), "--uniform", "w3a7", "--data",
+                  str(files["calib"]), "--out", str(files["dir"] / "o")], "w3a7")
+    _bad(capsys, ["inspect", str(files["model"]), "--input-shape", "x=1,three"], "x=1,three")
+
+
+def test_console_entry_point_exit_code_and_no_traceback(files):
+    bad = files["dir"] / "bad.onnx"
+    bad.write_bytes(b"\x00\x01garbage")
+    r = subprocess.run([sys.executable, "-m", "mpsearch", "inspect", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "mpsearch", "inspect", str(bad), "--debug"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_help_for_every_command():
+    for cmd in ("inspect", "quantize", "eval"):
+        r = subprocess.run([sys.executable, "-m", "mpsearch", cmd, "--help"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and "usage: mpsearch " + cmd in r.stdout
