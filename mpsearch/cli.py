@@ -231,7 +231,6 @@ def cmd_quantize(args: argparse.Namespace, ui: _Ui) -> int:
 def cmd_eval(args: argparse.Namespace, ui: _Ui) -> int:
     from mpsearch.evaluate import evaluate
     from mpsearch.graph import load_model
-
     from mpsearch.outputs import OutputDir
 
     od = None
