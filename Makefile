@@ -20,10 +20,9 @@ $(VENV)/.test-installed: pyproject.toml constraints.txt | $(BIN)/python
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/python examples/efficientnet_lite0/prepare.py
-	$(BIN)/mpsearch quantize examples/efficientnet_lite0/cache/model.onnx \
-		--uniform w8a8 --data examples/efficientnet_lite0/cache/calib.npz --out out/
-	$(BIN)/mpsearch eval examples/efficientnet_lite0/cache/model.onnx out/model.qdq.onnx \
-		--data examples/efficientnet_lite0/cache/eval.npz --save out/eval.json
+	$(BIN)/mpsearch quantize examples/efficientnet_lite0/cache/model.onnx --uniform w8a8 \
+		--data examples/efficientnet_lite0/cache/calib.npz \
+		--eval-data examples/efficientnet_lite0/cache/eval.npz --out out/
 
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q

@@ -2,7 +2,8 @@
 
 Activations (per tensor) are set from the calibration histogram. ``mse`` (the default, as the
 white paper recommends, Nagel et al. 2021 §3.3) minimises the expected squared error
-``Σ_bins n_i · e(c_i)`` over a grid of clipping ranges, where inside the range
+``Σ_bins n_i · e(c_i)`` over a grid of clipping ranges (ratios 0.02-1 of the observed range,
+each side separately for asymmetric formats), where inside the range
 ``e = Δ²/12`` for an integer grid of step ``Δ`` (for FP8 the local step of the value's binade,
 ``Δ(v) = s · 2^(max(⌊log2|v/s|⌋, e_min) - m)``) and outside it the clipping error
 ``(c - clip(c))²``. ``minmax`` takes the observed range; ``percentile`` clips both tails
@@ -99,6 +100,10 @@ def _expected_error(centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi:
     return err @ counts
 
 
+# Clipping ratios of the observed range: geometric below 0.2 for very heavy tails, linear above.
+_ACT_RATIOS = np.unique(np.concatenate([np.geomspace(0.02, 0.2, 8), np.linspace(0.2, 1.0, 33)]))
+
+
 def range_from_stats(st: TensorStats, fmt: Format,
                      method: RangeMethod = RangeMethod.MSE) -> tuple[float, float]:
     """The clipping range for an activation tensor in ``fmt``."""
@@ -111,7 +116,7 @@ def range_from_stats(st: TensorStats, fmt: Format,
         plo = float(centers[np.searchsorted(cdf, 1e-4)]) if lo < 0 else 0.0
         phi = float(centers[min(np.searchsorted(cdf, 1 - 1e-4), len(centers) - 1)])
         return min(plo, 0.0), max(phi, 0.0)
-    ratios = np.linspace(0.2, 1.0, 41)
+    ratios = _ACT_RATIOS
     symmetric = fmt.spec.kind is FormatKind.FP8 or fmt.spec.signed
     if symmetric:
         amax = max(-lo, hi)
