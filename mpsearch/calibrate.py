@@ -19,7 +19,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -29,8 +29,8 @@ import onnxruntime as ort
 from mpsearch.errors import DataError
 from mpsearch.graph import LayerGraph
 
-__all__ = ["Calibration", "Collector", "RangeCollector", "TensorStats", "calibrate",
-           "run_collectors", "make_session"]
+__all__ = ["Calibration", "ChannelMoments", "Collector", "MomentsCollector", "RangeCollector",
+           "TensorStats", "calibrate", "make_session", "run_collectors"]
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,22 @@ class TensorStats:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ChannelMoments:
+    """Per input channel of a layer: ``E[x]`` and ``E[x²]`` (channel axis 1 for NC... tensors
+    feeding convolutions, the last axis for Gemm/MatMul inputs)."""
+
+    mean: np.ndarray
+    mean_sq: np.ndarray
+
+
+@dataclass(frozen=True, kw_only=True)
 class Calibration:
     """Result of the calibration pass."""
 
     stats: Mapping[str, TensorStats]
     samples: int
     seconds: float
+    moments: Mapping[str, ChannelMoments] = field(default_factory=dict)
 
 
 class Collector(Protocol):
@@ -147,6 +157,43 @@ class RangeCollector:
         return {n: h.result(n) for n, h in self._h.items()}
 
 
+class MomentsCollector:
+    """Per-channel first and second moments of layer inputs (keyed by tensor and axis)."""
+
+    def __init__(self, tensors: Mapping[str, int]) -> None:
+        self._axis = dict(tensors)
+        self._n: dict[str, int] = dict.fromkeys(tensors, 0)
+        self._s: dict[str, np.ndarray] = {}
+        self._q: dict[str, np.ndarray] = {}
+
+    def tensors(self) -> Iterable[str]:
+        return self._axis.keys()
+
+    def update(self, values: Mapping[str, np.ndarray]) -> None:
+        for t, axis in self._axis.items():
+            if t not in values:
+                continue
+            x = np.moveaxis(np.asarray(values[t]), axis, -1)
+            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            self._n[t] += x.shape[0]
+            self._s[t] = self._s.get(t, 0.0) + x.sum(axis=0)
+            self._q[t] = self._q.get(t, 0.0) + np.einsum("ij,ij->j", x, x)
+
+    def result(self) -> dict[str, ChannelMoments]:
+        return {t: ChannelMoments(mean=self._s[t] / n, mean_sq=self._q[t] / n)
+                for t, n in self._n.items() if n}
+
+
+def layer_input_axes(lg: LayerGraph) -> dict[str, int]:
+    """Tensor -> channel axis, for the inputs of layers with weights."""
+    out = {}
+    for layer in lg.layers.values():
+        if layer.weight is None:
+            continue
+        out[layer.inputs[0]] = 1 if layer.op_type in ("Conv", "ConvTranspose") else -1
+    return out
+
+
 def make_session(model: onnx.ModelProto | str, *, threads: int = 0) -> ort.InferenceSession:
     """A CPU EP session for a model held in memory or a path to one."""
     so = ort.SessionOptions()
@@ -199,12 +246,15 @@ def run_collectors(lg: LayerGraph, batches: Iterable[Mapping[str, np.ndarray]],
 def calibrate(lg: LayerGraph, batches: Iterable[Mapping[str, np.ndarray]], *,
               extra: Iterable[Collector] = (),
               progress: Callable[[int], None] | None = None) -> Calibration:
-    """Collect activation ranges and histograms for every activation tensor of ``lg``
-    (plus whatever the ``extra`` collectors want) in one pass."""
+    """Collect activation ranges and histograms for every activation tensor of ``lg``, the
+    per-channel moments of every layer input (plus whatever the ``extra`` collectors want) in
+    one pass."""
     t0 = time.perf_counter()
     ranges = RangeCollector(lg.activations)
-    samples = run_collectors(lg, batches, [ranges, *extra], progress=progress)
-    cal = Calibration(stats=ranges.result(), samples=samples, seconds=time.perf_counter() - t0)
+    moments = MomentsCollector(layer_input_axes(lg))
+    samples = run_collectors(lg, batches, [ranges, moments, *extra], progress=progress)
+    cal = Calibration(stats=ranges.result(), samples=samples, seconds=time.perf_counter() - t0,
+                      moments=moments.result())
     log.info("calibrated %d tensors on %d samples in %.1f s", len(cal.stats), samples,
              cal.seconds)
     return cal

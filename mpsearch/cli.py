@@ -185,7 +185,8 @@ def cmd_quantize(args: argparse.Namespace, ui: _Ui) -> int:
         opts = QuantizeOptions(batch_size=args.batch_size or QuantizeOptions.batch_size,
                                activation_range=RangeMethod(args.activation_range),
                                weight_range=RangeMethod(args.weight_range),
-                               equalize=EqualizeMode(args.equalize))
+                               equalize=EqualizeMode(args.equalize),
+                               bias_correction=not args.no_bias_correction)
         with ui.progress("calibrating", len(calib)) as advance:
             analysis = analyze(model, calib, options=opts, progress=advance)
         qm = analysis.export_uniform(candidate)
@@ -206,6 +207,7 @@ def cmd_quantize(args: argparse.Namespace, ui: _Ui) -> int:
                              "pairs": len(analysis.equalization.pairs)
                              if analysis.equalization else 0},
             "activation_range": opts.activation_range.value,
+            "bias_correction": opts.bias_correction,
             "weight_range": opts.weight_range.value,
             "evaluation": result.to_dict() if result else None,
             "seconds": round(time.perf_counter() - t0, 2),
@@ -308,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--equalize", choices=["auto", "relu6", "off"], default="auto",
                    help="cross-layer equalization: auto = exact pairs only (Relu/none between "
                         "convs); relu6 = also through ReLU6, replaced by Relu; off (default auto)")
+    s.add_argument("--no-bias-correction", action="store_true",
+                   help="do not correct biases for the mean shift quantization causes "
+                        "(on by default; +4.5 dB on EfficientNet-Lite0 w8a8)")
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("eval", parents=[common],

@@ -15,14 +15,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from mpsearch.calibrate import Calibration, calibrate
+from mpsearch.calibrate import Calibration, calibrate, make_session
 from mpsearch.data import Dataset
 from mpsearch.equalize import EqualizeMode, EqualizeReport, equalize
+from mpsearch.errors import UsageError
+from mpsearch.evaluate import sqnr_db
 from mpsearch.export.qdq import QdqModel, export_qdq, uniform_plan
 from mpsearch.formats import Candidate
 from mpsearch.graph import LayerGraph, build_layer_graph
 from mpsearch.ingest import prepare_model
-from mpsearch.ranges import RangeMethod, RangeSetter
+from mpsearch.params import RangeSetter
+from mpsearch.ranges import RangeMethod
 
 __all__ = ["Analysis", "QuantizeOptions", "analyze"]
 
@@ -37,6 +40,7 @@ class QuantizeOptions:
     activation_range: RangeMethod = RangeMethod.MSE
     weight_range: RangeMethod = RangeMethod.MSE
     equalize: EqualizeMode = EqualizeMode.AUTO
+    bias_correction: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +67,24 @@ def _float_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             if t.data_type == TensorProto.FLOAT}
 
 
+RELU6_DRIFT_LIMIT_DB = 40.0
+
+
+def _check_float_drift(before: onnx.ModelProto, after: onnx.ModelProto,
+                       sample: Mapping[str, np.ndarray]) -> None:
+    """Refuse an equalization that changed the FP32 function (ReLU6 replaced by Relu)."""
+    a = make_session(before).run(None, dict(sample))
+    b = make_session(after).run(None, dict(sample))
+    sig = sum(float((x.astype(np.float64) ** 2).sum()) for x in a)
+    noise = sum(float(((x.astype(np.float64) - y) ** 2).sum()) for x, y in zip(a, b, strict=True))
+    db = sqnr_db(sig, noise)
+    if db < RELU6_DRIFT_LIMIT_DB:
+        raise UsageError(f"--equalize relu6 replaces ReLU6 by Relu, which changes this model's "
+                         f"FP32 output ({db:.1f} dB SQNR on a calibration sample)",
+                         fix="use --equalize auto or off")
+    log.info("relu6 equalization changes the FP32 output by %.1f dB SQNR", db)
+
+
 def analyze(model: onnx.ModelProto, data: Dataset, *,
             options: QuantizeOptions | None = None,
             progress: Callable[[int], None] | None = None) -> Analysis:
@@ -78,14 +100,17 @@ def analyze(model: onnx.ModelProto, data: Dataset, *,
     report = None
     if opts.equalize is not EqualizeMode.OFF:
         eq_model, report = equalize(graph, mode=opts.equalize)
+        if report.clips_replaced and first is not None:
+            _check_float_drift(graph.model, eq_model, first)
         if report.pairs:
             graph = build_layer_graph(eq_model, input_shapes=shapes, prepared=True)
     timings["ingest"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     cal = calibrate(graph, data.batches(opts.batch_size), progress=progress)
     timings["calibrate"] = time.perf_counter() - t0
-    ranges = RangeSetter(cal.stats, _float_weights(graph.model),
+    ranges = RangeSetter(cal.stats, _float_weights(graph.model), moments=cal.moments,
                          activation_method=opts.activation_range,
-                         weight_method=opts.weight_range)
+                         weight_method=opts.weight_range,
+                         bias_correction=opts.bias_correction)
     return Analysis(original=model, graph=graph, calibration=cal, ranges=ranges, options=opts,
                     equalization=report, timings=timings)

@@ -9,15 +9,19 @@ each side separately for asymmetric formats), where inside the range
 ``(c - clip(c))²``. ``minmax`` takes the observed range; ``percentile`` clips both tails
 at 99.99%. Every range contains zero, so zero is exactly representable.
 
+16-bit grids under ``mse`` take the observed range widened by 50% (``HEADROOM_16BIT``): their
+rounding noise is ~90 dB down, so clipping of held-out values beyond the calibration range is
+the only error that matters. Measured on held-out data (w16a16): EfficientNet-Lite0
+47.1 -> 65.5 dB, the MNIST CNN 46.6 -> 86.3 dB; the margin costs 3.5 dB of rounding SQNR.
+
 Weights are symmetric per output channel. ``mse`` picks, per channel, the clipping ratio
 ``r ∈ [0.3, 1]`` of ``max|w|`` that minimises ``‖w - Q(w)‖²`` with round-to-nearest, searched
-on a grid of 71 ratios; 16-bit grids use ``r = 1`` (rounding noise is negligible there).
+coarse to fine (to 0.01); 16-bit grids use ``r = 1`` (rounding noise is negligible there).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +29,7 @@ import numpy as np
 from mpsearch.calibrate import TensorStats
 from mpsearch.formats import Format, FormatKind, fp8_max, quantize
 
-__all__ = ["QParams", "RangeMethod", "RangeSetter", "activation_qparams", "constant_qparams",
+__all__ = ["QParams", "RangeMethod", "activation_qparams", "constant_qparams",
            "qparams_from_range", "range_from_stats", "weight_qparams"]
 
 
@@ -100,6 +104,9 @@ def _expected_error(centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi:
     return err @ counts
 
 
+HEADROOM_16BIT = 1.5
+_SEARCH_BINS = 512
+
 # Clipping ratios of the observed range: geometric below 0.2 for very heavy tails, linear above.
 _ACT_RATIOS = np.unique(np.concatenate([np.geomspace(0.02, 0.2, 8), np.linspace(0.2, 1.0, 33)]))
 
@@ -108,9 +115,16 @@ def range_from_stats(st: TensorStats, fmt: Format,
                      method: RangeMethod = RangeMethod.MSE) -> tuple[float, float]:
     """The clipping range for an activation tensor in ``fmt``."""
     lo, hi = min(st.min, 0.0), max(st.max, 0.0)
-    if method is RangeMethod.MINMAX or fmt.bits >= 16 or st.count == 0:
+    if method is RangeMethod.MINMAX or st.count == 0:
         return lo, hi
+    if fmt.bits >= 16:
+        return lo * HEADROOM_16BIT, hi * HEADROOM_16BIT
     counts, centers = st.hist, st.centers
+    if method is RangeMethod.MSE and len(counts) > _SEARCH_BINS:
+        # the grid search runs on a coarser histogram: 4x faster, ranges to 1/512 of the span
+        k = len(counts) // _SEARCH_BINS
+        counts = counts.reshape(_SEARCH_BINS, k).sum(axis=1)
+        centers = centers.reshape(_SEARCH_BINS, k).mean(axis=1)
     if method is RangeMethod.PERCENTILE:
         cdf = np.cumsum(counts) / max(counts.sum(), 1)
         plo = float(centers[np.searchsorted(cdf, 1e-4)]) if lo < 0 else 0.0
@@ -137,26 +151,47 @@ def activation_qparams(st: TensorStats, fmt: Format,
     return qparams_from_range(lo, hi, fmt)
 
 
-_WEIGHT_RATIOS = np.linspace(0.3, 1.0, 71)
+_COARSE_RATIOS = np.linspace(0.3, 1.0, 15)
+_FINE_OFFSETS = np.linspace(-0.05, 0.05, 11)
+
+
+def _channel_errors(wc: np.ndarray, fmt: Format, amax: np.ndarray, ratio: np.ndarray,
+                    top: float, imp: np.ndarray | None) -> np.ndarray:
+    s = np.maximum(amax * ratio / top, 1e-30)
+    q = quantize(wc, fmt, s, axis=0).astype(np.float32)
+    err = (q * s[:, None] - wc) ** 2
+    return (err if imp is None else err * imp).sum(axis=1)
 
 
 def weight_qparams(w: np.ndarray, fmt: Format, axis: int,
-                   method: RangeMethod = RangeMethod.MSE) -> QParams:
-    """Symmetric per-channel parameters for weight ``w`` with output channels on ``axis``."""
+                   method: RangeMethod = RangeMethod.MSE, *,
+                   importance: np.ndarray | None = None) -> QParams:
+    """Symmetric per-channel parameters for weight ``w`` with output channels on ``axis``.
+
+    ``mse`` searches the clipping ratio per channel coarse to fine: 15 ratios in [0.3, 1], then
+    11 around each channel's best in steps of 0.01. ``importance`` (the weight's shape) weights
+    each element's squared error, e.g. by ``E[x²]`` of its input (:mod:`mpsearch.layerquant`)."""
     spec = fmt.spec
     wc = np.moveaxis(np.asarray(w, np.float32), axis, 0).reshape(w.shape[axis], -1)
+    imp = None
+    if importance is not None:
+        imp = np.moveaxis(np.asarray(importance, np.float32), axis, 0).reshape(wc.shape)
     amax = np.abs(wc).max(axis=1)
     top = fp8_max(fmt) if spec.kind is FormatKind.FP8 else float(spec.qmax)
     best = np.ones_like(amax)
     if method is RangeMethod.MSE and fmt.bits < 16:
-        best_err = np.full_like(amax, np.inf, dtype=np.float64)
-        for r in _WEIGHT_RATIOS:
-            s = np.maximum(amax * r / top, 1e-30)
-            q = quantize(wc, fmt, s, axis=0).astype(np.float32)
-            err = ((q * s[:, None] - wc) ** 2).sum(axis=1)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best = np.where(better, r, best)
+        best_err = _channel_errors(wc, fmt, amax, best, top, imp)
+        # fp8 is a relative format: clipping gains little and each cast is slow, so coarse only
+        passes = (None,) if spec.kind is FormatKind.FP8 else (None, _FINE_OFFSETS)
+        for grid in passes:
+            ratios = _COARSE_RATIOS if grid is None else grid
+            center = best.copy()
+            for r in ratios:
+                ratio = np.full_like(amax, r) if grid is None else np.clip(center + r, 0.05, 1.0)
+                err = _channel_errors(wc, fmt, amax, ratio, top, imp)
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                best = np.where(better, ratio, best)
     scale = (amax * best / top).astype(np.float32)
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     zdt = np.float32 if spec.kind is FormatKind.FP8 else np.int64
@@ -168,55 +203,3 @@ def constant_qparams(c: np.ndarray, fmt: Format) -> QParams:
     """Per-tensor min/max parameters for a constant input of an element-wise op."""
     c = np.asarray(c, np.float32)
     return qparams_from_range(float(c.min(initial=0)), float(c.max(initial=0)), fmt)
-
-
-class RangeSetter:
-    """Quantization parameters for one model and calibration, memoised per tensor and format.
-
-    The exporter and the sensitivity estimators ask the same object, so what is scored is
-    what is shipped."""
-
-    def __init__(self, stats: Mapping[str, TensorStats], weights: Mapping[str, np.ndarray], *,
-                 activation_method: RangeMethod = RangeMethod.MSE,
-                 weight_method: RangeMethod = RangeMethod.MSE) -> None:
-        self.stats = stats
-        self.weights = weights
-        self.activation_method = activation_method
-        self.weight_method = weight_method
-        self._act: dict[tuple[str, Format], QParams] = {}
-        self._w: dict[tuple, tuple[QParams, np.ndarray]] = {}
-
-    def activation(self, tensor: str, fmt: Format) -> QParams:
-        key = (tensor, fmt)
-        if key not in self._act:
-            self._act[key] = activation_qparams(self.stats[tensor], fmt, self.activation_method)
-        return self._act[key]
-
-    def weight(self, name: str, fmt: Format, axis: int, *, bias: str | None = None,
-               input_scale: float | None = None) -> tuple[QParams, np.ndarray]:
-        """Per-channel parameters and the quantized values of initializer ``name``.
-
-        With ``bias`` and ``input_scale``, channels whose int32 bias ``b / (s_x·s_w)`` would
-        overflow get a larger weight scale (dead channels after BN folding: ``w ≈ 0``,
-        ``b ≠ 0``), as ORT's quantizer does; their weights round to (almost) zero either way.
-        """
-        key = (name, fmt, axis, bias, input_scale)
-        if key not in self._w:
-            w = self.weights[name]
-            qp = weight_qparams(w, fmt, axis, self.weight_method)
-            if bias is not None and input_scale is not None:
-                qp = _bias_safe(qp, self.weights[bias], input_scale)
-            self._w[key] = (qp, quantize(w, fmt, qp.scale, qp.zero_point, axis=axis))
-        return self._w[key]
-
-
-INT32_BIAS_LIMIT = 2**31 - 1
-
-
-def _bias_safe(qp: QParams, bias: np.ndarray, input_scale: float) -> QParams:
-    floor = np.abs(bias.astype(np.float64)) / (float(input_scale) * INT32_BIAS_LIMIT) * 1.01
-    if np.all(qp.scale >= floor):
-        return qp
-    scale = np.maximum(qp.scale.astype(np.float64), floor).astype(np.float32)
-    return QParams(fmt=qp.fmt, scale=scale, zero_point=qp.zero_point, axis=qp.axis,
-                   rmin=qp.rmin, rmax=qp.rmax)

@@ -195,3 +195,17 @@ def test_help_for_every_command():
         r = subprocess.run([sys.executable, "-m", "mpsearch", cmd, "--help"],
                            capture_output=True, text=True)
         assert r.returncode == 0 and "usage: mpsearch " + cmd in r.stdout
+
+
+def test_relu6_equalization_that_changes_the_float_model_is_refused(files, capsys):
+    # scale the stem so that its ReLU6 really clips: replacing it by Relu changes the model
+    m = onnx.load(str(files["model"]))
+    for t in m.graph.initializer:
+        if t.name == "exp_w":
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * 20, t.name))
+    path = files["dir"] / "clipping.onnx"
+    onnx.save(m, str(path))
+    out = files["dir"] / "out"
+    _bad(capsys, ["quantize", str(path), "--uniform", "w8a8", "--data", str(files["calib"]),
+                  "--out", str(out), "--equalize", "relu6"], "changes this model's FP32 output")
+    assert not out.exists()
