@@ -32,12 +32,11 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
-import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -45,6 +44,15 @@ from onnx import ModelProto
 
 from mpsearch.errors import DataError, UsageError
 from mpsearch.ingest import input_specs
+from mpsearch.npyio import (
+    READ_ERRORS,
+    Reader,
+    StoredArray,
+    ZipRows,
+    npy_array,
+    npy_rows,
+    npz_members,
+)
 
 __all__ = ["DataSpec", "Dataset", "InputSpec", "Split", "open_dataset", "split"]
 
@@ -52,9 +60,6 @@ log = logging.getLogger(__name__)
 
 LABELS = "labels"
 DEFAULT_BATCH_SIZE = 32
-_CHUNK_BYTES = 32 << 20  # the most read at once from an .npz member
-_READ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
-Reader = Callable[[np.ndarray], np.ndarray]  # sorted row indices -> those rows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,112 +115,12 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
-class _Array:
-    """One stored array, from its header: a .npy file (key None) or an .npz member."""
-
-    path: Path
-    key: str | None
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    fortran: bool
-
-
-@dataclass(frozen=True)
 class _Source:
     """Samples ``offset .. offset + n`` of the data set: one array per input."""
 
-    arrays: Mapping[str, _Array]
+    arrays: Mapping[str, StoredArray]
     n: int
     offset: int
-
-
-def _header(f, where: str, size: int) -> tuple[tuple[int, ...], np.dtype, bool]:
-    fmt = np.lib.format
-    try:
-        version = fmt.read_magic(f)
-        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
-        if read is None:
-            raise ValueError(f"unsupported .npy format version {version}")
-        shape, fortran, dtype = read(f)
-    except _READ_ERRORS as e:
-        raise DataError(f"{where} is not a readable .npy array ({e})",
-                        fix="re-save it with numpy.save or numpy.savez") from e
-    if dtype.hasobject:
-        raise DataError(f"{where} holds Python objects, not numbers", fix="save a numeric array")
-    if size != f.tell() + dtype.itemsize * int(np.prod(shape)):
-        raise DataError(f"{where} is truncated or corrupt: {size} bytes do not match its header "
-                        f"{tuple(shape)} {dtype}", fix="re-save it with numpy.save or numpy.savez")
-    return tuple(shape), dtype, bool(fortran)
-
-
-def _read_npz(path: Path, label: str) -> dict[str, _Array]:
-    arrays = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if info.filename.endswith(".npy"):
-                    key = info.filename[:-4]
-                    with zf.open(info) as f:
-                        head = _header(f, f"{label} data {path} (key '{key}')", info.file_size)
-                    arrays[key] = _Array(path, key, *head)
-    except _READ_ERRORS as e:
-        raise DataError(f"{label} data {path} is not a readable .npz (zip) file ({e})",
-                        fix="save the data with numpy.savez(path, input_name=array, ...)") from e
-    return arrays
-
-
-def _read_npy(path: Path, label: str) -> _Array:
-    try:
-        with open(path, "rb") as f:
-            return _Array(path, None, *_header(f, f"{label} data {path}", path.stat().st_size))
-    except OSError as e:
-        raise DataError(f"{label} data {path} cannot be read ({e})", fix="check the file") from e
-
-
-class _ZipRows:
-    """Reads rows of one .npz member forward only, at most ``_CHUNK_BYTES`` at a time."""
-
-    def __init__(self, f: IO[bytes], size: int, arr: _Array, where: str) -> None:
-        self._f, self._arr, self._pos = f, arr, 0
-        _header(f, where, size)
-        self._row = arr.dtype.itemsize * int(np.prod(arr.shape[1:]))
-        self._step = max(1, _CHUNK_BYTES // max(self._row, 1))
-        self._whole = (np.frombuffer(f.read(), arr.dtype).reshape(arr.shape, order="F")
-                       if arr.fortran else None)  # rare: read the member whole
-
-    def _read(self, n: int) -> np.ndarray:
-        out = np.empty((n, *self._arr.shape[1:]), self._arr.dtype)
-        buf, got = memoryview(out.reshape(-1).view(np.uint8)), 0
-        while got < len(buf):
-            k = self._f.readinto(buf[got:])
-            if not k:
-                raise EOFError("the member ends early")
-            got += k
-        return out
-
-    def __call__(self, idx: np.ndarray) -> np.ndarray:
-        if self._whole is not None:
-            return self._whole[idx]
-        if idx[0] > self._pos:  # skip the rows before the first wanted one
-            self._f.seek((int(idx[0]) - self._pos) * self._row, 1)
-            self._pos = int(idx[0])
-        parts, stop = [], int(idx[-1]) + 1
-        while self._pos < stop:
-            n = min(self._step, stop - self._pos)
-            block = self._read(n)
-            lo, hi = np.searchsorted(idx, [self._pos, self._pos + n])
-            parts.append(block if hi - lo == n else block[idx[lo:hi] - self._pos])
-            self._pos += n
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-def _npy_rows(arr: _Array) -> Reader:
-    mm = np.load(arr.path, mmap_mode="r", allow_pickle=False)
-
-    def rows(idx: np.ndarray) -> np.ndarray:
-        a, b = int(idx[0]), int(idx[-1]) + 1
-        return np.array(mm[a:b]) if b - a == len(idx) else np.asarray(mm[idx])
-    return rows
 
 
 class Dataset:
@@ -300,22 +205,22 @@ class Dataset:
         yield parts[0] if len(parts) == 1 else {
             n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
 
-    def _reader(self, arr: _Array, stack: ExitStack) -> Reader:
+    def _reader(self, arr: StoredArray, stack: ExitStack) -> Reader:
         try:
             if arr.key is None:
-                return _npy_rows(arr)
+                return npy_rows(arr)
             zf = stack.enter_context(zipfile.ZipFile(arr.path))
             member = f"{arr.key}.npy"
-            return _ZipRows(stack.enter_context(zf.open(member)), zf.getinfo(member).file_size,
+            return ZipRows(stack.enter_context(zf.open(member)), zf.getinfo(member).file_size,
                             arr, f"{self.name} data {arr.path} (key '{arr.key}')")
-        except _READ_ERRORS as e:
+        except READ_ERRORS as e:
             raise DataError(f"{self.name} data {arr.path} cannot be read ({e})",
                             fix="re-save the data") from e
 
-    def _read(self, read: Reader, arr: _Array, idx: np.ndarray) -> np.ndarray:
+    def _read(self, read: Reader, arr: StoredArray, idx: np.ndarray) -> np.ndarray:
         try:
             return read(idx)
-        except _READ_ERRORS as e:
+        except READ_ERRORS as e:
             raise DataError(f"{self.name} data {arr.path} cannot be read ({e})",
                             fix="the file is corrupt; re-save it") from e
 
@@ -397,7 +302,8 @@ def open_dataset(path: str | os.PathLike[str], model: ModelProto | DataSpec, *,
     return Dataset(name=name, path=p, spec=spec, sources=sources, labels=labels, batch_size=bs)
 
 
-def _layout(p: Path, spec: DataSpec, name: str) -> tuple[list[dict[str, _Array]], list[_Array]]:
+def _layout(p: Path, spec: DataSpec,
+            name: str) -> tuple[list[dict[str, StoredArray]], list[StoredArray]]:
     """The stored arrays, one dict input name -> array per source, and the labels arrays."""
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
@@ -417,7 +323,7 @@ def _layout(p: Path, spec: DataSpec, name: str) -> tuple[list[dict[str, _Array]]
     if npz:
         groups, labels, extra = [], [], set()
         for f in npz:
-            arrays = _read_npz(f, name)
+            arrays = npz_members(f, name)
             missing = [n for n in spec.names if n not in arrays]
             if missing:
                 raise DataError(f"{name} data {f} has no array for input '{missing[0]}' (keys "
@@ -435,21 +341,21 @@ def _layout(p: Path, spec: DataSpec, name: str) -> tuple[list[dict[str, _Array]]
         return groups, [lab for lab in labels if lab is not None]
     stems = {f.stem: f for f in npy}
     label_file = stems.pop(LABELS, None) if p.is_dir() else None
-    labels = [_read_npy(label_file, name)] if label_file else []
+    labels = [npy_array(label_file, name)] if label_file else []
     if all(n in stems for n in spec.names):
         if extra := sorted(set(stems) - set(spec.names)):
             log.warning("%s data: ignoring .npy files that are not model inputs: %s",
                         name, ", ".join(extra))
-        return [{n: _read_npy(stems[n], name) for n in spec.names}], labels
+        return [{n: npy_array(stems[n], name) for n in spec.names}], labels
     if len(spec.names) == 1:
-        return [{spec.names[0]: _read_npy(f, name)} for f in stems.values()], labels
+        return [{spec.names[0]: npy_array(f, name)} for f in stems.values()], labels
     missing = ", ".join(f"{n}.npy" for n in spec.names if n not in stems)
     raise DataError(f"{name} data {p} has .npy files but no {missing} for a model with "
                     f"{len(spec.names)} inputs",
                     fix="name one .npy file per input (<input name>.npy), or use .npz files")
 
 
-def _check_source(arrays: dict[str, _Array], spec: DataSpec, name: str, offset: int,
+def _check_source(arrays: dict[str, StoredArray], spec: DataSpec, name: str, offset: int,
                   casts: set[tuple[str, np.dtype]]) -> _Source:
     bound: dict[str, tuple[int, str]] = {}  # named dim -> (size, the input that set it)
     for input_name, arr in arrays.items():
@@ -486,7 +392,7 @@ def _check_dtype(input_name: str, have: np.dtype, want: np.dtype, where: str,
     raise DataError(f"{where}: input '{input_name}' is {have} but the model wants {want}", fix=fix)
 
 
-def _labels(arrays: list[_Array], total: int, name: str, p: Path) -> np.ndarray:
+def _labels(arrays: list[StoredArray], total: int, name: str, p: Path) -> np.ndarray:
     parts = []
     for arr in arrays:
         where = f"{name} data {arr.path}"
@@ -496,7 +402,7 @@ def _labels(arrays: list[_Array], total: int, name: str, p: Path) -> np.ndarray:
             else:
                 with zipfile.ZipFile(arr.path) as zf, zf.open(f"{arr.key}.npy") as f:
                     a = np.lib.format.read_array(f, allow_pickle=False)
-        except _READ_ERRORS as e:
+        except READ_ERRORS as e:
             raise DataError(f"{where}: '{LABELS}' cannot be read ({e})", fix="re-save it") from e
         if a.ndim != 1 or a.dtype.kind not in "iu":
             raise DataError(f"{where}: '{LABELS}' is {a.dtype} of shape {a.shape}, not a 1-D "

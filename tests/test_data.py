@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from onnx import ModelProto, TensorProto, helper
 
-from mpsearch import data
+from mpsearch import data, npyio
 from mpsearch.data import DataSpec, open_dataset, split
 from mpsearch.errors import DataError
 
@@ -174,7 +174,7 @@ def test_seeded_split_is_disjoint_and_deterministic(tmp_path: Path,
 
 def test_subset_of_npz_read_in_small_chunks(tmp_path: Path, image_model: ModelProto,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "_CHUNK_BYTES", 3 * 3 * 8 * 8 * 4)  # three samples per read
+    monkeypatch.setattr(npyio, "CHUNK_BYTES", 3 * 3 * 8 * 8 * 4)  # three samples per read
     np.savez_compressed(tmp_path / "a.npz", x=_images(40))
     ds = open_dataset(tmp_path / "a.npz", image_model).take([1, 2, 9, 10, 11, 12, 30, 39])
     sizes, got = _stack(ds, 3)
