@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from mpsearch.errors import ExportError, UsageError
 from mpsearch.formats import Candidate, Format, FormatKind, quantize
-from mpsearch.graph import LayerGraph
+from mpsearch.graph import Layer, LayerGraph
 from mpsearch.layerquant import INT32_BIAS_LIMIT
 from mpsearch.ops import OpRole, lookup
 from mpsearch.params import RangeSetter
@@ -220,191 +220,206 @@ def _opset(model: onnx.ModelProto) -> int:
 def export_qdq(lg: LayerGraph, plan: Mapping[str, Candidate], ranges: RangeSetter) -> QdqModel:
     """Write ``plan`` (group name -> candidate) as a QDQ model. ``lg.model`` is not modified."""
     _check_plan(lg, plan)
-    fmt = node_formats(lg, plan)
-    used = {f for f in fmt.values() if f.is_quantized}
-    used |= {c.weight for c in plan.values() if c.weight.is_quantized}
-    model = onnx.ModelProto()
-    model.CopyFrom(lg.model)
-    need = _required_opset(used) if used else _opset(model)
-    if need > _opset(model):
+    return _Export(lg, plan, ranges).run()
+
+
+class _Export:
+    """One export: activation Q/DQ, then weights and biases, then constants, then the rewrite."""
+
+    def __init__(self, lg: LayerGraph, plan: Mapping[str, Candidate],
+                 ranges: RangeSetter) -> None:
+        self.lg, self.plan, self.ranges = lg, plan, ranges
+        self.fmt = node_formats(lg, plan)
+        used = {f for f in self.fmt.values() if f.is_quantized}
+        used |= {c.weight for c in plan.values() if c.weight.is_quantized}
+        self.model = _with_opset(lg.model, _required_opset(used) if used else None)
+        g = self.model.graph
+        self.nodes = {n.name: n for n in g.node}
+        self.inits = {t.name: t for t in g.initializer}
+        self.graph_outputs = {o.name for o in g.output}
+        self.w = _Writer(g)
+        self.tensor_fmt: dict[str, Format] = {}
+        self.qparams: dict[tuple[str, Format], QParams] = {}
+        self.conversions: list[tuple[str, Format, Format]] = []
+        self.renames: dict[str, str] = {}  # producer output renames t -> t_prequant
+        self.rewires: dict[tuple[str, str], str] = {}  # (consumer node, tensor) -> new input
+
+    def run(self) -> QdqModel:
+        for t in _tensor_order(self.lg):
+            self._activation(t)
+        for name, layer in self.lg.layers.items():
+            if layer.weight is not None:
+                self._weight(name, layer)
+        for name in self.lg.order:
+            if name not in self.lg.layers and self.fmt[name].is_quantized:
+                self._constants(name)
+        self._rewrite()
+        model = self.model
         try:
-            model = version_converter.convert_version(model, need)
-        except Exception as e:  # noqa: BLE001 - the converter raises many kinds
-            raise ExportError(f"cannot raise the model's opset from {_opset(model)} to {need}, "
-                              f"which the formats need ({e})",
-                              fix="export the model at opset 21 yourself, or avoid "
-                                  "int4/int16/fp8 formats") from e
-    g = model.graph
-    nodes = {n.name: n for n in g.node}
-    w = _Writer(g)
-    inits = {t.name: t for t in g.initializer}
-    graph_outputs = {o.name for o in g.output}
+            onnx.checker.check_model(model)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"the exported model fails the ONNX checker: "
+                              f"{str(e).splitlines()[0]}",
+                              fix="report this as a bug with the model") from e
+        return QdqModel(model=model, plan=dict(self.plan), node_formats=self.fmt,
+                        tensor_formats=self.tensor_fmt, conversions=tuple(self.conversions),
+                        opset=_opset(model))
 
-    # ---- activation tensors
-    tensor_fmt: dict[str, Format] = {}
-    qparams: dict[tuple[str, Format], QParams] = {}
-    conversions: list[tuple[str, Format, Format]] = []
-    renames: dict[str, str] = {}  # producer output renames t -> t_prequant
-    rewires: dict[tuple[str, str], str] = {}  # (consumer node, tensor) -> new input
+    # -- activations
 
-    def q_inputs(node_name: str) -> list[str]:
-        if node_name in lg.layers:
-            return list(lg.layers[node_name].inputs)
-        return lg.activation_inputs(node_name)
+    def _q_inputs(self, node_name: str) -> list[str]:
+        if node_name in self.lg.layers:
+            return list(self.lg.layers[node_name].inputs)
+        return self.lg.activation_inputs(node_name)
 
-    def params_for(t: str, f: Format) -> QParams:
+    def _params(self, t: str, f: Format) -> QParams:
         key = (t, f)
-        if key in qparams:
-            return qparams[key]
-        act = lg.activations[t]
-        info = lg.op_info(act.producer) if act.producer else None
-        qp = None
-        if info is not None and act.producer not in lg.layers:
-            src = lg.activation_inputs(act.producer)
-            if info.role is OpRole.FIXED_RANGE and info.fixed_range:
-                qp = qparams_from_range(*info.fixed_range, f)
-            elif ((info.role is OpRole.PASSTHROUGH or info.fuses_into_producer)
-                  and src and (src[0], f) in qparams):
-                qp = qparams[(src[0], f)]
-        if qp is None:
-            qp = ranges.activation(_fused_range_source(t, f), f)
-        qparams[key] = qp
-        return qp
+        if key not in self.qparams:
+            lg = self.lg
+            producer = lg.activations[t].producer
+            info = lg.op_info(producer) if producer else None
+            qp = None
+            if info is not None and producer not in lg.layers:
+                src = lg.activation_inputs(producer)
+                if info.role is OpRole.FIXED_RANGE and info.fixed_range:
+                    qp = qparams_from_range(*info.fixed_range, f)
+                elif ((info.role is OpRole.PASSTHROUGH or info.fuses_into_producer)
+                      and src and (src[0], f) in self.qparams):
+                    qp = self.qparams[(src[0], f)]
+            self.qparams[key] = qp or self.ranges.activation(self._range_source(t, f), f)
+        return self.qparams[key]
 
-    def _fused_range_source(t: str, f: Format) -> str:
+    def _range_source(self, t: str, f: Format) -> str:
         """The tensor whose range ``t`` takes: the output of a Relu/Clip that is ``t``'s only
         consumer and runs in the same format, else ``t`` itself."""
-        cons = lg.activations[t].consumers
-        if t in graph_outputs or len(cons) != 1:
+        cons = self.lg.activations[t].consumers
+        if t in self.graph_outputs or len(cons) != 1:
             return t
-        c = cons[0]
-        info = lg.op_info(c)
-        node = lg.nodes[c]
-        if (info is not None and info.fuses_into_producer and fmt[c] is f
-                and node.input[0] == t and node.output[0] in lg.activations
-                and node.output[0] in ranges.stats):
+        info, node = self.lg.op_info(cons[0]), self.lg.nodes[cons[0]]
+        if (info is not None and info.fuses_into_producer and self.fmt[cons[0]] is f
+                and node.input[0] == t and node.output[0] in self.ranges.stats):
             return node.output[0]
         return t
 
-    for t in _tensor_order(lg):
-        act = lg.activations[t]
-        pf = fmt.get(act.producer) if act.producer else None
+    def _activation(self, t: str) -> None:
+        producer = self.lg.activations[t].producer
+        pf = self.fmt.get(producer) if producer else None
         needs: dict[Format, list[str]] = {}
-        for c in act.consumers:
-            if t in q_inputs(c) and fmt[c].is_quantized:
-                needs.setdefault(fmt[c], []).append(c)
+        for c in self.lg.activations[t].consumers:
+            if t in self._q_inputs(c) and self.fmt[c].is_quantized:
+                needs.setdefault(self.fmt[c], []).append(c)
+        w = self.w
         if pf is not None and pf.is_quantized:
             pre = w.unique(f"{t}_prequant")
-            renames[t] = pre
-            w.qdq(pre, t, params_for(t, pf), after=act.producer)
-            tensor_fmt[t] = pf
-            for f, consumers in needs.items():
-                if f is pf:
-                    continue
-                dst = w.unique(f"{t}_{f}")
-                w.qdq(t, dst, params_for(t, f), after=act.producer)
-                conversions.append((t, pf, f))
-                for c in consumers:
-                    rewires[(c, t)] = dst
-        else:
-            for f, consumers in needs.items():
-                dst = w.unique(f"{t}_{f}")
-                w.qdq(t, dst, params_for(t, f), after=act.producer)
-                tensor_fmt.setdefault(t, f)
-                for c in consumers:
-                    rewires[(c, t)] = dst
-
-    # ---- weights, biases and constant inputs
-    weight_users: dict[str, int] = {}
-    for layer in lg.layers.values():
-        if layer.weight:
-            weight_users[layer.weight] = weight_users.get(layer.weight, 0) + 1
-    for name, layer in lg.layers.items():
-        cand = plan[name]
-        node = nodes[name]
-        if layer.weight is None:
-            continue
-        base = layer.weight if weight_users[layer.weight] == 1 else f"{layer.weight}_{name}"
-        wf = cand.weight
-        if wf.is_quantized:
-            af = fmt[name]
-            int_bias = (layer.bias is not None and af.spec.kind is FormatKind.INT
-                        and wf.spec.kind is FormatKind.INT)
-            s_x = params_for(layer.inputs[0], af) if int_bias else None
-            lw = ranges.layer(layer, wf, input_scale=float(s_x.scale) if s_x else None)
-            qp = lw.qparams
-            dst = w.unique(f"{base}_dequantized")
-            w.front.append(w.stored(base, lw.values, qp, wf.spec.onnx_type, dst))
-            rewires[(name, layer.weight)] = dst
-            if int_bias:
-                s_b = np.float64(s_x.scale) * qp.scale.astype(np.float64)
-                qb = np.clip(np.rint(lw.bias.astype(np.float64) / s_b), -INT32_BIAS_LIMIT,
-                             INT32_BIAS_LIMIT)
-                bqp = QParams(fmt=Format.INT8, scale=s_b.astype(np.float32),
-                              zero_point=np.zeros(s_b.shape, np.int64), axis=0)
-                bdst = w.unique(f"{layer.bias}_dequantized")
-                w.front.append(w.stored(layer.bias, qb.astype(np.int32), bqp,
-                                        TensorProto.INT32, bdst))
-                rewires[(name, layer.bias)] = bdst
-            elif layer.bias and lw.bias_shift > 0:  # float bias, corrected
-                bdst = w.unique(f"{layer.bias}_corrected")
-                w.inits.append(numpy_helper.from_array(lw.bias.astype(np.float32), bdst))
-                rewires[(name, layer.bias)] = bdst
-        elif wf is Format.FP16:
-            arr = numpy_helper.to_array(inits[layer.weight])
-            dst = w.unique(f"{base}_fp16rounded")
-            w.inits.append(numpy_helper.from_array(
-                arr.astype(np.float16).astype(np.float32), dst))
-            rewires[(name, layer.weight)] = dst
-
-    for name in lg.order:
-        if name in lg.layers or not fmt[name].is_quantized:
-            continue
-        node = nodes[name]
-        info = lg.op_info(name)
-        idx = range(len(node.input)) if info.act_inputs is None else info.act_inputs
-        const_pos = [(i, fmt[name]) for i in idx if i < len(node.input)]
-        const_pos += [(i, Format.UINT8) for i in info.const_inputs if i < len(node.input)]
-        for i, cf in const_pos:
-            c = node.input[i]
-            if c not in inits or inits[c].data_type != TensorProto.FLOAT:
+            self.renames[t] = pre
+            w.qdq(pre, t, self._params(t, pf), after=producer)
+            self.tensor_fmt[t] = pf
+        for f, consumers in needs.items():
+            if f is pf:
                 continue
-            arr = numpy_helper.to_array(inits[c])
-            qp = constant_qparams(arr, cf)
-            qv = quantize(arr, cf, qp.scale, qp.zero_point)
-            dst = w.unique(f"{c}_dequantized")
-            w.front.append(w.stored(c, qv, qp, cf.spec.onnx_type, dst))
-            rewires[(name, c)] = dst
+            dst = w.unique(f"{t}_{f}")
+            w.qdq(t, dst, self._params(t, f), after=producer)
+            if pf is not None and pf.is_quantized:
+                self.conversions.append((t, pf, f))
+            else:
+                self.tensor_fmt.setdefault(t, f)
+            for c in consumers:
+                self.rewires[(c, t)] = dst
 
-    # ---- rewrite the graph
-    new_nodes: list[onnx.NodeProto] = list(w.front)
-    for node in g.node:
-        for k, out in enumerate(node.output):
-            if out in renames:
-                node.output[k] = renames[out]
-        for k, inp in enumerate(node.input):
-            if (node.name, inp) in rewires:
-                node.input[k] = rewires[(node.name, inp)]
-        new_nodes.append(node)
-        new_nodes.extend(w.nodes_after.pop(node.name, []))
-    del g.node[:]
-    new_nodes = _fp8_safe_clips(new_nodes, w)
-    g.node.extend(new_nodes)
-    g.initializer.extend(w.inits)
-    still_used = {i for n in g.node for i in n.input}
-    keep = [t for t in g.initializer if t.name in still_used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    ir_need = max([_IR_FOR_TYPE.get(t, 0) for t in w.types] + [model.ir_version])
-    model.ir_version = ir_need
+    # -- weights and biases
+
+    def _weight(self, name: str, layer: Layer) -> None:
+        w, wf = self.w, self.plan[name].weight
+        shared = sum(1 for x in self.lg.layers.values() if x.weight == layer.weight) > 1
+        base = f"{layer.weight}_{name}" if shared else layer.weight
+        if wf is Format.FP16:
+            arr = numpy_helper.to_array(self.inits[layer.weight])
+            dst = w.unique(f"{base}_fp16rounded")
+            w.inits.append(numpy_helper.from_array(arr.astype(np.float16).astype(np.float32), dst))
+            self.rewires[(name, layer.weight)] = dst
+        if not wf.is_quantized:
+            return
+        af = self.fmt[name]
+        int_bias = (layer.bias is not None and af.spec.kind is FormatKind.INT
+                    and wf.spec.kind is FormatKind.INT)
+        s_x = float(self._params(layer.inputs[0], af).scale) if int_bias else None
+        lw = self.ranges.layer(layer, wf, input_scale=s_x)
+        dst = w.unique(f"{base}_dequantized")
+        w.front.append(w.stored(base, lw.values, lw.qparams, wf.spec.onnx_type, dst))
+        self.rewires[(name, layer.weight)] = dst
+        if int_bias:
+            s_b = np.float64(s_x) * lw.qparams.scale.astype(np.float64)
+            qb = np.clip(np.rint(lw.bias.astype(np.float64) / s_b), -INT32_BIAS_LIMIT,
+                         INT32_BIAS_LIMIT)
+            bqp = QParams(fmt=Format.INT8, scale=s_b.astype(np.float32),
+                          zero_point=np.zeros(s_b.shape, np.int64), axis=0)
+            bdst = w.unique(f"{layer.bias}_dequantized")
+            w.front.append(w.stored(layer.bias, qb.astype(np.int32), bqp, TensorProto.INT32,
+                                    bdst))
+            self.rewires[(name, layer.bias)] = bdst
+        elif layer.bias and lw.bias_shift > 0:  # float bias, corrected
+            bdst = w.unique(f"{layer.bias}_corrected")
+            w.inits.append(numpy_helper.from_array(lw.bias.astype(np.float32), bdst))
+            self.rewires[(name, layer.bias)] = bdst
+
+    # -- constant inputs of quantized element-wise ops (Add bias, Mul scale, LN gamma)
+
+    def _constants(self, name: str) -> None:
+        node, info = self.nodes[name], self.lg.op_info(name)
+        idx = range(len(node.input)) if info.act_inputs is None else info.act_inputs
+        positions = [(i, self.fmt[name]) for i in idx if i < len(node.input)]
+        positions += [(i, Format.UINT8) for i in info.const_inputs if i < len(node.input)]
+        for i, cf in positions:
+            c = node.input[i]
+            if c not in self.inits or self.inits[c].data_type != TensorProto.FLOAT:
+                continue
+            arr = numpy_helper.to_array(self.inits[c])
+            qp = constant_qparams(arr, cf)
+            dst = self.w.unique(f"{c}_dequantized")
+            self.w.front.append(self.w.stored(c, quantize(arr, cf, qp.scale, qp.zero_point),
+                                              qp, cf.spec.onnx_type, dst))
+            self.rewires[(name, c)] = dst
+
+    # -- the rewrite
+
+    def _rewrite(self) -> None:
+        g, w = self.model.graph, self.w
+        new_nodes: list[onnx.NodeProto] = list(w.front)
+        for node in g.node:
+            for k, out in enumerate(node.output):
+                if out in self.renames:
+                    node.output[k] = self.renames[out]
+            for k, inp in enumerate(node.input):
+                if (node.name, inp) in self.rewires:
+                    node.input[k] = self.rewires[(node.name, inp)]
+            new_nodes.append(node)
+            new_nodes.extend(w.nodes_after.pop(node.name, []))
+        new_nodes = _fp8_safe_clips(new_nodes, w)
+        del g.node[:]
+        g.node.extend(new_nodes)
+        g.initializer.extend(w.inits)
+        still_used = {i for n in g.node for i in n.input}
+        keep = [t for t in g.initializer if t.name in still_used]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        self.model.ir_version = max([_IR_FOR_TYPE.get(t, 0) for t in w.types]
+                                    + [self.model.ir_version])
+
+
+def _with_opset(model: onnx.ModelProto, need: int | None) -> onnx.ModelProto:
+    """A copy of ``model`` at opset ``need`` or its own, whichever is higher."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = _opset(out)
+    if need is None or need <= have:
+        return out
     try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"the exported model fails the ONNX checker: "
-                          f"{str(e).splitlines()[0]}",
-                          fix="report this as a bug with the model") from e
-    return QdqModel(model=model, plan=dict(plan), node_formats=fmt, tensor_formats=tensor_fmt,
-                    conversions=tuple(conversions), opset=_opset(model))
+        return version_converter.convert_version(out, need)
+    except Exception as e:  # noqa: BLE001 - the converter raises many kinds
+        raise ExportError(f"cannot raise the model's opset from {have} to {need}, which the "
+                          f"formats need ({e})",
+                          fix="export the model at opset 21 yourself, or avoid int4/int16/fp8 "
+                              "formats") from e
 
 
 _FP8_TYPES = (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2)
