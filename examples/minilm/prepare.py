@@ -61,7 +61,7 @@ def _settings() -> dict[str, Any]:
     )
     return {
         "builder": NAME,
-        "builder_version": 1,
+        "builder_version": 2,  # 2: exporter debug metadata stripped
         "seq_len": SEQ_LEN,
         "mask_fill": MASK_FILL,
         "sentences": [SENTENCE_SEED, CALIB_SAMPLES, EVAL_SAMPLES],
@@ -220,6 +220,8 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
     import torch
     import transformers
 
+    from mpsearch.ingest import strip_debug_metadata
+
     start = time.perf_counter()
     cache.mkdir(parents=True, exist_ok=True)
     (cache / STAMP).unlink(missing_ok=True)
@@ -259,7 +261,7 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
     counts = dict(sorted(collections.Counter(n.op_type for n in proto.graph.node).items()))
     logger.info("exported graph (%d nodes): %s", sum(counts.values()), counts)
 
-    _atomic_write(paths["model"], lambda tmp: onnx.save(proto, str(tmp)))
+    _atomic_write(paths["model"], lambda tmp: onnx.save(strip_debug_metadata(proto), str(tmp)))
     _save_npz(paths["calib"], calib)
     _save_npz(paths["eval"], evals)
 

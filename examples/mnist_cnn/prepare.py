@@ -49,7 +49,7 @@ def _settings() -> dict[str, Any]:
     packages = ("torch", "onnx", "onnxscript", "numpy", "mlxtend")
     return {
         "builder": NAME,
-        "builder_version": 1,
+        "builder_version": 2,  # 2: exporter debug metadata stripped
         "split": [SPLIT_SEED, HELD_OUT_PER_CLASS],
         "calib_samples": CALIB_SAMPLES,
         "train": {"seed": TRAIN_SEED, "epochs": EPOCHS, "batch": BATCH, "lr": LR},
@@ -202,6 +202,8 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
     import onnxruntime as ort
     import torch
 
+    from mpsearch.ingest import strip_debug_metadata
+
     start = time.perf_counter()
     cache.mkdir(parents=True, exist_ok=True)
     (cache / STAMP).unlink(missing_ok=True)
@@ -222,7 +224,7 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
     counts = dict(sorted(collections.Counter(n.op_type for n in proto.graph.node).items()))
     logger.info("exported graph: %s", counts)
 
-    _atomic_write(paths["model"], lambda tmp: onnx.save(proto, str(tmp)))
+    _atomic_write(paths["model"], lambda tmp: onnx.save(strip_debug_metadata(proto), str(tmp)))
     _save_npz(paths["calib"], {"input": x_train[:CALIB_SAMPLES], "labels": y_train[:CALIB_SAMPLES]})
     _save_npz(paths["eval"], {"input": x_held, "labels": y_held})
 
