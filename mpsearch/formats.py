@@ -15,6 +15,7 @@ saturation, as in ONNX ``QuantizeLinear`` with ``saturate=1``. FP16 is a plain c
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -225,8 +226,6 @@ def parse_candidate(text: str) -> Candidate:
     uint16), the formats Qualcomm's HTP and ORT's CPU kernels are built around.
     """
     t = text.strip().lower()
-    import re
-
     m = re.fullmatch(r"w(4|8|16)a(8|16)", t)
     if m:
         return Candidate(weight=_int_weight(int(m.group(1))), activation=_int_act(int(m.group(2))))

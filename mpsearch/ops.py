@@ -170,7 +170,3 @@ for _op in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool"
             "Gather", "Split", "Expand", "Identity", "Pad", "DepthToSpace", "SpaceToDepth",
             "GlobalMaxPool", "Tile"):
     _add(_op, OpRole.PASSTHROUGH)
-
-
-def is_activation_matmul(node: NodeProto, constants: set[str]) -> bool:
-    return node.op_type == "MatMul" and not any(i in constants for i in node.input[:2])
