@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def git_commit() -> str | None:
+    """``git describe --always --dirty`` of the checkout, or None outside a git work tree."""
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -53,13 +64,17 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_results(name: str, *, title: str, command: str, table: str, payload: Any,
-                  notes: str = "") -> Path:
-    """Write ``results/<name>.md`` and ``.json``; returns the markdown path."""
+                  notes: str = "", git: bool = False) -> Path:
+    """Write ``results/<name>.md`` and ``.json``; returns the markdown path. ``git``: also
+    stamp the checkout's commit (``git describe --dirty``) next to the machine."""
     RESULTS.mkdir(exist_ok=True)
     m = machine()
+    if git:
+        m["git"] = git_commit()
     md = [f"# {title}", "", f"Command: `{command}`", "",
           f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), {m['platform']}, "
-          f"Python {m['python']}, " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+          f"Python {m['python']}, " + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+          + (f", git {m['git']}" if git else ""),
           "", table, ""]
     if notes:
         md += [notes, ""]
