@@ -307,9 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation range setting from the calibration histogram (default mse)")
     s.add_argument("--weight-range", choices=["mse", "minmax"], default="mse",
                    help="per-channel weight range setting (default mse)")
-    s.add_argument("--equalize", choices=["auto", "relu6", "off"], default="auto",
-                   help="cross-layer equalization: auto = exact pairs only (Relu/none between "
-                        "convs); relu6 = also through ReLU6, replaced by Relu; off (default auto)")
+    s.add_argument("--equalize", choices=["off", "exact", "relu6"], default="off",
+                   help="cross-layer equalization: off (default; measured not to help with "
+                        "per-channel weights); exact = pairs with Relu or nothing between "
+                        "convs; relu6 = also through ReLU6, replaced by Relu (refused when that "
+                        "changes the FP32 output)")
     s.add_argument("--no-bias-correction", action="store_true",
                    help="do not correct biases for the mean shift quantization causes "
                         "(on by default; +4.5 dB on EfficientNet-Lite0 w8a8)")

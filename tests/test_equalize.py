@@ -18,7 +18,7 @@ def _weights(model):
 def test_relu_chain_is_equalized_and_the_function_is_unchanged():
     m = mbconv(act="Relu")
     lg = build_layer_graph(m)
-    eq, report = equalize(lg, mode=EqualizeMode.AUTO)
+    eq, report = equalize(lg, mode=EqualizeMode.EXACT)
     assert report.pairs == (("expand", "depthwise"), ("depthwise", "project"))
     assert report.clips_replaced == ()
     x = images(8, seed=3)
@@ -35,9 +35,9 @@ def test_relu_chain_is_equalized_and_the_function_is_unchanged():
     assert spread(r_dw) < spread(np.abs(before["dw_w"]).reshape(16, -1).max(1))
 
 
-def test_auto_leaves_relu6_chains_alone_and_relu6_mode_replaces_the_clips():
+def test_exact_leaves_relu6_chains_alone_and_relu6_mode_replaces_the_clips():
     lg = build_layer_graph(mbconv(act="Clip"))
-    eq, report = equalize(lg, mode=EqualizeMode.AUTO)
+    eq, report = equalize(lg, mode=EqualizeMode.EXACT)
     assert report.pairs == () and eq is lg.model
     eq, report = equalize(lg, mode=EqualizeMode.RELU6)
     assert len(report.pairs) == 2

@@ -1,0 +1,1 @@
+"""Hardware: device profiles (what each device can run, what it costs) and the cost model."""
