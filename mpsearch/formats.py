@@ -198,8 +198,9 @@ class Candidate:
         w, a = self.weight, self.activation
         if w is a and w.spec.kind is not FormatKind.INT:
             return str(w) if w is not Format.FP8_E4M3 else "fp8"
-        if w.spec.kind is FormatKind.INT and a.spec.kind is FormatKind.INT:
-            return f"w{w.bits}a{a.bits}"
+        if (w.spec.kind is FormatKind.INT and w.spec.signed
+                and a.spec.kind is FormatKind.INT and not a.spec.signed):
+            return f"w{w.bits}a{a.bits}"  # the short form parse_candidate reads back
         return f"w:{w}/a:{a}"
 
     @property

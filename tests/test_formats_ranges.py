@@ -59,8 +59,10 @@ def test_parse_candidates():
     assert parse_candidate("fp8").weight is Format.FP8_E4M3
     assert parse_candidate("W:INT8/A:INT8") == Candidate(weight=Format.INT8,
                                                          activation=Format.INT8)
-    for c in ("w8a8", "w8a16", "w4a8", "w16a16", "fp16", "fp8", "float"):
+    for c in ("w8a8", "w8a16", "w4a8", "w16a16", "fp16", "fp8", "float", "w:int8/a:int8",
+              "w:int4/a:fp16", "fp8e5m2"):
         assert parse_candidate(c).name == c
+        assert parse_candidate(parse_candidate(c).name) == parse_candidate(c)
     with pytest.raises(UsageError, match="w2a8"):
         parse_candidate("w2a8")
 

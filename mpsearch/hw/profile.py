@@ -13,6 +13,7 @@ tree, which also catches duplicate keys (``yaml.safe_load`` keeps the last one s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Mapping
@@ -173,6 +174,8 @@ def _get(doc: _Doc, obj: Mapping[str, Any], path: tuple[str, ...], key: str, kin
         return default
     v = obj[key]
     ok = isinstance(v, _TYPES[kind]) and not (kind in ("int", "number") and isinstance(v, bool))
+    if not ok and kind == "number" and isinstance(v, str):
+        return _number(doc, v, (*path, key), positive=False)
     if not ok:
         raise doc.error((*path, key), f"must be a {kind}, not {type(v).__name__} ({v!r})",
                         f"write a {kind}")
@@ -187,6 +190,9 @@ def _keys(doc: _Doc, obj: Mapping[str, Any], path: tuple[str, ...], allowed: set
 
 
 def _number(doc: _Doc, v: Any, path: tuple[str, ...], *, positive: bool = True) -> float:
+    if isinstance(v, str):  # YAML 1.1 reads 2.5e9 (no exponent sign) as a string
+        with contextlib.suppress(ValueError):
+            v = float(v)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise doc.error(path, f"must be a finite number, not {v!r}", "write a number")
     if v < 0 or (positive and v == 0):
@@ -255,7 +261,7 @@ def parse_profile(text: str, *, where: str = "<profile>",
     if not isinstance(d, dict):
         raise doc.error((), "must be a mapping of sections", "see hw_profiles/README.md")
     top = {"schema", "name", "description", "target", "formats", "ops", "cost", "sparsity",
-           "rules"}
+           "rules", "latency_table"}
     _keys(doc, d, (), top)
     schema = _get(doc, d, (), "schema", "int")
     if schema != SCHEMA_VERSION:
@@ -294,8 +300,7 @@ def parse_profile(text: str, *, where: str = "<profile>",
     default_pairs = op_pairs.pop("default")
 
     cost = _get(doc, d, (), "cost", "mapping")
-    _keys(doc, cost, ("cost",), {"compute", "memory", "energy", "overhead", "conversion",
-                                 "latency_table"})
+    _keys(doc, cost, ("cost",), {"compute", "memory", "energy", "overhead", "conversion"})
     c = _get(doc, cost, ("cost",), "compute", "mapping")
     _keys(doc, c, ("cost", "compute"), {"macs_per_s", "source"})
     compute = ComputeCost(
@@ -329,9 +334,8 @@ def parse_profile(text: str, *, where: str = "<profile>",
                            ("cost", "conversion", "per_byte_s"), positive=False),
         source=_source(doc, cv, ("cost", "conversion")))
     table = None
-    if "latency_table" in cost:
-        table = _latency_table(doc, _get(doc, cost, ("cost",), "latency_table", "mapping"),
-                               weights, acts)
+    if "latency_table" in d:
+        table = _latency_table(doc, _get(doc, d, (), "latency_table", "mapping"), weights, acts)
     for pair in {*default_pairs, *(p for ps in op_pairs.values() for p in ps)}:
         for key, costs in (("compute.macs_per_s", compute.macs_per_s),
                            ("energy.pj_per_mac", energy.pj_per_mac)):
@@ -376,8 +380,9 @@ def parse_profile(text: str, *, where: str = "<profile>",
 
 
 def _latency_table(doc: _Doc, t: Mapping[str, Any], weights, acts) -> LatencyTable:
-    p = ("cost", "latency_table")
-    _keys(doc, t, p, {"model_sha256", "layers", "other_s", "conversion_s_per_byte", "source"})
+    p = ("latency_table",)
+    _keys(doc, t, p, {"model_sha256", "model", "layers", "other_s", "conversion_s_per_byte",
+                      "source"})
     layers = {}
     for lname, entries in _get(doc, t, p, "layers", "mapping").items():
         layers[str(lname)] = _pair_map(doc, entries, (*p, "layers", str(lname)), weights, acts)

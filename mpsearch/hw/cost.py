@@ -1,0 +1,184 @@
+"""Cost model: what each layer costs in each candidate on one device, and what a plan costs.
+
+Per layer ``l`` and candidate ``c = (w, a)``:
+
+* MACs from the LayerGraph; bit-operations ``BOPs = MACs · b_w · b_a`` (float formats count
+  their width: fp16 16, fp32 32);
+* weight bytes ``params · b_w / 8`` (+ the bias: int32 next to integer weights and
+  activations, else the float width), activation bytes ``(inputs + output) · b_a / 8``;
+* latency: the profile's measured table when it has this layer and candidate, else the roofline
+  ``max(MACs / peak(c), bytes / bandwidth) + per-layer overhead``;
+* energy ``MACs · e_MAC(c) + bytes · e_byte``.
+
+A plan adds its layers, plus a conversion wherever a producer's activation format differs from
+a consumer's (``per_edge + bytes · per_byte``), plus, with a latency table, the measured time of
+the non-layer ops, shared among groups by output size. Totals are also given relative to the
+all-w8a8 plan on the same device (the device's 8-bit integer pair).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mpsearch.errors import ProfileError
+from mpsearch.formats import Candidate, Format, FormatKind
+from mpsearch.graph import Layer, LayerGraph
+from mpsearch.hw.profile import HardwareProfile
+
+__all__ = ["CostModel", "LayerCost", "PlanCost", "reference_candidate"]
+
+METRICS = ("latency_s", "bops", "weight_bytes", "activation_bytes", "energy_j")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerCost:
+    layer: str
+    candidate: Candidate
+    macs: int
+    bops: float
+    weight_bytes: float
+    activation_bytes: float
+    latency_s: float
+    energy_j: float
+    latency_from: str  # "table" or "roofline"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanCost:
+    latency_s: float
+    bops: float
+    weight_bytes: float
+    activation_bytes: float
+    energy_j: float
+    conversions: int
+    conversion_s: float
+    relative: Mapping[str, float]  # each metric / the all-w8a8 plan's
+
+    def as_dict(self) -> dict[str, float]:
+        return {m: getattr(self, m) for m in METRICS}
+
+
+def reference_candidate(profile: HardwareProfile) -> Candidate:
+    """The device's w8a8: its first 8-bit integer (weight, activation) pair."""
+    for c in profile.all_pairs:
+        w, a = c.weight.spec, c.activation.spec
+        if w.kind is FormatKind.INT and a.kind is FormatKind.INT and w.bits == 8 == a.bits:
+            return c
+    raise ProfileError(f"profile {profile.name} allows no 8-bit integer pair, so costs cannot "
+                       "be given relative to w8a8", fix="allow w8a8 for some op")
+
+
+def _elements(shape: tuple[int | None, ...] | None) -> int:
+    if not shape or any(d is None for d in shape):
+        return 0
+    return math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
+
+
+class CostModel:
+    """Costs of every (group, candidate) of one LayerGraph on one device, memoised."""
+
+    def __init__(self, lg: LayerGraph, profile: HardwareProfile) -> None:
+        self.lg, self.profile = lg, profile
+        self.reference = reference_candidate(profile)
+        self._cache: dict[tuple[str, Candidate], LayerCost] = {}
+        self._out = {name: _elements(lg.activations[layer.output].shape)
+                     if layer.output in lg.activations else 0
+                     for name, layer in lg.layers.items()}
+        self._in = {name: sum(_elements(lg.activations[t].shape) for t in layer.inputs
+                              if t in lg.activations)
+                    for name, layer in lg.layers.items()}
+
+    def candidates(self, group: str) -> tuple[Candidate, ...]:
+        """The candidates the device allows for this group's op (pins win)."""
+        layer = self.lg.layers[group]
+        if group in self.profile.pins:
+            return (self.profile.pins[group],)
+        return self.profile.pairs_for(layer.op_type)
+
+    def layer(self, group: str, cand: Candidate) -> LayerCost:
+        key = (group, cand)
+        if key not in self._cache:
+            self._cache[key] = self._layer_cost(self.lg.layers[group], cand)
+        return self._cache[key]
+
+    def _layer_cost(self, layer: Layer, c: Candidate) -> LayerCost:
+        p = self.profile
+        macs = layer.macs or 0
+        wb, ab = c.weight.bits, c.activation.bits
+        has_w = layer.weight is not None
+        weight_params = layer.params - (layer.out_channels or 0 if layer.bias else 0)
+        bias_bits = 32 if (c.weight.spec.kind is FormatKind.INT
+                           and c.activation.spec.kind is FormatKind.INT) else max(ab, 16)
+        weight_bytes = (weight_params * wb + (layer.out_channels or 0) * bias_bits
+                        * bool(layer.bias)) / 8 if has_w else 0.0
+        act_bytes = (self._in[layer.name] + self._out[layer.name]) * ab / 8
+        table = p.latency_table
+        if table is not None and c in table.layers.get(layer.name, {}):
+            latency, source = table.layers[layer.name][c], "table"
+        else:
+            peak = p.compute.macs_per_s.get(c)
+            if peak is None:
+                raise ProfileError(f"profile {p.name} has no compute cost for {c} "
+                                   f"(layer {layer.name})",
+                                   fix=f"add {c} under cost.compute.macs_per_s")
+            latency = (max(macs / peak, (weight_bytes + act_bytes) / p.memory.bytes_per_s)
+                       + p.per_layer_overhead_s)
+            source = "roofline"
+        e_mac = p.energy.pj_per_mac.get(c)
+        if e_mac is None:
+            raise ProfileError(f"profile {p.name} has no energy cost for {c}",
+                               fix=f"add {c} under cost.energy.pj_per_mac")
+        energy = (macs * e_mac + (weight_bytes + act_bytes) * p.energy.pj_per_byte) * 1e-12
+        return LayerCost(layer=layer.name, candidate=c, macs=macs, bops=float(macs) * wb * ab,
+                         weight_bytes=weight_bytes, activation_bytes=act_bytes,
+                         latency_s=latency, energy_j=energy, latency_from=source)
+
+    # -- plans
+
+    def plan(self, plan: Mapping[str, Candidate], *, relative: bool = True) -> PlanCost:
+        totals = dict.fromkeys(METRICS, 0.0)
+        for g, c in plan.items():
+            lc = self.layer(g, c)
+            for m in METRICS:
+                totals[m] += getattr(lc, m)
+        n_conv, conv_s = self._conversions(plan)
+        totals["latency_s"] += conv_s + self._other_ops_s(plan)
+        rel = {}
+        if relative:
+            ref = self.plan({g: self.reference for g in plan}, relative=False)
+            rel = {m: totals[m] / getattr(ref, m) if getattr(ref, m) else math.nan
+                   for m in METRICS}
+        return PlanCost(conversions=n_conv, conversion_s=conv_s, relative=rel, **totals)
+
+    def _conversions(self, plan: Mapping[str, Candidate]) -> tuple[int, float]:
+        from mpsearch.export.qdq import node_formats
+
+        fmt = node_formats(self.lg, plan)
+        p, table = self.profile, self.profile.latency_table
+        per_byte = table.conversion_s_per_byte if table else p.conversion.per_byte_s
+        per_edge = 0.0 if table else p.conversion.per_edge_s
+        count, seconds = 0, 0.0
+        for act in self.lg.activations.values():
+            src = fmt.get(act.producer) if act.producer else None
+            if src is None or not src.is_quantized:
+                continue
+            targets = {fmt[c] for c in act.consumers if fmt[c].is_quantized and fmt[c] is not src}
+            for f in targets:
+                count += 1
+                seconds += per_edge + _elements(act.shape) * (src.bits + f.bits) / 8 * per_byte
+        return count, seconds
+
+    def _other_ops_s(self, plan: Mapping[str, Candidate]) -> float:
+        """Measured time of the non-layer ops, shared among groups by output size."""
+        table = self.profile.latency_table
+        if table is None or not table.other_s:
+            return 0.0
+        total = sum(self._out.values()) or 1
+        s = 0.0
+        for g, c in plan.items():
+            f = c.activation if c.activation.is_quantized else Format.FLOAT
+            per = table.other_s.get(f, table.other_s.get(Format.FLOAT, 0.0))
+            s += per * self._out[g] / total
+        return s
