@@ -328,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=None, help="samples per call")
     s.add_argument("--save", metavar="FILE", help="also write the results as JSON to FILE")
     s.set_defaults(func=cmd_eval)
+
+    from mpsearch import cli_hw
+
+    cli_hw.add_parser(sub, common)
     return p
 
 

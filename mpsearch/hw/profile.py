@@ -139,8 +139,8 @@ class _Doc:
         self._index(root, ())
         self.data = yaml.safe_load(text)
 
-    def _index(self, node: yaml.Node, path: tuple[str, ...]) -> None:
-        self.lines[path] = node.start_mark.line + 1
+    def _index(self, node: yaml.Node, path: tuple[str, ...], line: int | None = None) -> None:
+        self.lines[path] = line if line is not None else node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
             seen: set[str] = set()
             for k, v in node.value:
@@ -150,7 +150,7 @@ class _Doc:
                     raise self.error((*path, key), "is defined twice",
                                      "keep one definition")
                 seen.add(key)
-                self._index(v, (*path, key))
+                self._index(v, (*path, key), k.start_mark.line + 1)  # a key's own line
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
                 self._index(v, (*path, str(i)))
