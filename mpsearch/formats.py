@@ -187,14 +187,34 @@ def fake_quant(x: np.ndarray, fmt: Format, scale: np.ndarray | None = None,
 
 
 @dataclass(frozen=True, kw_only=True)
-class Candidate:
-    """One decision for a quantizer group: the weight format and the activation format."""
+class Sparsity:
+    """Which weights are kept: a pattern and the fraction of weights it keeps."""
 
-    weight: Format
-    activation: Format
+    pattern: str  # "2:4" (two of every four along the input), "unstructured", "channel"
+    density: float
 
     @property
     def name(self) -> str:
+        return "2:4" if self.pattern == "2:4" else f"{self.pattern}@{self.density:g}"
+
+
+SPARSITY_PATTERNS = ("2:4", "unstructured", "channel")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """One decision for a quantizer group: weight format, activation format, sparsity."""
+
+    weight: Format
+    activation: Format
+    sparsity: Sparsity | None = None
+
+    @property
+    def name(self) -> str:
+        base = self._base_name()
+        return base if self.sparsity is None else f"{base}+{self.sparsity.name}"
+
+    def _base_name(self) -> str:
         w, a = self.weight, self.activation
         if w is a and w.spec.kind is not FormatKind.INT:
             return str(w) if w is not Format.FP8_E4M3 else "fp8"
@@ -219,14 +239,31 @@ def _int_weight(bits: int) -> Format:
     return {4: Format.INT4, 8: Format.INT8, 16: Format.INT16}[bits]
 
 
+def _parse_sparsity(text: str, whole: str) -> Sparsity:
+    if text == "2:4":
+        return Sparsity(pattern="2:4", density=0.5)
+    m = re.fullmatch(r"(unstructured|channel)@(0?\.\d+|1(?:\.0*)?)", text)
+    if not m or not 0 < float(m.group(2)) <= 1:
+        raise UsageError(f"cannot read the sparsity of candidate '{whole}'",
+                         fix="write +2:4, +unstructured@0.5 or +channel@0.75 (density kept)")
+    return Sparsity(pattern=m.group(1), density=float(m.group(2)))
+
+
 def parse_candidate(text: str) -> Candidate:
     """Parse ``w8a8``, ``w4a16``, ``w16a16``, ``fp16``, ``fp8`` (e4m3), ``fp8e5m2``, ``float``
-    or the explicit ``w:int8/a:int8`` form into a :class:`Candidate`.
+    or the explicit ``w:int8/a:int8`` form into a :class:`Candidate`, optionally followed by a
+    sparsity: ``w8a8+2:4``, ``w4a8+unstructured@0.5``, ``w8a8+channel@0.75`` (the density
+    kept).
 
     In the short ``wXaY`` form weights are signed symmetric and activations unsigned (uint8,
     uint16), the formats Qualcomm's HTP and ORT's CPU kernels are built around.
     """
-    t = text.strip().lower()
+    base, plus, sp = text.strip().lower().partition("+")
+    if plus:
+        c = parse_candidate(base)
+        return Candidate(weight=c.weight, activation=c.activation,
+                         sparsity=_parse_sparsity(sp, text))
+    t = base
     m = re.fullmatch(r"w(4|8|16)a(8|16)", t)
     if m:
         return Candidate(weight=_int_weight(int(m.group(1))), activation=_int_act(int(m.group(2))))

@@ -146,3 +146,28 @@ def test_pins_restrict_candidates(tmp_path):
     cm = CostModel(lg, p)
     assert cm.candidates("stem") == (parse_candidate("w8a16"),)
     assert cm.candidates("fc") == tuple(map(parse_candidate, ["w8a8", "fp16"]))
+
+
+def test_sparse_candidates_cost_metadata_and_speed_up():
+    p = load_profile(ROOT / "hw_profiles" / "nvidia_h100.yaml")
+    lg = build_layer_graph(mbconv(), input_shapes={"x": (1, 3, 16, 16)})
+    cm = CostModel(lg, p)
+    dense = cm.layer("expand", parse_candidate("w:int8/a:int8"))
+    sparse = cm.layer("expand", parse_candidate("w:int8/a:int8+2:4"))
+    bias = 16 * 4
+    assert sparse.weight_bytes - bias == pytest.approx((dense.weight_bytes - bias) / 2
+                                                       * (8 + 2) / 8)
+    assert sparse.bops == dense.bops / 2
+    snap = CostModel(lg, load_profile(ROOT / "hw_profiles" / "snapdragon_8gen3.yaml"))
+    with pytest.raises(ProfileError, match="no sparsity pattern '2:4'"):
+        snap.layer("expand", parse_candidate("w8a8+2:4"))
+
+
+def test_a_sparse_candidate_needs_its_pattern():
+    with pytest.raises(ProfileError, match=r"ops.default.1 'w8a8\+2:4' uses sparsity pattern"):
+        parse_profile(GOOD.replace("default: [w8a8, w8a16, w4a8]", "default: [w8a8, w8a8+2:4]"))
+
+
+def test_sparsity_names_round_trip():
+    for text in ("w8a8+2:4", "w4a8+unstructured@0.5", "fp16+channel@0.75"):
+        assert parse_candidate(text).name == text

@@ -94,6 +94,10 @@ def _check_plan(lg: LayerGraph, plan: Mapping[str, Candidate]) -> None:
         raise UsageError(f"the plan names unknown group(s) {extra[:3]}",
                          fix="use group names from 'mpsearch inspect'")
     for g, c in plan.items():
+        if c.sparsity is not None:
+            raise UsageError(f"group '{g}': candidate {c} is sparse, and exporting pruned "
+                             "weights is not implemented yet",
+                             fix="use a dense candidate for export")
         if c.activation is Format.INT4 or c.activation is Format.UINT4:
             raise UsageError(f"group '{g}': 4-bit activations are not supported",
                              fix="use 8- or 16-bit activations")

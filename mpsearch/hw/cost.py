@@ -4,8 +4,11 @@ Per layer ``l`` and candidate ``c = (w, a)``:
 
 * MACs from the LayerGraph; bit-operations ``BOPs = MACs · b_w · b_a`` (float formats count
   their width: fp16 16, fp32 32);
-* weight bytes ``params · b_w / 8`` (+ the bias: int32 next to integer weights and
-  activations, else the float width), activation bytes ``(inputs + output) · b_a / 8``;
+* weight bytes ``params · d · (b_w + m) / 8`` for a sparsity of density ``d`` with ``m`` index
+  bits per kept weight (dense: ``d = 1, m = 0``), plus the bias (int32 next to integer weights
+  and activations, else the float width); activation bytes ``(inputs + output) · b_a / 8``;
+  BOPs count kept weights only; the compute term divides by the pattern's speed-up (2:4 on
+  sparse tensor cores: 2; elsewhere 1: memory savings only);
 * latency: the profile's measured table when it has this layer and candidate, else the roofline
   ``max(MACs / peak(c), bytes / bandwidth) + per-layer overhead``;
 * energy ``MACs · e_MAC(c) + bytes · e_byte``.
@@ -111,27 +114,41 @@ class CostModel:
         weight_params = layer.params - (layer.out_channels or 0 if layer.bias else 0)
         bias_bits = 32 if (c.weight.spec.kind is FormatKind.INT
                            and c.activation.spec.kind is FormatKind.INT) else max(ab, 16)
-        weight_bytes = (weight_params * wb + (layer.out_channels or 0) * bias_bits
+        sp = c.sparsity
+        density, speedup, meta_bits = 1.0, 1.0, 0.0
+        if sp is not None:
+            pattern = p.sparsity.get(sp.pattern)
+            if pattern is None:
+                raise ProfileError(f"profile {p.name} has no sparsity pattern '{sp.pattern}' "
+                                   f"(candidate {c})",
+                                   fix=f"add it under sparsity.patterns or do not use {c}")
+            density, speedup, meta_bits = sp.density, pattern.speedup, pattern.metadata_bits
+        kept = weight_params * density
+        weight_bytes = (kept * (wb + meta_bits) + (layer.out_channels or 0) * bias_bits
                         * bool(layer.bias)) / 8 if has_w else 0.0
         act_bytes = (self._in[layer.name] + self._out[layer.name]) * ab / 8
         table = p.latency_table
         if table is not None and c in table.layers.get(layer.name, {}):
             latency, source = table.layers[layer.name][c], "table"
         else:
-            peak = p.compute.macs_per_s.get(c)
+            peak = p.compute.macs_per_s.get(Candidate(weight=c.weight, activation=c.activation))
             if peak is None:
                 raise ProfileError(f"profile {p.name} has no compute cost for {c} "
                                    f"(layer {layer.name})",
                                    fix=f"add {c} under cost.compute.macs_per_s")
-            latency = (max(macs / peak, (weight_bytes + act_bytes) / p.memory.bytes_per_s)
+            latency = (max(macs / (peak * speedup),
+                           (weight_bytes + act_bytes) / p.memory.bytes_per_s)
                        + p.per_layer_overhead_s)
             source = "roofline"
-        e_mac = p.energy.pj_per_mac.get(c)
+        dense = Candidate(weight=c.weight, activation=c.activation)
+        e_mac = p.energy.pj_per_mac.get(dense)
         if e_mac is None:
             raise ProfileError(f"profile {p.name} has no energy cost for {c}",
                                fix=f"add {c} under cost.energy.pj_per_mac")
-        energy = (macs * e_mac + (weight_bytes + act_bytes) * p.energy.pj_per_byte) * 1e-12
-        return LayerCost(layer=layer.name, candidate=c, macs=macs, bops=float(macs) * wb * ab,
+        energy = (macs / speedup * e_mac + (weight_bytes + act_bytes) * p.energy.pj_per_byte) \
+            * 1e-12
+        return LayerCost(layer=layer.name, candidate=c, macs=macs,
+                         bops=float(macs) * density * wb * ab,
                          weight_bytes=weight_bytes, activation_bytes=act_bytes,
                          latency_s=latency, energy_j=energy, latency_from=source)
 

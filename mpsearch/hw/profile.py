@@ -337,6 +337,7 @@ def parse_profile(text: str, *, where: str = "<profile>",
     if "latency_table" in d:
         table = _latency_table(doc, _get(doc, d, (), "latency_table", "mapping"), weights, acts)
     for pair in {*default_pairs, *(p for ps in op_pairs.values() for p in ps)}:
+        pair = Candidate(weight=pair.weight, activation=pair.activation)  # costs are dense
         for key, costs in (("compute.macs_per_s", compute.macs_per_s),
                            ("energy.pj_per_mac", energy.pj_per_mac)):
             if pair not in costs:
@@ -359,6 +360,12 @@ def parse_profile(text: str, *, where: str = "<profile>",
                 metadata_bits=_number(doc, _get(doc, spec, p, "metadata_bits", "number"),
                                       (*p, "metadata_bits"), positive=False))
 
+    for op, pairs in [("default", default_pairs), *op_pairs.items()]:
+        for i, pair in enumerate(pairs):
+            if pair.sparsity is not None and pair.sparsity.pattern not in sparsity:
+                raise doc.error(("ops", op, str(i)), f"'{pair}' uses sparsity pattern "
+                                f"'{pair.sparsity.pattern}', which sparsity.patterns does not "
+                                "list", f"add {pair.sparsity.pattern} under sparsity.patterns")
     tie_ops: frozenset[str] = frozenset()
     pins: dict[str, Candidate] = {}
     if "rules" in d:
