@@ -192,10 +192,10 @@ def test_console_entry_point_exit_code_and_no_traceback(files):
 
 
 def test_help_for_every_command():
-    for cmd in ("inspect", "quantize", "eval"):
-        r = subprocess.run([sys.executable, "-m", "mpsearch", cmd, "--help"],
+    for cmd in ("inspect", "quantize", "eval", "hw", "hw validate", "hw show", "hw measure"):
+        r = subprocess.run([sys.executable, "-m", "mpsearch", *cmd.split(), "--help"],
                            capture_output=True, text=True)
-        assert r.returncode == 0 and "usage: mpsearch " + cmd in r.stdout
+        assert r.returncode == 0 and "usage: mpsearch " + cmd in r.stdout, cmd
 
 
 def test_relu6_equalization_that_changes_the_float_model_is_refused(files, capsys):
