@@ -171,3 +171,11 @@ def test_a_sparse_candidate_needs_its_pattern():
 def test_sparsity_names_round_trip():
     for text in ("w8a8+2:4", "w4a8+unstructured@0.5", "fp16+channel@0.75"):
         assert parse_candidate(text).name == text
+
+
+def test_a_latency_table_of_another_model_is_not_used():
+    p = load_profile(ROOT / "hw_profiles" / "ort_cpu.yaml")  # measured on EfficientNet-Lite0
+    assert p.latency_table is not None
+    cm = CostModel(build_layer_graph(mbconv()), p)
+    assert cm.table is None
+    assert cm.layer("stem", parse_candidate("w8a8")).latency_from == "roofline"

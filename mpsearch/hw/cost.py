@@ -21,6 +21,7 @@ all-w8a8 plan on the same device (the device's 8-bit integer pair).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from mpsearch.graph import Layer, LayerGraph
 from mpsearch.hw.profile import HardwareProfile
 
 __all__ = ["CostModel", "LayerCost", "PlanCost", "reference_candidate"]
+
+log = logging.getLogger(__name__)
 
 METRICS = ("latency_s", "bops", "weight_bytes", "activation_bytes", "energy_j")
 
@@ -85,6 +88,14 @@ class CostModel:
     def __init__(self, lg: LayerGraph, profile: HardwareProfile) -> None:
         self.lg, self.profile = lg, profile
         self.reference = reference_candidate(profile)
+        # A table is measured on one model; layer names such as node_Conv_12 recur across
+        # models, so it is used only when it covers exactly this graph's layers.
+        table = profile.latency_table
+        self.table = table if table is not None and set(table.layers) == set(lg.layers) else None
+        if table is not None and self.table is None:
+            log.warning("the latency table in profile %s was measured on another model "
+                        "(%s); using the roofline instead", profile.name,
+                        table.model_sha256[:12])
         self._cache: dict[tuple[str, Candidate], LayerCost] = {}
         self._out = {name: _elements(lg.activations[layer.output].shape)
                      if layer.output in lg.activations else 0
@@ -127,7 +138,7 @@ class CostModel:
         weight_bytes = (kept * (wb + meta_bits) + (layer.out_channels or 0) * bias_bits
                         * bool(layer.bias)) / 8 if has_w else 0.0
         act_bytes = (self._in[layer.name] + self._out[layer.name]) * ab / 8
-        table = p.latency_table
+        table = self.table
         if table is not None and c in table.layers.get(layer.name, {}):
             latency, source = table.layers[layer.name][c], "table"
         else:
@@ -173,7 +184,7 @@ class CostModel:
         from mpsearch.export.qdq import node_formats
 
         fmt = node_formats(self.lg, plan)
-        p, table = self.profile, self.profile.latency_table
+        p, table = self.profile, self.table
         per_byte = table.conversion_s_per_byte if table else p.conversion.per_byte_s
         per_edge = 0.0 if table else p.conversion.per_edge_s
         count, seconds = 0, 0.0
@@ -189,7 +200,7 @@ class CostModel:
 
     def _other_ops_s(self, plan: Mapping[str, Candidate]) -> float:
         """Measured time of the non-layer ops, shared among groups by output size."""
-        table = self.profile.latency_table
+        table = self.table
         if table is None or not table.other_s:
             return 0.0
         total = sum(self._out.values()) or 1
