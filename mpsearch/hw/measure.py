@@ -53,7 +53,10 @@ optimizer quantizes the float weights of an fp16 layer that sits between quantiz
 (``DQ -> Conv -> Q``), which then runs as QLinearConv (uint8 neighbours) or as a non-NCHWc
 float conv on dequantized weights (uint16 neighbours, up to 16x slower for depthwise); its
 table entry, timed in float context, cannot know. Layout changes at the borders of NHWC/NCHWc
-regions are not in the table either.
+regions are not in the table either. And the machine must be quiet: other processes preempt a
+whole model's long runs more than a layer's short kernels, so ``other_s`` grows and plans
+unlike the reference ones are mispredicted (w4a8 by 30% at load 3.5 on 2 cores); a warning
+says so when the load average exceeds 1.25 per core.
 
 ``write_latency_table`` writes the table into a profile as text below a marker comment, so that
 the hand-written part above it (its comments) survives; PyYAML cannot round-trip comments.
@@ -100,6 +103,7 @@ MEASURABLE_RUNTIMES = ("ort-cpu", "generic")
 ROUNDS = 30  # visits to each model; the repeats are split among them
 NULL_EVERY = 20  # models timed between two visits to the profiler-overhead model
 MIN_KERNEL_S = 1e-7  # a kernel's time is not zero, even where the profiler's cost hides it
+BUSY_LOAD = 1.25  # load average per core above which the machine was shared (ours: ~0.7-0.9)
 _NP = {TensorProto.FLOAT: np.float32, TensorProto.UINT8: np.uint8,
        TensorProto.UINT16: np.uint16, TensorProto.INT8: np.int8, TensorProto.INT16: np.int16}
 
@@ -521,6 +525,13 @@ def measure_table_alongside(analysis: Analysis, sample: Mapping[str, np.ndarray]
         other[f] = max(whole - layers, 0.0)
     per_byte = sum(j.seconds(per_node) for j in conv_jobs) / moved if moved else 0.0
 
+    load = os.getloadavg()[0]
+    if load > BUSY_LOAD * (os.cpu_count() or 1):
+        log.warning("the machine was busy (1-min load average %.1f on %d cores): other "
+                    "processes preempt a whole model's long runs more than a layer's short "
+                    "kernels, so other_s grows and plans unlike the reference ones are "
+                    "mispredicted (w4a8 by 30%% under load 3.5 on 2 cores); measure on a quiet "
+                    "machine", load, os.cpu_count() or 1)
     sha = model_sha256 or hashlib.sha256(analysis.original.SerializeToString()).hexdigest()
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     of = f" of {model_name}" if model_name else ""
@@ -531,7 +542,7 @@ def measure_table_alongside(analysis: Analysis, sample: Mapping[str, np.ndarray]
               "visit, medians; layers: ORT profiler kernel time of the one-layer model (no "
               "boundary Q/DQ, no layout reorders, less the profiler's own time per kernel); "
               "other_s: whole-model wall clock minus its layers; 1-min load average at the "
-              f"end {os.getloadavg()[0]:.1f}")
+              f"end {load:.1f}")
     log.info("latency table: %d layers timed in %.0f s", len(table),
              time.perf_counter() - t_start)
     return (LatencyTable(model_sha256=sha, layers=table, other_s=other,
