@@ -162,8 +162,9 @@ def cmd_measure(args: argparse.Namespace, ui: Any) -> int:
 
     from mpsearch.data import open_dataset
     from mpsearch.graph import load_model
-    from mpsearch.hw.measure import measure_latency_table, write_latency_table
+    from mpsearch.hw.measure import measure_latency_table
     from mpsearch.hw.profile import load_profile
+    from mpsearch.hw.table_io import write_latency_table
     from mpsearch.outputs import OutputDir
 
     out = Path(args.out)

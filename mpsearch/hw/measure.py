@@ -64,20 +64,15 @@ the hand-written part above it (its comments) survives; PyYAML cannot round-trip
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import datetime
 import hashlib
-import json
 import logging
 import os
 import platform
-import re
-import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +84,17 @@ from mpsearch.data import Dataset
 from mpsearch.errors import DataError, ExportError, ProfileError, UsageError
 from mpsearch.formats import Candidate, Format, FormatKind
 from mpsearch.graph import Layer, LayerGraph
-from mpsearch.hw.profile import HardwareProfile, LatencyTable, parse_profile
+from mpsearch.hw.profile import HardwareProfile, LatencyTable
+from mpsearch.hw.table_io import MARKER, table_yaml, write_latency_table
+from mpsearch.hw.timing import (
+    ROUNDS,
+    Job,
+    make_feed,
+    median_latencies,
+    run_rounds,
+    session,
+    split_repeats,
+)
 from mpsearch.pipeline import Analysis, QuantizeOptions, analyze
 
 __all__ = ["MARKER", "OneLayerModel", "measure_latency_table", "measure_table_alongside",
@@ -97,12 +102,8 @@ __all__ = ["MARKER", "OneLayerModel", "measure_latency_table", "measure_table_al
 
 log = logging.getLogger(__name__)
 
-MARKER = "# ---- latency_table: written by mpsearch hw measure; do not edit below ----"
-LAYOUT_OPS = frozenset({"Transpose", "ReorderInput", "ReorderOutput"})
 MEASURABLE_RUNTIMES = ("ort-cpu", "generic")
-ROUNDS = 30  # visits to each model; the repeats are split among them
 NULL_EVERY = 20  # models timed between two visits to the profiler-overhead model
-MIN_KERNEL_S = 1e-7  # a kernel's time is not zero, even where the profiler's cost hides it
 BUSY_LOAD = 1.25  # load average per core above which the machine was shared (ours: ~0.7-0.9)
 _NP = {TensorProto.FLOAT: np.float32, TensorProto.UINT8: np.uint8,
        TensorProto.UINT16: np.uint16, TensorProto.INT8: np.int8, TensorProto.INT16: np.int16}
@@ -212,130 +213,6 @@ def _conversion_model(shape: Sequence[int], src: Format, dst: Format) -> onnx.Mo
 # --------------------------------------------------------------------------- timing
 
 
-def _session(model: bytes, threads: int,
-             profile_prefix: str | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    if profile_prefix:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-
-
-def _feed(sess: ort.InferenceSession, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {i.name: values[i.name] for i in sess.get_inputs()}
-
-
-def _split(repeats: int, rounds: int) -> list[int]:
-    """The timed runs of each round."""
-    rounds = max(1, min(rounds, repeats))
-    base, extra = divmod(repeats, rounds)
-    return [base + (r < extra) for r in range(rounds)]
-
-
-@dataclass(kw_only=True)
-class _Job:
-    """One model to time, by the wall clock or by ORT's kernel times, and its timings."""
-
-    blob: bytes
-    values: Mapping[str, np.ndarray]
-    wall: bool
-    times: list[float] = field(default_factory=list)
-    nodes: int = 0  # kernels summed per run (kernel-timed jobs)
-
-    def seconds(self, per_node: float = 0.0) -> float:
-        """The median, less ``per_node`` for each kernel summed (the profiler's own cost), but
-        at least ``MIN_KERNEL_S`` per kernel (below the profiler's 1 µs resolution)."""
-        return max(statistics.median(self.times) - self.nodes * per_node,
-                   MIN_KERNEL_S * self.nodes)
-
-
-def _kernel_seconds(profile_file: str) -> list[tuple[float, int]]:
-    """Per run, the summed kernel time of every node except inserted layout changes, and the
-    number of nodes summed."""
-    with open(profile_file, encoding="utf-8") as f:
-        events = json.load(f)
-    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                  if e.get("cat") == "Session" and e.get("name") == "model_run")
-    starts = [r[0] for r in runs]
-    totals = [0.0] * len(runs)
-    nodes = [0] * len(runs)
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
-            continue
-        if e.get("args", {}).get("op_name") in LAYOUT_OPS:
-            continue
-        k = bisect.bisect_right(starts, e["ts"]) - 1
-        if k >= 0 and e["ts"] <= runs[k][1]:
-            totals[k] += e["dur"]
-            nodes[k] += 1
-    return [(t * 1e-6, n) for t, n in zip(totals, nodes, strict=True)]
-
-
-def _visit(job: _Job, *, warmup: int, timed: int, threads: int, prefix: str) -> None:
-    """A fresh session, ``warmup`` untimed runs, ``timed`` timed runs back to back; closed."""
-    if job.wall:
-        sess = _session(job.blob, threads)
-        feed = _feed(sess, job.values)
-        for r in range(warmup + timed):
-            t0 = time.perf_counter()
-            sess.run(None, feed)
-            dt = time.perf_counter() - t0
-            if r >= warmup:
-                job.times.append(dt)
-        return
-    sess = _session(job.blob, threads, prefix)
-    binding = sess.io_binding()
-    copies = []
-    for i in sess.get_inputs():
-        src = np.ascontiguousarray(job.values[i.name])
-        buf = np.empty_like(src)
-        binding.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(buf))
-        copies.append((buf, src))
-    for o in sess.get_outputs():
-        binding.bind_output(o.name)
-    for _ in range(warmup + timed):
-        for buf, src in copies:  # hot in the cache, as just written by the producer
-            np.copyto(buf, src)
-        sess.run_with_iobinding(binding)
-    profile_file = sess.end_profiling()
-    runs = _kernel_seconds(profile_file)[warmup:]
-    os.remove(profile_file)
-    if len(runs) != timed:
-        raise RuntimeError(f"ORT's profile has {len(runs)} timed runs, expected {timed}")
-    job.times.extend(t for t, _ in runs)
-    job.nodes = max(n for _, n in runs) if runs else 0
-
-
-def _run_rounds(jobs: Sequence[_Job], *, warmup: int, repeats: int, threads: int,
-                rounds: int = ROUNDS, tick: Callable[[int], None] | None = None) -> list[float]:
-    """Visit every job once per round (each visit with a fresh session: ORT's idle sessions
-    keep their pool threads spinning, and a lone layer timed with ten idle sessions open took
-    1.8x as long); the median of each job's timed runs."""
-    with tempfile.TemporaryDirectory(prefix="mpsearch-measure-") as tmp:
-        for rnd, timed in enumerate(_split(repeats, rounds)):
-            for k, job in enumerate(jobs):
-                _visit(job, warmup=warmup, timed=timed, threads=threads,
-                       prefix=os.path.join(tmp, f"r{rnd}j{k}"))
-                if tick:
-                    tick(1)
-    return [statistics.median(j.times) for j in jobs]
-
-
-def median_latencies(models: Sequence[onnx.ModelProto], feed: Mapping[str, np.ndarray], *,
-                     warmup: int = 5, repeats: int = 30, threads: int = 0,
-                     rounds: int = ROUNDS) -> list[float]:
-    """Wall-clock median seconds of one ``run()`` of each model on ``feed`` (inputs a model
-    does not take are ignored), batch as in ``feed``. The repeats are split into ``rounds``
-    visits to each model in turn, so that a change of load on the machine hits every model
-    alike; each visit opens a fresh session, runs ``warmup`` untimed runs and then its timed
-    runs back to back, and closes it."""
-    jobs = [_Job(blob=m.SerializeToString(), values=feed, wall=True) for m in models]
-    return _run_rounds(jobs, warmup=warmup, repeats=repeats, threads=threads, rounds=rounds)
-
-
 def _capture(model: onnx.ModelProto, names: Iterable[str], sample: Mapping[str, np.ndarray],
              threads: int) -> dict[str, np.ndarray]:
     """The values of tensors ``names`` when ``model`` runs on ``sample``."""
@@ -347,8 +224,8 @@ def _capture(model: onnx.ModelProto, names: Iterable[str], sample: Mapping[str, 
     for n in wanted:
         if n not in present:
             m.graph.output.append(onnx.ValueInfoProto(name=n))
-    sess = _session(m.SerializeToString(), threads)
-    values = dict(zip(wanted, sess.run(wanted, _feed(sess, sample)), strict=True))
+    sess = session(m.SerializeToString(), threads)
+    values = dict(zip(wanted, sess.run(wanted, make_feed(sess, sample)), strict=True))
     values.update({k: v for k, v in sample.items() if k in graph_inputs})
     return values
 
@@ -488,23 +365,23 @@ def measure_table_alongside(analysis: Analysis, sample: Mapping[str, np.ndarray]
     cands = _layer_candidates(lg, profile, candidates)
     layer_jobs = _layer_jobs(analysis, cands, sample, threads)
     plans = _reference_plans(lg, cands)
-    whole_jobs = {f: _Job(blob=analysis.export(plan).model.SerializeToString(), values=sample,
+    whole_jobs = {f: Job(blob=analysis.export(plan).model.SerializeToString(), values=sample,
                           wall=True) for f, plan in plans.items()}
-    extra_jobs = [_Job(blob=m.SerializeToString(), values=sample, wall=True) for m in models]
+    extra_jobs = [Job(blob=m.SerializeToString(), values=sample, wall=True) for m in models]
     conv_jobs, moved = _conversion_jobs(lg)
     # ORT's profiler adds a constant to every kernel it times (it starts and stops the thread
     # pool's profiling and formats its statistics inside the timed span: ~5 us here, more
     # than a small kernel). The profiled time of a Neg on one element measures it; it is
     # visited between the others, and subtracted once per kernel.
-    null = _Job(blob=_null_model().SerializeToString(), values={"x": np.zeros(1, np.float32)},
+    null = Job(blob=_null_model().SerializeToString(), values={"x": np.zeros(1, np.float32)},
                 wall=False)
-    jobs: list[_Job] = [*layer_jobs.values(), *conv_jobs]
+    jobs: list[Job] = [*layer_jobs.values(), *conv_jobs]
     wholes = [*whole_jobs.values(), *extra_jobs]
     step = len(jobs) / (len(wholes) + 1)  # whole models at even intervals among the others
     for k, job in enumerate(wholes):
         jobs.insert(round((k + 1) * step) + k, job)
     jobs = [x for k in range(0, len(jobs), NULL_EVERY) for x in (null, *jobs[k:k + NULL_EVERY])]
-    _run_rounds(jobs, warmup=warmup, repeats=repeats, threads=threads, rounds=rounds,
+    run_rounds(jobs, warmup=warmup, repeats=repeats, threads=threads, rounds=rounds,
                 tick=progress)
     per_node = null.seconds()
     log.info("ORT profiler: %.1f us per kernel, subtracted", per_node * 1e6)
@@ -535,7 +412,7 @@ def measure_table_alongside(analysis: Analysis, sample: Mapping[str, np.ndarray]
     sha = model_sha256 or hashlib.sha256(analysis.original.SerializeToString()).hexdigest()
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     of = f" of {model_name}" if model_name else ""
-    n_rounds = len(_split(repeats, rounds))
+    n_rounds = len(split_repeats(repeats, rounds))
     source = (f"measured by mpsearch hw measure{of}: {_machine()}, onnxruntime "
               f"{ort.__version__} CPU EP, {threads or 'default'} intra-op threads, batch 1, "
               f"{date}; {repeats} timed runs in {n_rounds} rounds, {warmup} warm-up runs per "
@@ -552,11 +429,11 @@ def measure_table_alongside(analysis: Analysis, sample: Mapping[str, np.ndarray]
 
 def _layer_jobs(analysis: Analysis, cands: Mapping[str, Sequence[Candidate]],
                 sample: Mapping[str, np.ndarray], threads: int
-                ) -> dict[tuple[str, Candidate], _Job]:
+                ) -> dict[tuple[str, Candidate], Job]:
     """One kernel-timed job per (layer, candidate), grouped by layer; the one-layer models
     compute on the values their inputs take in the whole exported model on ``sample``."""
     lg = analysis.graph
-    found: dict[tuple[str, Candidate], _Job] = {}
+    found: dict[tuple[str, Candidate], Job] = {}
     for c in dict.fromkeys(c for cs in cands.values() for c in cs):
         qdq = analysis.export_uniform(c).model
         layers = [lg.layers[n] for n, cs in cands.items() if c in cs]
@@ -566,13 +443,13 @@ def _layer_jobs(analysis: Analysis, cands: Mapping[str, Sequence[Candidate]],
         for layer, b in zip(layers, bare, strict=True):
             cut = one_layer_model(qdq, layer, {t: values[t].shape for t in (*b.inputs,
                                                                               *b.outputs)})
-            found[(layer.name, c)] = _Job(blob=cut.model.SerializeToString(),
+            found[(layer.name, c)] = Job(blob=cut.model.SerializeToString(),
                                           values={t: values[t] for t in cut.inputs},
                                           wall=False)
     return {(n, c): found[(n, c)] for n, cs in cands.items() for c in cs}
 
 
-def _conversion_jobs(lg: LayerGraph) -> tuple[list[_Job], int]:
+def _conversion_jobs(lg: LayerGraph) -> tuple[list[Job], int]:
     """uint8 -> uint16 and back on every distinct layer-input shape; the bytes they move."""
     shapes = {}
     for layer in lg.layers.values():
@@ -586,7 +463,7 @@ def _conversion_jobs(lg: LayerGraph) -> tuple[list[_Job], int]:
         for src, dst in ((Format.UINT8, Format.UINT16), (Format.UINT16, Format.UINT8)):
             dtype = _NP[src.spec.onnx_type]
             x = rng.integers(0, np.iinfo(dtype).max, size=shape, dtype=dtype)
-            jobs.append(_Job(blob=_conversion_model(shape, src, dst).SerializeToString(),
+            jobs.append(Job(blob=_conversion_model(shape, src, dst).SerializeToString(),
                              values={"x": x}, wall=False))
             moved += x.size * (src.bits + dst.bits) // 8
     return jobs, moved
@@ -594,82 +471,3 @@ def _conversion_jobs(lg: LayerGraph) -> tuple[list[_Job], int]:
 
 # --------------------------------------------------------------------------- writing
 
-
-_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
-_YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}
-
-
-def _key(name: str) -> str:
-    if _PLAIN_KEY.fullmatch(name) and name.lower() not in _YAML_WORDS:
-        return name
-    return json.dumps(name)  # a JSON string is a YAML double-quoted scalar
-
-
-def _num(v: float) -> str:
-    return f"{v:.4e}"  # always a dot and a signed exponent: YAML 1.1 reads it as a float
-
-
-def table_yaml(table: LatencyTable) -> str:
-    """The table as the top-level ``latency_table:`` section (seconds, batch 1)."""
-    lines = ["latency_table:",
-             f"  model_sha256: {table.model_sha256}",
-             f"  source: {json.dumps(table.source)}",
-             f"  conversion_s_per_byte: {_num(table.conversion_s_per_byte)}",
-             "  other_s: {" + ", ".join(f"{_key(str(f))}: {_num(v)}"
-                                        for f, v in table.other_s.items()) + "}",
-             "  layers:"]
-    for name, entries in table.layers.items():
-        inner = ", ".join(f"{_key(c.name)}: {_num(v)}" for c, v in entries.items())
-        lines.append(f"    {_key(name)}: {{{inner}}}")
-    return "\n".join(lines) + "\n"
-
-
-def _without_table(text: str) -> str:
-    """The profile text above the marker; without a marker, the text less any top-level
-    ``latency_table:`` block."""
-    lines = text.splitlines()
-    if MARKER in (ln.rstrip() for ln in lines):
-        return "\n".join(lines[:[ln.rstrip() for ln in lines].index(MARKER)])
-    out, inside = [], False
-    for ln in lines:
-        if re.match(r"latency_table\s*:", ln):
-            inside = True
-            continue
-        if inside and ln.strip() and not ln[0].isspace() and not ln.startswith("#"):
-            inside = False
-        if not inside:
-            out.append(ln)
-    return "\n".join(out)
-
-
-def write_latency_table(profile_path: str | os.PathLike[str], table: LatencyTable,
-                        out_path: str | os.PathLike[str]) -> Path:
-    """Write the profile at ``profile_path`` with ``table`` as its ``latency_table:`` section
-    to ``out_path`` (which may be the same file): everything above the marker line is kept
-    verbatim, a previous table is replaced. The text is validated before it is written, and
-    written atomically."""
-    src, out = Path(profile_path), Path(out_path)
-    try:
-        text = src.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProfileError(f"hardware profile {src} cannot be read ({e})",
-                           fix="check the file") from e
-    head = _without_table(text).rstrip("\n")
-    new = (f"{head}\n\n{MARKER}\n# Seconds per run, batch 1; what is timed: "
-           f"mpsearch/hw/measure.py.\n{table_yaml(table)}")
-    parse_profile(new, where=str(out), path=out)  # what is written must read back
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(new)
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, src.stat().st_mode & 0o777 if src.exists() else 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return out
