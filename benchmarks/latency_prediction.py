@@ -11,9 +11,9 @@ repeat and thread policy of ``mpsearch hw measure``.
 
 The machine is shared and its load changes from minute to minute (a table and plans timed a
 minute apart were off by up to 40%, in either direction), so by default a fresh latency table
-is measured together with the plans (``measure_table_alongside``: the plans' visits are spread
-among the layers' in the same rounds, each round visiting every model once) and the
-prediction uses it, in a copy of the profile; the prediction from the profile's shipped table is
+is measured together with the plans (``measure_table_alongside``: the plans are visited among
+the layers in the same rounds, each round visiting every model once, in a shuffled order) and
+the prediction uses it, in a copy of the profile; the prediction from the profile's shipped table is
 shown beside it. ``--shipped-only`` times the plans alone (in rounds) against the shipped
 table. Writes benchmarks/results/latency_prediction.*.
 """
@@ -152,13 +152,14 @@ def main() -> None:
         f"Random mix: {mix_text}. Layers: the sum of the table's entries; other: the table's "
         "non-layer time (other_s) shared by output size; conversions: uint8 <-> uint16 edges "
         f"at the table's seconds per byte. Wall time {wall:.0f} s. "
-        "Known gap: a mixed plan is under-predicted by 5-10% (every run so far). ORT's "
-        "profiler on the mixed network shows why: its fp16 layers sit between quantized "
-        "tensors (DQ -> Conv -> Q), where ORT's WeightBiasQuantization optimizer quantizes "
-        "their float weights and runs them as QLinearConv (uint8 neighbours) or as non-NCHWc "
-        "fp32 convs on dequantized weights (uint16 neighbours; a 5x5 depthwise 16x slower than "
-        "its NCHWc entry), about +1 ms here; and the NHWC/NCHWc layout changes at region "
-        "borders (+0.3 ms) are in no table entry.")
+        "Known gap: the mixed plan is the least stable prediction (0.87 to 1.04 over the "
+        "quiet runs while this benchmark was written). ORT's profiler on the mixed network "
+        "shows what no table entry holds: its fp16 layers sit between quantized tensors "
+        "(DQ -> Conv -> Q), where ORT's WeightBiasQuantization optimizer quantizes their "
+        "float weights and runs them as QLinearConv (uint8 neighbours) or as non-NCHWc fp32 "
+        "convs on dequantized weights (uint16 neighbours; a 5x5 depthwise 16x slower than "
+        "its NCHWc entry), about +1 ms; and the NHWC/NCHWc layout changes at region borders, "
+        "about +0.3 ms.")
     out = write_results(
         "latency_prediction", title="Latency prediction on ORT's CPU EP (EfficientNet-Lite0)",
         command="python benchmarks/latency_prediction.py"

@@ -36,11 +36,11 @@ so an entry ``t[l, c]`` must be the time layer ``l`` adds to the whole network i
   bytes read and written. (``DQ_b`` of the exporter's ``DQ_a -> Q_b -> DQ_b`` belongs to the
   consumer's one-layer model.)
 
-How: every model is visited once per round, ``ROUNDS`` rounds, the whole models spread among
-the layers; a visit opens a fresh session, does the warm-up runs and its share of the timed
-runs back to back, and closes it. On a shared 2-core machine the load comes and goes (a run is
-then up to 1.7x slower); visiting often makes every model see the same mix of load, and
-medians then agree (two copies of one model in one measurement: within 5%; timed a minute
+How: every model is visited once per round, ``ROUNDS`` rounds, each round in a new shuffled
+order; a visit opens a fresh session, does the warm-up runs and its share of the timed runs
+back to back, and closes it. On a shared 2-core machine the load comes and goes (a run is then
+up to 1.7x slower); visiting often makes every model see the same mix of load, and medians
+then agree (two copies of one model in one measurement: mostly within 5%; timed a minute
 apart, up to 40% off). One session at a time, because ORT's idle sessions keep their pool
 threads spinning: a lone layer timed with ten idle sessions open took 1.8x as long. Threads:
 ORT's default (one per core) unless given.
@@ -103,7 +103,7 @@ __all__ = ["MARKER", "OneLayerModel", "measure_latency_table", "measure_table_al
 log = logging.getLogger(__name__)
 
 MEASURABLE_RUNTIMES = ("ort-cpu", "generic")
-NULL_EVERY = 20  # models timed between two visits to the profiler-overhead model
+NULL_EVERY = 20  # models per visit to the profiler-overhead model
 BUSY_LOAD = 1.25  # load average per core above which the machine was shared (ours: ~0.7-0.9)
 _NP = {TensorProto.FLOAT: np.float32, TensorProto.UINT8: np.uint8,
        TensorProto.UINT16: np.uint16, TensorProto.INT8: np.int8, TensorProto.INT16: np.int16}
@@ -356,8 +356,8 @@ def measure_table_alongside(analysis: Analysis, sample: Mapping[str, np.ndarray]
                             ) -> tuple[LatencyTable, list[float]]:
     """The latency table of ``analysis``'s model (as :func:`measure_latency_table`, computing
     on ``sample``), and the wall-clock median seconds of each of ``models`` on ``sample``,
-    timed in the same rounds, spread among the layers: on a shared machine, a prediction
-    from the table and a measurement then see the same load (timed a minute apart, they were
+    timed in the same rounds, among the layers: on a shared machine, a prediction from the
+    table and a measurement then see the same load (timed a minute apart, they were
     off by up to 40% here, in either direction)."""
     _check(profile, warmup, repeats, threads)
     t_start = time.perf_counter()
@@ -375,14 +375,15 @@ def measure_table_alongside(analysis: Analysis, sample: Mapping[str, np.ndarray]
     # visited between the others, and subtracted once per kernel.
     null = Job(blob=_null_model().SerializeToString(), values={"x": np.zeros(1, np.float32)},
                 wall=False)
-    jobs: list[Job] = [*layer_jobs.values(), *conv_jobs]
-    wholes = [*whole_jobs.values(), *extra_jobs]
-    step = len(jobs) / (len(wholes) + 1)  # whole models at even intervals among the others
-    for k, job in enumerate(wholes):
-        jobs.insert(round((k + 1) * step) + k, job)
-    jobs = [x for k in range(0, len(jobs), NULL_EVERY) for x in (null, *jobs[k:k + NULL_EVERY])]
-    run_rounds(jobs, warmup=warmup, repeats=repeats, threads=threads, rounds=rounds,
-                tick=progress)
+    jobs = [*layer_jobs.values(), *conv_jobs, *whole_jobs.values(), *extra_jobs]
+    jobs += [null] * max(1, len(jobs) // NULL_EVERY)  # visited several times a round
+    # One round at a time, each in its own shuffled order, so that no model always meets the
+    # same phase of a periodic load (in a fixed order, two copies of one whole model in one
+    # measurement came out 27% apart once).
+    rng = np.random.default_rng(0)
+    for timed in split_repeats(repeats, rounds):
+        run_rounds([jobs[k] for k in rng.permutation(len(jobs))], warmup=warmup,
+                   repeats=timed, threads=threads, rounds=1, tick=progress)
     per_node = null.seconds()
     log.info("ORT profiler: %.1f us per kernel, subtracted", per_node * 1e6)
 
