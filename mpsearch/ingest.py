@@ -12,6 +12,7 @@ import copy
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,8 @@ from onnx import ModelProto, NodeProto, numpy_helper
 
 from mpsearch.errors import ModelError
 
-__all__ = ["default_input_shapes", "input_specs", "load_model", "prepare_model",
-           "strip_debug_metadata", "with_input_shapes"]
+__all__ = ["GraphIndex", "default_input_shapes", "graph_index", "input_specs", "load_model",
+           "prepare_model", "strip_debug_metadata", "with_input_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -226,3 +227,23 @@ def strip_debug_metadata(model: ModelProto) -> ModelProto:
     for t in m.graph.initializer:
         del t.metadata_props[:]
     return m
+
+
+@dataclass(frozen=True)
+class GraphIndex:
+    """Look-ups over one graph: initializers by name, the node producing each tensor, and the
+    nodes consuming it."""
+
+    inits: dict[str, onnx.TensorProto]
+    producer: dict[str, NodeProto]
+    consumers: dict[str, list[NodeProto]]
+
+
+def graph_index(graph: onnx.GraphProto) -> GraphIndex:
+    consumers: dict[str, list[NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return GraphIndex(inits={t.name: t for t in graph.initializer},
+                      producer={o: n for n in graph.node for o in n.output},
+                      consumers=consumers)

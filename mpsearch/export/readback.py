@@ -11,6 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from mpsearch.formats import Candidate, Format
+from mpsearch.ingest import graph_index
 from mpsearch.ops import OpRole, lookup
 
 __all__ = ["read_formats"]
@@ -25,12 +26,8 @@ def read_formats(model: onnx.ModelProto) -> dict[str, Candidate]:
     else FLOAT; an unquantized output reads as FLOAT (fp16 activations are left to the
     runtime, so the file cannot tell them from fp32)."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    ix = graph_index(g)
+    inits, producer, consumers = ix.inits, ix.producer, ix.consumers
     out: dict[str, Candidate] = {}
     for node in g.node:
         info = lookup(node.op_type, node.domain)

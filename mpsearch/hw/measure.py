@@ -95,6 +95,7 @@ from mpsearch.hw.timing import (
     session,
     split_repeats,
 )
+from mpsearch.ingest import graph_index
 from mpsearch.pipeline import Analysis, QuantizeOptions, analyze
 
 __all__ = ["MARKER", "OneLayerModel", "measure_latency_table", "measure_table_alongside",
@@ -136,12 +137,8 @@ def one_layer_model(qdq: onnx.ModelProto, layer: Layer,
     layer); the output is the QuantizeLinear output. ``shapes`` gives the boundary tensors'
     shapes (leave them unknown when None)."""
     g = qdq.graph
-    inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    ix = graph_index(g)
+    inits, producer, consumers = ix.inits, ix.producer, ix.consumers
     node = next((n for n in g.node if n.name == layer.name), None)
     if node is None:
         raise ExportError(f"layer {layer.name} is not in the exported model",
