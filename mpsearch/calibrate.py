@@ -10,7 +10,8 @@ The built-in :class:`RangeCollector` keeps, per tensor, the running min/max and 
 range, the old counts are re-binned onto the wider range by linear interpolation of their
 cumulative distribution (uniform density within a bin). The histogram is what MSE-optimal
 and percentile range setting read (:mod:`mpsearch.ranges`). Min and max are exact; tensors of
-more than two million values per batch are histogrammed on a strided subsample.
+more than 262,144 values per batch are histogrammed on a strided subsample (measured on
+EfficientNet-Lite0: calibration 7.9 -> 4.1 s, w8a8 21.99 -> 22.10 dB, w8a16 unchanged).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import onnxruntime as ort
 
 from mpsearch.errors import DataError
 from mpsearch.graph import LayerGraph
+from mpsearch.hessian import HessianCollector, LayerHessian
 
 __all__ = ["Calibration", "ChannelMoments", "Collector", "MomentsCollector", "RangeCollector",
            "TensorStats", "calibrate", "make_session", "run_collectors"]
@@ -35,7 +37,7 @@ __all__ = ["Calibration", "ChannelMoments", "Collector", "MomentsCollector", "Ra
 log = logging.getLogger(__name__)
 
 HIST_BINS = 2048
-HIST_SAMPLES = 1 << 21  # values per batch and tensor that go into the histogram, at most
+HIST_SAMPLES = 1 << 18  # values per batch and tensor that go into the histogram, at most
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +79,7 @@ class Calibration:
     samples: int
     seconds: float
     moments: Mapping[str, ChannelMoments] = field(default_factory=dict)
+    hessians: Mapping[str, LayerHessian] = field(default_factory=dict)  # by layer name
 
 
 class Collector(Protocol):
@@ -115,7 +118,8 @@ class _Histogram:
         elif bmin < self.lo or bmax > self.hi:
             self._grow(min(bmin, self.lo), max(bmax, self.hi))
         # Large tensors are histogrammed on a strided subsample (min/max above stay exact):
-        # a couple of million values per batch fix an MSE-optimal range as well as all do.
+        # a quarter million values per batch (two million over a 64-sample set) fix an
+        # MSE-optimal range as well as all do.
         step = max(1, x.size // HIST_SAMPLES)
         h, _ = np.histogram(x[::step], bins=HIST_BINS, range=(self.lo, self.hi))
         self.counts += h * float(step)
@@ -200,6 +204,10 @@ def make_session(model: onnx.ModelProto | str, *, threads: int = 0) -> ort.Infer
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    # ORT's idle threads otherwise busy-wait after each run, and on a small machine they take
+    # the cores from the numpy/torch work done between runs (measured: Hessian collection on
+    # EfficientNet-Lite0 took 20x longer).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     src = model if isinstance(model, str) else model.SerializeToString()
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
@@ -244,17 +252,19 @@ def run_collectors(lg: LayerGraph, batches: Iterable[Mapping[str, np.ndarray]],
 
 
 def calibrate(lg: LayerGraph, batches: Iterable[Mapping[str, np.ndarray]], *,
-              extra: Iterable[Collector] = (),
+              hessians: bool = False, extra: Iterable[Collector] = (),
               progress: Callable[[int], None] | None = None) -> Calibration:
     """Collect activation ranges and histograms for every activation tensor of ``lg``, the
-    per-channel moments of every layer input (plus whatever the ``extra`` collectors want) in
-    one pass."""
+    per-channel moments of every layer input, with ``hessians`` the layer Hessians
+    (:mod:`mpsearch.hessian`), plus whatever the ``extra`` collectors want, in one pass."""
     t0 = time.perf_counter()
     ranges = RangeCollector(lg.activations)
     moments = MomentsCollector(layer_input_axes(lg))
-    samples = run_collectors(lg, batches, [ranges, moments, *extra], progress=progress)
+    hess = HessianCollector(lg) if hessians else None
+    collectors: list[Collector] = [ranges, moments, *([hess] if hess else []), *extra]
+    samples = run_collectors(lg, batches, collectors, progress=progress)
     cal = Calibration(stats=ranges.result(), samples=samples, seconds=time.perf_counter() - t0,
-                      moments=moments.result())
+                      moments=moments.result(), hessians=hess.result() if hess else {})
     log.info("calibrated %d tensors on %d samples in %.1f s", len(cal.stats), samples,
              cal.seconds)
     return cal
