@@ -33,7 +33,8 @@ from mpsearch.formats import Format, FormatKind, quantize
 from mpsearch.graph import Layer
 from mpsearch.ranges import QParams, RangeMethod, weight_qparams
 
-__all__ = ["INT32_BIAS_LIMIT", "LayerWeights", "input_channel_view", "quantize_layer"]
+__all__ = ["INT32_BIAS_LIMIT", "LayerWeights", "input_channel_view", "quantize_layer",
+           "rows_to_weight", "weight_rows"]
 
 INT32_BIAS_LIMIT = 2**31 - 1
 
@@ -73,6 +74,31 @@ def input_channel_view(layer: Layer, w_shape: tuple[int, ...],
         shape[k_axis] = v.size
         return np.broadcast_to(v.reshape(shape), w_shape)
     return None
+
+
+def weight_rows(layer: Layer, w: np.ndarray) -> np.ndarray | None:
+    """``w`` as ``(G, R, K)``: per group of input channels ``G``, the ``R`` output channels as
+    rows over the ``K`` inputs they multiply, in im2col order (input channel, then kernel
+    offsets), the layout of the layer Hessian. None for layouts this does not know
+    (ConvTranspose, batched MatMul weights)."""
+    if layer.op_type == "Conv":
+        g = layer.conv_groups
+        cout = w.shape[0]
+        if cout % g:
+            return None
+        return w.reshape(g, cout // g, -1)
+    if layer.op_type in ("Gemm", "MatMul") and w.ndim == 2:
+        rows = w if layer.channel_axis == 0 else w.T
+        return rows[None]
+    return None
+
+
+def rows_to_weight(layer: Layer, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of :func:`weight_rows`."""
+    if layer.op_type == "Conv":
+        return rows.reshape(shape)
+    r = rows[0]
+    return np.ascontiguousarray(r if layer.channel_axis == 0 else r.T).reshape(shape)
 
 
 def _bias_safe(qp: QParams, bias: np.ndarray, input_scale: float) -> QParams:

@@ -1,0 +1,240 @@
+"""The layer Hessian ``H = 2·E[x xᵀ]`` of every weighted layer's input, in one calibration pass.
+
+For a layer ``y = W x + b`` (a convolution seen through im2col: every output position is a
+matrix product with the ``K = C_in/groups · k_h · k_w`` inputs under the kernel), the expected
+squared output error of a weight change is ``E‖δW x‖² = tr(δW E[x xᵀ] δWᵀ)``, so the second
+moment ``E[x xᵀ]`` per group of input channels is the whole statistic (OBS, GPTQ, DESIGN.md
+§3). This module keeps ``E[x xᵀ]`` (shape ``(G, K, K)``, per output position) and the column
+means ``E[x]`` (for the bias terms), averaged over samples and positions. Grouped and depthwise
+convolutions get one ``K×K`` block per group (a depthwise 5×5 conv: ``C`` blocks of 25×25).
+
+Memory stays bounded: a layer whose ``K`` exceeds :data:`MAX_DENSE_K` (4096, i.e. 128 MB of
+float64 for one dense block) keeps only the diagonal ``E[x_k²]``; the estimators then use the
+diagonal and rounding falls back to round-to-nearest. Layers that read the same tensor with
+the same geometry share one statistic. The im2col of a batch is formed a few samples at a
+time (at most 32 MB of columns). Of a large feature map only
+:data:`MAX_POSITIONS` (1024) output positions per sample, evenly strided, enter the sums: a
+112×112 map gives 1,024 of its 12,544 positions, over 64 samples 65,536 rows for a 9×9 block,
+far more than its 45 unknowns need, and the pass gets 10× cheaper.
+
+torch does the unfolding and the products (``F.unfold`` handles stride, padding, dilation),
+float32 per sample, accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import NodeProto
+
+from mpsearch.graph import Layer, LayerGraph
+from mpsearch.ops import OpRole
+
+__all__ = ["MAX_DENSE_K", "HessianCollector", "LayerHessian", "hessian_specs"]
+
+log = logging.getLogger(__name__)
+
+MAX_DENSE_K = 4096
+MAX_POSITIONS = 1024  # output positions per sample that enter the statistic, evenly strided
+UNFOLD_FLOATS = 1 << 23  # samples unfolded at once: at most 32 MB of im2col columns
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LayerHessian:
+    """``E[x xᵀ]`` and ``E[x]`` of a layer's im2col input, per output position.
+
+    ``second``: ``(G, K, K)`` dense, or ``(G, K)`` (its diagonal) when ``dense`` is False.
+    ``mean``: ``(G, K)``. ``positions``: output positions per sample (1 for a Gemm)."""
+
+    second: np.ndarray
+    mean: np.ndarray
+    positions: float
+    rows_seen: int
+    dense: bool
+
+    def diagonal(self) -> np.ndarray:
+        return np.diagonal(self.second, axis1=1, axis2=2) if self.dense else self.second
+
+    def centered(self) -> np.ndarray:
+        """The covariance ``E[x xᵀ] - E[x]E[x]ᵀ`` (what remains after bias correction)."""
+        if self.dense:
+            return self.second - self.mean[:, :, None] * self.mean[:, None, :]
+        return self.second - self.mean**2
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Spec:
+    """How to unfold one layer's input: a key shared by layers with equal geometry."""
+
+    tensor: str
+    kind: str  # "conv" or "linear"
+    groups: int
+    k: int  # columns per group
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()  # begin..., end...
+    dilations: tuple[int, ...] = ()
+    auto_pad: str = "NOTSET"
+
+
+def _ints(node: NodeProto, name: str) -> tuple[int, ...] | None:
+    for a in node.attribute:
+        if a.name == name:
+            return tuple(int(v) for v in a.ints)
+    return None
+
+
+def _conv_spec(layer: Layer, node: NodeProto) -> _Spec | None:
+    shape = layer.weight_shape
+    if shape is None or len(shape) not in (3, 4):
+        return None
+    kernel = tuple(shape[2:])
+    nd = len(kernel)
+    auto = next((a.s.decode() for a in node.attribute if a.name == "auto_pad"), "NOTSET")
+    return _Spec(tensor=layer.inputs[0], kind="conv", groups=layer.conv_groups,
+                 k=int(np.prod(shape[1:])), kernel=kernel,
+                 strides=_ints(node, "strides") or (1,) * nd,
+                 pads=_ints(node, "pads") or (0,) * (2 * nd),
+                 dilations=_ints(node, "dilations") or (1,) * nd, auto_pad=auto)
+
+
+def hessian_specs(lg: LayerGraph) -> dict[str, _Spec]:
+    """Layer name -> how its Hessian is collected, for every layer whose layout is known."""
+    out: dict[str, _Spec] = {}
+    for name, layer in lg.layers.items():
+        if layer.role is not OpRole.LAYER or layer.weight_shape is None:
+            continue
+        if layer.op_type == "Conv":
+            spec = _conv_spec(layer, lg.nodes[name])
+        elif layer.op_type in ("Gemm", "MatMul") and len(layer.weight_shape) == 2:
+            k_axis = 1 if layer.channel_axis == 0 else 0
+            spec = _Spec(tensor=layer.inputs[0], kind="linear", groups=1,
+                         k=layer.weight_shape[k_axis])
+        else:
+            spec = None
+        if spec is not None:
+            out[name] = spec
+    return out
+
+
+def _same_pads(size: tuple[int, ...], spec: _Spec) -> tuple[int, ...]:
+    begin, end = [], []
+    for n, k, s, d in zip(size, spec.kernel, spec.strides, spec.dilations, strict=True):
+        out = -(-n // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
+        small, big = total // 2, total - total // 2
+        b, e = (small, big) if spec.auto_pad == "SAME_UPPER" else (big, small)
+        begin.append(b)
+        end.append(e)
+    return (*begin, *end)
+
+
+class _Accumulator:
+    def __init__(self, spec: _Spec) -> None:
+        self.spec = spec
+        self.dense = spec.k <= MAX_DENSE_K
+        g, k = spec.groups, spec.k
+        self.second = np.zeros((g, k, k) if self.dense else (g, k), np.float64)
+        self.sum = np.zeros((g, k), np.float64)
+        self.rows = 0
+        self.samples = 0
+
+    def update(self, x: np.ndarray) -> None:
+        import torch  # deferred: torch is only needed when Hessians are collected
+
+        spec = self.spec
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if spec.kind == "linear":
+            self._add(t.reshape(-1, spec.k)[None])  # (1, rows, K)
+            self.samples += x.shape[0] if x.ndim > 1 else 1
+            return
+        if t.ndim == 3:  # Conv1d as a 2-D conv of height 1
+            t = t[:, :, None, :]
+        n, g = t.shape[0], spec.groups
+        self.samples += n
+        if (spec.groups == 1 and all(k == 1 for k in spec.kernel) and not any(spec.pads)
+                and all(s == 1 for s in spec.strides) and spec.auto_pad == "NOTSET"):
+            cols = self._positions(t.reshape(n, spec.k, -1))  # a 1x1 conv reads x as is
+            self._add_t(cols.permute(1, 0, 2).reshape(1, spec.k, -1))
+            return
+        kernel = spec.kernel if len(spec.kernel) == 2 else (1, *spec.kernel)
+        strides = spec.strides if len(spec.strides) == 2 else (1, *spec.strides)
+        dil = spec.dilations if len(spec.dilations) == 2 else (1, *spec.dilations)
+        if spec.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            pads = _same_pads(tuple(x.shape[2:]), spec)
+        elif spec.auto_pad == "VALID":
+            pads = (0,) * len(spec.pads)
+        else:
+            pads = spec.pads
+        if len(pads) == 2:
+            pads = (0, pads[0], 0, pads[1])
+        top, left, bottom, right = pads
+        per_sample = spec.k * g * int(np.prod(t.shape[2:]))
+        step = max(1, UNFOLD_FLOATS // max(per_sample, 1))
+        for i in range(0, n, step):
+            xi = torch.nn.functional.pad(t[i:i + step], (left, right, top, bottom))
+            cols = torch.nn.functional.unfold(xi, kernel, dilation=dil, stride=strides)
+            cols = self._positions(cols)  # (b, G*K, L')
+            b = cols.shape[0]
+            # (G, K, b*L'): the summed-over axis last and contiguous, for a fast batched product
+            self._add_t(cols.reshape(b, g, spec.k, -1).permute(1, 2, 0, 3).reshape(g, spec.k, -1))
+
+    @staticmethod
+    def _positions(cols):
+        """At most MAX_POSITIONS output positions per sample, evenly strided."""
+        length = cols.shape[-1]
+        if length <= MAX_POSITIONS:
+            return cols
+        return cols[..., ::-(-length // MAX_POSITIONS)]
+
+    def _add(self, cols) -> None:  # cols: torch (G, rows, K) float32
+        self._add_t(cols.transpose(1, 2).contiguous())
+
+    def _add_t(self, cols) -> None:  # cols: torch (G, K, rows) float32, rows contiguous
+        import torch
+
+        cols = cols.contiguous()
+        self.rows += cols.shape[2]
+        self.sum += cols.sum(dim=2).double().numpy()
+        if self.dense:
+            self.second += torch.bmm(cols, cols.transpose(1, 2)).double().numpy()
+        else:
+            self.second += (cols.double() ** 2).sum(dim=2).numpy()
+
+    def result(self) -> LayerHessian:
+        n = max(self.rows, 1)
+        return LayerHessian(second=self.second / n, mean=self.sum / n,
+                            positions=self.rows / max(self.samples, 1), rows_seen=self.rows,
+                            dense=self.dense)
+
+
+class HessianCollector:
+    """A calibration collector (:class:`mpsearch.calibrate.Collector`) of layer Hessians."""
+
+    def __init__(self, lg: LayerGraph, layers: Iterable[str] | None = None) -> None:
+        specs = hessian_specs(lg)
+        wanted = set(specs) if layers is None else set(layers) & set(specs)
+        self._layer_spec = {n: specs[n] for n in sorted(wanted)}
+        self._acc: dict[_Spec, _Accumulator] = {}
+        for spec in self._layer_spec.values():
+            if spec not in self._acc:
+                self._acc[spec] = _Accumulator(spec)
+        big = [n for n, s in self._layer_spec.items() if s.k > MAX_DENSE_K]
+        if big:
+            log.info("%d layer(s) wider than %d inputs keep a diagonal Hessian: %s", len(big),
+                     MAX_DENSE_K, ", ".join(big[:5]))
+
+    def tensors(self) -> Iterable[str]:
+        return {s.tensor for s in self._layer_spec.values()}
+
+    def update(self, values: Mapping[str, np.ndarray]) -> None:
+        for spec, acc in self._acc.items():
+            if spec.tensor in values:
+                acc.update(values[spec.tensor])
+
+    def result(self) -> dict[str, LayerHessian]:
+        done = {spec: acc.result() for spec, acc in self._acc.items()}
+        return {name: done[spec] for name, spec in self._layer_spec.items()}

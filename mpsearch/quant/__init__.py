@@ -1,0 +1,1 @@
+"""Weight rounding beyond round-to-nearest (Hessian-compensated rounding)."""
