@@ -87,9 +87,10 @@ def _check_float_drift(before: onnx.ModelProto, after: onnx.ModelProto,
 
 
 def analyze(model: onnx.ModelProto, data: Dataset, *,
-            options: QuantizeOptions | None = None,
+            options: QuantizeOptions | None = None, hessians: bool = False,
             progress: Callable[[int], None] | None = None) -> Analysis:
-    """Ingest ``model`` and calibrate it on ``data``. ``model`` is not modified."""
+    """Ingest ``model`` and calibrate it on ``data``. ``model`` is not modified.
+    ``hessians``: also collect the layer Hessians (:mod:`mpsearch.hessian`)."""
     opts = options or QuantizeOptions()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -107,7 +108,7 @@ def analyze(model: onnx.ModelProto, data: Dataset, *,
             graph = build_layer_graph(eq_model, input_shapes=shapes, prepared=True)
     timings["ingest"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cal = calibrate(graph, data.batches(opts.batch_size), progress=progress)
+    cal = calibrate(graph, data.batches(opts.batch_size), hessians=hessians, progress=progress)
     timings["calibrate"] = time.perf_counter() - t0
     ranges = RangeSetter(cal.stats, _float_weights(graph.model), moments=cal.moments,
                          activation_method=opts.activation_range,
