@@ -90,6 +90,10 @@ class OutputDir:
 
         return self._atomic(name, w)
 
+    def write_with(self, name: str, write) -> Path:
+        """Write ``name`` with ``write(temporary_path)`` (a plot, a CSV), atomically."""
+        return self._atomic(name, write)
+
     def rollback(self) -> None:
         """Remove what this run wrote (and the folder if this run created it)."""
         for p in self.written:

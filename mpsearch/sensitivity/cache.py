@@ -1,0 +1,111 @@
+"""A resumable on-disk cache of sensitivity results.
+
+The key is a SHA-256 over the model (its serialized bytes), the calibration data (every batch's
+names, shapes, dtypes and bytes), the quantization settings and this cache's version: any change
+to one of them selects a fresh folder, so stale results are never read. Inside the folder:
+
+* ``measured.jsonl``: one line per measured (group, candidate), appended and flushed as each
+  result arrives, so a run stopped at any point (Ctrl-C, a killed process) resumes where it
+  stopped; a torn last line is ignored;
+* ``table-<digest>.json``: a finished table, per method and candidate set, which a re-run
+  returns without calibrating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from mpsearch.errors import UsageError
+from mpsearch.formats import Candidate, parse_candidate
+
+__all__ = ["CACHE_VERSION", "SensitivityCache", "data_digest", "default_cache_dir"]
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mpsearch"
+
+
+def data_digest(batches: Iterable[Mapping[str, np.ndarray]]) -> str:
+    h = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch):
+            a = np.ascontiguousarray(batch[name])
+            h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class SensitivityCache:
+    """One folder per (model, data, settings)."""
+
+    def __init__(self, root: str | os.PathLike[str], *, model: onnx.ModelProto, data: str,
+                 settings: Mapping[str, object]) -> None:
+        h = hashlib.sha256()
+        h.update(model.SerializeToString(deterministic=True))
+        h.update(data.encode())
+        h.update(json.dumps({**settings, "cache_version": CACHE_VERSION}, sort_keys=True,
+                            default=str).encode())
+        self.key = h.hexdigest()
+        self.path = Path(root) / self.key[:24]
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create the cache folder {self.path} ({e.strerror})",
+                             fix="pass a writable --cache-dir, or --no-cache") from e
+        self._measured = self.path / "measured.jsonl"
+
+    # -- measured results, one line each
+
+    def measured(self) -> dict[tuple[str, Candidate], float]:
+        out: dict[tuple[str, Candidate], float] = {}
+        if not self._measured.exists():
+            return out
+        for line in self._measured.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                out[(rec["group"], parse_candidate(rec["candidate"]))] = float(rec["mse"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by an interrupted write
+        return out
+
+    def add_measured(self, group: str, cand: Candidate, mse: float) -> None:
+        line = json.dumps({"group": group, "candidate": cand.name, "mse": mse})
+        with open(self._measured, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+
+    # -- finished tables
+
+    def _table_path(self, variant: Mapping[str, object]) -> Path:
+        d = hashlib.sha256(json.dumps(variant, sort_keys=True, default=str).encode())
+        return self.path / f"table-{d.hexdigest()[:16]}.json"
+
+    def table(self, variant: Mapping[str, object]) -> dict | None:
+        p = self._table_path(variant)
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except ValueError:
+            return None
+
+    def save_table(self, variant: Mapping[str, object], table: Mapping) -> None:
+        p = self._table_path(variant)
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".table-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(table, f)
+        os.replace(tmp, p)

@@ -1,0 +1,230 @@
+"""Predicted sensitivity from the layer Hessian (OBS/GPTQ; DESIGN.md §3), for every candidate
+of every group from the one calibration pass.
+
+For a layer ``y = W x + b`` with input second moment ``H = E[x xᵀ]`` and mean ``μ = E[x]``
+(im2col layout, per output position; :mod:`mpsearch.hessian`), a candidate changes the layer's
+output by three independent errors, each per output position:
+
+* weights: ``E‖δW x + δb‖² = tr(δW H δWᵀ) + 2 δbᵀ δW μ + ‖δb‖²``, with ``δW`` the exact
+  difference between the integers the exporter writes and the float weights, and ``δb`` the
+  bias correction it applies;
+* input quantization, white noise of variance ``σ_in²`` per element: ``σ_in² ‖W‖²_F``;
+* output quantization: ``σ_out² · C_out``.
+
+``σ²`` is the expected error of the chosen range on the calibration histogram (rounding and
+clipping together). Dividing by the layer's output power ``tr(W H Wᵀ) + 2 bᵀWμ + ‖b‖²`` gives a
+relative error ``rel``. A MatMul of two activations has ``rel = σ_a²/E[a²] + σ_b²/E[b²] +
+σ_out²/E[y²]``. The network-output error is predicted as ``mse = α · rel · E[y_out²]`` with one
+scale ``α`` fitted (median in log space) on a few measured single-group runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpsearch.calibrate import Calibration, TensorStats
+from mpsearch.formats import Candidate, Format, FormatKind, dequantize, fake_quant
+from mpsearch.graph import Layer, LayerGraph
+from mpsearch.hessian import LayerHessian
+from mpsearch.layerquant import input_channel_view, weight_rows
+from mpsearch.ops import OpRole
+from mpsearch.params import RangeSetter
+from mpsearch.sensitivity.table import HessianFit, unchanged
+
+__all__ = ["fit_runs", "fit_scale", "layer_output_error", "relative_errors"]
+
+log = logging.getLogger(__name__)
+
+
+def _act_error(stats: TensorStats, ranges: RangeSetter, t: str, fmt: Format) -> float:
+    """Expected squared error per element of quantizing ``t`` in ``fmt``, on its histogram."""
+    if fmt is Format.FLOAT:
+        return 0.0
+    c, n = stats.centers, stats.hist
+    total = float(n.sum())
+    if total <= 0:
+        return 0.0
+    if fmt is Format.FP16:
+        d = fake_quant(c, fmt) - c
+    else:
+        qp = ranges.activation(t, fmt)
+        d = fake_quant(c, fmt, qp.scale, qp.zero_point) - c
+    return float((n * d.astype(np.float64) ** 2).sum() / total)
+
+
+def _power(stats: TensorStats) -> float:
+    n = stats.hist
+    total = float(n.sum())
+    return float((n * stats.centers.astype(np.float64) ** 2).sum() / total) if total else 0.0
+
+
+@dataclass(frozen=True)
+class _LayerTerms:
+    signal: float  # output power per position
+    weight_sq: float  # ‖W‖²_F
+    out_channels: int
+
+
+class _Predictor:
+    def __init__(self, lg: LayerGraph, cal: Calibration, ranges: RangeSetter) -> None:
+        self.lg, self.cal, self.ranges = lg, cal, ranges
+        self._terms: dict[str, _LayerTerms] = {}
+        self._werr: dict[tuple[str, Format, float | None], float] = {}
+        self._aerr: dict[tuple[str, Format], float] = {}
+
+    def act_error(self, t: str, fmt: Format) -> float:
+        key = (t, fmt)
+        if key not in self._aerr:
+            st = self.cal.stats.get(t)
+            self._aerr[key] = 0.0 if st is None else _act_error(st, self.ranges, t, fmt)
+        return self._aerr[key]
+
+    def output_tensor(self, layer: Layer) -> str:
+        """The tensor the group's output quantizer reads: after a fused Relu/Clip."""
+        cons = self.lg.activations[layer.output].consumers if layer.output in \
+            self.lg.activations else ()
+        if len(cons) == 1:
+            info = self.lg.op_info(cons[0])
+            out = self.lg.nodes[cons[0]].output[0]
+            if info is not None and info.fuses_into_producer and out in self.cal.stats:
+                return out
+        return layer.output
+
+    # -- weighted layers
+
+    def _quad(self, layer: Layer, h: LayerHessian | None, dw: np.ndarray,
+              db: np.ndarray | None) -> float:
+        """E‖δW x + δb‖² per output position."""
+        if h is not None and weight_rows(layer, dw) is not None:
+            return layer_output_error(layer, h, dw, db)
+        # No Hessian for this layout (ConvTranspose, ...): the diagonal from channel moments.
+        mom = self.cal.moments.get(layer.inputs[0])
+        if mom is None:
+            return float((dw.astype(np.float64) ** 2).sum())
+        imp = input_channel_view(layer, dw.shape, mom.mean_sq)
+        q = float((dw.astype(np.float64) ** 2 * imp).sum()) if imp is not None else \
+            float((dw.astype(np.float64) ** 2).sum() * float(mom.mean_sq.mean()))
+        if db is not None:
+            q += float((db.astype(np.float64) ** 2).sum())
+        return q
+
+    def terms(self, layer: Layer) -> _LayerTerms:
+        if layer.name not in self._terms:
+            w = self.ranges.weights[layer.weight]
+            b = self.ranges.weights[layer.bias] if layer.bias else None
+            h = self.cal.hessians.get(layer.name)
+            sig = self._quad(layer, h, w, b)
+            if sig <= 0:
+                sig = _power(self.cal.stats[layer.output]) * (layer.out_channels or 1)
+            self._terms[layer.name] = _LayerTerms(
+                signal=sig, weight_sq=float((w.astype(np.float64) ** 2).sum()),
+                out_channels=int(layer.out_channels or 1))
+        return self._terms[layer.name]
+
+    def weight_error(self, layer: Layer, fmt: Format, input_scale: float | None) -> float:
+        key = (layer.name, fmt, input_scale)
+        if key in self._werr:
+            return self._werr[key]
+        w = self.ranges.weights[layer.weight]
+        if fmt is Format.FLOAT:
+            err = 0.0
+        elif fmt is Format.FP16:
+            err = self._quad(layer, self.cal.hessians.get(layer.name),
+                             w.astype(np.float16).astype(np.float64) - w, None)
+        else:
+            lw = self.ranges.layer(layer, fmt, input_scale=input_scale)
+            qp = lw.qparams
+            deq = dequantize(lw.values, fmt, qp.scale, qp.zero_point, axis=qp.axis)
+            db = None
+            if layer.bias and lw.bias is not None:
+                db = lw.bias.astype(np.float64) - self.ranges.weights[layer.bias]
+            err = self._quad(layer, self.cal.hessians.get(layer.name),
+                             deq.astype(np.float64) - w, db)
+        self._werr[key] = err
+        return err
+
+    def relative(self, layer: Layer, cand: Candidate) -> float:
+        af = cand.activation
+        if layer.role is OpRole.ACT_MATMUL or layer.weight is None:
+            rel = 0.0
+            for t in (*layer.inputs, self.output_tensor(layer)):
+                p = _power(self.cal.stats[t]) if t in self.cal.stats else 0.0
+                if p > 0:
+                    rel += self.act_error(t, af) / p
+            return rel
+        terms = self.terms(layer)
+        int_bias = (layer.bias is not None and af.spec.kind is FormatKind.INT
+                    and cand.weight.spec.kind is FormatKind.INT)
+        s_x = float(self.ranges.activation(layer.inputs[0], af).scale) if int_bias else None
+        err = self.weight_error(layer, cand.weight, s_x)
+        err += self.act_error(layer.inputs[0], af) * terms.weight_sq
+        err += self.act_error(self.output_tensor(layer), af) * terms.out_channels
+        return err / terms.signal
+
+
+def layer_output_error(layer: Layer, h: LayerHessian, dw: np.ndarray,
+                       db: np.ndarray | None = None) -> float:
+    """``E‖δW x + δb‖²`` per output position: ``tr(δW H δWᵀ) + 2 δbᵀ δW μ + ‖δb‖²``, summed
+    over the groups of input channels (exact with a dense Hessian)."""
+    rows = weight_rows(layer, dw)
+    if rows is None:
+        raise ValueError(f"layer {layer.name}: no Hessian layout for {layer.op_type}")
+    rows = rows.astype(np.float64)
+    if h.dense:
+        q = float(np.einsum("grk,gkm,grm->", rows, h.second, rows))
+    else:
+        q = float(np.einsum("grk,gk->", rows**2, h.second))
+    if db is not None:
+        dbr = np.asarray(db, np.float64).reshape(rows.shape[0], rows.shape[1])
+        q += 2.0 * float(np.einsum("gr,grk,gk->", dbr, rows, h.mean))
+        q += float((dbr**2).sum())
+    return q
+
+
+def relative_errors(lg: LayerGraph, cal: Calibration, ranges: RangeSetter,
+                    pairs: Iterable[tuple[str, Candidate]]) -> dict[tuple[str, Candidate], float]:
+    """Layer-output relative error of every (group, candidate)."""
+    pred = _Predictor(lg, cal, ranges)
+    out = {}
+    for g, c in pairs:
+        out[(g, c)] = 0.0 if unchanged(c) else pred.relative(lg.layers[g], c)
+    return out
+
+
+def fit_runs(lg: LayerGraph, candidates: Mapping[str, Sequence[Candidate]], *,
+             count: int = 8) -> list[tuple[str, Candidate]]:
+    """Which single-group runs to measure for the fit: groups spread along the network, half
+    at the candidate with the fewest weight bits (large, well-measured errors), half at the
+    most common 8-bit one."""
+    groups = [g for g in lg.group_names if any(not unchanged(c) for c in candidates[g])]
+    if not groups:
+        return []
+    step = max(1, len(groups) // count)
+    picked = groups[::step][:count]
+    runs = []
+    for k, g in enumerate(picked):
+        cands = sorted((c for c in candidates[g] if not unchanged(c)),
+                       key=lambda c: (c.weight.bits + c.activation.bits, c.name))
+        runs.append((g, cands[0] if k % 2 == 0 else cands[len(cands) // 2]))
+    return runs
+
+
+def fit_scale(relative: Mapping[tuple[str, Candidate], float],
+              measured: Mapping[tuple[str, Candidate], float], signal: float) -> HessianFit:
+    """``α`` with ``measured ≈ α · rel · signal``: the median of the log ratios (robust to one
+    odd layer)."""
+    logs, used = [], []
+    for key, m in measured.items():
+        r = relative.get(key, 0.0)
+        if m > 0 and r > 0 and signal > 0:
+            logs.append(math.log10(m / (r * signal)))
+            used.append(key)
+    if not logs:
+        return HessianFit(alpha=1.0, runs=(), log_spread=math.nan)
+    a = float(np.median(logs))
+    return HessianFit(alpha=10.0**a, runs=tuple(used), log_spread=float(np.std(logs)))

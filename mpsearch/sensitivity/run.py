@@ -1,0 +1,105 @@
+"""The sensitivity stage: an :class:`~mpsearch.pipeline.Analysis`, the candidates of every
+group and a method -> a :class:`~mpsearch.sensitivity.table.SensitivityTable`.
+
+``measured`` runs every (group, candidate) for real; ``hessian`` predicts them all from the
+layer Hessians and measures only the few runs its scale is fitted on; ``both`` does both, side
+by side (the fit still uses only its few runs, so the prediction is the same in every mode).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from mpsearch.data import Dataset
+from mpsearch.formats import Candidate
+from mpsearch.pipeline import Analysis
+from mpsearch.sensitivity.cache import SensitivityCache
+from mpsearch.sensitivity.hessian import fit_runs, fit_scale, relative_errors
+from mpsearch.sensitivity.measured import MeasureContext, measure, reference_outputs
+from mpsearch.sensitivity.table import SensitivityTable
+
+__all__ = ["Method", "estimate", "table_variant"]
+
+log = logging.getLogger(__name__)
+
+FIT_RUNS = 8
+
+
+class Method(enum.Enum):
+    MEASURED = "measured"
+    HESSIAN = "hessian"
+    BOTH = "both"
+
+
+def table_variant(method: Method, candidates: Mapping[str, Sequence[Candidate]]) -> dict:
+    """What distinguishes one finished table from another in the same cache folder."""
+    return {"method": method.value, "fit_runs": FIT_RUNS,
+            "candidates": {g: [c.name for c in cs] for g, cs in candidates.items()}}
+
+
+def estimate(analysis: Analysis, data: Dataset,
+             candidates: Mapping[str, Sequence[Candidate]], *,
+             method: Method = Method.HESSIAN, workers: int = 1,
+             cache: SensitivityCache | None = None,
+             progress: Callable[[int], None] | None = None) -> SensitivityTable:
+    """Sensitivity of every (group, candidate) on the calibration ``data``. ``progress`` is
+    called with the number of (group, candidate) results finished (measured or cached)."""
+    lg = analysis.graph
+    cands = {g: tuple(candidates.get(g, ())) for g in lg.group_names}
+    pairs = [(g, c) for g in lg.group_names for c in cands[g]]
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    batches = tuple(data.batches(analysis.options.batch_size))
+    ref = tuple(reference_outputs(lg, batches))
+    count = sum(sum(int(v.size) for v in r.values()) for r in ref)
+    signal = sum(float(np.vdot(v.ravel().astype(np.float64), v.ravel().astype(np.float64)))
+                 for r in ref for v in r.values()) / max(count, 1)
+    samples = sum(len(next(iter(b.values()))) for b in batches)
+    seconds["reference"] = time.perf_counter() - t0
+
+    runs = fit_runs(lg, cands, count=FIT_RUNS) if method is not Method.MEASURED else []
+    to_measure = pairs if method is not Method.HESSIAN else runs
+    measured = cache.measured() if cache is not None else {}
+    measured = {k: v for k, v in measured.items() if k in set(to_measure)}
+    if progress and measured:
+        progress(len(measured))
+    todo: dict[str, list[Candidate]] = {}
+    for g, c in to_measure:
+        if (g, c) not in measured:
+            todo.setdefault(g, []).append(c)
+
+    def done(g: str, c: Candidate, mse: float) -> None:
+        measured[(g, c)] = mse
+        if cache is not None:
+            cache.add_measured(g, c, mse)
+        if progress:
+            progress(1)
+
+    t0 = time.perf_counter()
+    if todo:
+        log.info("measuring %d single-group runs (%d cached)",
+                 sum(len(v) for v in todo.values()), len(measured))
+        ctx = MeasureContext(graph=lg, ranges=analysis.ranges, batches=batches, reference=ref)
+        measure(ctx, [(g, todo[g]) for g in lg.group_names if g in todo], workers=workers,
+                on_result=done)
+    seconds["measured"] = time.perf_counter() - t0
+
+    predicted, relative, fit = {}, {}, None
+    if method is not Method.MEASURED:
+        t0 = time.perf_counter()
+        relative = relative_errors(lg, analysis.calibration, analysis.ranges, pairs)
+        fit = fit_scale(relative, {k: measured[k] for k in runs if k in measured}, signal)
+        predicted = {k: fit.alpha * r * signal for k, r in relative.items()}
+        seconds["hessian"] = time.perf_counter() - t0
+    if method is Method.HESSIAN:
+        measured = {k: measured[k] for k in runs if k in measured}
+        if progress:
+            progress(len(pairs) - len(runs))
+    return SensitivityTable(groups=lg.group_names, candidates=cands, signal=signal,
+                            samples=samples, measured=measured, predicted=predicted,
+                            relative=relative, fit=fit, seconds=seconds)

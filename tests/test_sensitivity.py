@@ -1,0 +1,198 @@
+"""Sensitivity: the Hessian identity on real layers, the measured estimator against full-model
+runs, the cache (invalidation, resuming after SIGINT) and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from models import images, mbconv
+from onnx import helper, numpy_helper
+
+from mpsearch.calibrate import make_session, run_collectors
+from mpsearch.cli import main
+from mpsearch.data import open_dataset
+from mpsearch.export.qdq import export_qdq
+from mpsearch.formats import Candidate, Format, parse_candidate
+from mpsearch.pipeline import analyze
+from mpsearch.sensitivity import Method, estimate
+from mpsearch.sensitivity.hessian import layer_output_error
+from mpsearch.sensitivity.measured import _Store
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE = ROOT / "hw_profiles" / "snapdragon_8gen3.yaml"
+FLOAT = Candidate(weight=Format.FLOAT, activation=Format.FLOAT)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    model = mbconv(seed=3)
+    onnx.save(model, str(d / "model.onnx"))
+    np.savez(d / "calib.npz", x=images(24, seed=4))
+    ds = open_dataset(d / "calib.npz", model)
+    return model, ds, analyze(model, ds, hessians=True), d
+
+
+def _single_node(node: onnx.NodeProto, w: np.ndarray, b: np.ndarray | None) -> onnx.ModelProto:
+    n = onnx.NodeProto()
+    n.CopyFrom(node)
+    del n.input[:]
+    n.input.extend(["x", "w"] + (["b"] if b is not None else []))
+    del n.output[:]
+    n.output.append("y")
+    inits = [numpy_helper.from_array(w.astype(np.float32), "w")]
+    if b is not None:
+        inits.append(numpy_helper.from_array(b.astype(np.float32), "b"))
+    g = helper.make_graph([n], "one", [helper.make_tensor_value_info("x", 1, None)],
+                          [helper.make_tensor_value_info("y", 1, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_hessian_equals_exact_layer_output_error(tiny):
+    """tr(δW H δWᵀ) + bias terms equals the mean squared change of the layer output, per output
+    position, for a strided padded stem, a 1x1, a depthwise, a grouped conv and a Gemm."""
+    model, ds, a, _ = tiny
+    lg, cal = a.graph, a.calibration
+    rng = np.random.default_rng(0)
+    store = _Store({lay.inputs[0] for lay in lg.layers.values()})
+    run_collectors(lg, ds.batches(8), [store])
+    kinds = set()
+    for name, layer in lg.layers.items():
+        h = cal.hessians[name]
+        w = a.ranges.weights[layer.weight]
+        b = a.ranges.weights[layer.bias] if layer.bias else None
+        dw = (rng.standard_normal(w.shape) * 0.05 * np.abs(w).max()).astype(np.float32)
+        db = None if b is None else (rng.standard_normal(b.shape) * 0.05).astype(np.float32)
+        node = lg.nodes[name]
+        s0 = make_session(_single_node(node, w, b))
+        s1 = make_session(_single_node(node, w + dw, None if b is None else b + db))
+        total, positions = 0.0, 0
+        for batch in store.batches:
+            x = batch[layer.inputs[0]]
+            d = s1.run(None, {"x": x})[0].astype(np.float64) - s0.run(None, {"x": x})[0]
+            total += float((d**2).sum())
+            positions += d.size // d.shape[1]  # output channels on axis 1 (NCHW, or N x C)
+        exact = total / positions
+        predicted = layer_output_error(layer, h, dw, db)
+        assert predicted == pytest.approx(exact, rel=2e-4), name
+        kinds.add("depthwise" if layer.depthwise else
+                  f"group{layer.conv_groups}" if layer.conv_groups > 1 else layer.op_type)
+    assert {"depthwise", "Conv", "Gemm"} <= kinds and any(k.startswith("group") for k in kinds)
+
+
+def test_measured_equals_full_model_runs(tiny):
+    """The suffix-only measurement gives the output MSE of running the whole exported
+    single-group model (residual Add and Concat included)."""
+    model, ds, a, _ = tiny
+    lg = a.graph
+    cands = {g: (parse_candidate("w8a8"), parse_candidate("w4a16"), parse_candidate("fp16"))
+             for g in lg.group_names}
+    table = estimate(a, ds, cands, method=Method.MEASURED)
+    ref = make_session(lg.model)
+    for g in lg.group_names:
+        for c in cands[g]:
+            qm = export_qdq(lg, {**{x: FLOAT for x in lg.group_names}, g: c}, a.ranges)
+            sess = make_session(qm.model)
+            noise, count = 0.0, 0
+            for batch in ds.batches(8):
+                d = ref.run(None, batch)[0].astype(np.float64) - sess.run(None, batch)[0]
+                noise += float((d**2).sum())
+                count += d.size
+            # equal to float rounding (fp16 errors are ~1e-8: ORT fuses the two graphs alike)
+            assert table.measured[(g, c)] == pytest.approx(noise / count, rel=1e-5,
+                                                           abs=1e-8), (g, c)
+            assert table.measured[(g, c)] > 0
+
+
+def test_hessian_ranks_candidates_like_measurement(tiny):
+    model, ds, a, _ = tiny
+    cands = {g: tuple(parse_candidate(c) for c in ("w8a8", "w4a8", "w8a16", "w16a16"))
+             for g in a.graph.group_names}
+    table = estimate(a, ds, cands, method=Method.BOTH)
+    from scipy.stats import spearmanr
+
+    keys = sorted(table.measured, key=str)
+    rho = spearmanr([table.measured[k] for k in keys], [table.predicted[k] for k in keys])
+    assert rho.statistic > 0.8
+    assert table.fit is not None and len(table.fit.runs) >= 4
+
+
+def _cli(d: Path, out: str, *extra: str) -> list[str]:
+    return ["sensitivity", str(d / "model.onnx"), "--hw", str(PROFILE), "--data",
+            str(d / "calib.npz"), "--out", str(d / out), "--cache-dir", str(d / "cache"),
+            "--json", *extra]
+
+
+def test_cli_writes_outputs_and_cache_is_invalidated_by_new_data(tiny, capsys):
+    _, _, _, d = tiny
+    assert main(_cli(d, "s1", "--method", "both")) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert not first["cached"]
+    for name in ("sensitivity.csv", "sensitivity.json", "sensitivity.png"):
+        assert (d / "s1" / name).stat().st_size > 0
+    doc = json.loads((d / "s1" / "sensitivity.json").read_text())
+    assert len(doc["entries"]) == 6 * 6  # 6 groups x the profile's 6 conv/gemm candidates
+    assert main(_cli(d, "s2", "--method", "both")) == 0
+    assert json.loads(capsys.readouterr().out)["cached"]
+    assert (d / "s2" / "sensitivity.json").read_text() == \
+        (d / "s1" / "sensitivity.json").read_text().replace(str(d / "s1"), str(d / "s2"))
+    # New calibration data: a new cache key, results computed again and different.
+    np.savez(d / "calib.npz", x=images(24, seed=5))
+    assert main(_cli(d, "s3", "--method", "both")) == 0
+    third = json.loads(capsys.readouterr().out)
+    assert not third["cached"]
+    new = json.loads((d / "s3" / "sensitivity.json").read_text())
+    assert new["signal"] != doc["signal"]
+    np.savez(d / "calib.npz", x=images(24, seed=4))
+
+
+def test_cli_rejects_bad_workers_and_unknown_candidates(tiny, capsys):
+    _, _, _, d = tiny
+    assert main(_cli(d, "bad1", "--workers", "0")) == 2
+    assert "--workers" in capsys.readouterr().err
+    assert main(_cli(d, "bad2", "--candidates", "w3a9")) == 2
+    capsys.readouterr()
+    assert not (d / "bad1").exists() and not (d / "bad2").exists()
+
+
+def test_sigint_leaves_a_cache_that_a_rerun_completes(tmp_path):
+    """Ctrl-C mid-run: exit 130, no outputs, the results so far cached; the re-run measures
+    only the rest and gives the same table as an uninterrupted run."""
+    model = mbconv(seed=3)
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    np.savez(tmp_path / "calib.npz", x=images(800, seed=4))
+    few = ("--method", "measured", "--candidates", "w8a8,w4a8,w8a16")  # 18 runs
+    argv = [sys.executable, "-m", "mpsearch", *_cli(tmp_path, "out", *few)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cache_files = lambda: list((tmp_path / "cache").glob("*/measured.jsonl"))  # noqa: E731
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        files = cache_files()
+        if files and len(files[0].read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()[1]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert not (tmp_path / "out").exists()
+    done = len(cache_files()[0].read_text().splitlines())
+    assert 2 <= done < 18
+    assert main(_cli(tmp_path, "out", *few)) == 0
+    assert len(cache_files()[0].read_text().splitlines()) == 18
+    resumed = json.loads((tmp_path / "out" / "sensitivity.json").read_text())
+    assert main(_cli(tmp_path, "fresh", *few, "--no-cache")) == 0
+    fresh = json.loads((tmp_path / "fresh" / "sensitivity.json").read_text())
+    for r, f in zip(resumed["entries"], fresh["entries"], strict=True):
+        assert (r["group"], r["candidate"]) == (f["group"], f["candidate"])
+        assert r["measured_mse"] == pytest.approx(f["measured_mse"], rel=1e-6)
