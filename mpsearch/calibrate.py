@@ -198,8 +198,9 @@ def layer_input_axes(lg: LayerGraph) -> dict[str, int]:
     return out
 
 
-def make_session(model: onnx.ModelProto | str, *, threads: int = 0) -> ort.InferenceSession:
-    """A CPU EP session for a model held in memory or a path to one."""
+def make_session(model: onnx.ModelProto | bytes | str, *,
+                 threads: int = 0) -> ort.InferenceSession:
+    """A CPU EP session for a model (in memory, serialized, or a path to one)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
@@ -208,7 +209,7 @@ def make_session(model: onnx.ModelProto | str, *, threads: int = 0) -> ort.Infer
     # the cores from the numpy/torch work done between runs (measured: Hessian collection on
     # EfficientNet-Lite0 took 20x longer).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    src = model if isinstance(model, str) else model.SerializeToString()
+    src = model if isinstance(model, (str, bytes)) else model.SerializeToString()
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
