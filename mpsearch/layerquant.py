@@ -19,11 +19,29 @@ output-aware -> plus bias correction: w8a8 16.17 -> 17.18 -> 21.65 dB, w8a16 17.
 weights are ~0 but its bias is not (dead channels after BN folding); those channels get a larger
 weight scale, as ONNX Runtime's quantizer does.
 
-The moments ``E[x]``, ``E[x²]`` per input channel come from the one calibration pass.
+**Hessian rounding** (GPTQ with act-order, :mod:`mpsearch.quant.rounding`;
+``Rounding.HESSIAN``). With the scales chosen as above, integer formats of 8 bits or fewer are
+rounded column by column, largest ``H_jj`` first, with the error fed forward through the layer
+Hessian instead of to nearest. Both are scored on that Hessian, ``δw H δwᵀ`` per output
+channel, and each channel keeps the lower: never worse than nearest on the calibration
+statistic. Where the bias is corrected afterwards the Hessian is the covariance
+``E[x xᵀ] - E[x]E[x]ᵀ`` (the bias removes the mean error, the rest remains), otherwise
+``E[x xᵀ]``. The correction is computed from the final rounding. Measured on
+EfficientNet-Lite0 (same 200 crops), nearest -> GPTQ -> GPTQ act-order: w8a8 22.10 -> 23.15 ->
+23.53 dB, w4a8 2.69 -> 7.17 -> 8.03 dB; MNIST CNN w4a8 24.23 -> 30.73 dB, MiniLM w8a16
+29.34 -> 31.95 dB, w4a16 9.96 -> 14.96 dB (act-order). Rounding with the uncentered
+``E[x xᵀ]`` instead: 23.01 and 7.13 dB (without act-order); the layer error after bias
+correction (exact, on the calibration statistics) is then higher in 45 of 50 layers at int4 and
+in all 50 at int8, by 5% (geometric mean).
+
+The moments ``E[x]``, ``E[x²]`` per input channel come from the one calibration pass; the
+Hessians, when rounding wants them, from the same pass (:mod:`mpsearch.hessian`).
 """
 
 from __future__ import annotations
 
+import enum
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,12 +49,24 @@ import numpy as np
 from mpsearch.calibrate import ChannelMoments
 from mpsearch.formats import Format, FormatKind, quantize
 from mpsearch.graph import Layer
+from mpsearch.hessian import LayerHessian
+from mpsearch.quant.rounding import hessian_round
 from mpsearch.ranges import QParams, RangeMethod, weight_qparams
 
-__all__ = ["INT32_BIAS_LIMIT", "LayerWeights", "input_channel_view", "quantize_layer",
-           "rows_to_weight", "weight_rows"]
+__all__ = ["INT32_BIAS_LIMIT", "LayerWeights", "Rounding", "input_channel_view",
+           "quantize_layer", "rows_to_weight", "weight_rows"]
+
+log = logging.getLogger(__name__)
 
 INT32_BIAS_LIMIT = 2**31 - 1
+_BIAS_SAFE_TRIES = 3  # rescale, re-round, re-correct: the scales only grow, one pass suffices
+
+
+class Rounding(enum.Enum):
+    """How weights are rounded onto the grid of their (already chosen) scales."""
+
+    NEAREST = "nearest"
+    HESSIAN = "hessian"  # GPTQ on the layer Hessian, per channel where it beats nearest
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -110,12 +140,67 @@ def _bias_safe(qp: QParams, bias: np.ndarray, input_scale: float) -> QParams:
                    rmin=qp.rmin, rmax=qp.rmax)
 
 
+def _rounding_hessian(layer: Layer, w: np.ndarray, fmt: Format, hessian: LayerHessian | None,
+                      rounding: Rounding, *, centered: bool) -> np.ndarray | None:
+    """The ``(G, K, K)`` Hessian to round ``w`` with, or None for round-to-nearest."""
+    if (rounding is not Rounding.HESSIAN or hessian is None or not hessian.dense
+            or fmt.spec.kind is not FormatKind.INT or fmt.bits > 8):
+        return None
+    rows = weight_rows(layer, w)
+    g_k_k = None if rows is None else (rows.shape[0], rows.shape[2], rows.shape[2])
+    if hessian.second.shape != g_k_k:
+        log.debug("%s: Hessian %s does not match the weight rows %s; rounding to nearest",
+                  layer.name, hessian.second.shape, None if rows is None else rows.shape)
+        return None
+    return hessian.centered() if centered else hessian.second
+
+
+def _row_errors(q: np.ndarray, rows: np.ndarray, h: np.ndarray, scale: np.ndarray,
+                zero_point: np.ndarray) -> np.ndarray:
+    """``δw H δwᵀ`` per row (G, R) of the dequantized ``q`` against ``rows``."""
+    deq = (q.astype(np.float32) - zero_point[..., None].astype(np.float32)) * scale[..., None]
+    d = deq.astype(np.float64) - rows
+    return np.einsum("grk,grk->gr", d @ h, d)
+
+
+def _round(layer: Layer, w: np.ndarray, fmt: Format, qp: QParams,
+           h: np.ndarray | None) -> np.ndarray:
+    """``w`` on the grid of ``qp``: to nearest, or (``h`` given) by GPTQ where, channel by
+    channel, that gives the lower ``δw H δwᵀ``."""
+    values = quantize(w, fmt, qp.scale, qp.zero_point, axis=layer.channel_axis)
+    if h is None:
+        return values
+    rows = weight_rows(layer, w).astype(np.float64)
+    g, r, _ = rows.shape
+    scale = np.asarray(qp.scale, np.float32).reshape(g, r)
+    zp = np.asarray(qp.zero_point).reshape(g, r)
+    nearest = weight_rows(layer, values)
+    gptq = hessian_round(rows, h, fmt, scale, zp, act_order=True)
+    better = _row_errors(gptq, rows, h, scale, zp) < _row_errors(nearest, rows, h, scale, zp)
+    log.debug("%s: Hessian rounding kept for %d of %d channels", layer.name,
+              int(better.sum()), better.size)
+    return rows_to_weight(layer, np.where(better[..., None], gptq, nearest), w.shape)
+
+
+def _mean_shift(layer: Layer, w: np.ndarray, values: np.ndarray, qp: QParams,
+                mean: np.ndarray) -> np.ndarray:
+    """``δW · E[x]`` per output channel: how far the quantized weights move the mean output."""
+    axis = layer.channel_axis
+    scale = np.asarray(qp.scale, np.float64).reshape(
+        [-1 if i == axis else 1 for i in range(w.ndim)])
+    dw = values.astype(np.float64) * scale - w
+    return (dw * mean).sum(axis=tuple(i for i in range(w.ndim) if i != axis))
+
+
 def quantize_layer(layer: Layer, w: np.ndarray, bias: np.ndarray | None, fmt: Format, *,
                    moments: ChannelMoments | None, method: RangeMethod,
-                   input_scale: float | None = None,
-                   bias_correction: bool = True) -> LayerWeights:
+                   input_scale: float | None = None, bias_correction: bool = True,
+                   hessian: LayerHessian | None = None,
+                   rounding: Rounding = Rounding.NEAREST) -> LayerWeights:
     """Quantize ``w`` (and correct ``bias``) for ``fmt``. ``input_scale``: the scale of the
-    layer's integer input when the bias is stored as int32 (None otherwise)."""
+    layer's integer input when the bias is stored as int32 (None otherwise). ``hessian``: the
+    layer's, used by ``rounding=Rounding.HESSIAN`` (without one, or for other formats than
+    integers of 8 bits or fewer, weights are rounded to nearest)."""
     axis = layer.channel_axis
     importance = None
     if moments is not None:
@@ -123,20 +208,24 @@ def quantize_layer(layer: Layer, w: np.ndarray, bias: np.ndarray | None, fmt: Fo
     qp = weight_qparams(w, fmt, axis, method, importance=importance)
     if bias is not None and input_scale is not None:
         qp = _bias_safe(qp, bias, input_scale)
-    values = quantize(w, fmt, qp.scale, qp.zero_point, axis=axis)
-    shift = 0.0
-    if bias is not None and bias_correction and moments is not None:
+    mean = None
+    if (bias is not None and bias_correction and moments is not None
+            and fmt.spec.kind is not FormatKind.FLOAT):
         mean = input_channel_view(layer, w.shape, moments.mean)
-        if mean is not None and fmt.spec.kind is not FormatKind.FLOAT:
-            scale = np.asarray(qp.scale, np.float64).reshape(
-                [-1 if i == axis else 1 for i in range(w.ndim)])
-            dw = values.astype(np.float64) * scale - w
-            others = tuple(i for i in range(w.ndim) if i != axis)
-            delta = (dw * mean).sum(axis=others)
-            bias = (bias.astype(np.float64) - delta).astype(np.float32)
-            shift = float(np.abs(delta).max(initial=0.0))
-            if input_scale is not None:  # the corrected bias must still fit in int32
-                qp2 = _bias_safe(qp, bias, input_scale)
-                if qp2 is not qp:
-                    qp, values = qp2, quantize(w, fmt, qp2.scale, qp2.zero_point, axis=axis)
-    return LayerWeights(qparams=qp, values=values, bias=bias, bias_shift=shift)
+    h = _rounding_hessian(layer, w, fmt, hessian, rounding, centered=mean is not None)
+    values = _round(layer, w, fmt, qp, h)
+    if mean is None:
+        return LayerWeights(qparams=qp, values=values, bias=bias, bias_shift=0.0)
+    for _ in range(_BIAS_SAFE_TRIES):
+        delta = _mean_shift(layer, w, values, qp, mean)
+        if input_scale is None:
+            break
+        qp2 = _bias_safe(qp, bias.astype(np.float64) - delta, input_scale)
+        if qp2 is qp:  # the corrected bias still fits in int32
+            break
+        qp, values = qp2, _round(layer, w, fmt, qp2, h)
+    else:
+        delta = _mean_shift(layer, w, values, qp, mean)
+    return LayerWeights(qparams=qp, values=values,
+                        bias=(bias.astype(np.float64) - delta).astype(np.float32),
+                        bias_shift=float(np.abs(delta).max(initial=0.0)))

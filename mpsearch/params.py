@@ -14,7 +14,8 @@ import numpy as np
 from mpsearch.calibrate import ChannelMoments, TensorStats
 from mpsearch.formats import Format
 from mpsearch.graph import Layer
-from mpsearch.layerquant import LayerWeights, quantize_layer
+from mpsearch.hessian import LayerHessian
+from mpsearch.layerquant import LayerWeights, Rounding, quantize_layer
 from mpsearch.ranges import QParams, RangeMethod, activation_qparams
 
 __all__ = ["RangeSetter"]
@@ -27,15 +28,32 @@ class RangeSetter:
                  moments: Mapping[str, ChannelMoments] | None = None,
                  activation_method: RangeMethod = RangeMethod.MSE,
                  weight_method: RangeMethod = RangeMethod.MSE,
-                 bias_correction: bool = True) -> None:
+                 bias_correction: bool = True,
+                 hessians: Mapping[str, LayerHessian] | None = None,
+                 rounding: Rounding = Rounding.NEAREST) -> None:
+        """``hessians``: layer name -> its Hessian, what ``Rounding.HESSIAN`` rounds with
+        (layers without one are rounded to nearest)."""
         self.stats = stats
         self.weights = weights
         self.moments = moments or {}
         self.activation_method = activation_method
         self.weight_method = weight_method
         self.bias_correction = bias_correction
+        self.hessians = hessians or {}
+        self.rounding = rounding
         self._act: dict[tuple[str, Format], QParams] = {}
         self._layers: dict[tuple[str, Format, float | None], LayerWeights] = {}
+
+    def with_rounding(self, rounding: Rounding) -> RangeSetter:
+        """The same statistics and settings with weights rounded by ``rounding``; activation
+        parameters (which do not depend on it) are shared."""
+        other = RangeSetter(self.stats, self.weights, moments=self.moments,
+                            activation_method=self.activation_method,
+                            weight_method=self.weight_method,
+                            bias_correction=self.bias_correction, hessians=self.hessians,
+                            rounding=rounding)
+        other._act = self._act
+        return other
 
     def activation(self, tensor: str, fmt: Format) -> QParams:
         key = (tensor, fmt)
@@ -55,5 +73,6 @@ class RangeSetter:
             self._layers[key] = quantize_layer(
                 layer, self.weights[layer.weight], bias, fmt,
                 moments=self.moments.get(layer.inputs[0]), method=self.weight_method,
-                input_scale=input_scale, bias_correction=self.bias_correction)
+                input_scale=input_scale, bias_correction=self.bias_correction,
+                hessian=self.hessians.get(layer.name), rounding=self.rounding)
         return self._layers[key]

@@ -6,6 +6,8 @@ calibration data); the returned :class:`Analysis` then exports any number of pla
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +26,7 @@ from mpsearch.export.qdq import QdqModel, export_qdq, uniform_plan
 from mpsearch.formats import Candidate
 from mpsearch.graph import LayerGraph, build_layer_graph
 from mpsearch.ingest import prepare_model
+from mpsearch.layerquant import Rounding
 from mpsearch.params import RangeSetter
 from mpsearch.ranges import RangeMethod
 
@@ -41,6 +44,9 @@ class QuantizeOptions:
     weight_range: RangeMethod = RangeMethod.MSE
     equalize: EqualizeMode = EqualizeMode.OFF  # measured: does not help (equalize.py)
     bias_correction: bool = True
+    # GPTQ on the layer Hessians, measured better than nearest (layerquant.py); costs a slower
+    # calibration pass (the Hessians) and needs torch (without it: nearest, with a warning)
+    rounding: Rounding = Rounding.HESSIAN
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +60,16 @@ class Analysis:
     options: QuantizeOptions
     equalization: EqualizeReport | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
+
+    def with_rounding(self, rounding: Rounding) -> Analysis:
+        """The same analysis (no new calibration) with weights rounded by ``rounding``."""
+        if rounding is Rounding.HESSIAN and not self.calibration.hessians:
+            raise UsageError("Hessian rounding needs the layer Hessians, which this analysis "
+                             "did not collect",
+                             fix="analyze with options rounding=Rounding.HESSIAN or "
+                                 "hessians=True")
+        return dataclasses.replace(self, ranges=self.ranges.with_rounding(rounding),
+                                   options=dataclasses.replace(self.options, rounding=rounding))
 
     def export(self, plan: Mapping[str, Candidate]) -> QdqModel:
         return export_qdq(self.graph, plan, self.ranges)
@@ -90,8 +106,13 @@ def analyze(model: onnx.ModelProto, data: Dataset, *,
             options: QuantizeOptions | None = None, hessians: bool = False,
             progress: Callable[[int], None] | None = None) -> Analysis:
     """Ingest ``model`` and calibrate it on ``data``. ``model`` is not modified.
-    ``hessians``: also collect the layer Hessians (:mod:`mpsearch.hessian`)."""
+    ``hessians``: also collect the layer Hessians (:mod:`mpsearch.hessian`); they are collected
+    anyway when ``options.rounding`` is ``Rounding.HESSIAN``, which rounds with them."""
     opts = options or QuantizeOptions()
+    if opts.rounding is Rounding.HESSIAN and importlib.util.find_spec("torch") is None:
+        log.warning("Hessian rounding collects the layer Hessians with torch, which is not "
+                    "installed: weights are rounded to nearest (pip install torch)")
+        opts = dataclasses.replace(opts, rounding=Rounding.NEAREST)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     prepared = prepare_model(model)
@@ -108,11 +129,13 @@ def analyze(model: onnx.ModelProto, data: Dataset, *,
             graph = build_layer_graph(eq_model, input_shapes=shapes, prepared=True)
     timings["ingest"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    hessians = hessians or opts.rounding is Rounding.HESSIAN
     cal = calibrate(graph, data.batches(opts.batch_size), hessians=hessians, progress=progress)
     timings["calibrate"] = time.perf_counter() - t0
     ranges = RangeSetter(cal.stats, _float_weights(graph.model), moments=cal.moments,
                          activation_method=opts.activation_range,
                          weight_method=opts.weight_range,
-                         bias_correction=opts.bias_correction)
+                         bias_correction=opts.bias_correction, hessians=cal.hessians,
+                         rounding=opts.rounding)
     return Analysis(original=model, graph=graph, calibration=cal, ranges=ranges, options=opts,
                     equalization=report, timings=timings)
