@@ -53,7 +53,7 @@ from mpsearch.hessian import LayerHessian
 from mpsearch.quant.rounding import hessian_round
 from mpsearch.ranges import QParams, RangeMethod, weight_qparams
 
-__all__ = ["INT32_BIAS_LIMIT", "LayerWeights", "Rounding", "input_channel_view",
+__all__ = ["INT32_BIAS_LIMIT", "LayerWeights", "Rounding", "bias_safe", "input_channel_view",
            "quantize_layer", "rows_to_weight", "weight_rows"]
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def rows_to_weight(layer: Layer, rows: np.ndarray, shape: tuple[int, ...]) -> np
     return np.ascontiguousarray(r if layer.channel_axis == 0 else r.T).reshape(shape)
 
 
-def _bias_safe(qp: QParams, bias: np.ndarray, input_scale: float) -> QParams:
+def bias_safe(qp: QParams, bias: np.ndarray, input_scale: float) -> QParams:
     floor = np.abs(bias.astype(np.float64)) / (float(input_scale) * INT32_BIAS_LIMIT) * 1.01
     if np.all(qp.scale >= floor):
         return qp
@@ -192,38 +192,56 @@ def _mean_shift(layer: Layer, w: np.ndarray, values: np.ndarray, qp: QParams,
     return (dw * mean).sum(axis=tuple(i for i in range(w.ndim) if i != axis))
 
 
+def _patch(layer: Layer, w: np.ndarray, fmt: Format, old: QParams, new: QParams,
+           values: np.ndarray) -> np.ndarray:
+    """``values`` with the channels whose scale ``new`` raised rounded to nearest on it. Rows
+    round independently (also in GPTQ), so the other channels stay as they are; the raised ones
+    are nearly dead channels (weights ~0 next to a large bias), where rounding hardly matters."""
+    changed = np.asarray(new.scale) != np.asarray(old.scale)
+    nearest = quantize(w, fmt, new.scale, new.zero_point, axis=layer.channel_axis)
+    shape = [-1 if i == layer.channel_axis else 1 for i in range(w.ndim)]
+    return np.where(changed.reshape(shape), nearest, values)
+
+
 def quantize_layer(layer: Layer, w: np.ndarray, bias: np.ndarray | None, fmt: Format, *,
                    moments: ChannelMoments | None, method: RangeMethod,
                    input_scale: float | None = None, bias_correction: bool = True,
                    hessian: LayerHessian | None = None,
-                   rounding: Rounding = Rounding.NEAREST) -> LayerWeights:
+                   rounding: Rounding = Rounding.NEAREST,
+                   base: LayerWeights | None = None) -> LayerWeights:
     """Quantize ``w`` (and correct ``bias``) for ``fmt``. ``input_scale``: the scale of the
     layer's integer input when the bias is stored as int32 (None otherwise). ``hessian``: the
     layer's, used by ``rounding=Rounding.HESSIAN`` (without one, or for other formats than
-    integers of 8 bits or fewer, weights are rounded to nearest)."""
+    integers of 8 bits or fewer, weights are rounded to nearest). ``base``: this function's
+    result for the same arguments without ``input_scale`` (saves the search and rounding)."""
     axis = layer.channel_axis
-    importance = None
-    if moments is not None:
-        importance = input_channel_view(layer, w.shape, moments.mean_sq)
-    qp = weight_qparams(w, fmt, axis, method, importance=importance)
-    if bias is not None and input_scale is not None:
-        qp = _bias_safe(qp, bias, input_scale)
     mean = None
     if (bias is not None and bias_correction and moments is not None
             and fmt.spec.kind is not FormatKind.FLOAT):
         mean = input_channel_view(layer, w.shape, moments.mean)
-    h = _rounding_hessian(layer, w, fmt, hessian, rounding, centered=mean is not None)
-    values = _round(layer, w, fmt, qp, h)
+    if base is not None:
+        qp, values = base.qparams, base.values
+    else:
+        importance = None
+        if moments is not None:
+            importance = input_channel_view(layer, w.shape, moments.mean_sq)
+        qp = weight_qparams(w, fmt, axis, method, importance=importance)
+        h = _rounding_hessian(layer, w, fmt, hessian, rounding, centered=mean is not None)
+        values = _round(layer, w, fmt, qp, h)
+    if bias is not None and input_scale is not None:
+        qp2 = bias_safe(qp, bias, input_scale)
+        if qp2 is not qp:
+            qp, values = qp2, _patch(layer, w, fmt, qp, qp2, values)
     if mean is None:
         return LayerWeights(qparams=qp, values=values, bias=bias, bias_shift=0.0)
     for _ in range(_BIAS_SAFE_TRIES):
         delta = _mean_shift(layer, w, values, qp, mean)
         if input_scale is None:
             break
-        qp2 = _bias_safe(qp, bias.astype(np.float64) - delta, input_scale)
+        qp2 = bias_safe(qp, bias.astype(np.float64) - delta, input_scale)
         if qp2 is qp:  # the corrected bias still fits in int32
             break
-        qp, values = qp2, _round(layer, w, fmt, qp2, h)
+        qp, values = qp2, _patch(layer, w, fmt, qp, qp2, values)
     else:
         delta = _mean_shift(layer, w, values, qp, mean)
     return LayerWeights(qparams=qp, values=values,

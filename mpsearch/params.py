@@ -70,9 +70,13 @@ class RangeSetter:
             if layer.weight is None:
                 raise ValueError(f"layer {layer.name} has no weight")
             bias = self.weights[layer.bias] if layer.bias else None
+            # The int32 limit on the bias only raises the scales of a few nearly dead
+            # channels: start from the result without it, so the clipping search and the
+            # rounding (seconds for a large layer) are not redone for every input format.
+            base = self.layer(layer, fmt) if input_scale is not None else None
             self._layers[key] = quantize_layer(
                 layer, self.weights[layer.weight], bias, fmt,
                 moments=self.moments.get(layer.inputs[0]), method=self.weight_method,
                 input_scale=input_scale, bias_correction=self.bias_correction,
-                hessian=self.hessians.get(layer.name), rounding=self.rounding)
+                hessian=self.hessians.get(layer.name), rounding=self.rounding, base=base)
         return self._layers[key]

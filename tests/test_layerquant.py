@@ -12,13 +12,12 @@ from onnx import helper, numpy_helper
 from mpsearch import analyze, open_dataset, parse_candidate
 from mpsearch.calibrate import ChannelMoments, make_session
 from mpsearch.errors import UsageError
-from mpsearch.formats import Format, dequantize
+from mpsearch.formats import Format, dequantize, quantize
 from mpsearch.graph import Layer
 from mpsearch.hessian import LayerHessian
 from mpsearch.layerquant import (
     INT32_BIAS_LIMIT,
     Rounding,
-    _round,
     input_channel_view,
     quantize_layer,
 )
@@ -112,10 +111,15 @@ def test_rescale_after_correction_rerounds_with_the_same_method(rounding):
     assert np.abs(lw.bias / (s_x * s)).max() < INT32_BIAS_LIMIT
     dw = lw.values.astype(np.float64) * s[:, None] - w
     np.testing.assert_allclose(lw.bias, b - dw @ mom.mean, rtol=1e-5, atol=1e-7)
-    same = _round(layer, w, Format.INT8, lw.qparams,
-                  h.centered() if rounding is Rounding.HESSIAN else None)
-    np.testing.assert_array_equal(lw.values, same)
-    if rounding is Rounding.HESSIAN:  # other channels keep their Hessian rounding
+    # the raised channel is rounded to nearest on its new scale, the others keep theirs
+    nearest = quantize(w, Format.INT8, lw.qparams.scale, lw.qparams.zero_point, axis=0)
+    np.testing.assert_array_equal(lw.values[3], nearest[3])
+    np.testing.assert_array_equal(np.delete(lw.values, 3, 0), np.delete(free.values, 3, 0))
+    # the same result from the one without the int32 limit (what RangeSetter passes)
+    again = quantize_layer(layer, w, b, Format.INT8, input_scale=s_x, base=free, **kw)
+    np.testing.assert_array_equal(again.values, lw.values)
+    np.testing.assert_array_equal(again.bias, lw.bias)
+    if rounding is Rounding.HESSIAN:
         np.testing.assert_array_equal(np.delete(lw.values, 3, 0),
                                       np.delete(free.values, 3, 0))
         assert _out_err(x, w, b, lw)[0] < _out_err(
