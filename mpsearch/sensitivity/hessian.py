@@ -13,9 +13,13 @@ output by three independent errors, each per output position:
 
 ``σ²`` is the expected error of the chosen range on the calibration histogram (rounding and
 clipping together). Dividing by the layer's output power ``tr(W H Wᵀ) + 2 bᵀWμ + ‖b‖²`` gives a
-relative error ``rel``. A MatMul of two activations has ``rel = σ_a²/E[a²] + σ_b²/E[b²] +
-σ_out²/E[y²]``. The network-output error is predicted as ``mse = α · rel · E[y_out²]`` with one
-scale ``α`` fitted (median in log space) on a few measured single-group runs.
+relative error ``rel``; dividing by the output channels, the error per output element. A MatMul
+of two activations has ``rel = σ_a²/E[a²] + σ_b²/E[b²] + σ_out²/E[y²]``.
+
+The network-output error is predicted as ``mse = α · gain_l · err_per_element`` with the layer's
+measured noise gain (:mod:`.gain`) and one scale ``α`` fitted (median in log space) on a few
+measured single-group runs; ``α`` near 1 says the white-noise gain describes quantization
+error well.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from mpsearch.ops import OpRole
 from mpsearch.params import RangeSetter
 from mpsearch.sensitivity.table import HessianFit, unchanged
 
-__all__ = ["fit_runs", "fit_scale", "layer_output_error", "relative_errors"]
+__all__ = ["LayerError", "fit_runs", "fit_scale", "layer_errors", "layer_output_error"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,15 @@ def _power(stats: TensorStats) -> float:
     n = stats.hist
     total = float(n.sum())
     return float((n * stats.centers.astype(np.float64) ** 2).sum() / total) if total else 0.0
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """A candidate's error at its layer's output: relative to the output power, and the mean
+    squared error per output element."""
+
+    relative: float
+    per_element: float
 
 
 @dataclass(frozen=True)
@@ -148,7 +161,7 @@ class _Predictor:
         self._werr[key] = err
         return err
 
-    def relative(self, layer: Layer, cand: Candidate) -> float:
+    def errors(self, layer: Layer, cand: Candidate) -> LayerError:
         af = cand.activation
         if layer.role is OpRole.ACT_MATMUL or layer.weight is None:
             rel = 0.0
@@ -156,7 +169,8 @@ class _Predictor:
                 p = _power(self.cal.stats[t]) if t in self.cal.stats else 0.0
                 if p > 0:
                     rel += self.act_error(t, af) / p
-            return rel
+            out = self.cal.stats.get(layer.output)
+            return LayerError(relative=rel, per_element=rel * (_power(out) if out else 0.0))
         terms = self.terms(layer)
         int_bias = (layer.bias is not None and af.spec.kind is FormatKind.INT
                     and cand.weight.spec.kind is FormatKind.INT)
@@ -164,7 +178,7 @@ class _Predictor:
         err = self.weight_error(layer, cand.weight, s_x)
         err += self.act_error(layer.inputs[0], af) * terms.weight_sq
         err += self.act_error(self.output_tensor(layer), af) * terms.out_channels
-        return err / terms.signal
+        return LayerError(relative=err / terms.signal, per_element=err / terms.out_channels)
 
 
 def layer_output_error(layer: Layer, h: LayerHessian, dw: np.ndarray,
@@ -175,8 +189,8 @@ def layer_output_error(layer: Layer, h: LayerHessian, dw: np.ndarray,
     if rows is None:
         raise ValueError(f"layer {layer.name}: no Hessian layout for {layer.op_type}")
     rows = rows.astype(np.float64)
-    if h.dense:
-        q = float(np.einsum("grk,gkm,grm->", rows, h.second, rows))
+    if h.dense:  # batched matmul (BLAS); a three-operand einsum runs naive loops here
+        q = float(np.einsum("grk,grk->", np.matmul(rows, h.second), rows))
     else:
         q = float(np.einsum("grk,gk->", rows**2, h.second))
     if db is not None:
@@ -186,14 +200,13 @@ def layer_output_error(layer: Layer, h: LayerHessian, dw: np.ndarray,
     return q
 
 
-def relative_errors(lg: LayerGraph, cal: Calibration, ranges: RangeSetter,
-                    pairs: Iterable[tuple[str, Candidate]]) -> dict[tuple[str, Candidate], float]:
-    """Layer-output relative error of every (group, candidate)."""
+def layer_errors(lg: LayerGraph, cal: Calibration, ranges: RangeSetter,
+                 pairs: Iterable[tuple[str, Candidate]]) -> dict[tuple[str, Candidate],
+                                                                 LayerError]:
+    """The layer-output error of every (group, candidate)."""
     pred = _Predictor(lg, cal, ranges)
-    out = {}
-    for g, c in pairs:
-        out[(g, c)] = 0.0 if unchanged(c) else pred.relative(lg.layers[g], c)
-    return out
+    zero = LayerError(relative=0.0, per_element=0.0)
+    return {(g, c): zero if unchanged(c) else pred.errors(lg.layers[g], c) for g, c in pairs}
 
 
 def fit_runs(lg: LayerGraph, candidates: Mapping[str, Sequence[Candidate]], *,
@@ -214,15 +227,15 @@ def fit_runs(lg: LayerGraph, candidates: Mapping[str, Sequence[Candidate]], *,
     return runs
 
 
-def fit_scale(relative: Mapping[tuple[str, Candidate], float],
-              measured: Mapping[tuple[str, Candidate], float], signal: float) -> HessianFit:
-    """``α`` with ``measured ≈ α · rel · signal``: the median of the log ratios (robust to one
-    odd layer)."""
+def fit_scale(raw: Mapping[tuple[str, Candidate], float],
+              measured: Mapping[tuple[str, Candidate], float]) -> HessianFit:
+    """``α`` with ``measured ≈ α · raw``: the median of the log ratios (robust to one odd
+    layer)."""
     logs, used = [], []
     for key, m in measured.items():
-        r = relative.get(key, 0.0)
-        if m > 0 and r > 0 and signal > 0:
-            logs.append(math.log10(m / (r * signal)))
+        r = raw.get(key, 0.0)
+        if m > 0 and r > 0:
+            logs.append(math.log10(m / r))
             used.append(key)
     if not logs:
         return HessianFit(alpha=1.0, runs=(), log_spread=math.nan)

@@ -39,7 +39,8 @@ from mpsearch.graph import LayerGraph
 from mpsearch.params import RangeSetter
 from mpsearch.sensitivity.table import unchanged
 
-__all__ = ["FEED_BYTES", "MeasureContext", "measure", "reference_outputs", "suffix_model"]
+__all__ = ["FEED_BYTES", "MeasureContext", "Suffix", "downstream_model", "measure",
+           "reference_outputs", "suffix_model"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ def suffix_model(float_model: onnx.ModelProto, qdq: onnx.ModelProto) -> Suffix:
     orig = {n.name: (n.op_type, tuple(n.input), tuple(n.output)) for n in float_model.graph.node}
     clean = {i.name for i in float_model.graph.input}
     clean |= {t.name for t in float_model.graph.initializer}
-    inits = {t.name: t for t in qdq.graph.initializer}
     dirty: list[onnx.NodeProto] = []
     for n in qdq.graph.node:  # topological order
         same = orig.get(n.name) == (n.op_type, tuple(n.input), tuple(n.output))
@@ -71,6 +71,23 @@ def suffix_model(float_model: onnx.ModelProto, qdq: onnx.ModelProto) -> Suffix:
             clean.update(n.output)
         else:
             dirty.append(n)
+    return _cut(qdq, dirty)
+
+
+def downstream_model(model: onnx.ModelProto, tensor: str) -> Suffix:
+    """The nodes of ``model`` that depend on ``tensor``, with ``tensor`` (and the other float
+    tensors they read) as inputs."""
+    changed = {tensor}
+    dirty = []
+    for n in model.graph.node:
+        if any(i in changed for i in n.input):
+            dirty.append(n)
+            changed.update(n.output)
+    return _cut(model, dirty)
+
+
+def _cut(model: onnx.ModelProto, dirty: list[onnx.NodeProto]) -> Suffix:
+    inits = {t.name: t for t in model.graph.initializer}
     produced = {o for n in dirty for o in n.output}
     feeds, used = [], set()
     for n in dirty:
@@ -80,12 +97,13 @@ def suffix_model(float_model: onnx.ModelProto, qdq: onnx.ModelProto) -> Suffix:
             used.add(i)
             if i not in inits:
                 feeds.append(i)
-    outputs = [o for o in qdq.graph.output if o.name in produced]
+    outputs = [o for o in model.graph.output if o.name in produced]
     graph = helper.make_graph(
         dirty, "suffix",
         [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, None) for f in feeds],
         outputs, [inits[i] for i in sorted(used) if i in inits])
-    m = helper.make_model(graph, opset_imports=qdq.opset_import, ir_version=qdq.ir_version)
+    m = helper.make_model(graph, opset_imports=model.opset_import,
+                          ir_version=model.ir_version)
     return Suffix(model=m.SerializeToString(), feeds=tuple(feeds),
                   outputs=tuple(o.name for o in outputs))
 

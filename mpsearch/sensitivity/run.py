@@ -19,7 +19,8 @@ from mpsearch.data import Dataset
 from mpsearch.formats import Candidate
 from mpsearch.pipeline import Analysis
 from mpsearch.sensitivity.cache import SensitivityCache
-from mpsearch.sensitivity.hessian import fit_runs, fit_scale, relative_errors
+from mpsearch.sensitivity.gain import noise_gains
+from mpsearch.sensitivity.hessian import fit_runs, fit_scale, layer_errors
 from mpsearch.sensitivity.measured import MeasureContext, measure, reference_outputs
 from mpsearch.sensitivity.table import SensitivityTable
 
@@ -52,7 +53,7 @@ def estimate(analysis: Analysis, data: Dataset,
     lg = analysis.graph
     cands = {g: tuple(candidates.get(g, ())) for g in lg.group_names}
     pairs = [(g, c) for g in lg.group_names for c in cands[g]]
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float] = {f"analysis_{k}": v for k, v in analysis.timings.items()}
     t0 = time.perf_counter()
     batches = tuple(data.batches(analysis.options.batch_size))
     ref = tuple(reference_outputs(lg, batches))
@@ -92,9 +93,15 @@ def estimate(analysis: Analysis, data: Dataset,
     predicted, relative, fit = {}, {}, None
     if method is not Method.MEASURED:
         t0 = time.perf_counter()
-        relative = relative_errors(lg, analysis.calibration, analysis.ranges, pairs)
-        fit = fit_scale(relative, {k: measured[k] for k in runs if k in measured}, signal)
-        predicted = {k: fit.alpha * r * signal for k, r in relative.items()}
+        errs = layer_errors(lg, analysis.calibration, analysis.ranges, pairs)
+        seconds["layer_errors"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gains = noise_gains(lg, batches, {g: lg.layers[g].output for g in lg.group_names})
+        seconds["gains"] = time.perf_counter() - t0
+        relative = {k: e.relative for k, e in errs.items()}
+        raw = {k: gains[k[0]] * e.per_element for k, e in errs.items()}
+        fit = fit_scale(raw, {k: measured[k] for k in runs if k in measured})
+        predicted = {k: fit.alpha * r for k, r in raw.items()}
         seconds["hessian"] = time.perf_counter() - t0
     if method is Method.HESSIAN:
         measured = {k: measured[k] for k in runs if k in measured}
