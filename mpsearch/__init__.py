@@ -21,7 +21,11 @@ from mpsearch.evaluate import EvalResult, evaluate
 from mpsearch.export.qdq import QdqModel, export_qdq, uniform_plan
 from mpsearch.formats import Candidate, Format, parse_candidate
 from mpsearch.graph import LayerGraph, build_layer_graph, load_model
+from mpsearch.hw.profile import HardwareProfile, load_profile
+from mpsearch.layerquant import Rounding
 from mpsearch.pipeline import Analysis, QuantizeOptions, analyze
+from mpsearch.sensitivity import Method, SensitivityCache, SensitivityTable
+from mpsearch.sensitivity import estimate as estimate_sensitivity
 
 __all__ = [
     "Analysis",
@@ -31,19 +35,26 @@ __all__ = [
     "EvalResult",
     "ExportError",
     "Format",
+    "HardwareProfile",
     "InfeasibleBudgetError",
     "LayerGraph",
+    "Method",
     "ModelError",
     "MpsearchError",
     "ProfileError",
     "QdqModel",
     "QuantizeOptions",
+    "Rounding",
+    "SensitivityCache",
+    "SensitivityTable",
     "UsageError",
     "analyze",
     "build_layer_graph",
+    "estimate_sensitivity",
     "evaluate",
     "export_qdq",
     "load_model",
+    "load_profile",
     "open_dataset",
     "parse_candidate",
     "split",

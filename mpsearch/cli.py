@@ -164,6 +164,7 @@ def cmd_quantize(args: argparse.Namespace, ui: _Ui) -> int:
     from mpsearch.evaluate import evaluate
     from mpsearch.formats import parse_candidate
     from mpsearch.graph import load_model
+    from mpsearch.layerquant import Rounding
     from mpsearch.outputs import OutputDir
     from mpsearch.pipeline import QuantizeOptions, analyze
     from mpsearch.ranges import RangeMethod
@@ -186,7 +187,8 @@ def cmd_quantize(args: argparse.Namespace, ui: _Ui) -> int:
                                activation_range=RangeMethod(args.activation_range),
                                weight_range=RangeMethod(args.weight_range),
                                equalize=EqualizeMode(args.equalize),
-                               bias_correction=not args.no_bias_correction)
+                               bias_correction=not args.no_bias_correction,
+                               rounding=Rounding(args.rounding))
         with ui.progress("calibrating", len(calib)) as advance:
             analysis = analyze(model, calib, options=opts, progress=advance)
         qm = analysis.export_uniform(candidate)
@@ -209,6 +211,7 @@ def cmd_quantize(args: argparse.Namespace, ui: _Ui) -> int:
             "activation_range": opts.activation_range.value,
             "bias_correction": opts.bias_correction,
             "weight_range": opts.weight_range.value,
+            "rounding": opts.rounding.value,
             "evaluation": result.to_dict() if result else None,
             "seconds": round(time.perf_counter() - t0, 2),
         }
@@ -315,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-bias-correction", action="store_true",
                    help="do not correct biases for the mean shift quantization causes "
                         "(on by default; +4.5 dB on EfficientNet-Lite0 w8a8)")
+    s.add_argument("--rounding", choices=["hessian", "nearest"], default="hessian",
+                   help="weight rounding: hessian (default; GPTQ on the layer Hessians, "
+                        "+1.4 dB on EfficientNet-Lite0 w8a8, +5.3 dB w4a8) or nearest")
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("eval", parents=[common],
