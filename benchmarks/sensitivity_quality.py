@@ -183,7 +183,13 @@ def main() -> None:
     ap.add_argument("--plans", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    results = [run_model(n, args.plans, args.seed) for n in args.models.split(",")]
+    results = []
+    for n in args.models.split(","):
+        results.append(run_model(n, args.plans, args.seed))
+        _report(results)
+
+
+def _report(results: list[dict]) -> None:
     header = ["model", "Spearman single (all pairs)", *[f"within {c.name}" for c in CANDS],
               "random plans: sum predicted", "random plans: sum measured-single",
               "solver plans: sum predicted", "fit alpha"]

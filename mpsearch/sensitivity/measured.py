@@ -71,7 +71,7 @@ def suffix_model(float_model: onnx.ModelProto, qdq: onnx.ModelProto) -> Suffix:
             clean.update(n.output)
         else:
             dirty.append(n)
-    return _cut(qdq, dirty)
+    return _cut(qdq, dirty, _elem_types(float_model))
 
 
 def downstream_model(model: onnx.ModelProto, tensor: str) -> Suffix:
@@ -83,10 +83,17 @@ def downstream_model(model: onnx.ModelProto, tensor: str) -> Suffix:
         if any(i in changed for i in n.input):
             dirty.append(n)
             changed.update(n.output)
-    return _cut(model, dirty)
+    return _cut(model, dirty, _elem_types(model))
 
 
-def _cut(model: onnx.ModelProto, dirty: list[onnx.NodeProto]) -> Suffix:
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    g = model.graph
+    return {v.name: v.type.tensor_type.elem_type
+            for v in [*g.input, *g.value_info, *g.output] if v.type.tensor_type.elem_type}
+
+
+def _cut(model: onnx.ModelProto, dirty: list[onnx.NodeProto],
+         types: Mapping[str, int]) -> Suffix:
     inits = {t.name: t for t in model.graph.initializer}
     produced = {o for n in dirty for o in n.output}
     feeds, used = [], set()
@@ -100,7 +107,8 @@ def _cut(model: onnx.ModelProto, dirty: list[onnx.NodeProto]) -> Suffix:
     outputs = [o for o in model.graph.output if o.name in produced]
     graph = helper.make_graph(
         dirty, "suffix",
-        [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, None) for f in feeds],
+        [helper.make_tensor_value_info(f, types.get(f, onnx.TensorProto.FLOAT), None)
+         for f in feeds],
         outputs, [inits[i] for i in sorted(used) if i in inits])
     m = helper.make_model(graph, opset_imports=model.opset_import,
                           ir_version=model.ir_version)
