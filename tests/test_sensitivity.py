@@ -196,3 +196,27 @@ def test_sigint_leaves_a_cache_that_a_rerun_completes(tmp_path):
     for r, f in zip(resumed["entries"], fresh["entries"], strict=True):
         assert (r["group"], r["candidate"]) == (f["group"], f["candidate"])
         assert r["measured_mse"] == pytest.approx(f["measured_mse"], rel=1e-6)
+
+
+def test_suffix_takes_integer_tensors_from_the_float_part(tmp_path):
+    """A shape computed before the quantized layer and used after it (as in MiniLM's attention
+    mask) is fed to the suffix model as int64, not float."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((8, 8)) * 0.3).astype(np.float32), "w")
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+             helper.make_node("Relu", ["y"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "s"], ["out"], name="reshape")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, ["N", 4, 8])],
+                          [helper.make_tensor_value_info("out", 1, ["N", 4, 8])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((16, 4, 8)).astype(np.float32))
+    ds = open_dataset(tmp_path / "c.npz", model)
+    a = analyze(model, ds)
+    c = parse_candidate("w4a8")
+    table = estimate(a, ds, {"mm": (c,)}, method=Method.MEASURED)
+    sess = make_session(export_qdq(a.graph, {"mm": c}, a.ranges).model)
+    ref = make_session(a.graph.model)
+    d = np.concatenate([(ref.run(None, b)[0].astype(np.float64) - sess.run(None, b)[0]).ravel()
+                        for b in ds.batches(8)])
+    assert table.measured[("mm", c)] == pytest.approx(float(np.mean(d**2)), rel=1e-5)
