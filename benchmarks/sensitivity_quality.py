@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import nnls
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,6 +96,11 @@ def run_model(name: str, n_plans: int, seed: int) -> dict:
     for _ in range(n_plans):
         plan = {g: cands[g][int(rng.integers(len(cands[g])))] for g in lg.group_names}
         plans.append({"plan": plan, "kind": "random"})
+    for _ in range(n_plans):  # closer to what a search keeps: half the groups at w8a8
+        plan = {g: (parse_candidate("w8a8") if rng.random() < 0.5 and
+                    parse_candidate("w8a8") in cands[g]
+                    else cands[g][int(rng.integers(len(cands[g])))]) for g in lg.group_names}
+        plans.append({"plan": plan, "kind": "random-8bit"})
     # The solver's picks: per-group argmin error + lambda * BOPs (relative to w8a8), swept.
     ref_bops = sum(costs.layer(g, parse_candidate("w8a8")).bops for g in lg.group_names)
     seen = set()
@@ -119,35 +123,30 @@ def run_model(name: str, n_plans: int, seed: int) -> dict:
         entry.setdefault("bops", sum(costs.layer(g, c).bops for g, c in entry["plan"].items())
                          / ref_bops)
     rand = [e for e in plans if e["kind"] == "random"]
+    rand8 = [e for e in plans if e["kind"] == "random-8bit"]
     solver = [e for e in plans if e["kind"] == "solver"]
 
     def rho(es, key):
         return float(spearmanr([e[key] for e in es], [e["measured"] for e in es]).statistic) \
             if len(es) > 2 else math.nan
 
-    # Correction where sum and measurement part: per-candidate multipliers beta_c, fitted by
-    # non-negative least squares on the random plans (measured ~ sum_c beta_c * sum of the
-    # single-group errors of the groups at c), then applied to the solver's plans.
-    cidx = {c: i for i, c in enumerate(CANDS)}
-
-    def features(plan, which):
-        src = table.predicted if which == "predicted" else table.measured
-        f = np.zeros(len(CANDS))
-        for g, c in plan.items():
-            f[cidx[c]] += src.get((g, c), 0.0)
-        return f
-
+    # Where the sum and the measurement part: errors compound (a layer quantizes an input that
+    # is already wrong), so the output error grows faster than the sum S of single-group
+    # errors. Model: mse = S + k * S^2 / signal, k >= 0 fitted in log space on the random
+    # plans; monotone in S, so it changes the predicted SQNR of a plan, not which plan a
+    # sum-minimising solver prefers.
     corrections = {}
     for which in ("predicted", "measured"):
-        a = np.array([features(e["plan"], which) for e in rand])
-        b = np.array([e["measured"] for e in rand])
-        scale = a.max(axis=0)
-        scale[scale == 0] = 1.0
-        beta, _ = nnls(a / scale, b)
-        beta = beta / scale
-        corrections[which] = {c.name: float(beta[cidx[c]]) for c in CANDS}
+        sums = np.array([e[f"sum_{which}"] for e in rand])
+        meas = np.array([e["measured"] for e in rand])
+        ks = np.concatenate([[0.0], np.logspace(-4, 3, 141)])
+        errs = [np.mean((np.log10(sums + k * sums**2 / table.signal) - np.log10(meas)) ** 2)
+                for k in ks]
+        k = float(ks[int(np.argmin(errs))])
+        corrections[which] = k
         for e in plans:
-            e[f"corrected_{which}"] = float(features(e["plan"], which) @ beta)
+            ssum = e[f"sum_{which}"]
+            e[f"corrected_{which}"] = ssum + k * ssum**2 / table.signal
     return {"model": name, "groups": len(lg.group_names), "pairs": len(keys),
             "fit_alpha": table.fit.alpha if table.fit else None,
             "fit_log10_spread": table.fit.log_spread if table.fit else None,
@@ -156,6 +155,8 @@ def run_model(name: str, n_plans: int, seed: int) -> dict:
             "signal": table.signal, "seconds_estimate": t_est,
             "random_spearman_predicted": rho(rand, "sum_predicted"),
             "random_spearman_measured_sum": rho(rand, "sum_measured"),
+            "random8_spearman_predicted": rho(rand8, "sum_predicted"),
+            "random8_spearman_measured_sum": rho(rand8, "sum_measured"),
             "solver_spearman_predicted": rho(solver, "sum_predicted"),
             "corrections": corrections,
             "plans": [{k: (v if k != "plan" else {g: c.name for g, c in v.items()})
@@ -192,10 +193,13 @@ def main() -> None:
 def _report(results: list[dict]) -> None:
     header = ["model", "Spearman single (all pairs)", *[f"within {c.name}" for c in CANDS],
               "random plans: sum predicted", "random plans: sum measured-single",
+              "half-w8a8 random plans: sum predicted", "half-w8a8: sum measured-single",
               "solver plans: sum predicted", "fit alpha"]
     rows = [[r["model"], f"{r['single_spearman']['all']:.3f}",
              *[f"{r['single_spearman'].get(c.name, math.nan):.3f}" for c in CANDS],
              f"{r['random_spearman_predicted']:.3f}", f"{r['random_spearman_measured_sum']:.3f}",
+             f"{r['random8_spearman_predicted']:.3f}",
+             f"{r['random8_spearman_measured_sum']:.3f}",
              f"{r['solver_spearman_predicted']:.3f}", f"{r['fit_alpha']:.2f}"]
             for r in results]
     table = markdown_table(header, rows)
@@ -204,8 +208,9 @@ def _report(results: list[dict]) -> None:
         notes.append(f"## {r['model']}: the plans a solver picks (Lagrangian sweep over "
                      f"bit-operations), predicted against measured output SQNR\n\n"
                      + _fmt_plans(r)
-                     + "\n\nPer-candidate correction factors fitted on the random plans "
-                     f"(predicted): {r['corrections']['predicted']}")
+                     + "\n\nCompounding correction mse = S + k S^2 / signal, k fitted on the "
+                     f"random plans: k = {r['corrections']['predicted']:.3g} for the predicted "
+                     f"sum, {r['corrections']['measured']:.3g} for the measured-single sum.")
     print(table)
     print("\n\n".join(notes))
     write_results("sensitivity_quality", title="Sensitivity estimates against measurement",

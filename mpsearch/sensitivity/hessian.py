@@ -16,10 +16,10 @@ clipping together). Dividing by the layer's output power ``tr(W H Wᵀ) + 2 bᵀ
 relative error ``rel``; dividing by the output channels, the error per output element. A MatMul
 of two activations has ``rel = σ_a²/E[a²] + σ_b²/E[b²] + σ_out²/E[y²]``.
 
-The network-output error is predicted as ``mse = α · gain_l · err_per_element`` with the layer's
-measured noise gain (:mod:`.gain`) and one scale ``α`` fitted (median in log space) on a few
-measured single-group runs; ``α`` near 1 says the white-noise gain describes quantization
-error well.
+The network-output error is predicted as ``mse = α · (gain_w · err_w + gain_a · err_a)`` per
+output element, with the layer's measured gains for weight-shaped and for white errors
+(:mod:`.gain`) and one scale ``α`` fitted (median in log space) on a few measured single-group
+runs; ``α`` near 1 says the gains describe quantization error well.
 """
 
 from __future__ import annotations
@@ -73,7 +73,12 @@ class LayerError:
     squared error per output element."""
 
     relative: float
-    per_element: float
+    weight: float  # per output element, from the weights (δW x + δb)
+    activation: float  # per output element, from rounding the input and the output
+
+    @property
+    def per_element(self) -> float:
+        return self.weight + self.activation
 
 
 @dataclass(frozen=True)
@@ -170,15 +175,18 @@ class _Predictor:
                 if p > 0:
                     rel += self.act_error(t, af) / p
             out = self.cal.stats.get(layer.output)
-            return LayerError(relative=rel, per_element=rel * (_power(out) if out else 0.0))
+            return LayerError(relative=rel, weight=0.0,
+                              activation=rel * (_power(out) if out else 0.0))
         terms = self.terms(layer)
         int_bias = (layer.bias is not None and af.spec.kind is FormatKind.INT
                     and cand.weight.spec.kind is FormatKind.INT)
         s_x = float(self.ranges.activation(layer.inputs[0], af).scale) if int_bias else None
-        err = self.weight_error(layer, cand.weight, s_x)
-        err += self.act_error(layer.inputs[0], af) * terms.weight_sq
-        err += self.act_error(self.output_tensor(layer), af) * terms.out_channels
-        return LayerError(relative=err / terms.signal, per_element=err / terms.out_channels)
+        werr = self.weight_error(layer, cand.weight, s_x)
+        aerr = self.act_error(layer.inputs[0], af) * terms.weight_sq
+        aerr += self.act_error(self.output_tensor(layer), af) * terms.out_channels
+        return LayerError(relative=(werr + aerr) / terms.signal,
+                          weight=werr / terms.out_channels,
+                          activation=aerr / terms.out_channels)
 
 
 def layer_output_error(layer: Layer, h: LayerHessian, dw: np.ndarray,
@@ -205,7 +213,7 @@ def layer_errors(lg: LayerGraph, cal: Calibration, ranges: RangeSetter,
                                                                  LayerError]:
     """The layer-output error of every (group, candidate)."""
     pred = _Predictor(lg, cal, ranges)
-    zero = LayerError(relative=0.0, per_element=0.0)
+    zero = LayerError(relative=0.0, weight=0.0, activation=0.0)
     return {(g, c): zero if unchanged(c) else pred.errors(lg.layers[g], c) for g, c in pairs}
 
 

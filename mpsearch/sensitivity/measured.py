@@ -204,6 +204,9 @@ def _measure_groups(ctx: MeasureContext, work: Sequence[tuple[str, tuple[Candida
             run_collectors(lg, ctx.batches, [store])
         stored = store.batches or [{} for _ in ctx.batches]
         for g, c, suf in chunk:
+            if not suf.outputs:  # nothing changes on this runtime (fp16 with no weights)
+                on_result(g, c, 0.0)
+                continue
             sess = make_session(suf.model, threads=ctx.threads)
             noise = _noise(ctx.reference, sess, suf.feeds, suf.outputs, stored, ctx.batches)
             on_result(g, c, noise / count)

@@ -19,7 +19,7 @@ from mpsearch.data import Dataset
 from mpsearch.formats import Candidate
 from mpsearch.pipeline import Analysis
 from mpsearch.sensitivity.cache import SensitivityCache
-from mpsearch.sensitivity.gain import noise_gains
+from mpsearch.sensitivity.gain import layer_gains
 from mpsearch.sensitivity.hessian import fit_runs, fit_scale, layer_errors
 from mpsearch.sensitivity.measured import MeasureContext, measure, reference_outputs
 from mpsearch.sensitivity.table import SensitivityTable
@@ -96,10 +96,12 @@ def estimate(analysis: Analysis, data: Dataset,
         errs = layer_errors(lg, analysis.calibration, analysis.ranges, pairs)
         seconds["layer_errors"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        gains = noise_gains(lg, batches, {g: lg.layers[g].output for g in lg.group_names})
+        gains = layer_gains(lg, analysis.calibration, analysis.ranges.weights, batches,
+                            lg.group_names)
         seconds["gains"] = time.perf_counter() - t0
         relative = {k: e.relative for k, e in errs.items()}
-        raw = {k: gains[k[0]] * e.per_element for k, e in errs.items()}
+        raw = {k: gains[k[0]].weight * e.weight + gains[k[0]].white * e.activation
+               for k, e in errs.items()}
         fit = fit_scale(raw, {k: measured[k] for k in runs if k in measured})
         predicted = {k: fit.alpha * r for k, r in raw.items()}
         seconds["hessian"] = time.perf_counter() - t0
