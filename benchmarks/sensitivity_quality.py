@@ -88,7 +88,7 @@ def run_model(name: str, n_plans: int, seed: int) -> dict:
     log_ratio = np.log10(np.maximum(p, 1e-30) / np.maximum(m, 1e-30))
 
     batches = tuple(cal.batches(analysis.options.batch_size))
-    from mpsearch.sensitivity.measured import reference_outputs
+    from mpsearch.sensitivity.suffix import reference_outputs
 
     ref = reference_outputs(lg, batches)
     rng = np.random.default_rng(seed)

@@ -25,7 +25,7 @@ from mpsearch.formats import Candidate, Format, parse_candidate
 from mpsearch.pipeline import analyze
 from mpsearch.sensitivity import Method, estimate
 from mpsearch.sensitivity.hessian import layer_output_error
-from mpsearch.sensitivity.measured import _Store
+from mpsearch.sensitivity.suffix import TensorStore
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "hw_profiles" / "snapdragon_8gen3.yaml"
@@ -63,7 +63,7 @@ def test_hessian_equals_exact_layer_output_error(tiny):
     model, ds, a, _ = tiny
     lg, cal = a.graph, a.calibration
     rng = np.random.default_rng(0)
-    store = _Store({lay.inputs[0] for lay in lg.layers.values()})
+    store = TensorStore({lay.inputs[0] for lay in lg.layers.values()})
     run_collectors(lg, ds.batches(8), [store])
     kinds = set()
     for name, layer in lg.layers.items():

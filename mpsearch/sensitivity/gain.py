@@ -34,13 +34,13 @@ from mpsearch.calibrate import Calibration, make_session, run_collectors
 from mpsearch.graph import Layer, LayerGraph
 from mpsearch.layerquant import input_channel_view
 from mpsearch.sensitivity.hessian import layer_output_error
-from mpsearch.sensitivity.measured import (
+from mpsearch.sensitivity.suffix import (
     FEED_BYTES,
     Suffix,
-    _bytes_per_sample,
-    _cut,
-    _elem_types,
-    _Store,
+    TensorStore,
+    bytes_per_sample,
+    cut,
+    elem_types,
 )
 
 __all__ = ["GAIN_SAMPLES", "Gains", "layer_gains"]
@@ -75,7 +75,7 @@ def _session_model(lg: LayerGraph, layer: Layer, types: Mapping[str, int]) -> Su
         if any(i in changed for i in n.input):
             down.append(n)
             changed.update(n.output)
-    return _cut(lg.model, [node, add, *down], types)
+    return cut(lg.model, [node, add, *down], types)
 
 
 def _perturbation(layer: Layer, w: np.ndarray, cal: Calibration,
@@ -109,10 +109,10 @@ def layer_gains(lg: LayerGraph, cal: Calibration, weights: Mapping[str, np.ndarr
         n += len(next(iter(b.values())))
     outputs = [o.name for o in lg.model.graph.output]
     inputs = {i.name for i in lg.model.graph.input}
-    ref = _Store(outputs)
+    ref = TensorStore(outputs)
     run_collectors(lg, use, [ref])
     total = sum(sum(int(v.size) for v in r.values()) for r in ref.batches)
-    types = _elem_types(lg.model)
+    types = elem_types(lg.model)
     rng = np.random.default_rng(seed)
     out: dict[str, Gains] = {}
     i = 0
@@ -122,13 +122,13 @@ def layer_gains(lg: LayerGraph, cal: Calibration, weights: Mapping[str, np.ndarr
             layer = lg.layers[groups[i]]
             suf = _session_model(lg, layer, types)
             new = ({layer.output} | set(suf.feeds)) - feeds - {_W, _B, _N}
-            size = sum(_bytes_per_sample(lg, f) for f in feeds | new) * n
+            size = sum(bytes_per_sample(lg, f) for f in feeds | new) * n
             if chunk and size > FEED_BYTES:
                 break
             chunk.append((layer, suf))
             feeds |= new
             i += 1
-        store = _Store(feeds - inputs)
+        store = TensorStore(feeds - inputs)
         run_collectors(lg, use, [store])
         for layer, suf in chunk:
             out[layer.name] = _measure(lg, cal, weights, layer, suf, store.batches, use,

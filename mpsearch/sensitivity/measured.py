@@ -24,118 +24,34 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-from onnx import helper
 
 from mpsearch.calibrate import make_session, run_collectors
 from mpsearch.export.qdq import export_qdq
 from mpsearch.formats import Candidate, Format
 from mpsearch.graph import LayerGraph
 from mpsearch.params import RangeSetter
+from mpsearch.sensitivity.suffix import (
+    FEED_BYTES,
+    Suffix,
+    TensorStore,
+    bytes_per_sample,
+    suffix_model,
+)
 from mpsearch.sensitivity.table import unchanged
 
-__all__ = ["FEED_BYTES", "MeasureContext", "Suffix", "downstream_model", "measure",
-           "reference_outputs", "suffix_model"]
+__all__ = ["MeasureContext", "measure"]
 
 log = logging.getLogger(__name__)
 
-FEED_BYTES = 512 << 20  # float tensors held for one chunk of groups
 GROUPS_PER_PASS = 8  # groups whose suffix models are built per float pass
 
 FLOAT = Candidate(weight=Format.FLOAT, activation=Format.FLOAT, sparsity=None)
 Result = tuple[str, Candidate, float]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Suffix:
-    model: bytes
-    feeds: tuple[str, ...]  # float tensors it reads
-    outputs: tuple[str, ...]  # the graph outputs it computes (others equal the float model's)
-
-
-def suffix_model(float_model: onnx.ModelProto, qdq: onnx.ModelProto) -> Suffix:
-    """The part of ``qdq`` that differs from ``float_model``, with the unchanged float tensors
-    it reads as inputs."""
-    orig = {n.name: (n.op_type, tuple(n.input), tuple(n.output)) for n in float_model.graph.node}
-    clean = {i.name for i in float_model.graph.input}
-    clean |= {t.name for t in float_model.graph.initializer}
-    dirty: list[onnx.NodeProto] = []
-    for n in qdq.graph.node:  # topological order
-        same = orig.get(n.name) == (n.op_type, tuple(n.input), tuple(n.output))
-        if same and all(not i or i in clean for i in n.input):
-            clean.update(n.output)
-        else:
-            dirty.append(n)
-    return _cut(qdq, dirty, _elem_types(float_model))
-
-
-def downstream_model(model: onnx.ModelProto, tensor: str) -> Suffix:
-    """The nodes of ``model`` that depend on ``tensor``, with ``tensor`` (and the other float
-    tensors they read) as inputs."""
-    changed = {tensor}
-    dirty = []
-    for n in model.graph.node:
-        if any(i in changed for i in n.input):
-            dirty.append(n)
-            changed.update(n.output)
-    return _cut(model, dirty, _elem_types(model))
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    g = model.graph
-    return {v.name: v.type.tensor_type.elem_type
-            for v in [*g.input, *g.value_info, *g.output] if v.type.tensor_type.elem_type}
-
-
-def _cut(model: onnx.ModelProto, dirty: list[onnx.NodeProto],
-         types: Mapping[str, int]) -> Suffix:
-    inits = {t.name: t for t in model.graph.initializer}
-    produced = {o for n in dirty for o in n.output}
-    feeds, used = [], set()
-    for n in dirty:
-        for i in n.input:
-            if not i or i in produced or i in used:
-                continue
-            used.add(i)
-            if i not in inits:
-                feeds.append(i)
-    outputs = [o for o in model.graph.output if o.name in produced]
-    graph = helper.make_graph(
-        dirty, "suffix",
-        [helper.make_tensor_value_info(f, types.get(f, onnx.TensorProto.FLOAT), None)
-         for f in feeds],
-        outputs, [inits[i] for i in sorted(used) if i in inits])
-    m = helper.make_model(graph, opset_imports=model.opset_import,
-                          ir_version=model.ir_version)
-    return Suffix(model=m.SerializeToString(), feeds=tuple(feeds),
-                  outputs=tuple(o.name for o in outputs))
-
-
-class _Store:
-    """A calibration collector that keeps the values of some tensors, batch by batch."""
-
-    def __init__(self, names: Iterable[str]) -> None:
-        self.names = set(names)
-        self.batches: list[dict[str, np.ndarray]] = []
-
-    def tensors(self) -> Iterable[str]:
-        return self.names
-
-    def update(self, values: Mapping[str, np.ndarray]) -> None:
-        self.batches.append({n: np.array(values[n]) for n in self.names if n in values})
-
-
-def reference_outputs(lg: LayerGraph, batches: Sequence[Mapping[str, np.ndarray]]
-                      ) -> list[dict[str, np.ndarray]]:
-    names = [o.name for o in lg.model.graph.output]
-    store = _Store(names)
-    run_collectors(lg, batches, [store])
-    return store.batches
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,14 +63,6 @@ class MeasureContext:
     batches: tuple[Mapping[str, np.ndarray], ...]
     reference: tuple[Mapping[str, np.ndarray], ...]  # FP32 outputs per batch
     threads: int = 0
-
-
-def _bytes_per_sample(lg: LayerGraph, t: str) -> int:
-    a = lg.activations.get(t)
-    shape = a.shape if a is not None else None
-    if not shape:
-        return 4 << 10
-    return 4 * int(np.prod([d or 1 for d in shape[1:]]))
 
 
 def _noise(ref: Sequence[Mapping[str, np.ndarray]], sess, feeds: Sequence[str],
@@ -191,7 +99,7 @@ def _measure_groups(ctx: MeasureContext, work: Sequence[tuple[str, tuple[Candida
                 qm = export_qdq(lg, {**base, g: c}, ctx.ranges)
                 built.append((g, c, suffix_model(lg.model, qm.model)))
             new = {f for _, _, s in built for f in s.feeds} - feeds
-            size = sum(_bytes_per_sample(lg, f) for f in feeds | new) * n_samples
+            size = sum(bytes_per_sample(lg, f) for f in feeds | new) * n_samples
             if chunk and size > FEED_BYTES:
                 break  # this group starts the next pass
             chunk.extend(built)
@@ -199,7 +107,7 @@ def _measure_groups(ctx: MeasureContext, work: Sequence[tuple[str, tuple[Candida
             groups += 1
             i += 1
         inputs = {x.name for x in lg.model.graph.input}
-        store = _Store(feeds - inputs)
+        store = TensorStore(feeds - inputs)
         if store.names:
             run_collectors(lg, ctx.batches, [store])
         stored = store.batches or [{} for _ in ctx.batches]

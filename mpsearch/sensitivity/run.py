@@ -21,7 +21,8 @@ from mpsearch.pipeline import Analysis
 from mpsearch.sensitivity.cache import SensitivityCache
 from mpsearch.sensitivity.gain import layer_gains
 from mpsearch.sensitivity.hessian import fit_runs, fit_scale, layer_errors
-from mpsearch.sensitivity.measured import MeasureContext, measure, reference_outputs
+from mpsearch.sensitivity.measured import MeasureContext, measure
+from mpsearch.sensitivity.suffix import reference_outputs
 from mpsearch.sensitivity.table import SensitivityTable
 
 __all__ = ["Method", "estimate", "table_variant"]
