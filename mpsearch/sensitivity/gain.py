@@ -30,18 +30,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from mpsearch.calibrate import Calibration, make_session, run_collectors
+from mpsearch.calibrate import Calibration, make_session
 from mpsearch.graph import Layer, LayerGraph
 from mpsearch.layerquant import input_channel_view
 from mpsearch.sensitivity.hessian import layer_output_error
-from mpsearch.sensitivity.suffix import (
-    FEED_BYTES,
-    Suffix,
-    TensorStore,
-    bytes_per_sample,
-    cut,
-    elem_types,
-)
+from mpsearch.sensitivity.suffix import Suffix, cut, elem_types, in_passes
 
 __all__ = ["GAIN_SAMPLES", "Gains", "layer_gains"]
 
@@ -98,41 +91,30 @@ def _perturbation(layer: Layer, w: np.ndarray, cal: Calibration,
 
 
 def layer_gains(lg: LayerGraph, cal: Calibration, weights: Mapping[str, np.ndarray],
-                batches: Sequence[Mapping[str, np.ndarray]], groups: Sequence[str], *,
+                batches: Sequence[Mapping[str, np.ndarray]],
+                reference: Sequence[Mapping[str, np.ndarray]], groups: Sequence[str], *,
                 samples: int = GAIN_SAMPLES, seed: int = 0) -> dict[str, Gains]:
-    """Group -> its :class:`Gains`, measured on the first ``samples`` samples of ``batches``."""
-    use, n = [], 0
-    for b in batches:
+    """Group -> its :class:`Gains`, measured on the first ``samples`` samples of ``batches``
+    (``reference``: the float model's outputs on ``batches``)."""
+    use, ref, n = [], [], 0
+    for b, r in zip(batches, reference, strict=True):
         if n >= samples:
             break
         use.append(b)
+        ref.append(r)
         n += len(next(iter(b.values())))
     outputs = [o.name for o in lg.model.graph.output]
-    inputs = {i.name for i in lg.model.graph.input}
-    ref = TensorStore(outputs)
-    run_collectors(lg, use, [ref])
-    total = sum(sum(int(v.size) for v in r.values()) for r in ref.batches)
+    total = sum(sum(int(v.size) for v in r.values()) for r in ref)
     types = elem_types(lg.model)
     rng = np.random.default_rng(seed)
     out: dict[str, Gains] = {}
-    i = 0
-    while i < len(groups):
-        chunk, feeds = [], set()
-        while i < len(groups):
-            layer = lg.layers[groups[i]]
-            suf = _session_model(lg, layer, types)
-            new = ({layer.output} | set(suf.feeds)) - feeds - {_W, _B, _N}
-            size = sum(bytes_per_sample(lg, f) for f in feeds | new) * n
-            if chunk and size > FEED_BYTES:
-                break
-            chunk.append((layer, suf))
-            feeds |= new
-            i += 1
-        store = TensorStore(feeds - inputs)
-        run_collectors(lg, use, [store])
+    items = ((lg.layers[g], _session_model(lg, lg.layers[g], types)) for g in groups)
+    for chunk, stored in in_passes(lg, use, items,
+                                   lambda it: ({it[0].output} | set(it[1].feeds))
+                                   - {_W, _B, _N}):
         for layer, suf in chunk:
-            out[layer.name] = _measure(lg, cal, weights, layer, suf, store.batches, use,
-                                       ref.batches, total, rng, outputs)
+            out[layer.name] = _measure(lg, cal, weights, layer, suf, stored, use, ref, total,
+                                       rng, outputs)
     return out
 
 

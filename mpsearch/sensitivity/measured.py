@@ -30,18 +30,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpsearch.calibrate import make_session, run_collectors
+from mpsearch.calibrate import make_session
 from mpsearch.export.qdq import export_qdq
 from mpsearch.formats import Candidate, Format
 from mpsearch.graph import LayerGraph
 from mpsearch.params import RangeSetter
-from mpsearch.sensitivity.suffix import (
-    FEED_BYTES,
-    Suffix,
-    TensorStore,
-    bytes_per_sample,
-    suffix_model,
-)
+from mpsearch.sensitivity.suffix import Suffix, in_passes, suffix_model
 from mpsearch.sensitivity.table import unchanged
 
 __all__ = ["MeasureContext", "measure"]
@@ -83,41 +77,29 @@ def _measure_groups(ctx: MeasureContext, work: Sequence[tuple[str, tuple[Candida
     lg = ctx.graph
     count = sum(sum(int(v.size) for v in r.values()) for r in ctx.reference)
     base = {g: FLOAT for g in lg.group_names}
-    n_samples = sum(len(next(iter(b.values()))) for b in ctx.batches)
-    i = 0
-    while i < len(work):
-        chunk: list[tuple[str, Candidate, Suffix]] = []
-        feeds: set[str] = set()
-        groups = 0
-        while i < len(work) and groups < GROUPS_PER_PASS:
-            g, cands = work[i]
-            built = []
-            for c in cands:
-                if unchanged(c):
+
+    def built(g: str, cands: tuple[Candidate, ...]) -> list[tuple[Candidate, Suffix]]:
+        out = []
+        for c in cands:
+            if unchanged(c):
+                on_result(g, c, 0.0)
+            else:
+                qm = export_qdq(lg, {**base, g: c}, ctx.ranges)
+                out.append((c, suffix_model(lg.model, qm.model)))
+        return out
+
+    items = ((g, built(g, cands)) for g, cands in work)
+    for chunk, stored in in_passes(lg, ctx.batches, items,
+                                   lambda it: {f for _, s in it[1] for f in s.feeds},
+                                   per_pass=GROUPS_PER_PASS):
+        for g, suffixes in chunk:
+            for c, suf in suffixes:
+                if not suf.outputs:  # nothing changes on this runtime (fp16 with no weights)
                     on_result(g, c, 0.0)
                     continue
-                qm = export_qdq(lg, {**base, g: c}, ctx.ranges)
-                built.append((g, c, suffix_model(lg.model, qm.model)))
-            new = {f for _, _, s in built for f in s.feeds} - feeds
-            size = sum(bytes_per_sample(lg, f) for f in feeds | new) * n_samples
-            if chunk and size > FEED_BYTES:
-                break  # this group starts the next pass
-            chunk.extend(built)
-            feeds |= new
-            groups += 1
-            i += 1
-        inputs = {x.name for x in lg.model.graph.input}
-        store = TensorStore(feeds - inputs)
-        if store.names:
-            run_collectors(lg, ctx.batches, [store])
-        stored = store.batches or [{} for _ in ctx.batches]
-        for g, c, suf in chunk:
-            if not suf.outputs:  # nothing changes on this runtime (fp16 with no weights)
-                on_result(g, c, 0.0)
-                continue
-            sess = make_session(suf.model, threads=ctx.threads)
-            noise = _noise(ctx.reference, sess, suf.feeds, suf.outputs, stored, ctx.batches)
-            on_result(g, c, noise / count)
+                sess = make_session(suf.model, threads=ctx.threads)
+                noise = _noise(ctx.reference, sess, suf.feeds, suf.outputs, stored, ctx.batches)
+                on_result(g, c, noise / count)
 
 
 # --------------------------------------------------------------------------- parallel workers

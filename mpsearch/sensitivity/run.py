@@ -97,7 +97,7 @@ def estimate(analysis: Analysis, data: Dataset,
         errs = layer_errors(lg, analysis.calibration, analysis.ranges, pairs)
         seconds["layer_errors"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        gains = layer_gains(lg, analysis.calibration, analysis.ranges.weights, batches,
+        gains = layer_gains(lg, analysis.calibration, analysis.ranges.weights, batches, ref,
                             lg.group_names)
         seconds["gains"] = time.perf_counter() - t0
         relative = {k: e.relative for k, e in errs.items()}

@@ -4,8 +4,9 @@ stored from one float pass, a few groups at a time (at most :data:`FEED_BYTES`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -15,7 +16,7 @@ from mpsearch.calibrate import run_collectors
 from mpsearch.graph import LayerGraph
 
 __all__ = ["FEED_BYTES", "Suffix", "TensorStore", "bytes_per_sample", "cut", "elem_types",
-           "reference_outputs", "suffix_model"]
+           "in_passes", "reference_outputs", "suffix_model"]
 
 FEED_BYTES = 512 << 20  # float tensors held for one chunk of groups
 
@@ -101,3 +102,37 @@ def bytes_per_sample(lg: LayerGraph, t: str) -> int:
     if not shape:
         return 4 << 10
     return 4 * int(np.prod([d or 1 for d in shape[1:]]))
+
+
+T = TypeVar("T")
+
+
+def in_passes(lg: LayerGraph, batches: Sequence[Mapping[str, np.ndarray]], items: Iterable[T],
+              feeds_of: Callable[[T], set[str]], *, per_pass: int | None = None
+              ) -> Iterator[tuple[list[T], list[dict[str, np.ndarray]]]]:
+    """``items`` (taken lazily) in groups whose float tensors ``feeds_of`` fit in
+    :data:`FEED_BYTES` over ``batches`` (and at most ``per_pass`` items), each group with those
+    tensors per batch, stored from one float pass."""
+    n = sum(len(next(iter(b.values()))) for b in batches)
+    inputs = {i.name for i in lg.model.graph.input}
+
+    def stored(names: set[str]) -> list[dict[str, np.ndarray]]:
+        store = TensorStore(names - inputs)
+        if not store.names:
+            return [{} for _ in batches]
+        run_collectors(lg, batches, [store])
+        return store.batches
+
+    chunk: list[T] = []
+    feeds: set[str] = set()
+    for item in items:
+        need = feeds_of(item)
+        full = per_pass is not None and len(chunk) >= per_pass
+        if chunk and (full or sum(bytes_per_sample(lg, f) for f in feeds | need) * n
+                      > FEED_BYTES):
+            yield chunk, stored(feeds)
+            chunk, feeds = [], set()
+        chunk.append(item)
+        feeds |= need
+    if chunk:
+        yield chunk, stored(feeds)

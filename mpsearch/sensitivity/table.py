@@ -41,7 +41,7 @@ def candidates_for(lg: LayerGraph, costs: CostModel,
     for g in lg.group_names:
         cands = costs.candidates(g)
         if only is not None:
-            cands = tuple(c for c in cands if c in only) or cands[:0]
+            cands = tuple(c for c in cands if c in only)
         out[g] = cands
     return out
 
