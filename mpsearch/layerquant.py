@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,13 +51,18 @@ from mpsearch.calibrate import ChannelMoments
 from mpsearch.formats import Format, FormatKind, quantize
 from mpsearch.graph import Layer
 from mpsearch.hessian import LayerHessian
-from mpsearch.quant.rounding import hessian_round
+from mpsearch.quant.rounding import HessianFactor, factor_hessian, hessian_round
 from mpsearch.ranges import QParams, RangeMethod, weight_qparams
 
 __all__ = ["INT32_BIAS_LIMIT", "LayerWeights", "Rounding", "bias_safe", "input_channel_view",
            "quantize_layer", "rows_to_weight", "weight_rows"]
 
 log = logging.getLogger(__name__)
+
+# GPTQ's factor of each layer's Hessian (plain and centered), shared by its int4 and int8
+# candidates; it lives as long as the Hessian does.
+_FACTORS: weakref.WeakKeyDictionary[LayerHessian, dict[bool, HessianFactor]] = \
+    weakref.WeakKeyDictionary()
 
 INT32_BIAS_LIMIT = 2**31 - 1
 _BIAS_SAFE_TRIES = 3  # rescale, re-round, re-correct: the scales only grow, one pass suffices
@@ -141,8 +147,10 @@ def bias_safe(qp: QParams, bias: np.ndarray, input_scale: float) -> QParams:
 
 
 def _rounding_hessian(layer: Layer, w: np.ndarray, fmt: Format, hessian: LayerHessian | None,
-                      rounding: Rounding, *, centered: bool) -> np.ndarray | None:
-    """The ``(G, K, K)`` Hessian to round ``w`` with, or None for round-to-nearest."""
+                      rounding: Rounding, *, centered: bool
+                      ) -> tuple[np.ndarray, HessianFactor] | None:
+    """The ``(G, K, K)`` Hessian to round ``w`` with and its GPTQ factor, or None for
+    round-to-nearest."""
     if (rounding is not Rounding.HESSIAN or hessian is None or not hessian.dense
             or fmt.spec.kind is not FormatKind.INT or fmt.bits > 8):
         return None
@@ -152,7 +160,11 @@ def _rounding_hessian(layer: Layer, w: np.ndarray, fmt: Format, hessian: LayerHe
         log.debug("%s: Hessian %s does not match the weight rows %s; rounding to nearest",
                   layer.name, hessian.second.shape, None if rows is None else rows.shape)
         return None
-    return hessian.centered() if centered else hessian.second
+    h = hessian.centered() if centered else hessian.second
+    memo = _FACTORS.setdefault(hessian, {})
+    if centered not in memo:
+        memo[centered] = factor_hessian(h, act_order=True)
+    return h, memo[centered]
 
 
 def _row_errors(q: np.ndarray, rows: np.ndarray, h: np.ndarray, scale: np.ndarray,
@@ -164,18 +176,19 @@ def _row_errors(q: np.ndarray, rows: np.ndarray, h: np.ndarray, scale: np.ndarra
 
 
 def _round(layer: Layer, w: np.ndarray, fmt: Format, qp: QParams,
-           h: np.ndarray | None) -> np.ndarray:
+           hf: tuple[np.ndarray, HessianFactor] | None) -> np.ndarray:
     """``w`` on the grid of ``qp``: to nearest, or (``h`` given) by GPTQ where, channel by
     channel, that gives the lower ``δw H δwᵀ``."""
     values = quantize(w, fmt, qp.scale, qp.zero_point, axis=layer.channel_axis)
-    if h is None:
+    if hf is None:
         return values
+    h, factor = hf
     rows = weight_rows(layer, w).astype(np.float64)
     g, r, _ = rows.shape
     scale = np.asarray(qp.scale, np.float32).reshape(g, r)
     zp = np.asarray(qp.zero_point).reshape(g, r)
     nearest = weight_rows(layer, values)
-    gptq = hessian_round(rows, h, fmt, scale, zp, act_order=True)
+    gptq = hessian_round(rows, None, fmt, scale, zp, factor=factor)
     better = _row_errors(gptq, rows, h, scale, zp) < _row_errors(nearest, rows, h, scale, zp)
     log.debug("%s: Hessian rounding kept for %d of %d channels", layer.name,
               int(better.sum()), better.size)
@@ -226,8 +239,8 @@ def quantize_layer(layer: Layer, w: np.ndarray, bias: np.ndarray | None, fmt: Fo
         if moments is not None:
             importance = input_channel_view(layer, w.shape, moments.mean_sq)
         qp = weight_qparams(w, fmt, axis, method, importance=importance)
-        h = _rounding_hessian(layer, w, fmt, hessian, rounding, centered=mean is not None)
-        values = _round(layer, w, fmt, qp, h)
+        hf = _rounding_hessian(layer, w, fmt, hessian, rounding, centered=mean is not None)
+        values = _round(layer, w, fmt, qp, hf)
     if bias is not None and input_scale is not None:
         qp2 = bias_safe(qp, bias, input_scale)
         if qp2 is not qp:

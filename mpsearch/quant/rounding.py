@@ -42,12 +42,13 @@ than this one pass of ``O(K³ + R·K²)`` per group.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
 from mpsearch.formats import Format, FormatKind, numpy_storage_dtype
 
-__all__ = ["hessian_round", "output_error"]
+__all__ = ["HessianFactor", "factor_hessian", "hessian_round", "output_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,36 +136,27 @@ def _check(rows: np.ndarray, h: np.ndarray, scale: np.ndarray,
         raise ValueError("h must be finite")
 
 
-def hessian_round(rows: np.ndarray, h: np.ndarray, fmt: Format, scale: np.ndarray,
-                  zero_point: np.ndarray | None = None, *, damp: float = 0.01,
-                  block: int = 128, act_order: bool = False) -> np.ndarray:
-    """GPTQ: quantize weight rows column by column, feeding each column's rounding error
-    forward onto the columns not yet quantized, weighted by the inverse Hessian.
+@dataclass(frozen=True, eq=False)
+class HessianFactor:
+    """What GPTQ needs of ``H`` for any weights, formats and scales: the column order and the
+    upper Cholesky factor ``U`` of the (reordered, dampened) inverse. One layer's int4 and int8
+    candidates share it."""
 
-    ``rows`` (G, R, K): G independent groups of R rows over K input columns
-    (:func:`mpsearch.layerquant.weight_rows`); ``h`` (G, K, K): ``E[x xᵀ]`` of each group's
-    im2col input, PSD, possibly singular; ``scale`` (G, R) and ``zero_point`` (G, R, or None
-    for 0) are kept as given. Each column's integers are those
-    :func:`mpsearch.formats.quantize` gives for the error-compensated column (``np.rint``,
-    clipped to the format's grid). ``act_order`` processes columns by decreasing ``H_jj``.
-    Returns the integers (G, R, K) in :func:`mpsearch.formats.numpy_storage_dtype` of ``fmt``.
-    """
-    spec = fmt.spec
-    if spec.kind is not FormatKind.INT:
-        raise ValueError(f"hessian_round needs an integer format, got {fmt}")
+    u: np.ndarray  # (G, K, K)
+    perm: np.ndarray | None  # (G, K) column order, None for input order
+
+
+def factor_hessian(h: np.ndarray, *, damp: float = 0.01,
+                   act_order: bool = False) -> HessianFactor:
+    """The :class:`HessianFactor` of ``h`` (G, K, K) for :func:`hessian_round`."""
     if not damp >= 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
-    w = np.array(rows, dtype=np.float64)  # a copy: updated in place
     hh = np.asarray(h, dtype=np.float64)
-    s32 = np.asarray(scale, dtype=np.float32)
-    z32 = (np.zeros(s32.shape, dtype=np.float32) if zero_point is None
-           else np.asarray(zero_point).astype(np.float32))
-    _check(w, hh, s32, None if zero_point is None else np.asarray(zero_point))
-    g, r, k = w.shape
-    qmin, qmax = float(spec.qmin), float(spec.qmax)
-
+    if hh.ndim != 3 or hh.shape[1] != hh.shape[2]:
+        raise ValueError(f"h must be (G, K, K), got shape {hh.shape}")
+    if not np.all(np.isfinite(hh)):
+        raise ValueError("h must be finite")
+    g = hh.shape[0]
     diag = np.einsum("gkk->gk", hh)
     dead = diag <= 0
     if dead.any():
@@ -183,10 +175,47 @@ def hessian_round(rows: np.ndarray, h: np.ndarray, fmt: Format, scale: np.ndarra
     if act_order:
         perm = np.argsort(-np.einsum("gkk->gk", hh), axis=1, kind="stable")
         gidx = np.arange(g)[:, None]
-        w = np.take_along_axis(w, perm[:, None, :], axis=2)
         hh = hh[gidx[:, :, None], perm[:, :, None], perm[:, None, :]]
-
     u, _ = _factor_groups(hh, damp)
+    return HessianFactor(u=u, perm=perm)
+
+
+def hessian_round(rows: np.ndarray, h: np.ndarray | None, fmt: Format, scale: np.ndarray,
+                  zero_point: np.ndarray | None = None, *, damp: float = 0.01,
+                  block: int = 128, act_order: bool = False,
+                  factor: HessianFactor | None = None) -> np.ndarray:
+    """GPTQ: quantize weight rows column by column, feeding each column's rounding error
+    forward onto the columns not yet quantized, weighted by the inverse Hessian.
+
+    ``rows`` (G, R, K): G independent groups of R rows over K input columns
+    (:func:`mpsearch.layerquant.weight_rows`); ``h`` (G, K, K): ``E[x xᵀ]`` of each group's
+    im2col input, PSD, possibly singular; ``scale`` (G, R) and ``zero_point`` (G, R, or None
+    for 0) are kept as given. Each column's integers are those
+    :func:`mpsearch.formats.quantize` gives for the error-compensated column (``np.rint``,
+    clipped to the format's grid). ``act_order`` processes columns by decreasing ``H_jj``.
+    ``factor``: :func:`factor_hessian` of ``h`` done beforehand (then ``h``, ``damp`` and
+    ``act_order`` are not used).
+    Returns the integers (G, R, K) in :func:`mpsearch.formats.numpy_storage_dtype` of ``fmt``.
+    """
+    spec = fmt.spec
+    if spec.kind is not FormatKind.INT:
+        raise ValueError(f"hessian_round needs an integer format, got {fmt}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    if factor is None:
+        if h is None:
+            raise ValueError("hessian_round needs h or factor")
+        factor = factor_hessian(h, damp=damp, act_order=act_order)
+    w = np.array(rows, dtype=np.float64)  # a copy: updated in place
+    s32 = np.asarray(scale, dtype=np.float32)
+    z32 = (np.zeros(s32.shape, dtype=np.float32) if zero_point is None
+           else np.asarray(zero_point).astype(np.float32))
+    _check(w, factor.u, s32, None if zero_point is None else np.asarray(zero_point))
+    g, r, k = w.shape
+    qmin, qmax = float(spec.qmin), float(spec.qmax)
+    perm, u = factor.perm, factor.u
+    if perm is not None:
+        w = np.take_along_axis(w, perm[:, None, :], axis=2)
     wt = np.ascontiguousarray(w.transpose(0, 2, 1))  # (G, K, R): a column is contiguous
     qt = np.empty((g, k, r), dtype=np.float32)
     for i1 in range(0, k, block):
