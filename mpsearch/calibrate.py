@@ -177,11 +177,13 @@ class MomentsCollector:
         for t, axis in self._axis.items():
             if t not in values:
                 continue
-            x = np.moveaxis(np.asarray(values[t]), axis, -1)
-            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            self._n[t] += x.shape[0]
-            self._s[t] = self._s.get(t, 0.0) + x.sum(axis=0)
-            self._q[t] = self._q.get(t, 0.0) + np.einsum("ij,ij->j", x, x)
+            x = np.asarray(values[t])
+            ax = axis % x.ndim
+            # (before, C, after) without moving the channel axis: no transposed copy
+            x = x.reshape(int(np.prod(x.shape[:ax])), x.shape[ax], -1).astype(np.float64)
+            self._n[t] += x.shape[0] * x.shape[2]
+            self._s[t] = self._s.get(t, 0.0) + x.sum(axis=(0, 2))
+            self._q[t] = self._q.get(t, 0.0) + np.einsum("icj,icj->c", x, x)
 
     def result(self) -> dict[str, ChannelMoments]:
         return {t: ChannelMoments(mean=self._s[t] / n, mean_sq=self._q[t] / n)
