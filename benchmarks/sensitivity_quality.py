@@ -63,7 +63,7 @@ def _db(signal: float, mse: float) -> float:
     return sqnr(signal, mse)
 
 
-def run_model(name: str, n_plans: int, seed: int) -> dict:
+def run_model(name: str, n_plans: int, seed: int, save_dir: Path | None = None) -> dict:
     paths = prepare_example(name)
     model = load_model(paths["model"])
     cal = open_dataset(paths["calib"], model)
@@ -86,6 +86,18 @@ def run_model(name: str, n_plans: int, seed: int) -> dict:
         if len(idx) > 2:
             single[c.name] = float(spearmanr(m[idx], p[idx]).statistic)
     log_ratio = np.log10(np.maximum(p, 1e-30) / np.maximum(m, 1e-30))
+    # Bias per candidate: median log10(predicted / measured) over the groups where the
+    # measured error is above float noise (a positive bias predicts too much error).
+    bias = {}
+    for c in CANDS:
+        idx = [i for i, k in enumerate(keys) if k[1] == c and m[i] > 1e-9 * table.signal]
+        if idx:
+            bias[c.name] = float(np.median(log_ratio[idx]))
+    if save_dir is not None:
+        import json
+
+        save_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / f"{name}.table.json").write_text(json.dumps(table.to_dict()))
 
     batches = tuple(cal.batches(analysis.options.batch_size))
     from mpsearch.sensitivity.suffix import reference_outputs
@@ -152,6 +164,7 @@ def run_model(name: str, n_plans: int, seed: int) -> dict:
             "fit_log10_spread": table.fit.log_spread if table.fit else None,
             "single_spearman": single,
             "median_abs_log10_error": float(np.median(np.abs(log_ratio))),
+            "log10_bias_per_candidate": bias,
             "signal": table.signal, "seconds_estimate": t_est,
             "random_spearman_predicted": rho(rand, "sum_predicted"),
             "random_spearman_measured_sum": rho(rand, "sum_measured"),
@@ -183,10 +196,12 @@ def main() -> None:
     ap.add_argument("--models", default="efficientnet_lite0,minilm")
     ap.add_argument("--plans", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-tables", type=Path, default=None,
+                    help="also write each model's sensitivity table (JSON) into this folder")
     args = ap.parse_args()
     results = []
     for n in args.models.split(","):
-        results.append(run_model(n, args.plans, args.seed))
+        results.append(run_model(n, args.plans, args.seed, args.save_tables))
         _report(results)
 
 
@@ -210,7 +225,10 @@ def _report(results: list[dict]) -> None:
                      + _fmt_plans(r)
                      + "\n\nCompounding correction mse = S + k S^2 / signal, k fitted on the "
                      f"random plans: k = {r['corrections']['predicted']:.3g} for the predicted "
-                     f"sum, {r['corrections']['measured']:.3g} for the measured-single sum.")
+                     f"sum, {r['corrections']['measured']:.3g} for the measured-single sum."
+                     + "\n\nBias of the single-group prediction per candidate, median "
+                     "log10(predicted / measured): " + ", ".join(
+                         f"{c} {v:+.2f}" for c, v in r["log10_bias_per_candidate"].items()))
     print(table)
     print("\n\n".join(notes))
     write_results("sensitivity_quality", title="Sensitivity estimates against measurement",

@@ -8,7 +8,7 @@ Every run is the command line in a fresh process (imports, model and data loadin
 calibration pass, the estimates, writing CSV/JSON/PNG), as a user runs it:
 
 * ``--method hessian --no-cache``: one calibration pass with the layer Hessians, noise gains,
-  8 measured runs for the fit;
+  4 measured runs for the fit;
 * ``--method measured --no-cache`` with ``--workers 1`` and ``--workers 2``;
 * a cached re-run (the table is in the cache: no calibration).
 

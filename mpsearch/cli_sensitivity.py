@@ -22,7 +22,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                     "network-output error (MSE and SQNR against FP32 on the calibration data) "
                     "when that group alone takes that candidate: measured by running the "
                     "exported single-group model, or predicted from the layer Hessian "
-                    "H = 2 E[x x^T] (plus a scale fitted on 8 measured runs), or both. "
+                    "H = 2 E[x x^T] (plus a scale fitted on 4 measured runs), or both. "
                     "Writes OUT/sensitivity.csv, OUT/sensitivity.json and a heatmap "
                     "OUT/sensitivity.png. Results are cached (--cache-dir): a re-run with the "
                     "same model, data and settings returns at once, and an interrupted run "
@@ -76,8 +76,6 @@ def cmd_sensitivity(args: argparse.Namespace, ui: Any) -> int:
         SensitivityCache,
         SensitivityTable,
         candidates_for,
-        data_digest,
-        default_cache_dir,
         estimate,
         table_variant,
     )
@@ -107,10 +105,9 @@ def cmd_sensitivity(args: argparse.Namespace, ui: Any) -> int:
                              fix="pick from the candidates 'mpsearch hw show' lists")
         cache = None
         if not args.no_cache:
-            settings = {f.name: str(getattr(opts, f.name)) for f in dataclasses.fields(opts)}
-            cache = SensitivityCache(args.cache_dir or default_cache_dir(), model=model,
-                                     data=data_digest(calib.batches(opts.batch_size)),
-                                     settings=settings)
+            cache = SensitivityCache.for_settings(args.cache_dir, model=model,
+                                                  batches=calib.batches(opts.batch_size),
+                                                  options=opts, seed=0)
         variant = table_variant(method, cands)
         cached = cache.table(variant) if cache is not None else None
         if cached is not None:

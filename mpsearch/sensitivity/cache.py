@@ -13,6 +13,7 @@ to one of them selects a fresh folder, so stale results are never read. Inside t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ __all__ = ["CACHE_VERSION", "SensitivityCache", "data_digest", "default_cache_di
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -67,6 +68,18 @@ class SensitivityCache:
             raise UsageError(f"cannot create the cache folder {self.path} ({e.strerror})",
                              fix="pass a writable --cache-dir, or --no-cache") from e
         self._measured = self.path / "measured.jsonl"
+
+    @classmethod
+    def for_settings(cls, root: str | os.PathLike[str] | None, *, model: onnx.ModelProto,
+                     batches: Iterable[Mapping[str, np.ndarray]], options: object,
+                     **extra: object) -> SensitivityCache:
+        """The cache of ``model`` on these calibration ``batches`` with the fields of the
+        ``options`` dataclass (and ``extra`` settings) in the key; ``root`` None: the default
+        folder."""
+        settings = {f.name: str(getattr(options, f.name)) for f in dataclasses.fields(options)}
+        settings.update({k: str(v) for k, v in extra.items()})
+        return cls(root or default_cache_dir(), model=model, data=data_digest(batches),
+                   settings=settings)
 
     # -- measured results, one line each
 

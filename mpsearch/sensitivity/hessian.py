@@ -16,10 +16,15 @@ clipping together). Dividing by the layer's output power ``tr(W H Wᵀ) + 2 bᵀ
 relative error ``rel``; dividing by the output channels, the error per output element. A MatMul
 of two activations has ``rel = σ_a²/E[a²] + σ_b²/E[b²] + σ_out²/E[y²]``.
 
-The network-output error is predicted as ``mse = α · (gain_w · err_w + gain_a · err_a)`` per
-output element, with the layer's measured gains for weight-shaped and for white errors
-(:mod:`.gain`) and one scale ``α`` fitted (median in log space) on a few measured single-group
-runs; ``α`` near 1 says the gains describe quantization error well.
+The network-output error is predicted as
+``mse = α · (gain_w · err_w + gain_out · σ_out² + gain_in · σ_in²)``, with the layer's measured
+gains (:mod:`.gain`) for weight-shaped errors and for white noise at its output and at its
+input (per element of that tensor), and one scale ``α`` fitted (median in log space) on a few
+measured single-group runs; ``α`` near 1 says the gains describe quantization error well.
+Input noise gets its own gain because ``W ε_in`` is not white at the output: through a 1×1
+expand conv it fills only the few directions ``W`` spans, which the layers after it pass far
+more weakly than white noise (EfficientNet-Lite0's first expand conv: 40× more weakly; with
+the output's white gain, its w8a8 error was predicted 14× too large).
 """
 
 from __future__ import annotations
@@ -74,11 +79,8 @@ class LayerError:
 
     relative: float
     weight: float  # per output element, from the weights (δW x + δb)
-    activation: float  # per output element, from rounding the input and the output
-
-    @property
-    def per_element(self) -> float:
-        return self.weight + self.activation
+    activation: float  # per output element, from rounding the output (all of it, without weights)
+    input: float = 0.0  # per input element, from rounding the layer's input
 
 
 @dataclass(frozen=True)
@@ -182,11 +184,11 @@ class _Predictor:
                     and cand.weight.spec.kind is FormatKind.INT)
         s_x = float(self.ranges.activation(layer.inputs[0], af).scale) if int_bias else None
         werr = self.weight_error(layer, cand.weight, s_x)
-        aerr = self.act_error(layer.inputs[0], af) * terms.weight_sq
-        aerr += self.act_error(self.output_tensor(layer), af) * terms.out_channels
-        return LayerError(relative=(werr + aerr) / terms.signal,
-                          weight=werr / terms.out_channels,
-                          activation=aerr / terms.out_channels)
+        ain = self.act_error(layer.inputs[0], af)
+        aout = self.act_error(self.output_tensor(layer), af)
+        return LayerError(relative=(werr + ain * terms.weight_sq + aout * terms.out_channels)
+                          / terms.signal,
+                          weight=werr / terms.out_channels, activation=aout, input=ain)
 
 
 def layer_output_error(layer: Layer, h: LayerHessian, dw: np.ndarray,

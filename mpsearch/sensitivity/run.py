@@ -29,7 +29,7 @@ __all__ = ["Method", "estimate", "table_variant"]
 
 log = logging.getLogger(__name__)
 
-FIT_RUNS = 8
+FIT_RUNS = 4
 
 
 class Method(enum.Enum):
@@ -48,9 +48,11 @@ def estimate(analysis: Analysis, data: Dataset,
              candidates: Mapping[str, Sequence[Candidate]], *,
              method: Method = Method.HESSIAN, workers: int = 1,
              cache: SensitivityCache | None = None,
-             progress: Callable[[int], None] | None = None) -> SensitivityTable:
+             progress: Callable[[int], None] | None = None,
+             seed: int = 0) -> SensitivityTable:
     """Sensitivity of every (group, candidate) on the calibration ``data``. ``progress`` is
-    called with the number of (group, candidate) results finished (measured or cached)."""
+    called with the number of (group, candidate) results finished (measured or cached).
+    ``seed``: of the noise in the gain runs."""
     lg = analysis.graph
     cands = {g: tuple(candidates.get(g, ())) for g in lg.group_names}
     pairs = [(g, c) for g in lg.group_names for c in cands[g]]
@@ -94,14 +96,15 @@ def estimate(analysis: Analysis, data: Dataset,
     predicted, relative, fit = {}, {}, None
     if method is not Method.MEASURED:
         t0 = time.perf_counter()
-        errs = layer_errors(lg, analysis.calibration, analysis.ranges, pairs)
-        seconds["layer_errors"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
         gains = layer_gains(lg, analysis.calibration, analysis.ranges.weights, batches, ref,
-                            lg.group_names)
+                            lg.group_names, seed=seed)
         seconds["gains"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        errs = layer_errors(lg, analysis.calibration, analysis.ranges, pairs)
+        seconds["layer_errors"] = time.perf_counter() - t1
         relative = {k: e.relative for k, e in errs.items()}
         raw = {k: gains[k[0]].weight * e.weight + gains[k[0]].white * e.activation
+               + gains[k[0]].input * e.input
                for k, e in errs.items()}
         fit = fit_scale(raw, {k: measured[k] for k in runs if k in measured})
         predicted = {k: fit.alpha * r for k, r in raw.items()}
