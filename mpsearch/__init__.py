@@ -45,6 +45,7 @@ __all__ = [
     "QdqModel",
     "QuantizeOptions",
     "Rounding",
+    "SearchResult",
     "SensitivityCache",
     "SensitivityTable",
     "UsageError",
@@ -57,6 +58,19 @@ __all__ = [
     "load_profile",
     "open_dataset",
     "parse_candidate",
+    "search",
     "split",
     "uniform_plan",
 ]
+
+
+# The search pulls in cvxpy (about a second to import): loaded on first use (PEP 562).
+_LAZY = {"search": "mpsearch.job", "SearchResult": "mpsearch.job"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mpsearch' has no attribute {name!r}")

@@ -172,7 +172,7 @@ class CostModel:
             for m in METRICS:
                 totals[m] += getattr(lc, m)
         n_conv, conv_s = self._conversions(plan)
-        totals["latency_s"] += conv_s + self._other_ops_s(plan)
+        totals["latency_s"] += conv_s + self.other_ops_s(plan)
         rel = {}
         if relative:
             ref = self.plan({g: self.reference for g in plan}, relative=False)
@@ -198,7 +198,7 @@ class CostModel:
                 seconds += per_edge + _elements(act.shape) * (src.bits + f.bits) / 8 * per_byte
         return count, seconds
 
-    def _other_ops_s(self, plan: Mapping[str, Candidate]) -> float:
+    def other_ops_s(self, plan: Mapping[str, Candidate]) -> float:
         """Measured time of the non-layer ops, shared among groups by output size."""
         table = self.table
         if table is None or not table.other_s:

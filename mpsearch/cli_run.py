@@ -1,0 +1,215 @@
+"""``mpsearch run``: the whole job (calibrate, sensitivity, exact search under the budgets,
+export, measure) and ``mpsearch pareto``: the front alone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from mpsearch.errors import UsageError
+
+RUN_OUTPUTS = ("model.qdq.onnx", "plan.json", "plan.csv", "pareto.png")
+PARETO_OUTPUTS = ("pareto.json", "pareto.csv", "pareto.png")
+
+
+def _shared(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model", help="FP32 ONNX model file (not modified)")
+    s.add_argument("--hw", required=True, metavar="PROFILE",
+                   help="hardware profile YAML: legal formats per op and the cost model")
+    s.add_argument("--data", required=True, metavar="CALIB",
+                   help="calibration data: .npz (keys = input names, axis 0 = samples), or a "
+                        "folder of .npz/.npy")
+    s.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    s.add_argument("--method", choices=["hessian", "measured"], default="hessian",
+                   help="sensitivities: hessian (default; predicted from the layer Hessians, "
+                        "seconds) or measured (every group and candidate run for real, "
+                        "minutes)")
+    s.add_argument("--candidates", metavar="LIST",
+                   help="comma-separated subset of the profile's candidates, e.g. "
+                        "w8a8,w4a8,w8a16 (default: all the profile allows per op)")
+    s.add_argument("--pin", action="append", default=[], metavar="NODE=CANDIDATE",
+                   help="force a layer to a candidate, e.g. --pin node_Conv_0=w8a16 "
+                        "(repeatable)")
+    s.add_argument("--keep-float", action="append", default=[], metavar="NODE",
+                   help="leave a layer in float (repeatable; the profile must cost float)")
+    s.add_argument("--convert-penalty", type=float, default=0.0, metavar="X",
+                   help="error charged per format conversion between adjacent layers, as a "
+                        "fraction of the all-w8a8 plan's predicted error (default 0: "
+                        "conversions cost only their latency)")
+    s.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes for measured sensitivities (default 1)")
+    s.add_argument("--cache-dir", metavar="DIR",
+                   help="sensitivity cache (default $XDG_CACHE_HOME/mpsearch or "
+                        "~/.cache/mpsearch)")
+    s.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="samples per ONNX Runtime call (default 8)")
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser(
+        "run", parents=[common],
+        help="find the most accurate plan within a budget, export and measure it",
+        description="Calibrate once, score every (layer, format) candidate the profile "
+                    "allows, solve for the least predicted error under every --budget "
+                    "exactly (integer program, HiGHS), export the plan as a QDQ ONNX model and "
+                    "measure it against FP32, next to the best uniform plan and AIMET AMP's "
+                    "greedy walk on the same costs. Writes OUT/model.qdq.onnx, OUT/plan.json "
+                    "(documented in the README), OUT/plan.csv and OUT/pareto.png.")
+    _shared(s)
+    s.add_argument("--budget", action="append", required=True, metavar="KEY=VALUE",
+                   help="a hard limit (repeatable): latency=0.7 (x all-w8a8), latency_ms=1.2, "
+                        "bops=0.9 (x w8a8), size=0.6 (x w8a8 weight bytes), size_mb=4, "
+                        "energy=0.8 (x w8a8), energy_mj=0.5; the first one is the front's "
+                        "axis")
+    s.add_argument("--eval-data", metavar="EVAL",
+                   help="where plans are measured (default: the calibration data)")
+    s.add_argument("--front-points", type=int, default=4, metavar="N",
+                   help="front points exported and measured besides the plan (default 4)")
+    s.add_argument("--no-measure", action="store_true",
+                   help="export the plan without running any evaluation")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser(
+        "pareto", parents=[common],
+        help="the Pareto front of quality against one cost, without choosing a plan",
+        description="Like run, but writes only the front over --metric: OUT/pareto.json, "
+                    "OUT/pareto.csv and OUT/pareto.png; --front-points of it are measured.")
+    _shared(s)
+    s.add_argument("--metric", choices=["latency", "bops", "size", "energy"],
+                   default="latency", help="the cost axis (default latency)")
+    s.add_argument("--eval-data", metavar="EVAL", help="where front points are measured")
+    s.add_argument("--front-points", type=int, default=6, metavar="N",
+                   help="front points exported and measured (default 6)")
+    s.set_defaults(func=cmd_pareto)
+
+
+def _pins(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        node, sep, cand = item.partition("=")
+        if not sep or not node or not cand:
+            raise UsageError(f"--pin {item} is not NODE=CANDIDATE",
+                             fix="write e.g. --pin node_Conv_0=w8a16")
+        out[node] = cand
+    return out
+
+
+def _search(args: argparse.Namespace, ui: Any, budget, *, measure: bool):
+    from mpsearch.job import search
+    from mpsearch.pipeline import QuantizeOptions
+
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers} is not a positive number",
+                         fix="pass --workers 1 or more")
+    if args.front_points < 0:
+        raise UsageError(f"--front-points {args.front_points} is negative", fix="pass 0 or more")
+    cands = None
+    if args.candidates:
+        cands = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    opts = QuantizeOptions(batch_size=args.batch_size or QuantizeOptions.batch_size)
+    return search(args.model, args.hw, args.data, budget=budget, eval_data=args.eval_data,
+                  method=args.method, candidates=cands, pin=_pins(args.pin),
+                  keep_float=args.keep_float, convert_penalty=args.convert_penalty,
+                  front_points=args.front_points, measure=measure, seed=args.seed,
+                  options=opts, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                  workers=args.workers, progress=ui.progress)
+
+
+def cmd_run(args: argparse.Namespace, ui: Any) -> int:
+    from mpsearch.outputs import OutputDir
+    from mpsearch.report.pareto import pareto_plot
+    from mpsearch.report.plan import plan_document, plan_frame
+
+    inputs = [args.model, args.data, args.hw] + ([args.eval_data] if args.eval_data else [])
+    out = OutputDir(args.out, inputs=inputs, names=list(RUN_OUTPUTS), flag="--out")
+    try:
+        t0 = time.perf_counter()
+        res = _search(args, ui, args.budget, measure=not args.no_measure)
+        out.write_model("model.qdq.onnx", res.qdq().model)
+        doc = plan_document(res, model=str(args.model), profile=str(args.hw))
+        out.write_json("plan.json", doc)
+        out.write_with("plan.csv", lambda p: plan_frame(res).to_csv(p, index=False))
+        out.write_with("pareto.png", lambda p: pareto_plot(res, p))
+        seconds = round(time.perf_counter() - t0, 2)
+    except BaseException:
+        out.rollback()
+        raise
+    if ui.as_json:
+        print(json.dumps({"out": str(out.path), "seconds": seconds, "totals": doc["totals"],
+                          "quality": doc["quality"],
+                          "formats": res.chosen.counts()}, indent=2))
+        return 0
+    _summary(ui, res, out.path, seconds)
+    return 0
+
+
+def _summary(ui: Any, res, path, seconds: float) -> None:
+    from rich.table import Table
+
+    metric = res.budgets[0].metric
+    t = Table(title=f"{', '.join(str(b) for b in res.budgets)} on {res.profile.name}")
+    for col in ("plan", f"{metric} x w8a8", "bops x w8a8", "predicted dB", "measured dB",
+                "top-1 agree", "fits"):
+        t.add_column(col, justify="left" if col == "plan" else "right")
+
+    def row(pr, style=None):
+        m = pr.measured
+        t.add_row(pr.name, f"{pr.cost.relative[metric]:.3f}", f"{pr.cost.relative['bops']:.3f}",
+                  f"{pr.predicted_sqnr_db:.2f}", f"{m.sqnr_db:.2f}" if m else "-",
+                  f"{100 * m.top1_agreement:.1f}%" if m and m.top1_agreement is not None
+                  else "-", "yes" if pr.fits else "no", style=style)
+
+    row(res.chosen, "bold")
+    if res.greedy:
+        row(res.greedy)
+    for u in res.uniform:
+        row(u)
+    ui.out.print(t)
+    ui.out.print("formats: " + ", ".join(f"{k} x{v}" for k, v in res.chosen.counts().items()))
+    ui.out.print(f"wrote {path}/model.qdq.onnx, plan.json, plan.csv, pareto.png in {seconds} s")
+
+
+def cmd_pareto(args: argparse.Namespace, ui: Any) -> int:
+    import math
+
+    from mpsearch.outputs import OutputDir
+    from mpsearch.report.pareto import pareto_plot
+    from mpsearch.report.plan import plan_document
+
+    inputs = [args.model, args.data, args.hw] + ([args.eval_data] if args.eval_data else [])
+    out = OutputDir(args.out, inputs=inputs, names=list(PARETO_OUTPUTS), flag="--out")
+    try:
+        # A budget no plan can exceed: the front spans every plan.
+        res = _search(args, ui, [f"{args.metric}=1e9"], measure=True)
+        doc = plan_document(res, model=str(args.model), profile=str(args.hw))
+        front_doc = {"schema": "mpsearch.pareto/1", "model": doc["model"],
+                     "profile": doc["profile"], "front": doc["front"],
+                     "baselines": doc["baselines"]}
+        out.write_json("pareto.json", front_doc)
+
+        def csv(p):
+            import pandas as pd
+
+            rows = [{"relative_to_w8a8": q["relative_to_w8a8"], "cost": q["cost"],
+                     "predicted_sqnr_db": q["predicted_sqnr_db"], "source": q["source"]}
+                    for q in doc["front"]["points"]]
+            pd.DataFrame(rows).to_csv(p, index=False)
+
+        out.write_with("pareto.csv", csv)
+        out.write_with("pareto.png", lambda p: pareto_plot(res, p))
+    except BaseException:
+        out.rollback()
+        raise
+    if ui.as_json:
+        print(json.dumps(front_doc, indent=2))
+        return 0
+    for q in doc["front"]["points"]:
+        db = q["predicted_sqnr_db"]
+        ui.out.print(f"{args.metric} x{q['relative_to_w8a8']:.3f}: predicted "
+                     f"{db if db is not None and math.isfinite(db) else 'inf'} dB")
+    ui.out.print(f"wrote {out.path}/pareto.json, pareto.csv, pareto.png")
+    return 0

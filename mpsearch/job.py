@@ -1,0 +1,348 @@
+"""The job users come for: the most accurate plan that fits a device budget, found exactly,
+shown against the alternatives, exported and measured.
+
+``search`` chains the stages: ingest and calibrate once (:func:`mpsearch.pipeline.analyze`,
+with the layer Hessians), sensitivity per group and candidate
+(:func:`mpsearch.sensitivity.estimate`, cached), the allocation problem on the device's costs
+(:func:`mpsearch.solve.allocate.build_problem`), the exact ILP under every budget
+(:func:`mpsearch.solve.allocate.allocate`), the baselines on the same sensitivities and costs
+(each uniform candidate; AIMET AMP's greedy walk, Pandey et al. 2023 phase 2), and the Pareto
+front over the first budget's quantity (Lagrangian hull plus ε-constraint solves,
+:mod:`mpsearch.solve.pareto`). The chosen plan, the best uniform plan that fits, the greedy
+plan and a few front points are exported and measured for real, so predicted and measured
+quality sit side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import onnx
+
+from mpsearch.data import Dataset, open_dataset
+from mpsearch.errors import InfeasibleBudgetError, UsageError
+from mpsearch.evaluate import EvalResult, evaluate
+from mpsearch.export.qdq import QdqModel
+from mpsearch.formats import Candidate, Format, parse_candidate
+from mpsearch.graph import load_model
+from mpsearch.hw.cost import CostModel, PlanCost
+from mpsearch.hw.profile import HardwareProfile, load_profile
+from mpsearch.pipeline import Analysis, QuantizeOptions, analyze
+from mpsearch.sensitivity import (
+    Method,
+    SensitivityCache,
+    SensitivityTable,
+    candidates_for,
+    estimate,
+    sqnr,
+    table_variant,
+)
+from mpsearch.solve.allocate import Allocation, allocate, build_problem
+from mpsearch.solve.budget import Budget, parse_budgets
+from mpsearch.solve.greedy import greedy
+from mpsearch.solve.pareto import Front, front
+
+__all__ = ["Measured", "PlanResult", "SearchResult", "search"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measured:
+    """A plan exported and run against FP32 on the evaluation data."""
+
+    data: str  # "evaluation" or "calibration"
+    result: EvalResult
+
+    @property
+    def sqnr_db(self) -> float:
+        return self.result.primary.sqnr_db
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return self.result.primary.top1_agreement
+
+    def to_dict(self) -> dict:
+        p = self.result.primary
+        return {"data": self.data, "samples": self.result.samples, "output": p.name,
+                "sqnr_db": _num(p.sqnr_db), "cosine": _num(p.cosine),
+                "top1_agreement": p.top1_agreement}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanResult:
+    """One plan with its costs, its predicted quality and (when measured) its real one."""
+
+    name: str
+    plan: Mapping[str, Candidate]
+    cost: PlanCost
+    predicted_mse: float
+    predicted_sqnr_db: float
+    fits: bool
+    measured: Measured | None = None
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.plan.values():
+            out[c.name] = out.get(c.name, 0) + 1
+        return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchResult:
+    """What :func:`search` found; ``export`` writes the chosen plan's QDQ model."""
+
+    analysis: Analysis = field(repr=False)
+    profile: HardwareProfile
+    costs: CostModel = field(repr=False)
+    table: SensitivityTable = field(repr=False)
+    method: Method
+    budgets: tuple[Budget, ...]
+    limits: Mapping[str, float]
+    chosen: PlanResult
+    allocation: Allocation = field(repr=False)
+    uniform: tuple[PlanResult, ...]
+    greedy: PlanResult | None
+    front: Front = field(repr=False)
+    front_plans: tuple[PlanResult, ...]
+    model_sha256: str
+    seconds: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def plan(self) -> Mapping[str, Candidate]:
+        return self.chosen.plan
+
+    def qdq(self) -> QdqModel:
+        return self.analysis.export(self.chosen.plan)
+
+    def export(self, path: str | os.PathLike[str]) -> None:
+        onnx.save(self.qdq().model, os.fspath(path))
+
+    def best_uniform(self) -> PlanResult | None:
+        """The uniform plan that fits with the best quality (measured where measured)."""
+        fits = [u for u in self.uniform if u.fits]
+        if not fits:
+            return None
+        return max(fits, key=lambda u: u.measured.sqnr_db if u.measured else u.predicted_sqnr_db)
+
+
+def _num(v: float) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def _no_progress(label: str, total: int):
+    return nullcontext(lambda n: None)
+
+
+def _pins(analysis: Analysis, costs: CostModel, candidates: Mapping[str, Sequence[Candidate]],
+          pin: Mapping[str, str | Candidate], keep_float: Iterable[str]
+          ) -> dict[str, Candidate]:
+    lg = analysis.graph
+    out: dict[str, Candidate] = {}
+    for node in keep_float:
+        if node not in lg.layers:
+            raise UsageError(f"--keep-float {node}: no quantizable layer of that name",
+                             fix="see 'mpsearch inspect MODEL' for the layer names")
+        out[node] = Candidate(weight=Format.FLOAT, activation=Format.FLOAT)
+    for node, cand in pin.items():
+        if node not in lg.layers:
+            raise UsageError(f"--pin {node}: no quantizable layer of that name",
+                             fix="see 'mpsearch inspect MODEL' for the layer names")
+        out[node] = cand if isinstance(cand, Candidate) else parse_candidate(str(cand))
+    for node, c in out.items():
+        if c not in candidates[node]:
+            try:
+                costs.layer(node, c)
+            except Exception as e:  # noqa: BLE001 - a profile error here is the user's pin
+                raise UsageError(f"pin {node}={c.name}: {costs.profile.name} cannot run "
+                                 f"{c.name} ({e})",
+                                 fix=f"pin one of {', '.join(x.name for x in candidates[node])}"
+                                 ) from None
+    return out
+
+
+def search(model: str | os.PathLike[str] | onnx.ModelProto,
+           profile: str | os.PathLike[str] | HardwareProfile,
+           data: str | os.PathLike[str] | Dataset, *,
+           budget: str | Sequence[str | Budget] | Mapping[str, float],
+           eval_data: str | os.PathLike[str] | Dataset | None = None,
+           method: Method | str = Method.HESSIAN,
+           candidates: Sequence[Candidate | str] | None = None,
+           pin: Mapping[str, str | Candidate] | None = None,
+           keep_float: Iterable[str] = (),
+           convert_penalty: float = 0.0,
+           front_points: int = 4,
+           measure: bool = True,
+           all_uniform: bool = False,
+           seed: int = 0,
+           options: QuantizeOptions | None = None,
+           cache_dir: str | os.PathLike[str] | None = None, use_cache: bool = True,
+           workers: int = 1,
+           progress: Progress | None = None) -> SearchResult:
+    """The most accurate plan of ``model`` on ``profile`` within ``budget`` (e.g.
+    ``"latency=0.7"``, ``["bops=0.9", "size_mb=4"]`` or ``{"latency": 0.7}``).
+
+    ``pin``: layer -> candidate it must take; ``keep_float``: layers left in float.
+    ``convert_penalty``: error charged per format conversion between adjacent layers, as a
+    fraction of the all-w8a8 plan's predicted error (0, the default: conversions cost only
+    their latency).
+
+    ``data``: calibration data (also what sensitivities are measured on); ``eval_data``: where
+    the exported plans are measured (default: the calibration data). ``front_points``: how many
+    Pareto-front points besides the chosen plan are exported and measured. ``measure=False``
+    skips every evaluation. Of the uniform plans that fit, the one predicted best is measured
+    (``all_uniform=True``: all of them). ``seed`` seeds everything random (the noise of the
+    gain runs).
+    """
+    progress = progress or _no_progress
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    budgets = parse_budgets([budget] if isinstance(budget, (str, Budget)) else budget)
+    if not budgets:
+        raise UsageError("no budget given", fix="pass e.g. --budget latency=0.7")
+    if not convert_penalty >= 0:
+        raise UsageError(f"convert penalty {convert_penalty} is negative",
+                         fix="pass 0 or a positive number")
+    method = Method(method)
+    model_proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    sha = hashlib.sha256(model_proto.SerializeToString(deterministic=True)).hexdigest()
+    prof = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
+    calib = data if isinstance(data, Dataset) else open_dataset(data, model_proto,
+                                                                name="calibration")
+    evald = None
+    if eval_data is not None:
+        evald = eval_data if isinstance(eval_data, Dataset) else open_dataset(
+            eval_data, model_proto, name="evaluation")
+    opts = options or QuantizeOptions()
+    with progress("calibrating", len(calib)) as advance:
+        analysis = analyze(model_proto, calib, options=opts, hessians=True, progress=advance)
+    lg = analysis.graph
+    costs = CostModel(lg, prof)
+    only = None if candidates is None else tuple(
+        c if isinstance(c, Candidate) else parse_candidate(c) for c in candidates)
+    cands = candidates_for(lg, costs, only)
+    pins = _pins(analysis, costs, cands, pin or {}, keep_float)
+    for g, c in pins.items():
+        if c not in cands[g]:
+            cands[g] = (*cands[g], c)
+    for tie in lg.tie_classes():
+        for g in sorted(tie & set(pins)):
+            act = pins[g].activation
+            for other in sorted(tie - {g}):
+                if not any(c.activation == act for c in cands[other]):
+                    raise UsageError(
+                        f"pin {g}={pins[g].name} needs {other} to take {act.name} activations "
+                        f"too (they meet at an Add or Concat and must share a format), and "
+                        f"none of its candidates does",
+                        fix=f"pin {other} as well, or allow {act.name} activations for it")
+    seconds["calibrate"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    cache = None
+    if use_cache:
+        cache = SensitivityCache.for_settings(cache_dir, model=model_proto,
+                                              batches=calib.batches(opts.batch_size),
+                                              options=opts, seed=seed)
+    variant = table_variant(method, cands)
+    cached = cache.table(variant) if cache is not None else None
+    if cached is not None:
+        table = SensitivityTable.from_dict(cached)
+    else:
+        with progress(f"sensitivity ({method.value})",
+                      sum(len(v) for v in cands.values())) as advance:
+            table = estimate(analysis, calib, cands, method=method, workers=workers,
+                             cache=cache, progress=advance, seed=seed)
+        if cache is not None:
+            cache.save_table(variant, table.to_dict())
+    seconds["sensitivity"] = time.perf_counter() - t1
+
+    t1 = time.perf_counter()
+    errors = {(g, c): table.error(g, c) for g in lg.group_names for c in cands[g]}
+    problem = build_problem(lg, costs, cands, errors)
+    ref_error = sum(errors.get((g, costs.reference), 0.0) for g in lg.group_names)
+    penalty = convert_penalty * ref_error  # per conversion
+    alloc = allocate(problem, costs, budgets, pins=pins, penalty=penalty)
+    limits = alloc.limits
+
+    def result(name: str, plan: Mapping[str, Candidate]) -> PlanResult:
+        cost = costs.plan(plan)
+        mse = sum(errors[(g, c)] for g, c in plan.items())
+        fits = all(cost.as_dict()[m] <= lim * (1 + 1e-9) for m, lim in limits.items())
+        return PlanResult(name=name, plan=dict(plan), cost=cost, predicted_mse=mse,
+                          predicted_sqnr_db=sqnr(table.signal, mse), fits=fits)
+
+    chosen = result("mpsearch", alloc.plan)
+    uniform = []
+    for c in sorted({c for cs in cands.values() for c in cs}, key=lambda c: c.name):
+        if all(c in cands[g] for g in lg.group_names):
+            uniform.append(result(f"uniform {c.name}", {g: c for g in lg.group_names}))
+    greedy_plan = None
+    try:
+        gsol = greedy(problem, limits, pins=pins, penalty=penalty)
+        greedy_plan = result("greedy (AMP)", dict(gsol.choice))
+    except InfeasibleBudgetError:
+        log.info("the greedy walk found no plan within the budgets")
+    metric = budgets[0].metric
+    others = {m: v for m, v in limits.items() if m != metric}
+    fr = front(problem, metric, budgets=others, points=30, pins=pins, penalty=penalty)
+    seconds["solve"] = time.perf_counter() - t1
+
+    front_plans = tuple(result(f"front {i}", dict(p.solution.choice))
+                        for i, p in enumerate(_spread(fr, front_points)))
+    if measure:
+        t1 = time.perf_counter()
+        which = "evaluation" if evald is not None else "calibration"
+        ds = evald if evald is not None else calib
+        fitting = [u for u in uniform if u.fits]
+        if not all_uniform:  # the uniform plan that fits with the best predicted quality
+            fitting = sorted(fitting, key=lambda u: -u.predicted_sqnr_db)[:1]
+        todo = [chosen, *([greedy_plan] if greedy_plan else []), *fitting, *front_plans]
+        done: dict[tuple, Measured] = {}
+        with progress("measuring plans", len(todo)) as advance:
+            for pr in todo:
+                key = tuple(sorted((g, c.name) for g, c in pr.plan.items()))
+                if key not in done:
+                    qm = analysis.export(pr.plan)
+                    done[key] = Measured(data=which, result=evaluate(
+                        analysis.original, qm.model, ds.batches(opts.batch_size),
+                        labels=ds.labels))
+                advance(1)
+
+        def with_measured(pr: PlanResult) -> PlanResult:
+            key = tuple(sorted((g, c.name) for g, c in pr.plan.items()))
+            m = done.get(key)
+            return dataclasses.replace(pr, measured=m) if m else pr
+
+        chosen = with_measured(chosen)
+        greedy_plan = with_measured(greedy_plan) if greedy_plan else None
+        uniform = [with_measured(u) for u in uniform]
+        front_plans = tuple(with_measured(p) for p in front_plans)
+        seconds["measure"] = time.perf_counter() - t1
+    seconds["total"] = time.perf_counter() - t0
+    return SearchResult(analysis=analysis, profile=prof, costs=costs, table=table,
+                        method=method, budgets=budgets, limits=limits, chosen=chosen,
+                        allocation=alloc,
+                        uniform=tuple(uniform), greedy=greedy_plan, front=fr,
+                        front_plans=front_plans, model_sha256=sha, seconds=seconds)
+
+
+def _spread(fr: Front, count: int):
+    """``count`` front points spread evenly by cost (the ends included)."""
+    pts = list(fr.points)
+    if count <= 0 or not pts:
+        return []
+    if len(pts) <= count:
+        return pts
+    idx = sorted({round(i * (len(pts) - 1) / (count - 1)) for i in range(count)}) \
+        if count > 1 else [len(pts) // 2]
+    return [pts[i] for i in idx]

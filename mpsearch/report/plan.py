@@ -1,0 +1,114 @@
+"""``plan.json`` and ``plan.csv``: the chosen plan as a documented contract (README, "plan.json").
+
+Every number is in SI units (seconds, bytes, joules) with its ratio to the all-w8a8 plan on the
+same device next to it. The document holds no timings, dates or absolute paths, so the same
+inputs and seed give the same bytes. ``SCHEMA`` names the version; fields are only ever added.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import pandas as pd
+
+from mpsearch.hw.cost import METRICS, PlanCost
+from mpsearch.job import PlanResult, SearchResult
+
+__all__ = ["SCHEMA", "plan_document", "plan_frame"]
+
+SCHEMA = "mpsearch.plan/1"
+
+
+def _num(v: float | None, digits: int = 6) -> float | None:
+    if v is None or not math.isfinite(v):
+        return None
+    return float(f"{v:.{digits}g}")
+
+
+def _totals(cost: PlanCost) -> dict:
+    d = cost.as_dict()
+    out = {m: {"value": _num(d[m]), "relative_to_w8a8": _num(cost.relative.get(m))}
+           for m in METRICS}
+    out["conversions"] = cost.conversions
+    return out
+
+
+def _plan_summary(pr: PlanResult) -> dict:
+    return {"name": pr.name, "fits": pr.fits, "formats": pr.counts(),
+            "totals": _totals(pr.cost), "predicted_sqnr_db": _num(pr.predicted_sqnr_db, 4),
+            "measured": _measured(pr)}
+
+
+def _measured(pr: PlanResult) -> dict | None:
+    if pr.measured is None:
+        return None
+    d = pr.measured.to_dict()
+    return {k: (_num(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def plan_frame(res: SearchResult) -> pd.DataFrame:
+    """One row per quantizer group along the network: formats, costs, predicted error."""
+    lg, costs, table = res.analysis.graph, res.costs, res.table
+    rows = []
+    for g in lg.group_names:
+        c = res.plan[g]
+        lc = costs.layer(g, c)
+        layer = lg.layers[g]
+        mse = table.error(g, c)
+        rows.append({
+            "group": g, "op_type": layer.op_type, "candidate": c.name,
+            "weight_format": c.weight.name, "activation_format": c.activation.name,
+            "macs": lc.macs, "latency_s": _num(lc.latency_s), "latency_from": lc.latency_from,
+            "bops": _num(lc.bops), "weight_bytes": _num(lc.weight_bytes),
+            "activation_bytes": _num(lc.activation_bytes), "energy_j": _num(lc.energy_j),
+            "predicted_mse": _num(mse), "predicted_sqnr_db": _num(table.sqnr_db(g, c), 4),
+            "measured_single_mse": _num(table.measured.get((g, c))),
+        })
+    return pd.DataFrame(rows)
+
+
+def plan_document(res: SearchResult, *, model: str, profile: str,
+                  extra: Mapping[str, object] | None = None) -> dict:
+    """The ``plan.json`` document (``model``/``profile``: as the user named them)."""
+    lg = res.analysis.graph
+    ref = res.costs.plan({g: res.costs.reference for g in lg.group_names}, relative=False)
+    frame = plan_frame(res)
+    doc = {
+        "schema": SCHEMA,
+        "model": {"path": model, "sha256": res.model_sha256, "groups": len(lg.group_names),
+                  "layers": len(lg.layers)},
+        "profile": {"path": profile, "name": res.profile.name,
+                    "reference": res.costs.reference.name},
+        "budgets": [{"budget": str(b), "metric": b.metric, "relative": b.relative,
+                     "limit": _num(res.limits[b.metric]),
+                     "limit_relative_to_w8a8": _num(res.limits[b.metric]
+                                                    / ref.as_dict()[b.metric])}
+                    for b in res.budgets],
+        "sensitivity": {"method": res.method.value,
+                        "samples": res.table.samples,
+                        "fit_alpha": _num(res.table.fit.alpha) if res.table.fit else None},
+        "layers": frame.to_dict(orient="records"),
+        "totals": _totals(res.chosen.cost),
+        "quality": {"predicted_sqnr_db": _num(res.chosen.predicted_sqnr_db, 4),
+                    "predicted_mse": _num(res.chosen.predicted_mse),
+                    "measured": _measured(res.chosen)},
+        "solver": {"status": res.allocation.solution.status,
+                   "resolves": res.allocation.resolves},
+        "baselines": [_plan_summary(u) for u in res.uniform]
+        + ([_plan_summary(res.greedy)] if res.greedy else []),
+        "front": {"metric": res.front.metric,
+                  "points": [{"cost": _num(p.cost),
+                              "relative_to_w8a8": _num(p.cost / ref.as_dict()[res.front.metric]),
+                              "predicted_sqnr_db": _num(10 * math.log10(res.table.signal
+                                                                        / p.solution.error)
+                                                        if p.solution.error > 0 else math.inf,
+                                                        4),
+                              "source": p.source} for p in res.front.points],
+                  "measured": [_plan_summary(p) for p in res.front_plans]},
+        "float_ops": [{"node": f.node, "op": f.op_type, "reason": f.reason}
+                      for f in lg.float_ops],
+    }
+    if extra:
+        doc.update(extra)
+    return doc

@@ -1,0 +1,146 @@
+"""``mpsearch run`` and ``mpsearch.search``: the plan meets its budget by the exact cost model,
+is what the exported file holds, is the ILP optimum, repeats byte for byte, and bad budgets
+exit 2 naming the smallest reachable values."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from models import images, mbconv
+
+import mpsearch
+from mpsearch.cli import main
+from mpsearch.export.readback import read_formats
+from mpsearch.solve.problem import evaluate
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE = ROOT / "hw_profiles" / "snapdragon_8gen3.yaml"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("search")
+    onnx.save(mbconv(seed=5), str(d / "model.onnx"))
+    np.savez(d / "calib.npz", x=images(24, seed=1))
+    np.savez(d / "eval.npz", x=images(16, seed=2))
+    return {"model": d / "model.onnx", "calib": d / "calib.npz", "eval": d / "eval.npz",
+            "dir": d}
+
+
+@pytest.fixture(scope="module")
+def result(files):
+    return mpsearch.search(files["model"], PROFILE, files["calib"], eval_data=files["eval"],
+                           budget=["bops=0.9", "size=0.8"], use_cache=False,
+                           front_points=2,
+                           candidates=["w8a8", "w4a8", "w8a16", "w16a16"])
+
+
+def test_plan_meets_every_budget_and_is_the_optimum_of_its_problem(result):
+    cost = result.chosen.cost
+    assert cost.relative["bops"] <= 0.9 + 1e-9
+    assert cost.relative["weight_bytes"] <= 0.8 + 1e-9
+    # Brute force over the problem the solver saw (6 groups x 4 candidates = 4096 plans):
+    # no plan within the exact budgets has a smaller predicted error.
+    from mpsearch.solve.allocate import build_problem
+
+    lg, costs, table = result.analysis.graph, result.costs, result.table
+    cands = {g: table.candidates[g] for g in lg.group_names}
+    errors = {(g, c): table.error(g, c) for g in lg.group_names for c in cands[g]}
+    problem = build_problem(lg, costs, cands, errors)
+    assert len(lg.group_names) <= 8
+    best = None
+    for combo in itertools.product(*(cands[g] for g in lg.group_names)):
+        plan = dict(zip(lg.group_names, combo, strict=True))
+        pc = costs.plan(plan)
+        if pc.relative["bops"] <= 0.9 and pc.relative["weight_bytes"] <= 0.8:
+            e = evaluate(problem, plan)[0]
+            best = e if best is None else min(best, e)
+    assert result.chosen.predicted_mse == pytest.approx(best, rel=1e-9)
+
+
+def test_exported_file_holds_the_plan(result, tmp_path):
+    path = tmp_path / "plan.onnx"
+    result.export(path)
+    got = read_formats(onnx.load(str(path)))
+    assert got == dict(result.plan)  # all quantized candidates here: the file shows them all
+
+
+def test_baselines_share_sensitivities_and_costs(result):
+    # every uniform plan's predicted error is the sum of the same table's entries
+    for u in result.uniform:
+        assert u.predicted_mse == pytest.approx(
+            sum(result.table.error(g, c) for g, c in u.plan.items()))
+        assert u.fits == (u.cost.relative["bops"] <= 0.9 + 1e-9
+                          and u.cost.relative["weight_bytes"] <= 0.8 + 1e-9)
+    assert result.greedy is not None
+    assert result.greedy.predicted_mse >= result.chosen.predicted_mse - 1e-15
+    assert result.chosen.measured is not None and result.chosen.measured.sqnr_db > 10
+
+
+def _run(files, out: Path, *extra: str) -> int:
+    return main(["run", str(files["model"]), "--hw", str(PROFILE), "--data",
+                 str(files["calib"]), "--out", str(out), "-q", "--no-cache",
+                 "--candidates", "w8a8,w4a8,w8a16", "--front-points", "1", *extra])
+
+
+def test_same_inputs_and_seed_give_the_same_bytes(files, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _run(files, a, "--budget", "bops=0.8", "--seed", "3") == 0
+    assert _run(files, b, "--budget", "bops=0.8", "--seed", "3") == 0
+    for name in ("plan.json", "plan.csv", "model.qdq.onnx", "pareto.png"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    doc = json.loads((a / "plan.json").read_text())
+    assert doc["schema"] == "mpsearch.plan/1"
+    assert doc["totals"]["bops"]["relative_to_w8a8"] <= 0.8
+    assert len(doc["layers"]) == doc["model"]["groups"]
+    assert {b["name"] for b in doc["baselines"]} >= {"uniform w8a8", "greedy (AMP)"}
+
+
+def test_impossible_budget_exits_2_naming_the_smallest_reachable_value(files, tmp_path,
+                                                                       capsys):
+    out = tmp_path / "out"
+    code = _run(files, out, "--budget", "bops=0.2", "--budget", "size=0.9")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    # w4a8 everywhere is the cheapest plan: half of w8a8's bit-operations
+    assert "bops=0.2 (smallest reachable bops=0.5)" in err[0]
+    assert "size=0.9 (smallest reachable size=0." in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--budget", "speed=2"], "not KEY=VALUE with a known KEY"),
+    (["--budget", "latency=-1"], "not a positive number"),
+    (["--budget", "bops=0.9", "--pin", "nope=w8a8"], "--pin nope"),
+    (["--budget", "bops=0.9", "--keep-float", "stem"], "cannot run float"),
+])
+def test_bad_arguments_exit_2(files, tmp_path, capsys, argv, needle):
+    code = _run(files, tmp_path / "out", *argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pin_is_respected(files):
+    lg = mpsearch.build_layer_graph(mpsearch.load_model(files["model"]))
+    tied = set().union(*lg.tie_classes())
+    g = next(x for x in lg.group_names if x not in tied)
+    res = mpsearch.search(files["model"], PROFILE, files["calib"], budget="bops=1.2",
+                          pin={g: "w16a16"}, use_cache=False, measure=False, front_points=0,
+                          candidates=["w8a8", "w4a8"])
+    assert res.plan[g].name == "w16a16"
+    assert res.chosen.cost.relative["bops"] <= 1.2 + 1e-9
+
+
+def test_pin_that_breaks_a_tie_names_it(files):
+    lg = mpsearch.build_layer_graph(mpsearch.load_model(files["model"]))
+    tie = sorted(lg.tie_classes()[0])
+    with pytest.raises(mpsearch.UsageError, match=f"pin {tie[0]}=w16a16 needs"):
+        mpsearch.search(files["model"], PROFILE, files["calib"], budget="bops=0.7",
+                        pin={tie[0]: "w16a16"}, use_cache=False, measure=False,
+                        front_points=0, candidates=["w8a8", "w4a8"])
