@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import markdown_table, prepare_example, write_results  # noqa: E402
 
-from mpsearch import search  # noqa: E402
+from mpsearch import InfeasibleBudgetError, search  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = ("bops=0.6", "bops=0.75", "bops=0.9", "bops=1.0", "latency=0.75")
@@ -50,9 +50,17 @@ def main() -> None:
         for method in args.methods.split(","):
             for budget in args.budgets.split(","):
                 t0 = time.perf_counter()
-                res = search(p["model"], profile, p["calib"], eval_data=p["eval"],
-                             budget=budget, method=method, front_points=0, cache_dir=cache,
-                             all_uniform=True)
+                try:
+                    res = search(p["model"], profile, p["calib"], eval_data=p["eval"],
+                                 budget=budget, method=method, front_points=0,
+                                 cache_dir=cache, all_uniform=True)
+                except InfeasibleBudgetError as e:  # e.g. latency=0.75 on a compute-bound NPU
+                    rows.append([method, budget, f"infeasible: {e.problem}", "-", "-", "-",
+                                 "-", "-", "-"])
+                    payload.append({"method": method, "budget": budget,
+                                    "infeasible": e.problem})
+                    print(" | ".join(rows[-1]), flush=True)
+                    continue
                 wall = time.perf_counter() - t0
                 metric = res.budgets[0].metric
                 best_u = res.best_uniform()

@@ -45,7 +45,7 @@ from mpsearch.sensitivity import (
     sqnr,
     table_variant,
 )
-from mpsearch.solve.allocate import Allocation, allocate, build_problem
+from mpsearch.solve.allocate import Allocation, Built, allocate, build_problem
 from mpsearch.solve.budget import Budget, parse_budgets
 from mpsearch.solve.greedy import greedy
 from mpsearch.solve.pareto import Front, front
@@ -106,6 +106,7 @@ class SearchResult:
     profile: HardwareProfile
     costs: CostModel = field(repr=False)
     table: SensitivityTable = field(repr=False)
+    built: Built = field(repr=False)
     method: Method
     budgets: tuple[Budget, ...]
     limits: Mapping[str, float]
@@ -268,15 +269,16 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
 
     t1 = time.perf_counter()
     errors = {(g, c): table.error(g, c) for g in lg.group_names for c in cands[g]}
-    problem = build_problem(lg, costs, cands, errors)
     ref_error = sum(errors.get((g, costs.reference), 0.0) for g in lg.group_names)
-    penalty = convert_penalty * ref_error  # per conversion
+    built = build_problem(lg, costs, cands, errors, input_noise=table.input_noise,
+                          convert_weight=convert_penalty * ref_error)
+    problem, penalty = built.problem, 1.0  # the edges' pairwise term counts in full
     alloc = allocate(problem, costs, budgets, pins=pins, penalty=penalty)
     limits = alloc.limits
 
     def result(name: str, plan: Mapping[str, Candidate]) -> PlanResult:
         cost = costs.plan(plan)
-        mse = sum(errors[(g, c)] for g, c in plan.items())
+        mse = built.predicted_error(plan)
         fits = all(cost.as_dict()[m] <= lim * (1 + 1e-9) for m, lim in limits.items())
         return PlanResult(name=name, plan=dict(plan), cost=cost, predicted_mse=mse,
                           predicted_sqnr_db=sqnr(table.signal, mse), fits=fits)
@@ -330,7 +332,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
         seconds["measure"] = time.perf_counter() - t1
     seconds["total"] = time.perf_counter() - t0
     return SearchResult(analysis=analysis, profile=prof, costs=costs, table=table,
-                        method=method, budgets=budgets, limits=limits, chosen=chosen,
+                        built=built, method=method, budgets=budgets, limits=limits, chosen=chosen,
                         allocation=alloc,
                         uniform=tuple(uniform), greedy=greedy_plan, front=fr,
                         front_plans=front_plans, model_sha256=sha, seconds=seconds)

@@ -16,7 +16,6 @@ from models import images, mbconv
 import mpsearch
 from mpsearch.cli import main
 from mpsearch.export.readback import read_formats
-from mpsearch.solve.problem import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "hw_profiles" / "snapdragon_8gen3.yaml"
@@ -51,14 +50,15 @@ def test_plan_meets_every_budget_and_is_the_optimum_of_its_problem(result):
     lg, costs, table = result.analysis.graph, result.costs, result.table
     cands = {g: table.candidates[g] for g in lg.group_names}
     errors = {(g, c): table.error(g, c) for g in lg.group_names for c in cands[g]}
-    problem = build_problem(lg, costs, cands, errors)
+    built = build_problem(lg, costs, cands, errors, input_noise=table.input_noise)
+    assert built.corrections  # the pairwise term is exercised
     assert len(lg.group_names) <= 8
     best = None
     for combo in itertools.product(*(cands[g] for g in lg.group_names)):
         plan = dict(zip(lg.group_names, combo, strict=True))
         pc = costs.plan(plan)
         if pc.relative["bops"] <= 0.9 and pc.relative["weight_bytes"] <= 0.8:
-            e = evaluate(problem, plan)[0]
+            e = built.predicted_error(plan)
             best = e if best is None else min(best, e)
     assert result.chosen.predicted_mse == pytest.approx(best, rel=1e-9)
 
@@ -73,8 +73,8 @@ def test_exported_file_holds_the_plan(result, tmp_path):
 def test_baselines_share_sensitivities_and_costs(result):
     # every uniform plan's predicted error is the sum of the same table's entries
     for u in result.uniform:
-        assert u.predicted_mse == pytest.approx(
-            sum(result.table.error(g, c) for g, c in u.plan.items()))
+        assert u.predicted_mse == pytest.approx(result.built.predicted_error(u.plan))
+        assert u.predicted_mse <= sum(result.table.error(g, c) for g, c in u.plan.items())
         assert u.fits == (u.cost.relative["bops"] <= 0.9 + 1e-9
                           and u.cost.relative["weight_bytes"] <= 0.8 + 1e-9)
     assert result.greedy is not None

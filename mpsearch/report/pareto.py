@@ -32,7 +32,8 @@ def pareto_plot(res: SearchResult, path: str | os.PathLike[str]) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     pts = res.front.points
-    ax.plot([p.cost / ref for p in pts], [min(db(p.solution.error), 100.0) for p in pts],
+    ax.plot([p.cost / ref for p in pts],
+            [min(db(res.built.predicted_error(p.solution.choice)), 100.0) for p in pts],
             "-o", ms=3, color="tab:blue", label="front (predicted)")
     meas = [p for p in res.front_plans if p.measured]
     if meas:

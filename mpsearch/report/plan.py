@@ -34,6 +34,11 @@ def _totals(cost: PlanCost) -> dict:
     return out
 
 
+def _db(res: SearchResult, plan) -> float:
+    mse = res.built.predicted_error(plan)
+    return 10 * math.log10(res.table.signal / mse) if mse > 0 else math.inf
+
+
 def _plan_summary(pr: PlanResult) -> dict:
     return {"name": pr.name, "fits": pr.fits, "formats": pr.counts(),
             "totals": _totals(pr.cost), "predicted_sqnr_db": _num(pr.predicted_sqnr_db, 4),
@@ -100,10 +105,7 @@ def plan_document(res: SearchResult, *, model: str, profile: str,
         "front": {"metric": res.front.metric,
                   "points": [{"cost": _num(p.cost),
                               "relative_to_w8a8": _num(p.cost / ref.as_dict()[res.front.metric]),
-                              "predicted_sqnr_db": _num(10 * math.log10(res.table.signal
-                                                                        / p.solution.error)
-                                                        if p.solution.error > 0 else math.inf,
-                                                        4),
+                              "predicted_sqnr_db": _num(_db(res, p.solution.choice), 4),
                               "source": p.source} for p in res.front.points],
                   "measured": [_plan_summary(p) for p in res.front_plans]},
         "float_ops": [{"node": f.node, "op": f.op_type, "reason": f.reason}

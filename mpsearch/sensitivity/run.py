@@ -93,8 +93,10 @@ def estimate(analysis: Analysis, data: Dataset,
                 on_result=done)
     seconds["measured"] = time.perf_counter() - t0
 
-    predicted, relative, fit = {}, {}, None
-    if method is not Method.MEASURED:
+    predicted, relative, fit, input_noise = {}, {}, None, {}
+    # The prediction also runs for a measured table when the Hessians are there: its input
+    # noise terms let a solver correct what single-group errors count twice.
+    if method is not Method.MEASURED or analysis.calibration.hessians:
         t0 = time.perf_counter()
         gains = layer_gains(lg, analysis.calibration, analysis.ranges.weights, batches, ref,
                             lg.group_names, seed=seed)
@@ -106,8 +108,12 @@ def estimate(analysis: Analysis, data: Dataset,
         raw = {k: gains[k[0]].weight * e.weight + gains[k[0]].white * e.activation
                + gains[k[0]].input * e.input
                for k, e in errs.items()}
-        fit = fit_scale(raw, {k: measured[k] for k in runs if k in measured})
+        fit_on = runs if method is not Method.MEASURED else list(measured)
+        fit = fit_scale(raw, {k: measured[k] for k in fit_on if k in measured})
         predicted = {k: fit.alpha * r for k, r in raw.items()}
+        for (g, c), e in errs.items():
+            if c.activation.is_quantized and e.input > 0:
+                input_noise[(g, c.activation.name)] = fit.alpha * gains[g].input * e.input
         seconds["hessian"] = time.perf_counter() - t0
     if method is Method.HESSIAN:
         measured = {k: measured[k] for k in runs if k in measured}
@@ -115,4 +121,5 @@ def estimate(analysis: Analysis, data: Dataset,
             progress(len(pairs) - len(runs))
     return SensitivityTable(groups=lg.group_names, candidates=cands, signal=signal,
                             samples=samples, measured=measured, predicted=predicted,
-                            relative=relative, fit=fit, seconds=seconds)
+                            relative=relative, fit=fit, seconds=seconds,
+                            input_noise=input_noise)

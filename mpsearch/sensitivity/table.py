@@ -66,6 +66,9 @@ class SensitivityTable:
     relative: Mapping[Key, float] = field(default_factory=dict)  # layer-output relative error
     fit: HessianFit | None = None
     seconds: Mapping[str, float] = field(default_factory=dict)
+    # (group, activation format name) -> output MSE of that group's input rounding noise, the
+    # part of its single-group error a same-format producer's output quantizer also carries
+    input_noise: Mapping[tuple[str, str], float] = field(default_factory=dict)
 
     def pairs(self) -> list[Key]:
         return [(g, c) for g in self.groups for c in self.candidates[g]]
@@ -108,6 +111,7 @@ class SensitivityTable:
                 "runs": [[g, c.name] for g, c in self.fit.runs]},
             "entries": [{k: _finite(v) for k, v in r.items()} for r in self.rows()],
             "seconds": dict(self.seconds),
+            "input_noise": [[g, f, _finite(v)] for (g, f), v in self.input_noise.items()],
         }
 
     @classmethod
@@ -128,7 +132,8 @@ class SensitivityTable:
             runs=tuple((g, parse_candidate(c)) for g, c in f["runs"]))
         return cls(groups=tuple(d["groups"]), candidates=cands, signal=float(d["signal"]),
                    samples=int(d["samples"]), measured=measured, predicted=predicted,
-                   relative=relative, fit=fit, seconds=dict(d.get("seconds", {})))
+                   relative=relative, fit=fit, seconds=dict(d.get("seconds", {})),
+                   input_noise={(g, f): float(v) for g, f, v in d.get("input_noise", [])})
 
 
 def _finite(v):
