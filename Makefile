@@ -20,7 +20,8 @@ $(VENV)/.test-installed: pyproject.toml constraints.txt | $(BIN)/python
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/python examples/efficientnet_lite0/prepare.py
-	$(BIN)/mpsearch quantize examples/efficientnet_lite0/cache/model.onnx --uniform w8a8 \
+	$(BIN)/mpsearch run examples/efficientnet_lite0/cache/model.onnx \
+		--hw hw_profiles/snapdragon_8gen3.yaml --budget bops=0.75 \
 		--data examples/efficientnet_lite0/cache/calib.npz \
 		--eval-data examples/efficientnet_lite0/cache/eval.npz --out out/
 

@@ -38,6 +38,9 @@ def _shared(s: argparse.ArgumentParser) -> None:
                    help="error charged per format conversion between adjacent layers, as a "
                         "fraction of the all-w8a8 plan's predicted error (default 0: "
                         "conversions cost only their latency)")
+    s.add_argument("--refine", type=int, default=3, metavar="N",
+                   help="rounds of measuring the pairs the plan departs from w8a8 on and "
+                        "solving again (default 3; 0 trusts the predicted sensitivities)")
     s.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
     s.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes for measured sensitivities (default 1)")
@@ -105,6 +108,8 @@ def _search(args: argparse.Namespace, ui: Any, budget, *, measure: bool):
     if args.workers < 1:
         raise UsageError(f"--workers {args.workers} is not a positive number",
                          fix="pass --workers 1 or more")
+    if args.refine < 0:
+        raise UsageError(f"--refine {args.refine} is negative", fix="pass 0 or more")
     if args.front_points < 0:
         raise UsageError(f"--front-points {args.front_points} is negative", fix="pass 0 or more")
     cands = None
@@ -115,6 +120,7 @@ def _search(args: argparse.Namespace, ui: Any, budget, *, measure: bool):
                   method=args.method, candidates=cands, pin=_pins(args.pin),
                   keep_float=args.keep_float, convert_penalty=args.convert_penalty,
                   front_points=args.front_points, measure=measure, seed=args.seed,
+                  refine=args.refine,
                   options=opts, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                   workers=args.workers, progress=ui.progress)
 

@@ -36,6 +36,7 @@ from mpsearch.graph import load_model
 from mpsearch.hw.cost import CostModel, PlanCost
 from mpsearch.hw.profile import HardwareProfile, load_profile
 from mpsearch.pipeline import Analysis, QuantizeOptions, analyze
+from mpsearch.refine import Refinement, corrected_errors, pairs_to_verify, verify
 from mpsearch.sensitivity import (
     Method,
     SensitivityCache,
@@ -45,6 +46,7 @@ from mpsearch.sensitivity import (
     sqnr,
     table_variant,
 )
+from mpsearch.sensitivity.suffix import reference_outputs
 from mpsearch.solve.allocate import Allocation, Built, allocate, build_problem
 from mpsearch.solve.budget import Budget, parse_budgets
 from mpsearch.solve.greedy import greedy
@@ -107,6 +109,8 @@ class SearchResult:
     costs: CostModel = field(repr=False)
     table: SensitivityTable = field(repr=False)
     built: Built = field(repr=False)
+    errors: Mapping[tuple[str, Candidate], float] = field(repr=False)
+    refinement: Refinement
     method: Method
     budgets: tuple[Budget, ...]
     limits: Mapping[str, float]
@@ -185,6 +189,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
            front_points: int = 4,
            measure: bool = True,
            all_uniform: bool = False,
+           refine: int = 3,
            seed: int = 0,
            options: QuantizeOptions | None = None,
            cache_dir: str | os.PathLike[str] | None = None, use_cache: bool = True,
@@ -194,6 +199,8 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
     ``"latency=0.7"``, ``["bops=0.9", "size_mb=4"]`` or ``{"latency": 0.7}``).
 
     ``pin``: layer -> candidate it must take; ``keep_float``: layers left in float.
+    ``refine``: rounds of measuring the pairs the plan departs from w8a8 on and solving again
+    (:mod:`mpsearch.refine`; 0: trust the predictions).
     ``convert_penalty``: error charged per format conversion between adjacent layers, as a
     fraction of the all-w8a8 plan's predicted error (0, the default: conversions cost only
     their latency).
@@ -269,12 +276,32 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
 
     t1 = time.perf_counter()
     errors = {(g, c): table.error(g, c) for g in lg.group_names for c in cands[g]}
-    ref_error = sum(errors.get((g, costs.reference), 0.0) for g in lg.group_names)
-    built = build_problem(lg, costs, cands, errors, input_noise=table.input_noise,
-                          convert_weight=convert_penalty * ref_error)
+    known = dict(table.measured)
+    rounds: list[int] = []
+    scales: dict[str, float] = {}
+    batches = tuple(calib.batches(opts.batch_size))
+    ref_out = None
+    for r in range(refine + 1):
+        ref_error = sum(errors.get((g, costs.reference), 0.0) for g in lg.group_names)
+        built = build_problem(lg, costs, cands, errors, input_noise=table.input_noise,
+                              convert_weight=convert_penalty * ref_error)
+        alloc = allocate(built.problem, costs, budgets, pins=pins, penalty=1.0)
+        todo = pairs_to_verify(alloc.plan, costs.reference, cands, known) if r < refine else []
+        if not todo:
+            break
+        if ref_out is None:
+            ref_out = reference_outputs(lg, batches)
+        with progress(f"verifying the plan (round {r + 1})", len(todo)) as advance:
+            known.update(verify(analysis, batches, todo, workers=workers, cache=cache,
+                                reference=ref_out, progress=advance))
+        rounds.append(len(todo))
+        errors, scales = corrected_errors(table, known, cands)
+    refinement = Refinement(measured={k: v for k, v in known.items()
+                                      if k not in table.measured},
+                            rounds=tuple(rounds), scales=scales)
     problem, penalty = built.problem, 1.0  # the edges' pairwise term counts in full
-    alloc = allocate(problem, costs, budgets, pins=pins, penalty=penalty)
     limits = alloc.limits
+    seconds["refine"] = time.perf_counter() - t1
 
     def result(name: str, plan: Mapping[str, Candidate]) -> PlanResult:
         cost = costs.plan(plan)
@@ -332,7 +359,8 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
         seconds["measure"] = time.perf_counter() - t1
     seconds["total"] = time.perf_counter() - t0
     return SearchResult(analysis=analysis, profile=prof, costs=costs, table=table,
-                        built=built, method=method, budgets=budgets, limits=limits, chosen=chosen,
+                        built=built, errors=errors, refinement=refinement, method=method,
+                        budgets=budgets, limits=limits, chosen=chosen,
                         allocation=alloc,
                         uniform=tuple(uniform), greedy=greedy_plan, front=fr,
                         front_plans=front_plans, model_sha256=sha, seconds=seconds)

@@ -49,7 +49,12 @@ def test_plan_meets_every_budget_and_is_the_optimum_of_its_problem(result):
 
     lg, costs, table = result.analysis.graph, result.costs, result.table
     cands = {g: table.candidates[g] for g in lg.group_names}
-    errors = {(g, c): table.error(g, c) for g in lg.group_names for c in cands[g]}
+    errors = dict(result.errors)  # refined: measured where the plan departs from w8a8
+    assert result.refinement.rounds and all((g, c) in errors for g, c in result.plan.items())
+    for g, c in result.plan.items():
+        if c != costs.reference:
+            assert errors[(g, c)] == result.refinement.measured.get(
+                (g, c), table.measured.get((g, c)))
     built = build_problem(lg, costs, cands, errors, input_noise=table.input_noise)
     assert built.corrections  # the pairwise term is exercised
     assert len(lg.group_names) <= 8
@@ -74,7 +79,7 @@ def test_baselines_share_sensitivities_and_costs(result):
     # every uniform plan's predicted error is the sum of the same table's entries
     for u in result.uniform:
         assert u.predicted_mse == pytest.approx(result.built.predicted_error(u.plan))
-        assert u.predicted_mse <= sum(result.table.error(g, c) for g, c in u.plan.items())
+        assert u.predicted_mse <= sum(result.errors[(g, c)] for g, c in u.plan.items())
         assert u.fits == (u.cost.relative["bops"] <= 0.9 + 1e-9
                           and u.cost.relative["weight_bytes"] <= 0.8 + 1e-9)
     assert result.greedy is not None

@@ -14,6 +14,7 @@ import pandas as pd
 
 from mpsearch.hw.cost import METRICS, PlanCost
 from mpsearch.job import PlanResult, SearchResult
+from mpsearch.sensitivity import sqnr
 
 __all__ = ["SCHEMA", "plan_document", "plan_frame"]
 
@@ -60,15 +61,16 @@ def plan_frame(res: SearchResult) -> pd.DataFrame:
         c = res.plan[g]
         lc = costs.layer(g, c)
         layer = lg.layers[g]
-        mse = table.error(g, c)
+        mse = res.errors[(g, c)]
         rows.append({
             "group": g, "op_type": layer.op_type, "candidate": c.name,
             "weight_format": c.weight.name, "activation_format": c.activation.name,
             "macs": lc.macs, "latency_s": _num(lc.latency_s), "latency_from": lc.latency_from,
             "bops": _num(lc.bops), "weight_bytes": _num(lc.weight_bytes),
             "activation_bytes": _num(lc.activation_bytes), "energy_j": _num(lc.energy_j),
-            "predicted_mse": _num(mse), "predicted_sqnr_db": _num(table.sqnr_db(g, c), 4),
-            "measured_single_mse": _num(table.measured.get((g, c))),
+            "predicted_mse": _num(mse), "predicted_sqnr_db": _num(sqnr(table.signal, mse), 4),
+            "measured_single_mse": _num(table.measured.get((g, c),
+                                                           res.refinement.measured.get((g, c)))),
         })
     return pd.DataFrame(rows)
 
@@ -100,6 +102,9 @@ def plan_document(res: SearchResult, *, model: str, profile: str,
                     "measured": _measured(res.chosen)},
         "solver": {"status": res.allocation.solution.status,
                    "resolves": res.allocation.resolves},
+        "refinement": {"rounds": list(res.refinement.rounds),
+                       "pairs_measured": len(res.refinement.measured),
+                       "scales": {k: _num(v, 4) for k, v in sorted(res.refinement.scales.items())}},
         "baselines": [_plan_summary(u) for u in res.uniform]
         + ([_plan_summary(res.greedy)] if res.greedy else []),
         "front": {"metric": res.front.metric,
