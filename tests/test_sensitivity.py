@@ -183,8 +183,16 @@ def test_sigint_leaves_a_cache_that_a_rerun_completes(tmp_path):
             break
         time.sleep(0.01)
     assert proc.poll() is None, proc.communicate()[1]
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    # Ctrl-C, pressed again while the process lives (a first signal can land where the child
+    # does not see it, e.g. while a library holds the signal; seen once in a full suite run)
+    err = b""
+    for _ in range(20):
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=1)
+            break
+        except subprocess.TimeoutExpired:
+            continue
     assert proc.returncode == 130, err
     assert not (tmp_path / "out").exists()
     done = len(cache_files()[0].read_text().splitlines())
