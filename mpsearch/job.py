@@ -269,7 +269,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
         with progress(f"sensitivity ({method.value})",
                       sum(len(v) for v in cands.values())) as advance:
             table = estimate(analysis, calib, cands, method=method, workers=workers,
-                             cache=cache, progress=advance, seed=seed)
+                             cache=cache, progress=advance, seed=seed, predict=True)
         if cache is not None:
             cache.save_table(variant, table.to_dict())
     seconds["sensitivity"] = time.perf_counter() - t1

@@ -49,10 +49,11 @@ def estimate(analysis: Analysis, data: Dataset,
              method: Method = Method.HESSIAN, workers: int = 1,
              cache: SensitivityCache | None = None,
              progress: Callable[[int], None] | None = None,
-             seed: int = 0) -> SensitivityTable:
+             seed: int = 0, predict: bool | None = None) -> SensitivityTable:
     """Sensitivity of every (group, candidate) on the calibration ``data``. ``progress`` is
     called with the number of (group, candidate) results finished (measured or cached).
-    ``seed``: of the noise in the gain runs."""
+    ``seed``: of the noise in the gain runs. ``predict``: also run the Hessian prediction
+    (default: unless the method is measured; a search wants it for its input-noise terms)."""
     lg = analysis.graph
     cands = {g: tuple(candidates.get(g, ())) for g in lg.group_names}
     pairs = [(g, c) for g in lg.group_names for c in cands[g]]
@@ -94,9 +95,11 @@ def estimate(analysis: Analysis, data: Dataset,
     seconds["measured"] = time.perf_counter() - t0
 
     predicted, relative, fit, input_noise = {}, {}, None, {}
-    # The prediction also runs for a measured table when the Hessians are there: its input
-    # noise terms let a solver correct what single-group errors count twice.
-    if method is not Method.MEASURED or analysis.calibration.hessians:
+    # A search also wants it for a measured table: its input-noise terms let the solver
+    # correct what single-group errors count twice.
+    if predict is None:
+        predict = method is not Method.MEASURED
+    if predict and (method is not Method.MEASURED or analysis.calibration.hessians):
         t0 = time.perf_counter()
         gains = layer_gains(lg, analysis.calibration, analysis.ranges.weights, batches, ref,
                             lg.group_names, seed=seed)
