@@ -36,7 +36,7 @@ from mpsearch.graph import load_model
 from mpsearch.hw.cost import CostModel, PlanCost
 from mpsearch.hw.profile import HardwareProfile, load_profile
 from mpsearch.pipeline import Analysis, QuantizeOptions, analyze
-from mpsearch.refine import Refinement, corrected_errors, pairs_to_verify, verify
+from mpsearch.refine import Refinement, corrected_errors, pairs_to_verify
 from mpsearch.sensitivity import (
     Method,
     SensitivityCache,
@@ -46,6 +46,7 @@ from mpsearch.sensitivity import (
     sqnr,
     table_variant,
 )
+from mpsearch.sensitivity.run import measure_pairs
 from mpsearch.sensitivity.suffix import reference_outputs
 from mpsearch.solve.allocate import Allocation, Built, allocate, build_problem
 from mpsearch.solve.budget import Budget, parse_budgets
@@ -292,8 +293,8 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
         if ref_out is None:
             ref_out = reference_outputs(lg, batches)
         with progress(f"verifying the plan (round {r + 1})", len(todo)) as advance:
-            known.update(verify(analysis, batches, todo, workers=workers, cache=cache,
-                                reference=ref_out, progress=advance))
+            known.update(measure_pairs(analysis, batches, todo, workers=workers, cache=cache,
+                                       reference=ref_out, progress=advance))
         rounds.append(len(todo))
         errors, scales = corrected_errors(table, known, cands)
     refinement = Refinement(measured={k: v for k, v in known.items()

@@ -3,11 +3,12 @@
 An exact solver over predicted errors exploits their mistakes (the optimizer's curse): among
 hundreds of (group, candidate) pairs it picks exactly those whose errors are predicted too
 small. So after each solve, the pairs the plan departs on (its groups away from w8a8, at their
-chosen candidate and at w8a8) are measured for real (:mod:`mpsearch.sensitivity.measured`,
-a fraction of a second each, cached), the unmeasured predictions are rescaled per candidate by
-the median ratio measured/predicted seen so far, and the problem is solved again, until the
-plan departs only on measured pairs or ``rounds`` run out. The final plan is then the exact
-optimum of errors that are measured wherever it differs from w8a8.
+chosen candidate and at w8a8) are measured for real
+(:func:`mpsearch.sensitivity.run.measure_pairs`, a fraction of a second each, cached), the
+unmeasured predictions are rescaled per candidate by the median ratio measured/predicted seen
+so far, and the problem is solved again, until the plan departs only on measured pairs or
+``rounds`` run out. The final plan is then the exact optimum of errors that are measured
+wherever it differs from w8a8.
 """
 
 from __future__ import annotations
@@ -15,17 +16,13 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mpsearch.formats import Candidate
-from mpsearch.pipeline import Analysis
-from mpsearch.sensitivity.cache import SensitivityCache
-from mpsearch.sensitivity.measured import MeasureContext, measure
-from mpsearch.sensitivity.suffix import reference_outputs
 from mpsearch.sensitivity.table import SensitivityTable, unchanged
 
-__all__ = ["Refinement", "corrected_errors", "pairs_to_verify", "verify"]
+__all__ = ["Refinement", "corrected_errors", "pairs_to_verify"]
 
 log = logging.getLogger(__name__)
 
@@ -82,37 +79,3 @@ def pairs_to_verify(plan: Mapping[str, Candidate], reference: Candidate,
             if k[1] in candidates[g] and k not in known and k not in out:
                 out.append(k)
     return out
-
-
-def verify(analysis: Analysis, batches: Sequence[Mapping], todo: Sequence[Key], *,
-           workers: int = 1, cache: SensitivityCache | None = None,
-           reference: Sequence[Mapping] | None = None,
-           progress: Callable[[int], None] | None = None) -> dict[Key, float]:
-    """Measure ``todo`` (single-group output MSE on ``batches``), through the cache."""
-    lg = analysis.graph
-    got: dict[Key, float] = {}
-    if cache is not None:
-        old = cache.measured()
-        got = {k: old[k] for k in todo if k in old}
-    work: dict[str, list[Candidate]] = {}
-    for g, c in todo:
-        if (g, c) not in got:
-            work.setdefault(g, []).append(c)
-    if progress and got:
-        progress(len(got))
-
-    def done(g: str, c: Candidate, mse: float) -> None:
-        got[(g, c)] = mse
-        if cache is not None:
-            cache.add_measured(g, c, mse)
-        if progress:
-            progress(1)
-
-    if work:
-        ref = tuple(reference) if reference is not None else tuple(
-            reference_outputs(lg, batches))
-        ctx = MeasureContext(graph=lg, ranges=analysis.ranges, batches=tuple(batches),
-                             reference=ref)
-        measure(ctx, [(g, work[g]) for g in lg.group_names if g in work], workers=workers,
-                on_result=done)
-    return got

@@ -25,7 +25,7 @@ from mpsearch.sensitivity.measured import MeasureContext, measure
 from mpsearch.sensitivity.suffix import reference_outputs
 from mpsearch.sensitivity.table import SensitivityTable
 
-__all__ = ["Method", "estimate", "table_variant"]
+__all__ = ["Method", "estimate", "measure_pairs", "table_variant"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,46 @@ class Method(enum.Enum):
     MEASURED = "measured"
     HESSIAN = "hessian"
     BOTH = "both"
+
+
+def measure_pairs(analysis: Analysis, batches: Sequence[Mapping[str, np.ndarray]],
+                  pairs: Sequence[tuple[str, Candidate]], *, workers: int = 1,
+                  cache: SensitivityCache | None = None,
+                  reference: Sequence[Mapping[str, np.ndarray]] | None = None,
+                  progress: Callable[[int], None] | None = None
+                  ) -> dict[tuple[str, Candidate], float]:
+    """The single-group output MSE of each of ``pairs`` on ``batches``: from the cache where
+    it has them, else measured (and added to the cache as each result arrives).
+    ``reference``: the float outputs on ``batches``, when already computed."""
+    lg = analysis.graph
+    measured: dict[tuple[str, Candidate], float] = {}
+    if cache is not None:
+        old = cache.measured()
+        measured = {k: old[k] for k in pairs if k in old}
+    if progress and measured:
+        progress(len(measured))
+    todo: dict[str, list[Candidate]] = {}
+    for g, c in pairs:
+        if (g, c) not in measured:
+            todo.setdefault(g, []).append(c)
+
+    def done(g: str, c: Candidate, mse: float) -> None:
+        measured[(g, c)] = mse
+        if cache is not None:
+            cache.add_measured(g, c, mse)
+        if progress:
+            progress(1)
+
+    if todo:
+        log.info("measuring %d single-group runs (%d cached)",
+                 sum(len(v) for v in todo.values()), len(measured))
+        ref = tuple(reference) if reference is not None else tuple(
+            reference_outputs(lg, batches))
+        ctx = MeasureContext(graph=lg, ranges=analysis.ranges, batches=tuple(batches),
+                             reference=ref)
+        measure(ctx, [(g, todo[g]) for g in lg.group_names if g in todo], workers=workers,
+                on_result=done)
+    return measured
 
 
 def table_variant(method: Method, candidates: Mapping[str, Sequence[Candidate]]) -> dict:
@@ -69,29 +109,9 @@ def estimate(analysis: Analysis, data: Dataset,
 
     runs = fit_runs(lg, cands, count=FIT_RUNS) if method is not Method.MEASURED else []
     to_measure = pairs if method is not Method.HESSIAN else runs
-    measured = cache.measured() if cache is not None else {}
-    measured = {k: v for k, v in measured.items() if k in set(to_measure)}
-    if progress and measured:
-        progress(len(measured))
-    todo: dict[str, list[Candidate]] = {}
-    for g, c in to_measure:
-        if (g, c) not in measured:
-            todo.setdefault(g, []).append(c)
-
-    def done(g: str, c: Candidate, mse: float) -> None:
-        measured[(g, c)] = mse
-        if cache is not None:
-            cache.add_measured(g, c, mse)
-        if progress:
-            progress(1)
-
     t0 = time.perf_counter()
-    if todo:
-        log.info("measuring %d single-group runs (%d cached)",
-                 sum(len(v) for v in todo.values()), len(measured))
-        ctx = MeasureContext(graph=lg, ranges=analysis.ranges, batches=batches, reference=ref)
-        measure(ctx, [(g, todo[g]) for g in lg.group_names if g in todo], workers=workers,
-                on_result=done)
+    measured = measure_pairs(analysis, batches, to_measure, workers=workers, cache=cache,
+                             reference=ref, progress=progress)
     seconds["measured"] = time.perf_counter() - t0
 
     predicted, relative, fit, input_noise = {}, {}, None, {}
