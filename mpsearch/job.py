@@ -174,6 +174,18 @@ def _pins(analysis: Analysis, costs: CostModel, candidates: Mapping[str, Sequenc
                                  f"{c.name} ({e})",
                                  fix=f"pin one of {', '.join(x.name for x in candidates[node])}"
                                  ) from None
+    for tie in lg.tie_classes():
+        for g in sorted(tie & set(out)):
+            act = out[g].activation
+            for other in sorted(tie - {g}):
+                if not any(c.activation == act for c in (*candidates[other],
+                                                         *([out[other]] if other in out
+                                                           else []))):
+                    raise UsageError(
+                        f"pin {g}={out[g].name} needs {other} to take {act.name} activations "
+                        f"too (they meet at an Add or Concat and must share a format), and "
+                        f"none of its candidates does",
+                        fix=f"pin {other} as well, or allow {act.name} activations for it")
     return out
 
 
@@ -244,16 +256,6 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
     for g, c in pins.items():
         if c not in cands[g]:
             cands[g] = (*cands[g], c)
-    for tie in lg.tie_classes():
-        for g in sorted(tie & set(pins)):
-            act = pins[g].activation
-            for other in sorted(tie - {g}):
-                if not any(c.activation == act for c in cands[other]):
-                    raise UsageError(
-                        f"pin {g}={pins[g].name} needs {other} to take {act.name} activations "
-                        f"too (they meet at an Add or Concat and must share a format), and "
-                        f"none of its candidates does",
-                        fix=f"pin {other} as well, or allow {act.name} activations for it")
     seconds["calibrate"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
