@@ -10,7 +10,9 @@ from typing import Any
 
 from mpsearch.errors import UsageError
 
-RUN_OUTPUTS = ("model.qdq.onnx", "plan.json", "plan.csv", "pareto.png")
+RUN_OUTPUTS = ("model.qdq.onnx", "model.float.onnx", "encodings.json", "ort_overrides.json",
+               "plan.json", "plan.csv", "sensitivity.json", "report.html", "pareto.png",
+               "allocation.png", "sensitivity.png")
 PARETO_OUTPUTS = ("pareto.json", "pareto.csv", "pareto.png")
 
 
@@ -74,6 +76,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="front points exported and measured besides the plan (default 4)")
     s.add_argument("--no-measure", action="store_true",
                    help="export the plan without running any evaluation")
+    s.add_argument("--no-select", action="store_true",
+                   help="ship the ILP's plan as it is, instead of the best measured on the "
+                        "calibration data of a shortlist of plans that fit (the ILP's of "
+                        "every refinement round, greedy's, "
+                        "the best uniform one)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser(
@@ -120,14 +127,15 @@ def _search(args: argparse.Namespace, ui: Any, budget, *, measure: bool):
                   method=args.method, candidates=cands, pin=_pins(args.pin),
                   keep_float=args.keep_float, convert_penalty=args.convert_penalty,
                   front_points=args.front_points, measure=measure, seed=args.seed,
-                  refine=args.refine,
+                  refine=args.refine, select=not getattr(args, "no_select", True),
                   options=opts, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                   workers=args.workers, progress=ui.progress)
 
 
 def cmd_run(args: argparse.Namespace, ui: Any) -> int:
+    from mpsearch.cli_sensitivity import sensitivity_document
     from mpsearch.outputs import OutputDir
-    from mpsearch.report.pareto import pareto_plot
+    from mpsearch.report.html import write_report
     from mpsearch.report.plan import plan_document, plan_frame
 
     inputs = [args.model, args.data, args.hw] + ([args.eval_data] if args.eval_data else [])
@@ -135,11 +143,17 @@ def cmd_run(args: argparse.Namespace, ui: Any) -> int:
     try:
         t0 = time.perf_counter()
         res = _search(args, ui, args.budget, measure=not args.no_measure)
-        out.write_model("model.qdq.onnx", res.qdq().model)
-        doc = plan_document(res, model=str(args.model), profile=str(args.hw))
+        qm = res.qdq()
+        out.write_model("model.qdq.onnx", qm.model)
+        exports = _write_exports(out, res, qm)
+        doc = plan_document(res, model=str(args.model), profile=str(args.hw),
+                            extra={"exports": exports})
         out.write_json("plan.json", doc)
         out.write_with("plan.csv", lambda p: plan_frame(res).to_csv(p, index=False))
-        out.write_with("pareto.png", lambda p: pareto_plot(res, p))
+        out.write_json("sensitivity.json", sensitivity_document(
+            res.table, model=args.model, profile=args.hw, data=args.data, method=res.method,
+            timings=False))
+        write_report(out.path, out)  # also draws pareto.png, allocation.png, sensitivity.png
         seconds = round(time.perf_counter() - t0, 2)
     except BaseException:
         out.rollback()
@@ -151,6 +165,25 @@ def cmd_run(args: argparse.Namespace, ui: Any) -> int:
         return 0
     _summary(ui, res, out.path, seconds)
     return 0
+
+
+def _write_exports(out: Any, res, qm) -> dict:
+    """The float model the plan quantizes and the plan for QNN's converter and ORT's
+    quantize_static (docs/exports.md). A plan neither format can carry (fp8) skips both files,
+    with the reason recorded in plan.json."""
+    from mpsearch.errors import ExportError
+    from mpsearch.export.encodings import encodings_document
+    from mpsearch.export.overrides import ort_overrides
+
+    out.write_model("model.float.onnx", res.analysis.graph.model)
+    files = {"model": "model.qdq.onnx", "float_model": "model.float.onnx"}
+    try:
+        enc, ov = encodings_document(qm), ort_overrides(qm)
+    except ExportError as e:
+        return {**files, "encodings": None, "ort_overrides": None, "skipped": e.problem}
+    out.write_json("encodings.json", enc)
+    out.write_json("ort_overrides.json", ov)
+    return {**files, "encodings": "encodings.json", "ort_overrides": "ort_overrides.json"}
 
 
 def _summary(ui: Any, res, path, seconds: float) -> None:
@@ -176,7 +209,8 @@ def _summary(ui: Any, res, path, seconds: float) -> None:
         row(u)
     ui.out.print(t)
     ui.out.print("formats: " + ", ".join(f"{k} x{v}" for k, v in res.chosen.counts().items()))
-    ui.out.print(f"wrote {path}/model.qdq.onnx, plan.json, plan.csv, pareto.png in {seconds} s")
+    ui.out.print(f"wrote {path}/report.html, model.qdq.onnx, encodings.json, "
+                 f"ort_overrides.json, plan.json, plan.csv in {seconds} s")
 
 
 def cmd_pareto(args: argparse.Namespace, ui: Any) -> int:

@@ -137,6 +137,17 @@ def cmd_sensitivity(args: argparse.Namespace, ui: Any) -> int:
     return 0
 
 
+def sensitivity_document(table, *, model, profile, data, method, timings: bool = True) -> dict:
+    """``sensitivity.json``: the table with what it was computed from (paths as given);
+    ``timings=False`` leaves out the stage timings (``seconds``), so the same inputs give the
+    same bytes."""
+    doc = {"model": str(model), "profile": str(profile), "data": str(data),
+           "method": method.value, **table.to_dict()}
+    if not timings:
+        doc.pop("seconds", None)
+    return doc
+
+
 def _write(out, table, lg, args: argparse.Namespace, method) -> None:
     import pandas as pd
 
@@ -151,9 +162,8 @@ def _write(out, table, lg, args: argparse.Namespace, method) -> None:
                                      "measured_mse", "measured_sqnr_db", "predicted_mse",
                                      "predicted_sqnr_db", "layer_relative_error"])
     out.write_with("sensitivity.csv", lambda p: df.to_csv(p, index=False, float_format="%.6g"))
-    doc = {"model": str(args.model), "profile": str(args.hw), "data": str(args.data),
-           "method": method.value, **table.to_dict()}
-    out.write_json("sensitivity.json", doc)
+    out.write_json("sensitivity.json", sensitivity_document(
+        table, model=args.model, profile=args.hw, data=args.data, method=method))
     out.write_with("sensitivity.png", lambda p: sensitivity_heatmap(table, p))
 
 

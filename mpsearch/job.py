@@ -37,6 +37,8 @@ from mpsearch.hw.cost import CostModel, PlanCost
 from mpsearch.hw.profile import HardwareProfile, load_profile
 from mpsearch.pipeline import Analysis, QuantizeOptions, analyze
 from mpsearch.refine import Refinement, corrected_errors, pairs_to_verify
+from mpsearch.select import Selection
+from mpsearch.select import select as select_plan
 from mpsearch.sensitivity import (
     Method,
     SensitivityCache,
@@ -122,6 +124,7 @@ class SearchResult:
     front: Front = field(repr=False)
     front_plans: tuple[PlanResult, ...]
     model_sha256: str
+    selection: Selection | None = None  # the shortlist measured on the calibration data
     seconds: Mapping[str, float] = field(default_factory=dict)
 
     @property
@@ -203,6 +206,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
            measure: bool = True,
            all_uniform: bool = False,
            refine: int = 3,
+           select: bool = True,
            seed: int = 0,
            options: QuantizeOptions | None = None,
            cache_dir: str | os.PathLike[str] | None = None, use_cache: bool = True,
@@ -213,7 +217,10 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
 
     ``pin``: layer -> candidate it must take; ``keep_float``: layers left in float.
     ``refine``: rounds of measuring the pairs the plan departs from w8a8 on and solving again
-    (:mod:`mpsearch.refine`; 0: trust the predictions).
+    (:mod:`mpsearch.refine`; 0: trust the predictions). ``select``: measure a shortlist of
+    plans that fit (the ILP's of every refinement round, greedy's, the
+    best uniform one) on the calibration data and ship the best measured
+    (:mod:`mpsearch.select`; False: ship the ILP's plan).
     ``convert_penalty``: error charged per format conversion between adjacent layers, as a
     fraction of the all-w8a8 plan's predicted error (0, the default: conversions cost only
     their latency).
@@ -281,6 +288,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
     errors = {(g, c): table.error(g, c) for g in lg.group_names for c in cands[g]}
     known = dict(table.measured)
     rounds: list[int] = []
+    round_plans: list[dict[str, Candidate]] = []
     scales: dict[str, float] = {}
     batches = tuple(calib.batches(opts.batch_size))
     ref_out = None
@@ -289,6 +297,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
         built = build_problem(lg, costs, cands, errors, input_noise=table.input_noise,
                               convert_weight=convert_penalty * ref_error)
         alloc = allocate(built.problem, costs, budgets, pins=pins, penalty=1.0)
+        round_plans.append(dict(alloc.plan))
         todo = pairs_to_verify(alloc.plan, costs.reference, cands, known) if r < refine else []
         if not todo:
             break
@@ -329,6 +338,18 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
     fr = front(problem, metric, budgets=others, points=30, pins=pins, penalty=penalty)
     seconds["solve"] = time.perf_counter() - t1
 
+    selection = None
+    if select:
+        t1 = time.perf_counter()
+        shortlist = _shortlist(round_plans, chosen.predicted_sqnr_db, greedy_plan, uniform,
+                               pins)
+        if ref_out is None:
+            ref_out = reference_outputs(lg, batches)
+        with progress("measuring the shortlist", len(shortlist)) as advance:
+            selection = select_plan(analysis, shortlist, batches, ref_out, progress=advance)
+        chosen = result("mpsearch", selection.best.plan)
+        seconds["select"] = time.perf_counter() - t1
+
     front_plans = tuple(result(f"front {i}", dict(p.solution.choice))
                         for i, p in enumerate(_spread(fr, front_points)))
     if measure:
@@ -366,7 +387,29 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
                         budgets=budgets, limits=limits, chosen=chosen,
                         allocation=alloc,
                         uniform=tuple(uniform), greedy=greedy_plan, front=fr,
-                        front_plans=front_plans, model_sha256=sha, seconds=seconds)
+                        front_plans=front_plans, model_sha256=sha, selection=selection,
+                        seconds=seconds)
+
+
+UNIFORM_MARGIN_DB = 3.0  # a uniform plan predicted this far below the ILP's is not measured
+
+
+def _shortlist(round_plans: Sequence[Mapping[str, Candidate]], ilp_db: float,
+               greedy_plan: PlanResult | None, uniform: Sequence[PlanResult],
+               pins: Mapping[str, Candidate]) -> list[tuple[str, Mapping[str, Candidate]]]:
+    """Plans that meet every limit by the exact cost model and keep every pin, the final ILP
+    plan first (every round's plan met the same budgets and pins; ``ilp_db``: the final plan's
+    predicted SQNR)."""
+    out: list[tuple[str, Mapping[str, Candidate]]] = [("ILP", round_plans[-1])]
+    out += [(f"ILP round {i + 1}", p) for i, p in enumerate(round_plans[:-1])]
+    if greedy_plan is not None and greedy_plan.fits:
+        out.append(("greedy", greedy_plan.plan))
+    fitting = sorted((u for u in uniform
+                      if u.fits and all(u.plan[g] == c for g, c in pins.items())),
+                     key=lambda u: -u.predicted_sqnr_db)
+    if fitting and fitting[0].predicted_sqnr_db >= ilp_db - UNIFORM_MARGIN_DB:
+        out.append((fitting[0].name, fitting[0].plan))
+    return out
 
 
 def _spread(fr: Front, count: int):

@@ -50,8 +50,9 @@ def test_plan_meets_every_budget_and_is_the_optimum_of_its_problem(result):
     lg, costs, table = result.analysis.graph, result.costs, result.table
     cands = {g: table.candidates[g] for g in lg.group_names}
     errors = dict(result.errors)  # refined: measured where the plan departs from w8a8
-    assert result.refinement.rounds and all((g, c) in errors for g, c in result.plan.items())
-    for g, c in result.plan.items():
+    ilp = result.allocation.plan  # the exact optimum; the shipped plan is the best measured
+    assert result.refinement.rounds and all((g, c) in errors for g, c in ilp.items())
+    for g, c in ilp.items():
         if c != costs.reference:
             assert errors[(g, c)] == result.refinement.measured.get(
                 (g, c), table.measured.get((g, c)))
@@ -65,7 +66,34 @@ def test_plan_meets_every_budget_and_is_the_optimum_of_its_problem(result):
         if pc.relative["bops"] <= 0.9 and pc.relative["weight_bytes"] <= 0.8:
             e = built.predicted_error(plan)
             best = e if best is None else min(best, e)
-    assert result.chosen.predicted_mse == pytest.approx(best, rel=1e-9)
+    assert built.predicted_error(ilp) == pytest.approx(best, rel=1e-9)
+
+
+def test_the_shipped_plan_is_the_best_measured_of_a_shortlist_that_fits(result, files):
+    sel = result.selection
+    names = [n for c in sel.contenders for n in (c.name, *c.same_as)]
+    assert sel.contenders[0].name == "ILP" and "greedy" in names
+    from mpsearch.job import UNIFORM_MARGIN_DB
+
+    best_u = max((u for u in result.uniform if u.fits), key=lambda u: u.predicted_sqnr_db)
+    ilp_db = result.table.signal and 10 * np.log10(
+        result.table.signal / result.built.predicted_error(result.allocation.plan))
+    assert (best_u.name in names) == (best_u.predicted_sqnr_db >= ilp_db - UNIFORM_MARGIN_DB)
+    for c in sel.contenders:  # every contender meets both budgets by the exact cost model
+        rel = result.costs.plan(c.plan).relative
+        assert rel["bops"] <= 0.9 + 1e-9 and rel["weight_bytes"] <= 0.8 + 1e-9
+    assert dict(result.plan) == dict(sel.best.plan)
+    assert sel.best.calibration_mse == min(c.calibration_mse for c in sel.contenders)
+    # re-measured from scratch (a fresh float run, export and session): the same number
+    from mpsearch.data import open_dataset
+    from mpsearch.select import plan_mse
+    from mpsearch.sensitivity.suffix import reference_outputs
+
+    batches = list(open_dataset(files["calib"], result.analysis.original,
+                                name="calibration").batches(8))
+    ref = reference_outputs(result.analysis.graph, batches)
+    assert plan_mse(result.analysis, result.plan, batches, ref) == pytest.approx(
+        sel.best.calibration_mse, rel=1e-6)
 
 
 def test_exported_file_holds_the_plan(result, tmp_path):
@@ -83,7 +111,8 @@ def test_baselines_share_sensitivities_and_costs(result):
         assert u.fits == (u.cost.relative["bops"] <= 0.9 + 1e-9
                           and u.cost.relative["weight_bytes"] <= 0.8 + 1e-9)
     assert result.greedy is not None
-    assert result.greedy.predicted_mse >= result.chosen.predicted_mse - 1e-15
+    ilp_mse = result.built.predicted_error(result.allocation.plan)
+    assert result.greedy.predicted_mse >= ilp_mse - 1e-15  # the ILP is the predicted optimum
     assert result.chosen.measured is not None and result.chosen.measured.sqnr_db > 10
 
 
@@ -97,7 +126,9 @@ def test_same_inputs_and_seed_give_the_same_bytes(files, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert _run(files, a, "--budget", "bops=0.8", "--seed", "3") == 0
     assert _run(files, b, "--budget", "bops=0.8", "--seed", "3") == 0
-    for name in ("plan.json", "plan.csv", "model.qdq.onnx", "pareto.png"):
+    for name in ("plan.json", "plan.csv", "model.qdq.onnx", "model.float.onnx",
+                 "encodings.json", "ort_overrides.json", "sensitivity.json", "report.html",
+                 "pareto.png", "allocation.png", "sensitivity.png"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     doc = json.loads((a / "plan.json").read_text())
     assert doc["schema"] == "mpsearch.plan/1"

@@ -1,10 +1,17 @@
-"""The sensitivity heatmap: quantizer groups along the network (rows) × candidates (columns),
-coloured by the SQNR of the network output when that group alone takes that candidate."""
+"""The sensitivity heatmap: quantizer groups along the network (columns) x candidates (rows),
+coloured by the SQNR of the network output when that group alone takes that candidate,
+``SQNR = 10 log10(E[y^2] / E[(y - y_c)^2])``: dark cells are where a format hurts.
+
+It draws a :class:`SensitivityTable`, so ``sensitivity.json`` read back with
+``SensitivityTable.from_dict`` gives the same picture; with ``chosen`` (group -> candidate
+name) the plan's choice is outlined in each row.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -12,15 +19,20 @@ from mpsearch.sensitivity.table import SensitivityTable, unchanged
 
 __all__ = ["sensitivity_heatmap"]
 
+CAP_DB = 100.0
+DPI = 100
+
 
 def sensitivity_heatmap(table: SensitivityTable, path: str | os.PathLike[str], *,
-                        title: str = "Single-group sensitivity") -> None:
+                        title: str = "Single-group sensitivity",
+                        chosen: Mapping[str, str] | None = None) -> None:
     """Write a PNG; measured values where there are any, else predicted (marked in the
     title)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     cands: list = []
     for g in table.groups:
@@ -32,20 +44,46 @@ def sensitivity_heatmap(table: SensitivityTable, path: str | os.PathLike[str], *
         for j, c in enumerate(cands):
             if c in table.candidates[g]:
                 v = table.sqnr_db(g, c)
-                grid[i, j] = min(v, 100.0) if math.isfinite(v) else 100.0
+                grid[i, j] = min(v, CAP_DB) if math.isfinite(v) else CAP_DB
     src = "measured" if table.measured and len(table.measured) >= len(table.pairs()) // 2 \
         else "Hessian-predicted"
-    h = max(4.0, 0.18 * len(table.groups) + 1.5)
-    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * len(cands), h), dpi=100)
+    n, k = len(table.groups), len(cands)
+    grid = grid.T  # candidates down, groups across: the network reads left to right
+    width = min(max(10.0, 0.24 * n + 3.0), 24.0)
+    fig, ax = plt.subplots(figsize=(width, 2.8 + 0.5 * k), dpi=DPI)
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xticks(range(len(cands)), [c.name for c in cands], rotation=30, ha="right")
-    step = max(1, len(table.groups) // 60)
-    ax.set_yticks(range(0, len(table.groups), step),
-                  [table.groups[k] for k in range(0, len(table.groups), step)], fontsize=7)
-    ax.set_xlabel("candidate")
-    ax.set_ylabel("quantizer group (network order)")
-    ax.set_title(f"{title} ({src}, output SQNR dB)", fontsize=10)
-    fig.colorbar(im, ax=ax, label="SQNR dB (higher is better)")
+    ax.set_yticks(range(k), [c.name for c in cands])
+    step = max(1, n // 100)
+    ax.set_xticks(range(0, n, step), [table.groups[i] for i in range(0, n, step)],
+                  rotation=90, fontsize=7 if n > 30 else 8)
+    if n <= 120 and k <= 12:
+        finite = grid[np.isfinite(grid)]
+        mid = float(np.nanmean(finite)) if finite.size else 0.0
+        for j in range(k):
+            for i in range(n):
+                v = grid[j, i]
+                if np.isfinite(v):
+                    ax.text(i, j, f"{v:.0f}", ha="center", va="center",
+                            fontsize=6 if n > 40 else 7,
+                            color="black" if v > mid else "white")
+    if chosen:
+        names = [c.name for c in cands]
+        first = True
+        for i, g in enumerate(table.groups):
+            name = chosen.get(g)
+            if name in names:
+                ax.add_patch(Rectangle((i - 0.5, names.index(name) - 0.5), 1, 1, fill=False,
+                                       ec="red", lw=1.6,
+                                       label="the plan's choice" if first else None))
+                first = False
+        if not first:
+            ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8,
+                      frameon=False)
+    ax.set_ylabel("candidate")
+    ax.set_xlabel("quantizer group, in network order")
+    ax.set_title(f"{title}: {src} output SQNR in dB with one group quantized at a time "
+                 "(higher is better)", fontsize=10, loc="left")
+    fig.colorbar(im, ax=ax, label="SQNR dB", fraction=0.04, pad=0.01)
     fig.tight_layout()
-    fig.savefig(path, format="png", metadata={"Software": None})
+    fig.savefig(os.fspath(path), format="png", dpi=DPI, metadata={"Software": None})
     plt.close(fig)

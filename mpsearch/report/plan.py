@@ -53,6 +53,21 @@ def _measured(pr: PlanResult) -> dict | None:
     return {k: (_num(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
 
 
+def _selection(res: SearchResult) -> dict | None:
+    """The shortlist measured on the calibration data (mpsearch/select.py)."""
+    sel = res.selection
+    if sel is None:
+        return None
+    return {"data": "calibration", "chosen": sel.best.name,
+            "contenders": [{"name": c.name, "same_as": list(c.same_as),
+                            "calibration_sqnr_db": _num(sqnr(res.table.signal,
+                                                             c.calibration_mse), 4),
+                            "predicted_sqnr_db": _num(_db(res, c.plan), 4),
+                            "relative": {m: _num(v, 6) for m, v in
+                                         sorted(res.costs.plan(c.plan).relative.items())}}
+                           for c in sel.contenders]}
+
+
 def plan_frame(res: SearchResult) -> pd.DataFrame:
     """One row per quantizer group along the network: formats, costs, predicted error."""
     lg, costs, table = res.analysis.graph, res.costs, res.table
@@ -102,6 +117,7 @@ def plan_document(res: SearchResult, *, model: str, profile: str,
                     "measured": _measured(res.chosen)},
         "solver": {"status": res.allocation.solution.status,
                    "resolves": res.allocation.resolves},
+        "selection": _selection(res),
         "refinement": {"rounds": list(res.refinement.rounds),
                        "pairs_measured": len(res.refinement.measured),
                        "scales": {k: _num(v, 4) for k, v in sorted(res.refinement.scales.items())}},
