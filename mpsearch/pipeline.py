@@ -7,7 +7,6 @@ calibration data); the returned :class:`Analysis` then exports any number of pla
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -45,7 +44,7 @@ class QuantizeOptions:
     equalize: EqualizeMode = EqualizeMode.OFF  # measured: does not help (equalize.py)
     bias_correction: bool = True
     # GPTQ on the layer Hessians, measured better than nearest (layerquant.py); costs a slower
-    # calibration pass (the Hessians) and needs torch (without it: nearest, with a warning)
+    # calibration pass (the Hessians)
     rounding: Rounding = Rounding.HESSIAN
 
 
@@ -109,10 +108,6 @@ def analyze(model: onnx.ModelProto, data: Dataset, *,
     ``hessians``: also collect the layer Hessians (:mod:`mpsearch.hessian`); they are collected
     anyway when ``options.rounding`` is ``Rounding.HESSIAN``, which rounds with them."""
     opts = options or QuantizeOptions()
-    if opts.rounding is Rounding.HESSIAN and importlib.util.find_spec("torch") is None:
-        log.warning("Hessian rounding collects the layer Hessians with torch, which is not "
-                    "installed: weights are rounded to nearest (pip install torch)")
-        opts = dataclasses.replace(opts, rounding=Rounding.NEAREST)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     prepared = prepare_model(model)
