@@ -12,7 +12,7 @@ Both models run batch by batch on ONNX Runtime's CPU execution provider.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -20,7 +20,7 @@ import onnx
 
 from mpsearch.calibrate import make_session
 
-__all__ = ["EvalResult", "OutputMetrics", "evaluate", "sqnr_db"]
+__all__ = ["EvalResult", "OutputMetrics", "evaluate", "reference_run", "sqnr_db"]
 
 
 def sqnr_db(signal_power: float, noise_power: float) -> float:
@@ -95,24 +95,42 @@ class _Acc:
             accuracy_fp32=self.correct_ref / n if cls and with_labels else None)
 
 
+def reference_run(reference: onnx.ModelProto | str,
+                  batches: Iterable[Mapping[str, np.ndarray]]
+                  ) -> list[tuple[Mapping[str, np.ndarray], dict[str, np.ndarray]]]:
+    """The FP32 model's outputs per batch, with the batch: run it once, compare several
+    quantized models against it (``evaluate(..., reference_outputs=...)``)."""
+    sess = make_session(reference)
+    names = [o.name for o in sess.get_outputs()]
+    return [(batch, dict(zip(names, sess.run(names, dict(batch)), strict=True)))
+            for batch in batches]
+
+
 def evaluate(reference: onnx.ModelProto | str, quantized: onnx.ModelProto | str,
-             batches: Iterable[Mapping[str, np.ndarray]], *,
+             batches: Iterable[Mapping[str, np.ndarray]] | None = None, *,
              labels: np.ndarray | None = None, classifier: bool | None = None,
-             progress: Callable[[int], None] | None = None) -> EvalResult:
-    """Run both models over ``batches`` and compare every output of the reference."""
-    ref_s, q_s = make_session(reference), make_session(quantized)
-    names = [o.name for o in ref_s.get_outputs()]
+             progress: Callable[[int], None] | None = None,
+             reference_outputs: Sequence[tuple[Mapping[str, np.ndarray],
+                                               Mapping[str, np.ndarray]]] | None = None
+             ) -> EvalResult:
+    """Run both models over ``batches`` and compare every output of the reference
+    (``reference_outputs``: batches with the reference's outputs from :func:`reference_run`,
+    instead of ``batches``)."""
+    q_s = make_session(quantized)
     q_names = {o.name for o in q_s.get_outputs()}
-    names = [n for n in names if n in q_names]
+    if reference_outputs is None:
+        if batches is None:
+            raise ValueError("evaluate needs batches or reference_outputs")
+        reference_outputs = reference_run(reference, batches)
+    names = [n for n in (reference_outputs[0][1] if reference_outputs else ()) if n in q_names]
     acc = {n: _Acc(classifier) for n in names}
     seen = 0
-    for batch in batches:
-        ref_out = ref_s.run(names, dict(batch))
+    for batch, ref in reference_outputs:
         q_out = q_s.run(names, dict(batch))
-        n = len(ref_out[0])
+        n = len(ref[names[0]])
         lab = labels[seen:seen + n] if labels is not None else None
-        for name, r, q in zip(names, ref_out, q_out, strict=True):
-            acc[name].update(r, q, lab)
+        for name, q in zip(names, q_out, strict=True):
+            acc[name].update(ref[name], q, lab)
         seen += n
         if progress:
             progress(n)

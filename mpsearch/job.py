@@ -29,7 +29,7 @@ import onnx
 
 from mpsearch.data import Dataset, open_dataset
 from mpsearch.errors import InfeasibleBudgetError, UsageError
-from mpsearch.evaluate import EvalResult, evaluate
+from mpsearch.evaluate import EvalResult, evaluate, reference_run
 from mpsearch.export.qdq import QdqModel
 from mpsearch.formats import Candidate, Format, parse_candidate
 from mpsearch.graph import load_model
@@ -362,13 +362,14 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
         todo = [chosen, *([greedy_plan] if greedy_plan else []), *fitting, *front_plans]
         done: dict[tuple, Measured] = {}
         with progress("measuring plans", len(todo)) as advance:
+            fp32 = reference_run(analysis.original, ds.batches(opts.batch_size))
             for pr in todo:
                 key = tuple(sorted((g, c.name) for g, c in pr.plan.items()))
                 if key not in done:
                     qm = analysis.export(pr.plan)
                     done[key] = Measured(data=which, result=evaluate(
-                        analysis.original, qm.model, ds.batches(opts.batch_size),
-                        labels=ds.labels))
+                        analysis.original, qm.model, labels=ds.labels,
+                        reference_outputs=fp32))
                 advance(1)
 
         def with_measured(pr: PlanResult) -> PlanResult:
