@@ -94,6 +94,7 @@ def estimate(analysis: Analysis, data: Dataset,
     called with the number of (group, candidate) results finished (measured or cached).
     ``seed``: of the noise in the gain runs. ``predict``: also run the Hessian prediction
     (default: unless the method is measured; a search wants it for its input-noise terms)."""
+    method = Method(method)
     lg = analysis.graph
     cands = {g: tuple(candidates.get(g, ())) for g in lg.group_names}
     pairs = [(g, c) for g in lg.group_names for c in cands[g]]
