@@ -335,12 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save", metavar="FILE", help="also write the results as JSON to FILE")
     s.set_defaults(func=cmd_eval)
 
-    from mpsearch import cli_hw, cli_report, cli_run, cli_sensitivity
+    from mpsearch import cli_hw, cli_report, cli_run, cli_sensitivity, cli_verify
 
     cli_hw.add_parser(sub, common)
     cli_sensitivity.add_parser(sub, common)
     cli_run.add_parser(sub, common)
     cli_report.add_parser(sub, common)
+    cli_verify.add_parser(sub, common)
     return p
 
 

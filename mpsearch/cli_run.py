@@ -11,8 +11,8 @@ from typing import Any
 from mpsearch.errors import UsageError
 
 RUN_OUTPUTS = ("model.qdq.onnx", "model.float.onnx", "encodings.json", "ort_overrides.json",
-               "plan.json", "plan.csv", "sensitivity.json", "report.html", "pareto.png",
-               "allocation.png", "sensitivity.png")
+               "plan.json", "plan.csv", "sensitivity.json", "verify.json", "report.html",
+               "pareto.png", "allocation.png", "sensitivity.png")
 PARETO_OUTPUTS = ("pareto.json", "pareto.csv", "pareto.png")
 
 
@@ -76,6 +76,16 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="front points exported and measured besides the plan (default 4)")
     s.add_argument("--no-measure", action="store_true",
                    help="export the plan without running any evaluation")
+    s.add_argument("--no-verify", action="store_true",
+                   help="on a Qualcomm (qnn-htp) profile, skip compiling the plan on QNN's HTP "
+                        "backend (emulated) and comparing it with the CPU EP")
+    s.add_argument("--verify-samples", type=int, default=8, metavar="N",
+                   help="samples of the evaluation data run on the emulated HTP (default 8; "
+                        "emulation is slow)")
+    s.add_argument("--input-shape", action="append", metavar="NAME=D,D,...",
+                   help="static input shape for the device compiler, e.g. "
+                        "input=1,3,224,224 (repeatable; default: dynamic dimensions fixed to "
+                        "batch 1 and the data's sizes; the report says which)")
     s.add_argument("--no-select", action="store_true",
                    help="ship the ILP's plan as it is, instead of the best measured on the "
                         "calibration data of a shortlist of plans that fit (the ILP's of "
@@ -133,11 +143,16 @@ def _search(args: argparse.Namespace, ui: Any, budget, *, measure: bool):
 
 
 def cmd_run(args: argparse.Namespace, ui: Any) -> int:
+    from mpsearch.cli import _parse_shapes
     from mpsearch.cli_sensitivity import sensitivity_document
     from mpsearch.outputs import OutputDir
     from mpsearch.report.html import write_report
     from mpsearch.report.plan import plan_document, plan_frame
 
+    if args.verify_samples < 1:  # checked before the long search
+        raise UsageError(f"--verify-samples {args.verify_samples} is not a positive number",
+                         fix="pass 1 or more, or --no-verify")
+    _parse_shapes(args.input_shape)
     inputs = [args.model, args.data, args.hw] + ([args.eval_data] if args.eval_data else [])
     out = OutputDir(args.out, inputs=inputs, names=list(RUN_OUTPUTS), flag="--out")
     try:
@@ -146,8 +161,9 @@ def cmd_run(args: argparse.Namespace, ui: Any) -> int:
         qm = res.qdq()
         out.write_model("model.qdq.onnx", qm.model)
         exports = _write_exports(out, res, qm)
+        verified = _verify(args, ui, out, res, qm)
         doc = plan_document(res, model=str(args.model), profile=str(args.hw),
-                            extra={"exports": exports})
+                            extra={"exports": exports, "verification": verified})
         out.write_json("plan.json", doc)
         out.write_with("plan.csv", lambda p: plan_frame(res).to_csv(p, index=False))
         out.write_json("sensitivity.json", sensitivity_document(
@@ -158,13 +174,57 @@ def cmd_run(args: argparse.Namespace, ui: Any) -> int:
     except BaseException:
         out.rollback()
         raise
+    failed = verified is not None and verified.get("fully_on_target") is False
     if ui.as_json:
         print(json.dumps({"out": str(out.path), "seconds": seconds, "totals": doc["totals"],
-                          "quality": doc["quality"],
+                          "quality": doc["quality"], "verification": verified,
                           "formats": res.chosen.counts()}, indent=2))
-        return 0
+        return 1 if failed else 0
     _summary(ui, res, out.path, seconds)
-    return 0
+    if verified is not None:
+        if failed:
+            ui.err.print(f"[bold red]the plan does not run entirely on {verified['target']}"
+                         f"[/]: " + "; ".join(verified["reasons"][:3] or ["see report.html"]))
+        elif "skipped" not in verified:
+            ui.out.print(f"verified on {verified['target']} (soc {verified['soc_model']}, "
+                         f"emulated): every node on the HTP, {verified['sqnr_db']} dB against "
+                         f"the CPU EP on {verified['samples']} samples")
+    return 1 if failed else 0
+
+
+def _verify(args: argparse.Namespace, ui: Any, out: Any, res, qm) -> dict | None:
+    """On a Qualcomm profile: compile the plan on QNN's HTP (emulated), compare with the CPU
+    EP, write verify.json (no timings, so the same inputs give the same bytes) and return its
+    summary for plan.json; None for other profiles or with --no-verify."""
+    from mpsearch.cli import _parse_shapes
+    from mpsearch.qnn import qnn_available
+    from mpsearch.verify import verify
+
+    prof = res.profile
+    if prof.runtime != "qnn-htp" or args.no_verify:
+        return None
+    target = "qnn-htp"
+    if not qnn_available():
+        ui.note("QNN's execution provider is not available here (onnxruntime-qnn: x86-64 "
+                "Linux and Windows): the plan was not compiled for the HTP")
+        return {"target": target, "skipped": "onnxruntime-qnn is not available here"}
+    data = args.eval_data or args.data
+    with ui.progress(f"verifying on {target} soc {prof.soc_model} (emulated)",
+                     args.verify_samples) as advance:
+        result = verify(qm.model, data=data, target=target, soc_model=prof.soc_model,
+                        input_shapes=_parse_shapes(args.input_shape),
+                        samples=args.verify_samples, progress=advance)
+    doc = result.to_dict()
+    doc.pop("seconds", None)
+    doc.pop("compile_seconds", None)
+    doc["model"]["path"] = "model.qdq.onnx"
+    doc["data"] = str(data)
+    out.write_json("verify.json", doc)
+    return {"file": "verify.json", "target": target, "soc_model": prof.soc_model,
+            "compiled": result.compiled, "fully_on_target": result.fully_on_target,
+            "nodes_on_target": result.nodes.on_target, "nodes": result.nodes.total,
+            "sqnr_db": doc["sqnr_db"], "samples": result.samples,
+            "shapes_fixed": doc["shapes_fixed"], "reasons": list(result.reasons)}
 
 
 def _write_exports(out: Any, res, qm) -> dict:

@@ -29,11 +29,16 @@ FAILED ... REASON : ...``, and the backend's ``backendValidateOpConfig() failed 
 while the exception says just "nodes are assigned to the default CPU EP". A failed compilation is
 therefore repeated once with verbose session logging routed to a Python callback
 (``ort.set_default_logger_callback``: process-wide for those milliseconds, under a lock; the
-platform logger is then restored at ORT's default severity, warning). Successful compilations
-touch no global logging state. Sessions log fatal errors only (a failure comes back as a result
-or an exception), which hides the EP's warnings about Windows-only features. The HTP library
-itself prints one line (``# LIBNATIVE: ...``) to stdout when first loaded; that cannot be
-turned off.
+platform logger is then restored at ORT's default severity, warning). The same messages give
+the refused nodes (:class:`RefusedNode`), one per failed node unit, named as in the ONNX file:
+ORT renames a node it rewrites for QNN's NHWC layout ``<name>_token_<k>``, and QNN names its ops
+``<ORT name>_<k>``, so a generic unit failure ("Failed to add node.") takes the backend's message
+for that op. A second session with CPU fallback allowed cannot be used to learn the placement
+instead: ORT's layout transformer leaves NHWC nodes no EP can run ("inserted using the NHWC
+format ... but was not selected by that EP"). Successful compilations touch no global logging
+state. Sessions log fatal errors only (a failure comes back as a result or an exception), which
+hides the EP's warnings about Windows-only features. The HTP library itself prints one line
+(``# LIBNATIVE: ...``) to stdout when first loaded; that cannot be turned off.
 """
 
 from __future__ import annotations
@@ -55,8 +60,8 @@ import onnxruntime as ort
 
 from mpsearch.errors import ModelError, UsageError
 
-__all__ = ["DEFAULT_SOC_MODEL", "QNN_EP", "PlacedNode", "QnnCompileResult", "compile_on_htp",
-           "htp_session", "qnn_available", "run_on_htp"]
+__all__ = ["DEFAULT_SOC_MODEL", "QNN_EP", "PlacedNode", "QnnCompileResult", "RefusedNode",
+           "compile_on_htp", "htp_session", "open_on_htp", "qnn_available", "run_on_htp"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +92,20 @@ class PlacedNode:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RefusedNode:
+    """A node of the model that the EP did not take, and the EP's or compiler's reason.
+
+    ``name`` is the ONNX file's node name where it can be traced back (ORT's layout
+    transformation renames a node ``n`` it rewrites to ``n_token_<k>``), else ORT's name.
+    ``op_type`` is the node unit's op (a QDQ unit ``DQ -> Conv -> Q`` is reported as its Conv).
+    """
+
+    name: str
+    op_type: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class QnnCompileResult:
     """Whether a model compiles for the HTP, and if not, why (the EP's and compiler's words)."""
 
@@ -96,6 +115,7 @@ class QnnCompileResult:
     messages: tuple[str, ...]  # every relevant message, in order (empty when ok)
     nodes: tuple[PlacedNode, ...]  # ORT's placement record (empty when not ok)
     seconds: float  # session creation, i.e. validation and graph compilation
+    refused: tuple[RefusedNode, ...] = ()  # the nodes the EP said no to (when not ok)
 
     @property
     def assigned_to_qnn(self) -> bool:
@@ -104,9 +124,9 @@ class QnnCompileResult:
 
     @classmethod
     def fail(cls, reason: str, *, soc_model: int, messages: tuple[str, ...] = (),
-             seconds: float = 0.0) -> QnnCompileResult:
+             seconds: float = 0.0, refused: tuple[RefusedNode, ...] = ()) -> QnnCompileResult:
         return cls(ok=False, soc_model=soc_model, reason=reason,
-                   messages=messages or (reason,), nodes=(), seconds=seconds)
+                   messages=messages or (reason,), nodes=(), seconds=seconds, refused=refused)
 
 
 # --------------------------------------------------------------------------- the EP
@@ -220,6 +240,12 @@ def compile_on_htp(model: ModelLike, *, soc_model: int = DEFAULT_SOC_MODEL) -> Q
     return _compile(model, soc_model)[0]
 
 
+def open_on_htp(model: ModelLike, *, soc_model: int = DEFAULT_SOC_MODEL
+                ) -> tuple[QnnCompileResult, ort.InferenceSession | None]:
+    """Like :func:`compile_on_htp`, and the session when the model compiled (else None)."""
+    return _compile(model, soc_model)
+
+
 def _compile(model: ModelLike,
              soc_model: int) -> tuple[QnnCompileResult, ort.InferenceSession | None]:
     _qnn_devices()
@@ -231,10 +257,10 @@ def _compile(model: ModelLike,
         sess = ort.InferenceSession(src, _session_options(soc_model, severity=_QUIET))
     except Exception as e:  # ORT's Fail/InvalidArgument/RuntimeError: the EP said no
         seconds = time.perf_counter() - t0
-        messages = _diagnose(src, soc_model, e)
+        messages, refused = _diagnose(src, soc_model, e, {n.name for n in header.graph.node})
         log.info("QNN HTP (soc_model %d) refused the model: %s", soc_model, messages[0])
         return QnnCompileResult.fail(messages[0], soc_model=soc_model, messages=messages,
-                                     seconds=seconds), None
+                                     seconds=seconds, refused=refused), None
     seconds = time.perf_counter() - t0
     nodes = tuple(PlacedNode(name=n.name, op_type=n.op_type, ep=sub.ep_name)
                   for sub in sess.get_provider_graph_assignment_info() for n in sub.get_nodes())
@@ -247,8 +273,10 @@ def _compile(model: ModelLike,
                             nodes=nodes, seconds=seconds), sess
 
 
-def _diagnose(src: bytes | str, soc_model: int, error: Exception) -> tuple[str, ...]:
-    """Create the session again with verbose logging captured; the EP's reasons, best first."""
+def _diagnose(src: bytes | str, soc_model: int, error: Exception,
+              node_names: set[str]) -> tuple[tuple[str, ...], tuple[RefusedNode, ...]]:
+    """Create the session again with verbose logging captured; the EP's reasons, best first,
+    and the nodes it refused (``node_names``: the model's, to undo ORT's renaming)."""
     log_id = f"mpsearch-qnn-{os.getpid()}-{next(_log_ids)}"
     captured: list[tuple[int, str, str]] = []
 
@@ -266,12 +294,17 @@ def _diagnose(src: bytes | str, soc_model: int, error: Exception) -> tuple[str, 
         finally:
             ort.set_default_logger_callback(None)
             ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
-    return _reasons(captured, error)
+    return _reasons(captured, error), _refused(captured, node_names)
 
 
 _NODE_UNIT = re.compile(r"OrtNodeUnit \((\w+)\)")
 _NODE_NAME = re.compile(r"Node name: (\S+)")
 _REASON = re.compile(r"REASON : (.+)")
+_UNIT_NODE = re.compile(r"Operator type: (\S+) Node name: (\S+)")
+_BACKEND_NODE = re.compile(r"failed for node `([^`]+)` of type `([^`]+)`")
+_ORT_RENAMED = re.compile(r"_token_\d+$")
+_QNN_SUFFIX = re.compile(r"_\d+$")
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 def _reasons(captured: list[tuple[int, str, str]], error: Exception) -> tuple[str, ...]:
@@ -290,6 +323,38 @@ def _reasons(captured: list[tuple[int, str, str]], error: Exception) -> tuple[st
             backend.append(" ".join(message.split()))
     last = " ".join(str(error).split())
     return tuple(dict.fromkeys([*specific, *backend, *generic, last]))
+
+
+def _refused(captured: list[tuple[int, str, str]],
+             node_names: set[str]) -> tuple[RefusedNode, ...]:
+    """One entry per node unit the EP's validator failed, named after the unit's op node (its
+    Q/DQ nodes are implied). A generic reason ("Failed to add node.") is replaced by the
+    backend's own message for that node (QNN names its ops ``<ORT node>_<k>``)."""
+    backend: dict[str, str] = {}
+    for _, _, message in captured:
+        if (m := _BACKEND_NODE.search(message)) and "backendValidateOpConfig" in message:
+            backend.setdefault(_QNN_SUFFIX.sub("", m.group(1)), " ".join(message.split()))
+    out: dict[str, RefusedNode] = {}
+    for _, _, message in captured:
+        if "Validation FAILED" not in message or not (r := _REASON.search(message)):
+            continue
+        unit = _NODE_UNIT.search(message)
+        nodes = _UNIT_NODE.findall(message)
+        if not nodes:
+            continue
+        kind = unit.group(1) if unit else nodes[0][0]
+        op_type, ort_name = next(((t, n) for t, n in nodes if t == kind),
+                                 next(((t, n) for t, n in nodes if t not in _QDQ), nodes[0]))
+        reason = r.group(1).strip()
+        if reason in _GENERIC_REASONS:
+            reason = backend.get(ort_name, reason)
+        name = ort_name
+        if name not in node_names and _ORT_RENAMED.sub("", name) in node_names:
+            name = _ORT_RENAMED.sub("", name)
+        name = name.removesuffix("/duplicated")
+        if name not in out or out[name].reason in _GENERIC_REASONS:
+            out[name] = RefusedNode(name=name, op_type=op_type, reason=reason)
+    return tuple(out.values())
 
 
 # --------------------------------------------------------------------------- run

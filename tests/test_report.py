@@ -35,7 +35,8 @@ CANDS = "w8a8,w4a8,w8a16"
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory) -> Path:
     """A real ``mpsearch run`` on a tiny MBConv whose Softsign activations stay in float, plus
-    the ``mpsearch sensitivity`` document (served from the run's cache)."""
+    the ``mpsearch sensitivity`` document (served from the run's cache). QNN's HTP refuses the
+    float Softsign, so the run's verification fails: exit code 1, everything still written."""
     d = tmp_path_factory.mktemp("report")
     onnx.save(mbconv(seed=5, act="Softsign"), str(d / "model.onnx"))
     np.savez(d / "calib.npz", x=images(24, seed=1))
@@ -44,7 +45,7 @@ def run_dir(tmp_path_factory) -> Path:
               "--cache-dir", str(d / "cache"), "-q"]
     assert main(["run", str(d / "model.onnx"), *common, "--eval-data", str(d / "eval.npz"),
                  "--budget", "bops=0.9", "--front-points", "1", "--refine", "1",
-                 "--out", str(d / "run")]) == 0
+                 "--out", str(d / "run")]) == 1
     assert main(["sensitivity", str(d / "model.onnx"), *common, "--method", "hessian",
                  "--out", str(d / "sens")]) == 0
     run = d / "run"
@@ -256,3 +257,14 @@ def test_report_command_rebuilds_and_rejects_what_is_not_a_run(run_dir, tmp_path
     bad(empty, "cannot be read as JSON")
     (empty / "plan.json").write_text(json.dumps({"schema": "something/1"}))
     bad(empty, "is not an mpsearch plan")
+
+
+def test_the_runs_own_failed_verification_is_on_the_page(run_dir):
+    v = json.loads((run_dir / "verify.json").read_text())
+    assert v["schema"] == "mpsearch.verify/1" and v["fully_on_target"] is False
+    assert {n["node"] for n in v["nodes"]["not_on_target"]} == {"stem_act", "expand_act",
+                                                                "dw_act"}
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["verification"]["fully_on_target"] is False
+    page = (run_dir / "report.html").read_text()
+    assert "not supported by QNN EP" in page and "stem_act" in page

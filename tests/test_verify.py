@@ -1,0 +1,170 @@
+"""``mpsearch verify`` against Qualcomm's real HTP compiler and emulator (ONNX Runtime's QNN EP).
+
+A w8a8 QDQ export of a tiny conv net (every op kind of the EfficientNet family) compiles with
+every node on QNN and matches the CPU EP to 25 dB or better (DESIGN.md section 4: about one
+output quantization step); its dynamic batch is fixed to 1 on a copy and the result says so;
+an FP8 export is refused with the compiler's reason (a result and exit 1, not an error); bad
+input exits 2 with one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from models import images, mbconv
+from onnx import TensorProto, helper, numpy_helper
+
+from mpsearch import analyze, open_dataset, parse_candidate
+from mpsearch.cli import main
+from mpsearch.errors import DataError, ModelError, UsageError
+from mpsearch.qnn import QNN_EP, qnn_available
+from mpsearch.verify import SCHEMA, verify
+
+pytestmark = pytest.mark.skipif(
+    not qnn_available(),
+    reason="onnxruntime-qnn (Qualcomm's HTP compiler and emulator behind ONNX Runtime's QNN EP) "
+           "is not installed or cannot be registered; it has wheels for x86-64 Linux and Windows")
+
+MIN_SQNR_DB = 25.0
+SAMPLES = 3
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny conv net with a dynamic batch ('N'), exported w8a8 and fp8."""
+    root = tmp_path_factory.mktemp("verify")
+    fp32 = mbconv(batch="N")
+    np.savez(root / "calib.npz", x=images(16, seed=1))
+    np.savez(root / "eval.npz", x=images(8, seed=2))
+    analysis = analyze(fp32, open_dataset(root / "calib.npz", fp32))
+    out = {"calib": root / "calib.npz", "eval": root / "eval.npz", "dir": root}
+    for name in ("w8a8", "fp8"):
+        out[name] = root / f"{name}.onnx"
+        onnx.save(analysis.export_uniform(parse_candidate(name)).model, str(out[name]))
+    return out
+
+
+def _digest(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_w8a8_conv_net_runs_every_node_on_qnn_and_matches_the_cpu_ep(files):
+    before = _digest(files["w8a8"])
+    seen: list[int] = []
+    r = verify(files["w8a8"], data=files["eval"], samples=SAMPLES, progress=seen.append)
+    assert r.compiled and r.fully_on_target and r.reasons == ()
+    assert r.nodes.on_target == r.nodes.total > 0 and dict(r.nodes.by_ep) == {
+        QNN_EP: r.nodes.total}
+    assert {"Conv", "Add", "Concat", "Gemm"} <= set(r.nodes.by_op)
+    assert r.samples == SAMPLES and sum(seen) == SAMPLES
+    assert [o.name for o in r.outputs] == ["logits"]
+    assert r.sqnr_db >= MIN_SQNR_DB, r.outputs
+    assert r.outputs[0].cosine > 0.999
+    assert r.model_summary["dequantized_activations"] == {
+        "uint8": r.model_summary["dequantize_linear"]
+        - sum(r.model_summary["dequantized_weights"].values())}
+    assert _digest(files["w8a8"]) == before == r.model_sha256  # the input is never modified
+
+
+def test_dynamic_batch_is_fixed_to_1_on_a_copy_and_reported(files, capsys):
+    src = onnx.load(str(files["w8a8"]))
+    assert src.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    out = files["dir"] / "v" / "verify.json"
+    code = main(["verify", str(files["w8a8"]), "--target", "qnn-htp", "--soc", "57", "--data",
+                 str(files["eval"]), "--samples", "1", "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "fixed dynamic dim x:0 N -> 1" in text and "every node on QNN" in text
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == SCHEMA and doc["target"] == "qnn-htp" and doc["soc_model"] == 57
+    assert doc["model"] == {"path": str(files["w8a8"]), "sha256": _digest(files["w8a8"])}
+    assert doc["input_shapes"] == {"x": [1, 3, 16, 16]}
+    assert doc["shapes_fixed"] == ["x:0 N -> 1"]
+    assert doc["compiled"] is True and doc["samples"] == 1
+    assert doc["nodes"]["on_target"] == doc["nodes"]["total"]
+    assert doc["nodes"]["by_ep"] == {QNN_EP: doc["nodes"]["total"]}
+    assert doc["nodes"]["not_on_target"] == [] and doc["reasons"] == []
+    assert doc["sqnr_db"] == doc["outputs"][0]["sqnr_db"] >= MIN_SQNR_DB
+    assert set(doc) >= {"nodes", "outputs", "seconds", "model_summary"}
+    assert onnx.load(str(files["w8a8"])) == src
+
+
+def test_static_input_shape_and_other_dynamic_dims_from_the_data(tmp_path):
+    """A sequence model [N, T, 32]: --input-shape sets both; without it T comes from the data."""
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", 16])],
+        [numpy_helper.from_array((rng.standard_normal((32, 16)) * 0.3).astype(np.float32),
+                                 "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((8, 4, 32)).astype(np.float32))
+    q = analyze(m, open_dataset(tmp_path / "d.npz", m)).export_uniform(parse_candidate("w8a8"))
+    onnx.save(q.model, str(tmp_path / "q.onnx"))
+    r = verify(tmp_path / "q.onnx", data=tmp_path / "d.npz", samples=1)
+    assert r.fully_on_target and dict(r.input_shapes) == {"x": (1, 4, 32)}
+    assert [f.describe() for f in r.shapes_fixed] == ["x:0 N -> 1", "x:1 T -> 4"]
+    assert r.sqnr_db >= MIN_SQNR_DB
+    with pytest.raises(DataError):  # the data's T (4) does not fit the shape asked for
+        verify(tmp_path / "q.onnx", data=tmp_path / "d.npz", input_shapes={"x": (1, 8, 32)})
+
+
+def test_fp8_model_is_a_result_with_the_compilers_reason_and_exit_1(files, capsys):
+    r = verify(files["fp8"], data=files["eval"], samples=SAMPLES)
+    assert not r.compiled and not r.fully_on_target and r.samples == 0 and r.outputs == ()
+    assert "Zero-point ONNX data type `17` is not supported" in r.reasons[0]
+    refused = {n["node"]: n for n in r.nodes.not_on_target}
+    assert {"stem", "fc", "residual"} <= set(refused)
+    assert refused["fc"]["op_type"] == "Gemm" and "`17`" in refused["fc"]["reason"]
+    assert r.to_dict()["sqnr_db"] is None
+
+    code = main(["verify", str(files["fp8"]), "--data", str(files["eval"]), "--json"])
+    assert code == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["compiled"] is False and doc["nodes"]["not_on_target"]
+    code = main(["verify", str(files["fp8"]), "--data", str(files["eval"])])
+    assert code == 1
+    text = capsys.readouterr().out
+    assert "did not compile" in text and "reason: Zero-point ONNX data type `17`" in text
+
+
+def _bad(capsys, argv: list[str], needle: str) -> None:
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("mpsearch: error: ") and needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(("shape", "needle"), [
+    ("x=1,3,a", "cannot read --input-shape"),
+    ("x=1,3,16", "has 3 dims, the input has 4"),
+    ("x=1,4,16,16", "dim 1 of 'x' is fixed at 3"),
+    ("image=1,3,16,16", "names image, not an input of the model"),
+    ("x=0,3,16,16", "positive dims"),
+])
+def test_bad_input_shape_exits_2(files, capsys, shape, needle):
+    _bad(capsys, ["verify", str(files["w8a8"]), "--data", str(files["eval"]),
+                  "--input-shape", shape], needle)
+
+
+def test_bad_model_or_data_exits_2(files, tmp_path, capsys):
+    base = ["--data", str(files["eval"])]
+    _bad(capsys, ["verify", str(tmp_path / "missing.onnx"), *base], "does not exist")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    _bad(capsys, ["verify", str(tmp_path / "junk.onnx"), *base], "junk.onnx")
+    np.savez(tmp_path / "wrong.npz", x=images(2, shape=(3, 8, 8)))
+    _bad(capsys, ["verify", str(files["w8a8"]), "--data", str(tmp_path / "wrong.npz")],
+         "wrong.npz")
+    _bad(capsys, ["verify", str(files["w8a8"]), *base, "--samples", "0"], "--samples 0")
+    with pytest.raises(ModelError):
+        verify(tmp_path / "missing.onnx", data=files["eval"])
+    with pytest.raises(UsageError, match="target 'gpu'"):
+        verify(files["w8a8"], data=files["eval"], target="gpu")
