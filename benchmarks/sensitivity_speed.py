@@ -46,6 +46,9 @@ def _run(argv: list[str], out: Path) -> tuple[float, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-measured", action="store_true",
+                    help="time the hessian and cached configurations only; results go to "
+                         "results/sensitivity_speed_hessian.md")
     args = ap.parse_args()
     p = prepare_example("efficientnet_lite0")
     base = [str(p["model"]), "--hw", str(ROOT / "hw_profiles" / "snapdragon_8gen3.yaml"),
@@ -55,6 +58,8 @@ def main() -> None:
         "measured, 1 worker": [*base, "--method", "measured", "--no-cache", "--workers", "1"],
         "measured, 2 workers": [*base, "--method", "measured", "--no-cache", "--workers", "2"],
     }
+    if args.skip_measured:
+        configs = {k: v for k, v in configs.items() if not k.startswith("measured")}
     walls: dict[str, list[float]] = {k: [] for k in [*configs, "cached re-run"]}
     stages: dict[str, list[dict]] = {k: [] for k in configs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,9 +88,12 @@ def main() -> None:
     table = markdown_table(["configuration", "median wall s", "runs", "median stage seconds"],
                            rows)
     print(table)
-    write_results("sensitivity_speed", title="mpsearch sensitivity: wall time on "
+    name = "sensitivity_speed_hessian" if args.skip_measured else "sensitivity_speed"
+    write_results(name, title="mpsearch sensitivity: wall time on "
                   "EfficientNet-Lite0 (300 group x candidate pairs)",
-                  command="python benchmarks/sensitivity_speed.py", table=table,
+                  command="python benchmarks/sensitivity_speed.py"
+                  + (" --skip-measured" if args.skip_measured else "")
+                  + (f" --repeats {args.repeats}" if args.repeats != 3 else ""), table=table,
                   payload={"walls": walls, "stages": stages}, git=True,
                   notes="Targets (issue): hessian <= 15 s, measured <= 120 s, cached <= 2 s. "
                         "AIMET AMP: 102 s and 172 evaluations for three candidates here.")

@@ -12,10 +12,11 @@ Memory stays bounded: a layer whose ``K`` exceeds :data:`MAX_DENSE_K` (4096, i.e
 float64 for one dense block) keeps only the diagonal ``E[x_k²]``; the estimators then use the
 diagonal and rounding falls back to round-to-nearest. Layers that read the same tensor with
 the same geometry share one statistic. Of a large feature map only a grid of output
-positions (every r-th row and column) enters the sums: about ``4·K`` per sample for a block of
+positions (every r-th row and column) enters the sums: about ``2·K`` per sample for a block of
 ``K`` columns (:data:`POSITIONS_PER_INPUT`; at least :data:`MIN_POSITIONS` = 64, at most
 :data:`MAX_POSITIONS` = 1024). Over 64 samples a depthwise 3×3 block (45 unknowns) sees 4,096
-rows, a 1×1 conv with 96 inputs 24,576. Without the cap, the depthwise products cost more than
+rows, a 1×1 conv with 96 inputs 12,288 (4·K per sample gave the same rank correlations of
+the sensitivities and cost 1 s more on EfficientNet-Lite0). Without the cap, the depthwise products cost more than
 the rest of the calibration pass. The im2col columns of those positions are a strided
 view of the padded input (positions left out are never unfolded), copied a sample at a time
 into the products (at most 32 MB of padded input at once); a 1×1 conv reads its input as it
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 MAX_DENSE_K = 4096
 MAX_POSITIONS = 1024  # output positions per sample that enter the statistic, evenly strided
-POSITIONS_PER_INPUT = 4  # ... and no more than this many per column of the block (K)
+POSITIONS_PER_INPUT = 2  # ... and no more than this many per column of the block (K)
 MIN_POSITIONS = 64
 UNFOLD_FLOATS = 1 << 23  # samples unfolded at once: at most 32 MB of im2col columns
 

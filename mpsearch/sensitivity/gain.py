@@ -43,7 +43,7 @@ __all__ = ["GAIN_SAMPLES", "Gains", "layer_gains"]
 
 log = logging.getLogger(__name__)
 
-GAIN_SAMPLES = 4
+GAIN_SAMPLES = 2
 NOISE_DB = -40.0
 _W, _B, _N, _NI = "__gain_weight", "__gain_bias", "__gain_noise", "__gain_noise_in"
 _OWN = (_W, _B, _N, _NI)
