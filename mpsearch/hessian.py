@@ -15,14 +15,15 @@ the same geometry share one statistic. Of a large feature map only a grid of out
 positions (every r-th row and column) enters the sums: about ``2·K`` per sample for a block of
 ``K`` columns (:data:`POSITIONS_PER_INPUT`; at least :data:`MIN_POSITIONS` = 64, at most
 :data:`MAX_POSITIONS` = 1024). Over 64 samples a depthwise 3×3 block (45 unknowns) sees 4,096
-rows, a 1×1 conv with 96 inputs 12,288 (4·K per sample gave the same rank correlations of
-the sensitivities and cost 1 s more on EfficientNet-Lite0). Without the cap, the depthwise products cost more than
-the rest of the calibration pass. The im2col columns of those positions are a strided
-view of the padded input (positions left out are never unfolded), copied a sample at a time
-into the products (at most 32 MB of padded input at once); a 1×1 conv reads its input as it
-is. numpy (OpenBLAS) does the products in float32 per batch, accumulated in float64: as fast
-as torch's here (1.5 s either way, one thread, for EfficientNet-Lite0's 50 layers over 32
-samples), faster when the cores are shared, and without torch's 2 s import.
+rows, a 1×1 conv with 96 inputs 12,288 (4·K per sample gave the same single-group rank
+correlation, 0.989, on EfficientNet-Lite0 and cost about 1 s more). Without the cap, the
+depthwise products cost more than the rest of the calibration pass. The im2col columns of
+those positions are a strided view of the padded input (positions left out are never
+unfolded), copied a sample at a time into the products (at most 32 MB of padded input at
+once); a 1×1 conv reads its input as it is. numpy (OpenBLAS) does the products in float32 per
+batch, accumulated in float64: as fast as torch's here (1.5 s either way, one thread, for
+EfficientNet-Lite0's 50 layers over 32 samples), faster when the cores are shared, and without
+torch's 2 s import.
 """
 
 from __future__ import annotations
