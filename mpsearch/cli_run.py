@@ -72,8 +72,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                         "axis")
     s.add_argument("--eval-data", metavar="EVAL",
                    help="where plans are measured (default: the calibration data)")
-    s.add_argument("--front-points", type=int, default=4, metavar="N",
-                   help="front points exported and measured besides the plan (default 4)")
+    s.add_argument("--front-points", type=int, default=2, metavar="N",
+                   help="front points exported and measured besides the plan, those nearest "
+                        "the budget (default 2)")
     s.add_argument("--no-measure", action="store_true",
                    help="export the plan without running any evaluation")
     s.add_argument("--no-verify", action="store_true",

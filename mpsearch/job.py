@@ -202,7 +202,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
            pin: Mapping[str, str | Candidate] | None = None,
            keep_float: Iterable[str] = (),
            convert_penalty: float = 0.0,
-           front_points: int = 4,
+           front_points: int = 2,
            measure: bool = True,
            all_uniform: bool = False,
            refine: int = 3,
@@ -227,7 +227,9 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
 
     ``data``: calibration data (also what sensitivities are measured on); ``eval_data``: where
     the exported plans are measured (default: the calibration data). ``front_points``: how many
-    Pareto-front points besides the chosen plan are exported and measured. ``measure=False``
+    Pareto-front points besides the chosen plan are exported and measured (those nearest the
+    budget, where the measured front matters; spread evenly when the budget bounds nothing,
+    as for ``mpsearch pareto``). ``measure=False``
     skips every evaluation. Of the uniform plans that fit, the one predicted best is measured
     (``all_uniform=True``: all of them). ``seed`` seeds everything random (the noise of the
     gain runs).
@@ -335,7 +337,8 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
         log.info("the greedy walk found no plan within the budgets")
     metric = budgets[0].metric
     others = {m: v for m, v in limits.items() if m != metric}
-    fr = front(problem, metric, budgets=others, points=30, pins=pins, penalty=penalty)
+    fr = front(problem, metric, budgets=others, points=FRONT_SOLVES, pins=pins,
+               penalty=penalty)
     seconds["solve"] = time.perf_counter() - t1
 
     selection = None
@@ -351,7 +354,8 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
         seconds["select"] = time.perf_counter() - t1
 
     front_plans = tuple(result(f"front {i}", dict(p.solution.choice))
-                        for i, p in enumerate(_spread(fr, front_points)))
+                        for i, p in enumerate(_front_sample(fr, front_points, limits[metric],
+                                                            chosen.plan)))
     if measure:
         t1 = time.perf_counter()
         which = "evaluation" if evald is not None else "calibration"
@@ -392,6 +396,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
                         seconds=seconds)
 
 
+FRONT_SOLVES = 20  # solves per side of the front, Lagrangian and ε-constraint (30: 1.5x the time)
 UNIFORM_MARGIN_DB = 3.0  # a uniform plan predicted this far below the ILP's is not measured
 
 
@@ -413,13 +418,18 @@ def _shortlist(round_plans: Sequence[Mapping[str, Candidate]], ilp_db: float,
     return out
 
 
-def _spread(fr: Front, count: int):
-    """``count`` front points spread evenly by cost (the ends included)."""
-    pts = list(fr.points)
+def _front_sample(fr: Front, count: int, limit: float, chosen: Mapping[str, Candidate]):
+    """``count`` front points to measure: those nearest ``limit`` in log-cost (the chosen plan
+    left out, it is measured anyway), or, when the limit lies beyond the whole front, spread
+    evenly by cost with the ends included."""
+    pts = [p for p in fr.points if dict(p.solution.choice) != dict(chosen)]
     if count <= 0 or not pts:
         return []
     if len(pts) <= count:
         return pts
+    if limit < pts[-1].cost:
+        near = sorted(pts, key=lambda p: abs(math.log(max(p.cost, 1e-300) / limit)))[:count]
+        return sorted(near, key=lambda p: p.cost)
     idx = sorted({round(i * (len(pts) - 1) / (count - 1)) for i in range(count)}) \
         if count > 1 else [len(pts) // 2]
     return [pts[i] for i in idx]
