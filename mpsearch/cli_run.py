@@ -31,6 +31,14 @@ def _shared(s: argparse.ArgumentParser) -> None:
     s.add_argument("--candidates", metavar="LIST",
                    help="comma-separated subset of the profile's candidates, e.g. "
                         "w8a8,w4a8,w8a16 (default: all the profile allows per op)")
+    s.add_argument("--sparsity", choices=["none", "2:4", "unstructured", "all"],
+                   default="none",
+                   help="also offer the profile's pruned candidates of this pattern (weights "
+                        "pruned by OBS with the layer Hessian, survivors quantized). Default "
+                        "none: at equal compression quantization usually beats pruning "
+                        "(Kuzmin et al. 2023), sparsity pays only on devices with sparse "
+                        "kernels or where memory is the budget, and every sparse candidate "
+                        "costs sensitivity time")
     s.add_argument("--pin", action="append", default=[], metavar="NODE=CANDIDATE",
                    help="force a layer to a candidate, e.g. --pin node_Conv_0=w8a16 "
                         "(repeatable)")
@@ -135,7 +143,8 @@ def _search(args: argparse.Namespace, ui: Any, budget, *, measure: bool):
         cands = [c.strip() for c in args.candidates.split(",") if c.strip()]
     opts = QuantizeOptions(batch_size=args.batch_size or QuantizeOptions.batch_size)
     return search(args.model, args.hw, args.data, budget=budget, eval_data=args.eval_data,
-                  method=args.method, candidates=cands, pin=_pins(args.pin),
+                  method=args.method, candidates=cands, sparsity=args.sparsity,
+                  pin=_pins(args.pin),
                   keep_float=args.keep_float, convert_penalty=args.convert_penalty,
                   front_points=args.front_points, measure=measure, seed=args.seed,
                   refine=args.refine, select=not getattr(args, "no_select", True),
@@ -230,14 +239,20 @@ def _verify(args: argparse.Namespace, ui: Any, out: Any, res, qm) -> dict | None
 
 def _write_exports(out: Any, res, qm) -> dict:
     """The float model the plan quantizes and the plan for QNN's converter and ORT's
-    quantize_static (docs/exports.md). A plan neither format can carry (fp8) skips both files,
-    with the reason recorded in plan.json."""
+    quantize_static (docs/exports.md). A plan neither format can carry (fp8, pruned weights)
+    skips both files, with the reason recorded in plan.json."""
     from mpsearch.errors import ExportError
     from mpsearch.export.encodings import encodings_document
     from mpsearch.export.overrides import ort_overrides
 
     out.write_model("model.float.onnx", res.analysis.graph.model)
     files = {"model": "model.qdq.onnx", "float_model": "model.float.onnx"}
+    pruned = sorted(g for g, c in res.plan.items() if c.sparsity is not None)
+    if pruned:  # both files are keyed to the dense float model: they would undo the pruning
+        return {**files, "encodings": None, "ort_overrides": None,
+                "skipped": f"the plan prunes {len(pruned)} layer(s) (e.g. {pruned[0]}): "
+                           "encodings and ORT overrides apply to model.float.onnx's dense "
+                           "weights and would not reproduce the pruning; ship model.qdq.onnx"}
     try:
         enc, ov = encodings_document(qm), ort_overrides(qm)
     except ExportError as e:

@@ -199,6 +199,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
            eval_data: str | os.PathLike[str] | Dataset | None = None,
            method: Method | str = Method.HESSIAN,
            candidates: Sequence[Candidate | str] | None = None,
+           sparsity: str = "none",
            pin: Mapping[str, str | Candidate] | None = None,
            keep_float: Iterable[str] = (),
            convert_penalty: float = 0.0,
@@ -216,6 +217,8 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
     ``"latency=0.7"``, ``["bops=0.9", "size_mb=4"]`` or ``{"latency": 0.7}``).
 
     ``pin``: layer -> candidate it must take; ``keep_float``: layers left in float.
+    ``sparsity``: which of the profile's sparse candidates the groups may also take ("none",
+    "2:4", "unstructured", "all"; :func:`mpsearch.sensitivity.table.legal_candidates`).
     ``refine``: rounds of measuring the pairs the plan departs from w8a8 on and solving again
     (:mod:`mpsearch.refine`; 0: trust the predictions). ``select``: measure a shortlist of
     plans that fit (the ILP's of every refinement round, greedy's, the
@@ -260,7 +263,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
     costs = CostModel(lg, prof)
     only = None if candidates is None else tuple(
         c if isinstance(c, Candidate) else parse_candidate(c) for c in candidates)
-    cands = candidates_for(lg, costs, only)
+    cands = candidates_for(lg, costs, only, sparsity=sparsity)
     pins = _pins(analysis, costs, cands, pin or {}, keep_float)
     for g, c in pins.items():
         if c not in cands[g]:

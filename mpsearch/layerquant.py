@@ -34,6 +34,17 @@ EfficientNet-Lite0 (same 200 crops), nearest -> GPTQ -> GPTQ act-order: w8a8 22.
 correction (exact, on the calibration statistics) is then higher in 45 of 50 layers at int4 and
 in all 50 at int8, by 5% (geometric mean).
 
+**Pruned candidates** (``sparsity`` 2:4 or unstructured, :mod:`mpsearch.quant.prune`). The
+scales are chosen on the dense weights as above; then one SparseGPT pass (OBS with the layer
+Hessian, the same one GPTQ uses: centered where the bias is corrected) picks the mask, moves
+the surviving weights to compensate and rounds them onto those scales, whatever ``rounding``
+says (pruning without the update costs 2-4x the layer error, benchmarks/pruning.py). Pruned
+weights are stored as the zero point, so the integers in the QDQ file show the pattern. The
+bias correction and the int32-safe scales follow as for dense weights; a channel whose scale the
+int32 limit raises is pruned again on the new scale (never rounded to nearest, which would
+fill the zeros back in). Formats without an integer grid (fp8) are pruned in float and the
+result quantized, zeros staying zeros.
+
 The moments ``E[x]``, ``E[x²]`` per input channel come from the one calibration pass; the
 Hessians, when rounding wants them, from the same pass (:mod:`mpsearch.hessian`).
 """
@@ -44,18 +55,23 @@ import enum
 import logging
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mpsearch.calibrate import ChannelMoments
-from mpsearch.formats import Format, FormatKind, quantize
+from mpsearch.errors import UsageError
+from mpsearch.formats import Format, FormatKind, Sparsity, quantize
 from mpsearch.graph import Layer
 from mpsearch.hessian import LayerHessian
 from mpsearch.quant.rounding import HessianFactor, factor_hessian, hessian_round
 from mpsearch.ranges import QParams, RangeMethod, weight_qparams
 
+if TYPE_CHECKING:
+    from mpsearch.params import RangeSetter
+
 __all__ = ["INT32_BIAS_LIMIT", "LayerWeights", "Rounding", "bias_safe", "input_channel_view",
-           "quantize_layer", "rows_to_weight", "weight_rows"]
+           "quantize_layer", "rows_to_weight", "sparse_layer", "weight_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -227,22 +243,55 @@ def _patch(layer: Layer, w: np.ndarray, fmt: Format, old: QParams, new: QParams,
     return np.where(changed.reshape(shape), nearest, values)
 
 
+def _pruned_values(layer: Layer, w: np.ndarray, fmt: Format, sparsity: Sparsity, qp: QParams,
+                   hessian: LayerHessian | None, *, centered: bool) -> np.ndarray:
+    """``w`` pruned to ``sparsity`` and on the grid of ``qp`` (one SparseGPT pass for integer
+    formats; pruned in float, then quantized, for fp8)."""
+    from mpsearch.quant.prune import prune_layer  # prune builds on this module
+
+    joint = fmt.spec.kind is FormatKind.INT
+    pr = prune_layer(layer, w, sparsity, hessian=hessian, fmt=fmt if joint else None,
+                     qparams=qp if joint else None, centered=centered)
+    if not pr:
+        raise UsageError(f"layer {layer.name} cannot take sparsity {sparsity.name}: "
+                         f"{pr.reason}", fix="give it a dense candidate")
+    if pr.fallback:
+        log.debug("%s: %s by %s (%s)", layer.name, sparsity.name, pr.method.value, pr.fallback)
+    if joint:
+        return pr.values
+    return quantize(pr.weight, fmt, qp.scale, qp.zero_point, axis=layer.channel_axis)
+
+
 def quantize_layer(layer: Layer, w: np.ndarray, bias: np.ndarray | None, fmt: Format, *,
                    moments: ChannelMoments | None, method: RangeMethod,
                    input_scale: float | None = None, bias_correction: bool = True,
                    hessian: LayerHessian | None = None,
                    rounding: Rounding = Rounding.NEAREST,
-                   base: LayerWeights | None = None) -> LayerWeights:
+                   base: LayerWeights | None = None,
+                   sparsity: Sparsity | None = None) -> LayerWeights:
     """Quantize ``w`` (and correct ``bias``) for ``fmt``. ``input_scale``: the scale of the
     layer's integer input when the bias is stored as int32 (None otherwise). ``hessian``: the
     layer's, used by ``rounding=Rounding.HESSIAN`` (without one, or for other formats than
     integers of 8 bits or fewer, weights are rounded to nearest). ``base``: this function's
-    result for the same arguments without ``input_scale`` (saves the search and rounding)."""
+    result for the same arguments without ``input_scale`` (saves the search and rounding).
+    ``sparsity``: prune to it in the same pass (module docstring; None: dense); raises
+    :class:`~mpsearch.errors.UsageError` where the layer cannot take it."""
     axis = layer.channel_axis
     mean = None
     if (bias is not None and bias_correction and moments is not None
             and fmt.spec.kind is not FormatKind.FLOAT):
         mean = input_channel_view(layer, w.shape, moments.mean)
+    if sparsity is not None and sparsity.density < 1:
+        if not fmt.is_quantized:
+            raise UsageError(f"layer {layer.name}: pruned {fmt} weights are not exported",
+                             fix="prune only candidates with integer or fp8 weights")
+
+        def repair(old: QParams, new: QParams, values: np.ndarray) -> np.ndarray:
+            return _pruned_values(layer, w, fmt, sparsity, new, hessian, centered=mean is not None)
+    else:
+        def repair(old: QParams, new: QParams, values: np.ndarray) -> np.ndarray:
+            return _patch(layer, w, fmt, old, new, values)
+        sparsity = None
     if base is not None:
         qp, values = base.qparams, base.values
     else:
@@ -250,12 +299,16 @@ def quantize_layer(layer: Layer, w: np.ndarray, bias: np.ndarray | None, fmt: Fo
         if moments is not None:
             importance = input_channel_view(layer, w.shape, moments.mean_sq)
         qp = weight_qparams(w, fmt, axis, method, importance=importance)
-        hf = _rounding_hessian(layer, w, fmt, hessian, rounding, centered=mean is not None)
-        values = _round(layer, w, fmt, qp, hf)
+        if sparsity is not None:
+            values = _pruned_values(layer, w, fmt, sparsity, qp, hessian,
+                                    centered=mean is not None)
+        else:
+            hf = _rounding_hessian(layer, w, fmt, hessian, rounding, centered=mean is not None)
+            values = _round(layer, w, fmt, qp, hf)
     if bias is not None and input_scale is not None:
         qp2 = bias_safe(qp, bias, input_scale)
         if qp2 is not qp:
-            qp, values = qp2, _patch(layer, w, fmt, qp, qp2, values)
+            qp, values = qp2, repair(qp, qp2, values)
     if mean is None:
         return LayerWeights(qparams=qp, values=values, bias=bias, bias_shift=0.0)
     for _ in range(_BIAS_SAFE_TRIES):
@@ -265,9 +318,38 @@ def quantize_layer(layer: Layer, w: np.ndarray, bias: np.ndarray | None, fmt: Fo
         qp2 = bias_safe(qp, bias.astype(np.float64) - delta, input_scale)
         if qp2 is qp:  # the corrected bias still fits in int32
             break
-        qp, values = qp2, _patch(layer, w, fmt, qp, qp2, values)
+        qp, values = qp2, repair(qp, qp2, values)
     else:
         delta = _mean_shift(layer, w, values, qp, mean)
     return LayerWeights(qparams=qp, values=values,
                         bias=(bias.astype(np.float64) - delta).astype(np.float32),
                         bias_shift=float(np.abs(delta).max(initial=0.0)))
+
+
+# Sparse weights per RangeSetter, memoised as RangeSetter.layer memoises the dense ones (the
+# RangeSetter lives in mpsearch.params, which builds on this module).
+_SPARSE: weakref.WeakKeyDictionary[object, dict[tuple, LayerWeights]] = \
+    weakref.WeakKeyDictionary()
+
+
+def sparse_layer(ranges: RangeSetter, layer: Layer, fmt: Format, sparsity: Sparsity | None, *,
+                 input_scale: float | None = None) -> LayerWeights:
+    """What ``ranges.layer(layer, fmt, input_scale=...)`` gives, pruned to ``sparsity``
+    (dense: exactly that), from the same statistics, Hessian and settings; memoised."""
+    if sparsity is None or sparsity.density >= 1:
+        return ranges.layer(layer, fmt, input_scale=input_scale)
+    memo = _SPARSE.setdefault(ranges, {})
+    key = (layer.name, fmt, sparsity, input_scale)
+    if key not in memo:
+        if layer.weight is None:
+            raise ValueError(f"layer {layer.name} has no weight")
+        base = (sparse_layer(ranges, layer, fmt, sparsity) if input_scale is not None
+                else None)
+        memo[key] = quantize_layer(
+            layer, ranges.weights[layer.weight],
+            ranges.weights[layer.bias] if layer.bias else None, fmt,
+            moments=ranges.moments.get(layer.inputs[0]), method=ranges.weight_method,
+            input_scale=input_scale, bias_correction=ranges.bias_correction,
+            hessian=ranges.hessians.get(layer.name), rounding=ranges.rounding, base=base,
+            sparsity=sparsity)
+    return memo[key]

@@ -7,7 +7,8 @@ takes its group's, other ops inherit the widest format among their producers (or
 quantized producer, the widest among their consumers). Where a consumer's format differs from
 the producer's, a conversion ``DQ_a -> Q_b -> DQ_b`` is inserted in front of it, the pattern
 ORT's ``MixedPrecisionTensorQuantOverridesFixer`` writes and QNN reads as a Convert op.
-Weights are stored as integers (or fp8) with a per-channel ``DequantizeLinear``; a bias next to
+Weights are stored as integers (or fp8) with a per-channel ``DequantizeLinear`` (pruned weights,
+2:4 or unstructured, at the zero point, so the pattern can be read off the file); a bias next to
 an integer weight and activation is stored as int32 with scale ``s_x · s_w`` (zero point 0),
 the form Qualcomm's HTP and ORT's QDQ fusions expect.
 
@@ -39,9 +40,10 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 from mpsearch.errors import ExportError, UsageError
 from mpsearch.formats import Candidate, Format, FormatKind, quantize
 from mpsearch.graph import Layer, LayerGraph
-from mpsearch.layerquant import INT32_BIAS_LIMIT
+from mpsearch.layerquant import INT32_BIAS_LIMIT, sparse_layer
 from mpsearch.ops import OpRole, lookup
 from mpsearch.params import RangeSetter
+from mpsearch.quant.prune import sparsity_refusal
 from mpsearch.ranges import QParams, constant_qparams, qparams_from_range
 
 __all__ = ["QdqModel", "export_qdq", "uniform_plan"]
@@ -95,12 +97,28 @@ def _check_plan(lg: LayerGraph, plan: Mapping[str, Candidate]) -> None:
                          fix="use group names from 'mpsearch inspect'")
     for g, c in plan.items():
         if c.sparsity is not None:
-            raise UsageError(f"group '{g}': candidate {c} is sparse, and exporting pruned "
-                             "weights is not implemented yet",
-                             fix="use a dense candidate for export")
+            _check_sparse(lg, g, c)
         if c.activation is Format.INT4 or c.activation is Format.UINT4:
             raise UsageError(f"group '{g}': 4-bit activations are not supported",
                              fix="use 8- or 16-bit activations")
+
+
+def _check_sparse(lg: LayerGraph, g: str, c: Candidate) -> None:
+    """A sparse candidate is exported where its layer can take the pattern (2:4, unstructured)
+    and its weights are quantized (pruned integers or fp8, zeros at the zero point)."""
+    sp = c.sparsity
+    if sp.pattern == "channel":
+        raise UsageError(f"group '{g}': candidate {c} prunes output channels, which export "
+                         "does not do yet (the layer and its consumers must shrink)",
+                         fix="use 2:4 or unstructured sparsity, or a dense candidate")
+    if not c.weight.is_quantized:
+        raise UsageError(f"group '{g}': candidate {c} prunes {c.weight} weights; only "
+                         "integer and fp8 weights are exported pruned",
+                         fix="use a sparse candidate with integer or fp8 weights")
+    reason = sparsity_refusal(lg.layers[g], sp)
+    if reason is not None:
+        raise UsageError(f"group '{g}': cannot take {sp.name}: {reason}",
+                         fix="give this group a dense candidate")
 
 
 def node_formats(lg: LayerGraph, plan: Mapping[str, Candidate]) -> dict[str, Format]:
@@ -347,7 +365,7 @@ class _Export:
         int_bias = (layer.bias is not None and af.spec.kind is FormatKind.INT
                     and wf.spec.kind is FormatKind.INT)
         s_x = float(self._params(layer.inputs[0], af).scale) if int_bias else None
-        lw = self.ranges.layer(layer, wf, input_scale=s_x)
+        lw = sparse_layer(self.ranges, layer, wf, self.plan[name].sparsity, input_scale=s_x)
         dst = w.unique(f"{base}_dequantized")
         w.front.append(w.stored(base, lw.values, lw.qparams, wf.spec.onnx_type, dst))
         self.rewires[(name, layer.weight)] = dst

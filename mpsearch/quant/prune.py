@@ -71,7 +71,7 @@ from mpsearch.quant.rounding import HessianFactor, factor_hessian, output_error
 from mpsearch.ranges import QParams
 
 __all__ = ["PruneMethod", "PruneRefused", "PrunedLayer", "prune_layer",
-           "semi_structured_columns"]
+           "semi_structured_columns", "sparsity_refusal"]
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,18 @@ def _refusal(layer: Layer, rows: np.ndarray | None, pat: _Pattern) -> str | None
             return (f"{pat.n}:{pat.m} groups {pat.m} input channels at each kernel offset; this "
                     f"{what} has {c} per group ({taps} taps), nothing a sparse kernel can use")
     return None
+
+
+def sparsity_refusal(layer: Layer, sparsity: Sparsity | None) -> str | None:
+    """Why ``layer`` cannot take ``sparsity`` (what :func:`prune_layer` would refuse), from its
+    weight's shape alone; None when it can (and always for dense)."""
+    pat = _pattern(sparsity)
+    if pat.kind == "none":
+        return None
+    if layer.weight is None or layer.weight_shape is None:
+        return "no weight to prune (a MatMul of two activations)"
+    rows = weight_rows(layer, np.empty(layer.weight_shape, np.float32))
+    return _refusal(layer, rows, pat)
 
 
 def _scales(qparams: QParams, g: int, r: int) -> tuple[np.ndarray, np.ndarray]:

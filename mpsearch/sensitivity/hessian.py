@@ -7,7 +7,8 @@ output by three independent errors, each per output position:
 
 * weights: ``E‖δW x + δb‖² = tr(δW H δWᵀ) + 2 δbᵀ δW μ + ‖δb‖²``, with ``δW`` the exact
   difference between the integers the exporter writes and the float weights, and ``δb`` the
-  bias correction it applies;
+  bias correction it applies; a pruned candidate (2:4, unstructured) is one more such ``δW``,
+  that of its pruned and quantized weights (:func:`mpsearch.layerquant.sparse_layer`);
 * input quantization, white noise of variance ``σ_in²`` per element: ``σ_in² ‖W‖²_F``;
 * output quantization: ``σ_out² · C_out``.
 
@@ -37,10 +38,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpsearch.calibrate import Calibration, TensorStats
-from mpsearch.formats import Candidate, Format, FormatKind, dequantize, fake_quant
+from mpsearch.formats import Candidate, Format, FormatKind, Sparsity, dequantize, fake_quant
 from mpsearch.graph import Layer, LayerGraph
 from mpsearch.hessian import LayerHessian
-from mpsearch.layerquant import input_channel_view, weight_rows
+from mpsearch.layerquant import input_channel_view, sparse_layer, weight_rows
 from mpsearch.ops import OpRole
 from mpsearch.params import RangeSetter
 from mpsearch.sensitivity.table import HessianFit, unchanged
@@ -94,7 +95,7 @@ class _Predictor:
     def __init__(self, lg: LayerGraph, cal: Calibration, ranges: RangeSetter) -> None:
         self.lg, self.cal, self.ranges = lg, cal, ranges
         self._terms: dict[str, _LayerTerms] = {}
-        self._werr: dict[tuple[str, Format, float | None], float] = {}
+        self._werr: dict[tuple[str, Format, float | None, Sparsity | None], float] = {}
         self._aerr: dict[tuple[str, Format], float] = {}
 
     def act_error(self, t: str, fmt: Format) -> float:
@@ -146,8 +147,9 @@ class _Predictor:
                 out_channels=int(layer.out_channels or 1))
         return self._terms[layer.name]
 
-    def weight_error(self, layer: Layer, fmt: Format, input_scale: float | None) -> float:
-        key = (layer.name, fmt, input_scale)
+    def weight_error(self, layer: Layer, fmt: Format, input_scale: float | None,
+                     sparsity: Sparsity | None = None) -> float:
+        key = (layer.name, fmt, input_scale, sparsity)
         if key in self._werr:
             return self._werr[key]
         w = self.ranges.weights[layer.weight]
@@ -157,7 +159,7 @@ class _Predictor:
             err = self._quad(layer, self.cal.hessians.get(layer.name),
                              w.astype(np.float16).astype(np.float64) - w, None)
         else:
-            lw = self.ranges.layer(layer, fmt, input_scale=input_scale)
+            lw = sparse_layer(self.ranges, layer, fmt, sparsity, input_scale=input_scale)
             qp = lw.qparams
             deq = dequantize(lw.values, fmt, qp.scale, qp.zero_point, axis=qp.axis)
             db = None
@@ -183,7 +185,7 @@ class _Predictor:
         int_bias = (layer.bias is not None and af.spec.kind is FormatKind.INT
                     and cand.weight.spec.kind is FormatKind.INT)
         s_x = float(self.ranges.activation(layer.inputs[0], af).scale) if int_bias else None
-        werr = self.weight_error(layer, cand.weight, s_x)
+        werr = self.weight_error(layer, cand.weight, s_x, cand.sparsity)
         ain = self.act_error(layer.inputs[0], af)
         aout = self.act_error(self.output_tensor(layer), af)
         return LayerError(relative=(werr + ain * terms.weight_sq + aout * terms.out_channels)
@@ -223,7 +225,8 @@ def fit_runs(lg: LayerGraph, candidates: Mapping[str, Sequence[Candidate]], *,
              count: int = 8) -> list[tuple[str, Candidate]]:
     """Which single-group runs to measure for the fit: groups spread along the network, half
     at the candidate with the fewest weight bits (large, well-measured errors), half at the
-    most common 8-bit one."""
+    most common 8-bit one. Dense candidates only (where a group has any): offering pruned
+    candidates as well must not move the fit, and with it every dense prediction."""
     groups = [g for g in lg.group_names if any(not unchanged(c) for c in candidates[g])]
     if not groups:
         return []
@@ -231,7 +234,8 @@ def fit_runs(lg: LayerGraph, candidates: Mapping[str, Sequence[Candidate]], *,
     picked = groups[::step][:count]
     runs = []
     for k, g in enumerate(picked):
-        cands = sorted((c for c in candidates[g] if not unchanged(c)),
+        live = [c for c in candidates[g] if not unchanged(c)]
+        cands = sorted([c for c in live if c.sparsity is None] or live,
                        key=lambda c: (c.weight.bits + c.activation.bits, c.name))
         runs.append((g, cands[0] if k % 2 == 0 else cands[len(cands) // 2]))
     return runs

@@ -5,19 +5,31 @@ Errors are output MSE (mean over every element of every model output), with the 
 square ``signal`` kept alongside, so ``SQNR = 10·log10(signal / mse)``. The measured and the
 Hessian-predicted values sit side by side; :meth:`SensitivityTable.error` gives the solver the
 measured value where there is one.
+
+Which candidates a group gets (:func:`legal_candidates`): those the profile lists for its op.
+Sparse ones (2:4, unstructured) only when asked for (``sparsity``, default "none"): pruning
+wins over quantization only at extreme compression (Kuzmin et al. 2023, "Pruning vs
+Quantization: Which is Better?"), a device without sparse kernels gains memory only, and each
+sparse candidate costs sensitivity time like any other.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from mpsearch.errors import UsageError
 from mpsearch.formats import Candidate, Format, parse_candidate
 from mpsearch.graph import LayerGraph
 from mpsearch.hw.cost import CostModel
+from mpsearch.quant.prune import sparsity_refusal
 
-__all__ = ["HessianFit", "SensitivityTable", "candidates_for", "sqnr", "unchanged"]
+__all__ = ["SPARSITY_CHOICES", "CandidateSet", "HessianFit", "Refusal", "SensitivityTable",
+           "candidates_for", "legal_candidates", "sqnr", "unchanged"]
+
+log = logging.getLogger(__name__)
 
 Key = tuple[str, Candidate]
 
@@ -34,16 +46,83 @@ def sqnr(signal: float, mse: float) -> float:
     return 10.0 * math.log10(signal / mse) if signal > 0 else -math.inf
 
 
-def candidates_for(lg: LayerGraph, costs: CostModel,
-                   only: tuple[Candidate, ...] | None = None) -> dict[str, tuple[Candidate, ...]]:
-    """Group -> the candidates its op may take on the device (restricted to ``only``)."""
+SPARSITY_CHOICES = ("none", "2:4", "unstructured", "all")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Refusal:
+    """An expected "no": a candidate the profile lists for this group that it does not get."""
+
+    group: str
+    candidate: Candidate
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class CandidateSet:
+    """Group -> its candidates, and the sparse candidates left out, with why."""
+
+    by_group: Mapping[str, tuple[Candidate, ...]]
+    refused: tuple[Refusal, ...] = ()
+
+
+def _sparse_reason(lg: LayerGraph, group: str, c: Candidate) -> str | None:
+    """Why ``group`` cannot take the sparse candidate ``c`` (None: it can)."""
+    if c.sparsity.pattern == "channel":
+        return ("output-channel pruning is not exported yet (the layer and its consumers "
+                "must shrink together)")
+    if not c.weight.is_quantized:
+        return f"pruned {c.weight} weights are not exported (only integer and fp8 ones)"
+    return sparsity_refusal(lg.layers[group], c.sparsity)
+
+
+def legal_candidates(lg: LayerGraph, costs: CostModel, only: tuple[Candidate, ...] | None = None,
+                     *, sparsity: str = "none") -> CandidateSet:
+    """Group -> the candidates its op may take on the device.
+
+    ``only``: the candidates wanted (None: all the profile lists). ``sparsity``: which of the
+    profile's sparse candidates are added ("none", "2:4", "unstructured" or "all"), the
+    sparse variants of the dense candidates ``only`` keeps; a sparse candidate named in
+    ``only`` is kept whatever ``sparsity`` says. Sparse candidates a layer cannot take (2:4 on a
+    depthwise conv or an RGB stem, a weightless MatMul, ...) are left out, with the reason."""
+    if sparsity not in SPARSITY_CHOICES:
+        raise UsageError(f"unknown sparsity '{sparsity}'",
+                         fix=f"use one of {', '.join(SPARSITY_CHOICES)}")
     out: dict[str, tuple[Candidate, ...]] = {}
+    refused: list[Refusal] = []
     for g in lg.group_names:
-        cands = costs.candidates(g)
-        if only is not None:
-            cands = tuple(c for c in cands if c in only)
-        out[g] = cands
-    return out
+        kept: list[Candidate] = []
+        for c in costs.candidates(g):
+            sp = c.sparsity
+            if sp is None:
+                if only is None or c in only:
+                    kept.append(c)
+                continue
+            dense = Candidate(weight=c.weight, activation=c.activation)
+            named = only is not None and c in only
+            chosen = (sparsity == "all" or sparsity == sp.pattern) and (
+                only is None or dense in only)
+            if not (named or chosen):
+                continue
+            reason = _sparse_reason(lg, g, c)
+            if reason is None:
+                kept.append(c)
+            else:
+                refused.append(Refusal(group=g, candidate=c, reason=reason))
+        out[g] = tuple(kept)
+    if refused:
+        log.info("%d sparse (group, candidate) pairs left out, e.g. %s %s: %s", len(refused),
+                 refused[0].group, refused[0].candidate, refused[0].reason)
+    return CandidateSet(by_group=out, refused=tuple(refused))
+
+
+def candidates_for(lg: LayerGraph, costs: CostModel,
+                   only: tuple[Candidate, ...] | None = None, *,
+                   sparsity: str = "none") -> dict[str, tuple[Candidate, ...]]:
+    """Group -> the candidates its op may take on the device (restricted to ``only``; the
+    profile's sparse candidates as ``sparsity`` says): :func:`legal_candidates` without the
+    refusals."""
+    return dict(legal_candidates(lg, costs, only, sparsity=sparsity).by_group)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,197 @@
+"""Pruned candidates end to end: the QDQ file holds the pattern (2:4 along the input dimension,
+exactly half the weights of an unstructured@0.5 layer), layers that cannot take a pattern never
+get it (with the reason), the Hessian prediction of a pruned candidate tracks its measured
+error, and a search on an H100-like device buys latency with 2:4 where the budget needs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from models import images, mbconv
+from onnx import numpy_helper
+from scipy.stats import spearmanr
+
+import mpsearch
+from mpsearch import analyze, open_dataset, parse_candidate
+from mpsearch.calibrate import make_session
+from mpsearch.errors import UsageError
+from mpsearch.graph import Layer
+from mpsearch.hw.cost import CostModel
+from mpsearch.hw.profile import load_profile, parse_profile
+from mpsearch.sensitivity import estimate
+from mpsearch.sensitivity.table import candidates_for, legal_candidates
+
+ROOT = Path(__file__).resolve().parent.parent
+H100 = load_profile(ROOT / "hw_profiles" / "nvidia_h100.yaml")
+SNAPDRAGON = load_profile(ROOT / "hw_profiles" / "snapdragon_8gen3.yaml")
+INT8_24 = parse_candidate("w:int8/a:int8+2:4")
+INT8 = parse_candidate("w:int8/a:int8")
+
+# An H100 in miniature: 2:4 doubles the int8 rate, no launch overhead and ample bandwidth, so
+# latency is compute and 2:4 is the only way below the dense int8 time.
+TOY_H100 = """\
+schema: 1
+name: toy_h100
+target: {runtime: tensorrt}
+formats:
+  weights: [int8, fp16]
+  activations: [uint8, fp16]
+ops:
+  default: [w8a8, fp16]
+  Conv: [w8a8, fp16, w8a8+2:4]
+  Gemm: [w8a8, fp16, w8a8+2:4]
+cost:
+  compute:
+    macs_per_s: {w8a8: 1.0e+9, fp16: 5.0e+8}
+    source: placeholder
+  memory: {bytes_per_s: 1.0e+15, source: placeholder}
+  energy:
+    pj_per_mac: {w8a8: 1, fp16: 4}
+    pj_per_byte: 10
+    source: placeholder
+  overhead: {per_layer_s: 0, source: placeholder}
+  conversion: {per_edge_s: 0, per_byte_s: 0, source: placeholder}
+sparsity:
+  patterns:
+    "2:4": {speedup: 2.0, metadata_bits: 2}
+  source: placeholder
+rules:
+  tie: [Add, Concat]
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sparsity")
+    model = mbconv(seed=5)
+    onnx.save(model, str(d / "model.onnx"))
+    np.savez(d / "calib.npz", x=images(64, seed=1))
+    np.savez(d / "eval.npz", x=images(16, seed=2))
+    data = open_dataset(d / "calib.npz", model)
+    return {"dir": d, "model": model, "data": data,
+            "analysis": analyze(model, data, hessians=True)}
+
+
+def _sqnr(ref: np.ndarray, got: np.ndarray) -> float:
+    return float(10 * np.log10(np.mean(ref.astype(np.float64) ** 2)
+                               / np.mean((ref.astype(np.float64) - got) ** 2)))
+
+
+def _stored_weights(qm: onnx.ModelProto, lg) -> dict[str, np.ndarray]:
+    """Layer -> the integers its weight's DequantizeLinear reads, from the file."""
+    inits = {t.name: t for t in qm.graph.initializer}
+    producer = {o: n for n in qm.graph.node for o in n.output}
+    weight_input = {n.name: n.input[1] for n in qm.graph.node if n.name in lg.layers}
+    out = {}
+    for name, t in weight_input.items():
+        dq = producer.get(t)
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+            out[name] = numpy_helper.to_array(inits[dq.input[0]])
+    return out
+
+
+def _groups_of_four(layer: Layer, w: np.ndarray) -> np.ndarray:
+    """Non-zeros per group of four consecutive input channels, at every output channel and
+    kernel offset (a short last group padded with zeros)."""
+    if layer.op_type == "Conv":  # (C_out, C_in/g, kh, kw): input channels on axis 1
+        a = np.moveaxis(w, 1, -1).reshape(-1, w.shape[1])
+    else:  # Gemm/MatMul: the input dimension is the one that is not the channel axis
+        a = w if layer.channel_axis == 0 else w.T
+    pad = (-a.shape[1]) % 4
+    a = np.pad(a, ((0, 0), (0, pad)))
+    return (a.reshape(a.shape[0], -1, 4) != 0).sum(axis=2)
+
+
+def test_exported_2_4_layers_keep_two_of_every_four_inputs(setup):
+    an = setup["analysis"]
+    lg = an.graph
+    cands = candidates_for(lg, CostModel(lg, H100), sparsity="2:4")
+    plan = {g: INT8_24 if INT8_24 in cands[g] else INT8 for g in lg.group_names}
+    sparse = [g for g, c in plan.items() if c.sparsity is not None]
+    assert set(sparse) == {"expand", "project", "grouped", "fc"}
+    qm = an.export(plan).model
+    stored = _stored_weights(qm, lg)
+    for g in sparse:
+        nz = _groups_of_four(lg.layers[g], stored[g])
+        assert nz.max() <= 2, g
+        assert (stored[g] == 0).mean() >= 0.5
+    assert (stored["expand"] != 0).mean() > 0.45  # the survivors are not rounded away
+    # the file runs, and pruning half of four layers costs accuracy but not everything
+    x = images(16, seed=2)
+    ref = make_session(setup["model"]).run(None, {"x": x})[0]
+    got = make_session(qm).run(None, {"x": x})[0]
+    assert 5.0 < _sqnr(ref, got) < _sqnr(ref, make_session(
+        an.export({g: INT8 for g in lg.group_names}).model).run(None, {"x": x})[0])
+
+
+def test_unstructured_half_prunes_exactly_half_of_every_layer(setup):
+    an = setup["analysis"]
+    lg = an.graph
+    half = parse_candidate("w8a8+unstructured@0.5")
+    cands = candidates_for(lg, CostModel(lg, SNAPDRAGON), sparsity="unstructured")
+    assert all(half in cands[g] for g in lg.group_names)  # no layout refuses unstructured
+    stored = _stored_weights(an.export({g: half for g in lg.group_names}).model, lg)
+    for g in lg.group_names:
+        w = stored[g]
+        assert (w == 0).sum() == round(0.5 * w.size), g
+
+
+def test_layers_that_cannot_take_2_4_never_get_it(setup):
+    lg = setup["analysis"].graph
+    cs = legal_candidates(lg, CostModel(lg, H100), sparsity="all")
+    assert {r.group for r in cs.refused} == {"stem", "depthwise"}
+    assert all("input channels" in r.reason for r in cs.refused)
+    assert all(c.sparsity is None for g in ("stem", "depthwise") for c in cs.by_group[g])
+    # the default offers nothing pruned; a sparse candidate named in `only` is kept
+    assert not any(c.sparsity for cs_ in candidates_for(lg, CostModel(lg, H100)).values()
+                   for c in cs_)
+    only = candidates_for(lg, CostModel(lg, H100), (INT8, INT8_24))
+    assert only["fc"] == (INT8, INT8_24) and only["stem"] == (INT8,)
+    with pytest.raises(UsageError, match="depthwise conv has 1 per group"):
+        setup["analysis"].export({g: INT8_24 if g == "depthwise" else INT8
+                                  for g in lg.group_names})
+    with pytest.raises(UsageError, match="output channels"):
+        setup["analysis"].export({g: parse_candidate("w8a8+channel@0.5") if g == "fc"
+                                  else parse_candidate("w8a8") for g in lg.group_names})
+    with pytest.raises(UsageError, match="unknown sparsity"):
+        candidates_for(lg, CostModel(lg, H100), sparsity="4:8")
+
+
+def test_hessian_prediction_of_pruned_candidates_tracks_the_measured_error(setup):
+    an, lg = setup["analysis"], setup["analysis"].graph
+    names = ["w8a8", "w4a8", "w8a8+unstructured@0.5", "w4a8+unstructured@0.5",
+             "w8a8+unstructured@0.25"]
+    cands = {g: tuple(map(parse_candidate, names)) for g in lg.group_names}
+    for g in ("expand", "project", "grouped", "fc"):
+        cands[g] += (parse_candidate("w8a8+2:4"),)
+    table = estimate(an, setup["data"], cands, method="both")
+    sparse = [k for k in table.measured if k[1].sparsity is not None]
+    assert len(sparse) == 6 * 3 + 4
+    ratios = np.array([table.predicted[k] / table.measured[k] for k in sparse])
+    assert np.all((ratios > 0.2) & (ratios < 5.0))  # the same spread as the dense ones
+    pooled = spearmanr([table.predicted[k] for k in sparse], [table.measured[k] for k in sparse])
+    assert pooled.statistic > 0.85
+    for g in lg.group_names:  # and within a layer, the order of its candidates
+        keys = [(g, c) for c in cands[g]]
+        rho = spearmanr([table.predicted[k] for k in keys], [table.measured[k] for k in keys])
+        assert rho.statistic >= 0.7, g
+
+
+def test_search_buys_latency_with_2_4_where_the_budget_needs_it(setup, tmp_path):
+    d = setup["dir"]
+    prof = parse_profile(TOY_H100, where="toy_h100.yaml")
+    kwargs = dict(budget="latency=0.85", eval_data=d / "eval.npz", use_cache=False,
+                  front_points=0, refine=1)
+    with pytest.raises(mpsearch.InfeasibleBudgetError):
+        mpsearch.search(d / "model.onnx", prof, d / "calib.npz", **kwargs)
+    res = mpsearch.search(d / "model.onnx", prof, d / "calib.npz", sparsity="2:4", **kwargs)
+    assert res.chosen.cost.relative["latency_s"] <= 0.85 + 1e-9 and res.chosen.fits
+    picked = {g for g, c in res.plan.items() if c.sparsity is not None}
+    assert picked and picked <= {"expand", "project", "grouped", "fc"}
+    stored = _stored_weights(res.qdq().model, res.analysis.graph)
+    for g in picked:
+        assert _groups_of_four(res.analysis.graph.layers[g], stored[g]).max() <= 2
+    assert res.chosen.measured is not None and res.chosen.measured.sqnr_db > 5.0
