@@ -49,7 +49,9 @@ __all__ = [
     "SensitivityCache",
     "SensitivityTable",
     "UsageError",
+    "VerifyResult",
     "analyze",
+    "build_report",
     "build_layer_graph",
     "estimate_sensitivity",
     "evaluate",
@@ -61,11 +63,15 @@ __all__ = [
     "search",
     "split",
     "uniform_plan",
+    "verify",
 ]
 
 
-# The search pulls in cvxpy (about a second to import): loaded on first use (PEP 562).
-_LAZY = {"search": "mpsearch.job", "SearchResult": "mpsearch.job"}
+# The search pulls in cvxpy (about a second to import), the report matplotlib, verification
+# the QNN EP: each loaded on first use (PEP 562).
+_LAZY = {"search": "mpsearch.job", "SearchResult": "mpsearch.job",
+         "build_report": "mpsearch.report.html",
+         "verify": "mpsearch.verify", "VerifyResult": "mpsearch.verify"}
 
 
 def __getattr__(name: str):
