@@ -109,6 +109,15 @@ def _conv_spec(layer: Layer, node: NodeProto) -> _Spec | None:
                  dilations=_ints(node, "dilations") or (1,) * nd, auto_pad=auto)
 
 
+def grid_step(ho: int, wo: int, cap: int) -> int:
+    """The least r whose grid of every r-th output row and column has at most ``cap``
+    positions."""
+    r = max(1, math.ceil(math.sqrt(ho * wo / cap)))
+    while -(-ho // r) * -(-wo // r) > cap:
+        r += 1
+    return r
+
+
 def hessian_specs(lg: LayerGraph) -> dict[str, _Spec]:
     """Layer name -> how its Hessian is collected, for every layer whose layout is known."""
     out: dict[str, _Spec] = {}
@@ -185,7 +194,7 @@ class _Accumulator:
         ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
         # A grid of output positions, every r-th row and column: the same count as
         # MAX_POSITIONS evenly spread, gathered by slicing instead of unfolding the whole map.
-        r = max(1, math.ceil(math.sqrt(ho * wo / self.positions)))
+        r = grid_step(ho, wo, self.positions)
         rows, cols_n = -(-ho // r), -(-wo // r)
         per_sample = spec.k * g * rows * cols_n
         step = max(1, UNFOLD_FLOATS // max(per_sample, 1))

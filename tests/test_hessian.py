@@ -4,15 +4,19 @@ maps large enough that only a grid of output positions enters the statistic (at 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 from onnx import helper, numpy_helper
 
 from mpsearch.graph import build_layer_graph
-from mpsearch.hessian import MAX_POSITIONS, MIN_POSITIONS, POSITIONS_PER_INPUT, HessianCollector
+from mpsearch.hessian import (
+    MAX_POSITIONS,
+    MIN_POSITIONS,
+    POSITIONS_PER_INPUT,
+    HessianCollector,
+    grid_step,
+)
 from mpsearch.ingest import prepare_model
 
 
@@ -59,7 +63,7 @@ def test_sampled_grid_equals_unfold_at_those_positions(c_in, c_out, size, attrs)
     kk = c_in // groups * k * k
     cap = min(MAX_POSITIONS, max(MIN_POSITIONS, POSITIONS_PER_INPUT * kk))
     assert ho * wo > cap  # the test must exercise the sampling
-    r = math.ceil(math.sqrt(ho * wo / cap))
+    r = grid_step(ho, wo, cap)
     cols = cols.reshape(2, c_in * k * k, ho, wo)[:, :, ::r, ::r].reshape(2, c_in * k * k, -1)
     g = cols.reshape(2, groups, kk, -1).transpose(1, 2, 0, 3).reshape(groups, kk, -1)
     g = g.astype(np.float64)
