@@ -21,11 +21,20 @@ output range (ReLU6: [0, 6]), not its own wider one, and the activation's output
 parameters. Without this an 8-bit grid over a Conv's raw [-30, 30] range loses about 10 dB on
 EfficientNet-Lite0.
 
+Channel facts, for output-channel pruning (:mod:`mpsearch.export.channels`): ``channel_flow``
+says how an op carries channels from its input to its output (``PER_CHANNEL``: output channel
+``c`` reads input channel ``c`` only, constant inputs broadcast along it; ``FLATTEN``: 1:1 when
+every dim after the channel axis is 1); ``zero_rule`` when its output is zero on a channel
+(``UNARY``: where its first input is; ``ANY``: where some activation input is, Mul;
+``ALL``: where every activation input is, Add/Sub; ``NEVER``: Sigmoid(0) = 1/2; ``CLIP``: where
+the input is and the bounds hold 0). An op with no ``channel_flow`` mixes channels.
+
 An op not in the registry is left in float, with the reason recorded (never a crash).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +42,7 @@ from dataclasses import dataclass
 
 from onnx import NodeProto, helper
 
-__all__ = ["OP_REGISTRY", "OpInfo", "OpRole", "lookup", "register"]
+__all__ = ["OP_REGISTRY", "ChannelFlow", "OpInfo", "OpRole", "ZeroRule", "lookup", "register"]
 
 
 class OpRole(enum.Enum):
@@ -42,6 +51,19 @@ class OpRole(enum.Enum):
     ELEMENTWISE = "elementwise"
     PASSTHROUGH = "passthrough"
     FIXED_RANGE = "fixed_range"
+
+
+class ChannelFlow(enum.Enum):
+    PER_CHANNEL = "per_channel"
+    FLATTEN = "flatten"
+
+
+class ZeroRule(enum.Enum):
+    UNARY = "unary"
+    ANY = "any"
+    ALL = "all"
+    NEVER = "never"
+    CLIP = "clip"
 
 
 Shape = Sequence[int | None]
@@ -65,6 +87,9 @@ class OpInfo:
     # A clipping activation (Relu, Clip): the producer's output quantizer takes this op's
     # output range, so Q's saturation does the clipping (ORT's "removable activations").
     fuses_into_producer: bool = False
+    # Output-channel pruning (module docstring): how channels pass, when zeros stay zero.
+    channel_flow: ChannelFlow | None = None
+    zero_rule: ZeroRule = ZeroRule.NEVER
 
     def weight_axis(self, node: NodeProto, weight_rank: int) -> int:
         """Axis of output channels in the weight tensor (the per-channel axis)."""
@@ -170,3 +195,18 @@ for _op in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool"
             "Gather", "Split", "Expand", "Identity", "Pad", "DepthToSpace", "SpaceToDepth",
             "GlobalMaxPool", "Tile"):
     _add(_op, OpRole.PASSTHROUGH)
+
+
+def _channel_facts(ops: Sequence[str], flow: ChannelFlow, zero: ZeroRule) -> None:
+    for op in ops:
+        OP_REGISTRY[op] = dataclasses.replace(OP_REGISTRY[op], channel_flow=flow, zero_rule=zero)
+
+
+_channel_facts(("Relu", "LeakyRelu", "PRelu", "Elu", "Gelu", "Erf", "Tanh", "Neg", "Abs",
+                "Sqrt", "HardSwish", "Identity", "MaxPool", "AveragePool", "GlobalAveragePool",
+                "GlobalMaxPool", "Div"), ChannelFlow.PER_CHANNEL, ZeroRule.UNARY)
+_channel_facts(("Mul",), ChannelFlow.PER_CHANNEL, ZeroRule.ANY)
+_channel_facts(("Add", "Sub"), ChannelFlow.PER_CHANNEL, ZeroRule.ALL)
+_channel_facts(("Clip",), ChannelFlow.PER_CHANNEL, ZeroRule.CLIP)
+_channel_facts(("Sigmoid", "HardSigmoid"), ChannelFlow.PER_CHANNEL, ZeroRule.NEVER)
+_channel_facts(("Reshape", "Flatten"), ChannelFlow.FLATTEN, ZeroRule.UNARY)

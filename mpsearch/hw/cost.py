@@ -9,6 +9,13 @@ Per layer ``l`` and candidate ``c = (w, a)``:
   and activations, else the float width); activation bytes ``(inputs + output) · b_a / 8``;
   BOPs count kept weights only; the compute term divides by the pattern's speed-up (2:4 on
   sparse tensor cores: 2; elsewhere 1: memory savings only);
+* output-channel pruning (``+channel@d``) is structural: the layer's MACs, weights, bias and
+  output bytes scale by ``d`` (the pattern's speed-up should be 1), and so do the MACs, weights
+  and input bytes of what reads the channels (:func:`mpsearch.export.channels.channel_route`:
+  a depthwise conv on the way shrinks whole, the dense consumer loses input columns). Those
+  savings are credited to the pruned group, costed in its own (dense) pair where the reader's
+  op allows it, else in w8a8, so group costs still add (an approximation where the reader
+  takes another pair); a measured table's dense time is scaled by ``d``;
 * latency: the profile's measured table when it has this layer and candidate, else the roofline
   ``max(MACs / peak(c), bytes / bandwidth) + per-layer overhead``;
 * energy ``MACs · e_MAC(c) + bytes · e_byte``.
@@ -26,7 +33,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mpsearch.errors import ProfileError
+from mpsearch.errors import ProfileError, UsageError
 from mpsearch.formats import Candidate, Format, FormatKind
 from mpsearch.graph import Layer, LayerGraph
 from mpsearch.hw.profile import HardwareProfile
@@ -118,8 +125,44 @@ class CostModel:
         return self._cache[key]
 
     def _layer_cost(self, layer: Layer, c: Candidate) -> LayerCost:
+        sp = c.sparsity
+        if sp is None or sp.pattern != "channel":
+            return self._scaled_cost(layer, c)
+        d = sp.density
+        own = self._scaled_cost(layer, c, mac_scale=d, weights=d, bias=d, output=d)
+        from mpsearch.export.channels import ChannelRefusal, channel_route
+
+        route = channel_route(self.lg, layer.name)
+        if isinstance(route, ChannelRefusal):
+            raise UsageError(f"group '{layer.name}': candidate {c} prunes output channels, "
+                             f"which it cannot: {route.reason}",
+                             fix="give this group a dense candidate")
+        dense = Candidate(weight=c.weight, activation=c.activation)
+        saved = dict.fromkeys(("bops", "weight_bytes", "activation_bytes", "latency_s",
+                               "energy_j"), 0.0)
+        for node in (*route.depthwise, *route.consumers):
+            reader = self.lg.layers[node]
+            rc = dense if dense in self.profile.pairs_for(reader.op_type) else self.reference
+            out = d if node in route.depthwise else 1.0
+            full = self._scaled_cost(reader, rc)
+            part = self._scaled_cost(reader, rc, mac_scale=d, weights=d, bias=out, inputs=d,
+                                     output=out)
+            for m in saved:
+                saved[m] += getattr(full, m) - getattr(part, m)
+        return LayerCost(layer=layer.name, candidate=c, macs=own.macs,
+                         bops=own.bops - saved["bops"],
+                         weight_bytes=own.weight_bytes - saved["weight_bytes"],
+                         activation_bytes=own.activation_bytes - saved["activation_bytes"],
+                         latency_s=own.latency_s - saved["latency_s"],
+                         energy_j=own.energy_j - saved["energy_j"], latency_from=own.latency_from)
+
+    def _scaled_cost(self, layer: Layer, c: Candidate, *, mac_scale: float = 1.0,
+                     weights: float = 1.0, bias: float = 1.0, inputs: float = 1.0,
+                     output: float = 1.0) -> LayerCost:
+        """The cost of ``layer`` in ``c`` with its MACs, weights, bias, input and output
+        bytes scaled (channel pruning, :meth:`_layer_cost`; all 1: the layer as it is)."""
         p = self.profile
-        macs = layer.macs or 0
+        macs = round((layer.macs or 0) * mac_scale)
         wb, ab = c.weight.bits, c.activation.bits
         has_w = layer.weight is not None
         weight_params = layer.params - (layer.out_channels or 0 if layer.bias else 0)
@@ -133,14 +176,19 @@ class CostModel:
                 raise ProfileError(f"profile {p.name} has no sparsity pattern '{sp.pattern}' "
                                    f"(candidate {c})",
                                    fix=f"add it under sparsity.patterns or do not use {c}")
-            density, speedup, meta_bits = sp.density, pattern.speedup, pattern.metadata_bits
-        kept = weight_params * density
+            speedup, meta_bits = pattern.speedup, pattern.metadata_bits
+            if sp.pattern != "channel":  # channel pruning comes in through the scales
+                density = sp.density
+        kept = weight_params * density * weights
         weight_bytes = (kept * (wb + meta_bits) + (layer.out_channels or 0) * bias_bits
-                        * bool(layer.bias)) / 8 if has_w else 0.0
-        act_bytes = (self._in[layer.name] + self._out[layer.name]) * ab / 8
-        table = self.table
-        if table is not None and c in table.layers.get(layer.name, {}):
-            latency, source = table.layers[layer.name][c], "table"
+                        * bool(layer.bias) * bias) / 8 if has_w else 0.0
+        act_bytes = (self._in[layer.name] * inputs + self._out[layer.name] * output) * ab / 8
+        measured = self.table.layers.get(layer.name, {}) if self.table is not None else {}
+        dense_c = Candidate(weight=c.weight, activation=c.activation)
+        if c in measured and mac_scale == 1:
+            latency, source = measured[c], "table"
+        elif (sp is None or sp.pattern == "channel") and dense_c in measured:
+            latency, source = measured[dense_c] * mac_scale, "table"
         else:
             peak = p.compute.macs_per_s.get(Candidate(weight=c.weight, activation=c.activation))
             if peak is None:
