@@ -17,9 +17,11 @@ EfficientNet-Lite0: calibration 7.9 -> 4.1 s, w8a8 21.99 -> 22.10 dB, w8a16 unch
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -80,6 +82,46 @@ class Calibration:
     seconds: float
     moments: Mapping[str, ChannelMoments] = field(default_factory=dict)
     hessians: Mapping[str, LayerHessian] = field(default_factory=dict)  # by layer name
+    # The model's outputs per batch, and a digest of each batch's inputs: the FP32 reference
+    # the sensitivity stages compare against, without a second pass (see batch_digest).
+    outputs: tuple[Mapping[str, np.ndarray], ...] = ()
+    digests: tuple[str, ...] = ()
+
+    def reference_for(self, batches: Sequence[Mapping[str, np.ndarray]]
+                      ) -> tuple[Mapping[str, np.ndarray], ...] | None:
+        """The stored outputs when ``batches`` are the calibration batches, else None."""
+        if not self.outputs or len(batches) != len(self.digests):
+            return None
+        if any(batch_digest(b) != d for b, d in zip(batches, self.digests, strict=True)):
+            return None
+        return self.outputs
+
+
+def batch_digest(batch: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(batch):
+        a = np.ascontiguousarray(batch[name])
+        h.update(name.encode())
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+class _Outputs:
+    """Keeps the graph outputs and the input digest of every batch."""
+
+    def __init__(self, lg: LayerGraph) -> None:
+        self.names = [o.name for o in lg.model.graph.output]
+        self.inputs = [i.name for i in lg.model.graph.input]
+        self.outputs: list[dict[str, np.ndarray]] = []
+        self.digests: list[str] = []
+
+    def tensors(self) -> Iterable[str]:
+        return self.names
+
+    def update(self, values: Mapping[str, np.ndarray]) -> None:
+        self.outputs.append({n: np.array(values[n]) for n in self.names if n in values})
+        self.digests.append(batch_digest({n: values[n] for n in self.inputs if n in values}))
 
 
 class Collector(Protocol):
@@ -242,17 +284,29 @@ def run_collectors(lg: LayerGraph, batches: Iterable[Mapping[str, np.ndarray]],
     out_names = [o.name for o in sess.get_outputs()]
     feed_names = {i.name for i in sess.get_inputs()}
     samples = 0
-    for batch in batches:
+
+    def run(batch: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         feed = {k: v for k, v in batch.items() if k in feed_names}
-        outs = sess.run(out_names, feed)
-        values: dict[str, np.ndarray] = dict(zip(out_names, outs, strict=True))
+        values = dict(zip(out_names, sess.run(out_names, feed), strict=True))
         values.update({k: v for k, v in feed.items() if k in inputs})
-        for c in collectors:
-            c.update(values)
-        n = len(next(iter(feed.values())))
-        samples += n
-        if progress:
-            progress(n)
+        return values, len(next(iter(feed.values())))
+
+    # ONNX Runtime computes the next batch while the collectors (numpy, mostly outside the
+    # GIL) digest this one, two batches of exposed tensors in memory at most: 5% faster on
+    # EfficientNet-Lite0's calibration pass with the Hessians (4.8 s against 5.1 s).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        it = iter(batches)
+        first = next(it, None)
+        pending = pool.submit(run, first) if first is not None else None
+        while pending is not None:
+            values, n = pending.result()
+            nxt = next(it, None)
+            pending = pool.submit(run, nxt) if nxt is not None else None
+            for c in collectors:
+                c.update(values)
+            samples += n
+            if progress:
+                progress(n)
     if samples == 0:
         raise DataError("the calibration data has no samples", fix="pass a non-empty --data")
     return samples
@@ -268,10 +322,12 @@ def calibrate(lg: LayerGraph, batches: Iterable[Mapping[str, np.ndarray]], *,
     ranges = RangeCollector(lg.activations)
     moments = MomentsCollector(layer_input_axes(lg))
     hess = HessianCollector(lg) if hessians else None
-    collectors: list[Collector] = [ranges, moments, *([hess] if hess else []), *extra]
+    outs = _Outputs(lg)
+    collectors: list[Collector] = [ranges, moments, outs, *([hess] if hess else []), *extra]
     samples = run_collectors(lg, batches, collectors, progress=progress)
     cal = Calibration(stats=ranges.result(), samples=samples, seconds=time.perf_counter() - t0,
-                      moments=moments.result(), hessians=hess.result() if hess else {})
+                      moments=moments.result(), hessians=hess.result() if hess else {},
+                      outputs=tuple(outs.outputs), digests=tuple(outs.digests))
     log.info("calibrated %d tensors on %d samples in %.1f s", len(cal.stats), samples,
              cal.seconds)
     return cal

@@ -307,7 +307,8 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
         if not todo:
             break
         if ref_out is None:
-            ref_out = reference_outputs(lg, batches)
+            ref_out = (analysis.calibration.reference_for(batches)
+                       or reference_outputs(lg, batches))
         with progress(f"verifying the plan (round {r + 1})", len(todo)) as advance:
             known.update(measure_pairs(analysis, batches, todo, workers=workers, cache=cache,
                                        reference=ref_out, progress=advance))
@@ -350,7 +351,8 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
         shortlist = _shortlist(round_plans, chosen.predicted_sqnr_db, greedy_plan, uniform,
                                pins)
         if ref_out is None:
-            ref_out = reference_outputs(lg, batches)
+            ref_out = (analysis.calibration.reference_for(batches)
+                       or reference_outputs(lg, batches))
         with progress("measuring the shortlist", len(shortlist)) as advance:
             selection = select_plan(analysis, shortlist, batches, ref_out, progress=advance)
         chosen = result("mpsearch", selection.best.plan)

@@ -158,7 +158,12 @@ _FINE_OFFSETS = np.linspace(-0.05, 0.05, 11)
 def _channel_errors(wc: np.ndarray, fmt: Format, amax: np.ndarray, ratio: np.ndarray,
                     top: float, imp: np.ndarray | None) -> np.ndarray:
     s = np.maximum(amax * ratio / top, 1e-30)
-    q = quantize(wc, fmt, s, axis=0).astype(np.float32)
+    spec = fmt.spec
+    if spec.kind is FormatKind.INT:  # what quantize() computes, without its integer casts
+        q = np.rint(wc / s.astype(np.float32)[:, None])
+        np.clip(q, spec.qmin, spec.qmax, out=q)
+    else:
+        q = quantize(wc, fmt, s, axis=0).astype(np.float32)
     err = (q * s[:, None] - wc) ** 2
     return (err if imp is None else err * imp).sum(axis=1)
 

@@ -32,7 +32,7 @@ __all__ = ["CACHE_VERSION", "SensitivityCache", "data_digest", "default_cache_di
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 def default_cache_dir() -> Path:

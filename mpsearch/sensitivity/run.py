@@ -29,7 +29,7 @@ __all__ = ["Method", "estimate", "measure_pairs", "table_variant"]
 
 log = logging.getLogger(__name__)
 
-FIT_RUNS = 4
+FIT_RUNS = 2
 
 
 class Method(enum.Enum):
@@ -69,8 +69,9 @@ def measure_pairs(analysis: Analysis, batches: Sequence[Mapping[str, np.ndarray]
     if todo:
         log.info("measuring %d single-group runs (%d cached)",
                  sum(len(v) for v in todo.values()), len(measured))
-        ref = tuple(reference) if reference is not None else tuple(
-            reference_outputs(lg, batches))
+        ref = tuple(reference) if reference is not None else (
+            analysis.calibration.reference_for(batches)
+            or tuple(reference_outputs(lg, batches)))
         ctx = MeasureContext(graph=lg, ranges=analysis.ranges, batches=tuple(batches),
                              reference=ref)
         measure(ctx, [(g, todo[g]) for g in lg.group_names if g in todo], workers=workers,
@@ -101,7 +102,7 @@ def estimate(analysis: Analysis, data: Dataset,
     seconds: dict[str, float] = {f"analysis_{k}": v for k, v in analysis.timings.items()}
     t0 = time.perf_counter()
     batches = tuple(data.batches(analysis.options.batch_size))
-    ref = tuple(reference_outputs(lg, batches))
+    ref = analysis.calibration.reference_for(batches) or tuple(reference_outputs(lg, batches))
     count = sum(sum(int(v.size) for v in r.values()) for r in ref)
     signal = sum(float(np.vdot(v.ravel().astype(np.float64), v.ravel().astype(np.float64)))
                  for r in ref for v in r.values()) / max(count, 1)
@@ -132,7 +133,7 @@ def estimate(analysis: Analysis, data: Dataset,
         raw = {k: gains[k[0]].weight * e.weight + gains[k[0]].white * e.activation
                + gains[k[0]].input * e.input
                for k, e in errs.items()}
-        fit_on = runs if method is not Method.MEASURED else list(measured)
+        fit_on = runs if method is Method.HESSIAN else list(measured)  # both: every pair
         fit = fit_scale(raw, {k: measured[k] for k in fit_on if k in measured})
         predicted = {k: fit.alpha * r for k, r in raw.items()}
         for (g, c), e in errs.items():
