@@ -31,10 +31,12 @@ def _shared(s: argparse.ArgumentParser) -> None:
     s.add_argument("--candidates", metavar="LIST",
                    help="comma-separated subset of the profile's candidates, e.g. "
                         "w8a8,w4a8,w8a16 (default: all the profile allows per op)")
-    s.add_argument("--sparsity", choices=["none", "2:4", "unstructured", "all"],
+    s.add_argument("--sparsity", choices=["none", "2:4", "unstructured", "channel", "all"],
                    default="none",
                    help="also offer the profile's pruned candidates of this pattern (weights "
-                        "pruned by OBS with the layer Hessian, survivors quantized). Default "
+                        "pruned by OBS with the layer Hessian, survivors quantized; channel: "
+                        "whole output channels by Hessian energy, where no residual or output "
+                        "needs them, exported masked). Default "
                         "none: at equal compression quantization usually beats pruning "
                         "(Kuzmin et al. 2023), sparsity pays only on devices with sparse "
                         "kernels or where memory is the budget, and every sparse candidate "
@@ -247,6 +249,18 @@ def _write_exports(out: Any, res, qm) -> dict:
 
     out.write_model("model.float.onnx", res.analysis.graph.model)
     files = {"model": "model.qdq.onnx", "float_model": "model.float.onnx"}
+    kept = qm.kept_channels
+    if kept:  # masked, full size: the same function as the smaller model (export/channels.py)
+        files["channel_pruning"] = {
+            "exported": "masked",
+            "note": "channel-pruned layers are exported full size with the pruned output "
+                    "channels zeroed (rows at the zero point, bias 0, and the same channels of "
+                    "the depthwise convs and Add constants on their route), numerically the "
+                    "model with those channels removed and their consumers' input columns "
+                    "dropped; the latency and memory savings need that smaller model "
+                    "(mpsearch.export.channels.shrink_channels on model.float.onnx with "
+                    "these channels)",
+            "kept": {g: list(k) for g, k in kept.items()}}
     pruned = sorted(g for g, c in res.plan.items() if c.sparsity is not None)
     if pruned:  # both files are keyed to the dense float model: they would undo the pruning
         return {**files, "encodings": None, "ort_overrides": None,

@@ -43,7 +43,9 @@ weights are stored as the zero point, so the integers in the QDQ file show the p
 bias correction and the int32-safe scales follow as for dense weights; a channel whose scale the
 int32 limit raises is pruned again on the new scale (never rounded to nearest, which would
 fill the zeros back in). Formats without an integer grid (fp8) are pruned in float and the
-result quantized, zeros staying zeros.
+result quantized, zeros staying zeros. Output-channel pruning (``+channel@d``) zeroes whole rows
+and the bias of those channels too (no correction there): the channel outputs 0, as if it were
+gone (:mod:`mpsearch.export.channels`).
 
 The moments ``E[x]``, ``E[x²]`` per input channel come from the one calibration pass; the
 Hessians, when rounding wants them, from the same pass (:mod:`mpsearch.hessian`).
@@ -101,6 +103,8 @@ class LayerWeights:
     values: np.ndarray
     bias: np.ndarray | None  # float bias after correction (None: the layer has no bias)
     bias_shift: float  # largest |correction| applied, for reports
+    # output channels pruned whole (``+channel@d``): their rows at the zero point, bias 0
+    pruned_channels: tuple[int, ...] = ()
 
 
 def input_channel_view(layer: Layer, w_shape: tuple[int, ...],
@@ -244,9 +248,11 @@ def _patch(layer: Layer, w: np.ndarray, fmt: Format, old: QParams, new: QParams,
 
 
 def _pruned_values(layer: Layer, w: np.ndarray, fmt: Format, sparsity: Sparsity, qp: QParams,
-                   hessian: LayerHessian | None, *, centered: bool) -> np.ndarray:
+                   hessian: LayerHessian | None, *, centered: bool
+                   ) -> tuple[np.ndarray, tuple[int, ...]]:
     """``w`` pruned to ``sparsity`` and on the grid of ``qp`` (one SparseGPT pass for integer
-    formats; pruned in float, then quantized, for fp8)."""
+    formats; pruned in float, then quantized, for fp8), and the output channels pruned whole
+    (channel pruning; they do not depend on ``qp``)."""
     from mpsearch.quant.prune import prune_layer  # prune builds on this module
 
     joint = fmt.spec.kind is FormatKind.INT
@@ -257,9 +263,10 @@ def _pruned_values(layer: Layer, w: np.ndarray, fmt: Format, sparsity: Sparsity,
                          f"{pr.reason}", fix="give it a dense candidate")
     if pr.fallback:
         log.debug("%s: %s by %s (%s)", layer.name, sparsity.name, pr.method.value, pr.fallback)
+    cut = () if pr.channels is None else tuple(int(c) for c in pr.channels)
     if joint:
-        return pr.values
-    return quantize(pr.weight, fmt, qp.scale, qp.zero_point, axis=layer.channel_axis)
+        return pr.values, cut
+    return quantize(pr.weight, fmt, qp.scale, qp.zero_point, axis=layer.channel_axis), cut
 
 
 def quantize_layer(layer: Layer, w: np.ndarray, bias: np.ndarray | None, fmt: Format, *,
@@ -287,32 +294,46 @@ def quantize_layer(layer: Layer, w: np.ndarray, bias: np.ndarray | None, fmt: Fo
                              fix="prune only candidates with integer or fp8 weights")
 
         def repair(old: QParams, new: QParams, values: np.ndarray) -> np.ndarray:
-            return _pruned_values(layer, w, fmt, sparsity, new, hessian, centered=mean is not None)
+            return _pruned_values(layer, w, fmt, sparsity, new, hessian,
+                                  centered=mean is not None)[0]
     else:
         def repair(old: QParams, new: QParams, values: np.ndarray) -> np.ndarray:
             return _patch(layer, w, fmt, old, new, values)
         sparsity = None
+    cut: tuple[int, ...] = ()  # output channels pruned whole: their bias goes with them
     if base is not None:
-        qp, values = base.qparams, base.values
+        qp, values, cut = base.qparams, base.values, base.pruned_channels
     else:
         importance = None
         if moments is not None:
             importance = input_channel_view(layer, w.shape, moments.mean_sq)
         qp = weight_qparams(w, fmt, axis, method, importance=importance)
         if sparsity is not None:
-            values = _pruned_values(layer, w, fmt, sparsity, qp, hessian,
-                                    centered=mean is not None)
+            values, cut = _pruned_values(layer, w, fmt, sparsity, qp, hessian,
+                                         centered=mean is not None)
         else:
             hf = _rounding_hessian(layer, w, fmt, hessian, rounding, centered=mean is not None)
             values = _round(layer, w, fmt, qp, hf)
+    shift = 0.0
+    if bias is not None and cut:  # a removed channel outputs 0, its bias too
+        shift = float(np.abs(bias[list(cut)]).max(initial=0.0))
+        bias = bias.copy()
+        bias[list(cut)] = 0
     if bias is not None and input_scale is not None:
         qp2 = bias_safe(qp, bias, input_scale)
         if qp2 is not qp:
             qp, values = qp2, repair(qp, qp2, values)
     if mean is None:
-        return LayerWeights(qparams=qp, values=values, bias=bias, bias_shift=0.0)
+        return LayerWeights(qparams=qp, values=values, bias=bias, bias_shift=shift,
+                            pruned_channels=cut)
+
+    def mean_shift() -> np.ndarray:
+        d = _mean_shift(layer, w, values, qp, mean)
+        d[list(cut)] = 0
+        return d
+
     for _ in range(_BIAS_SAFE_TRIES):
-        delta = _mean_shift(layer, w, values, qp, mean)
+        delta = mean_shift()
         if input_scale is None:
             break
         qp2 = bias_safe(qp, bias.astype(np.float64) - delta, input_scale)
@@ -320,10 +341,11 @@ def quantize_layer(layer: Layer, w: np.ndarray, bias: np.ndarray | None, fmt: Fo
             break
         qp, values = qp2, repair(qp, qp2, values)
     else:
-        delta = _mean_shift(layer, w, values, qp, mean)
+        delta = mean_shift()
     return LayerWeights(qparams=qp, values=values,
                         bias=(bias.astype(np.float64) - delta).astype(np.float32),
-                        bias_shift=float(np.abs(delta).max(initial=0.0)))
+                        bias_shift=max(shift, float(np.abs(delta).max(initial=0.0))),
+                        pruned_channels=cut)
 
 
 # Sparse weights per RangeSetter, memoised as RangeSetter.layer memoises the dense ones (the

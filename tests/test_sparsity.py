@@ -142,8 +142,9 @@ def test_unstructured_half_prunes_exactly_half_of_every_layer(setup):
 def test_layers_that_cannot_take_2_4_never_get_it(setup):
     lg = setup["analysis"].graph
     cs = legal_candidates(lg, CostModel(lg, H100), sparsity="all")
-    assert {r.group for r in cs.refused} == {"stem", "depthwise"}
-    assert all("input channels" in r.reason for r in cs.refused)
+    two_four = [r for r in cs.refused if r.candidate.sparsity.pattern == "2:4"]
+    assert {r.group for r in two_four} == {"stem", "depthwise"}
+    assert all("input channels" in r.reason for r in two_four)
     assert all(c.sparsity is None for g in ("stem", "depthwise") for c in cs.by_group[g])
     # the default offers nothing pruned; a sparse candidate named in `only` is kept
     assert not any(c.sparsity for cs_ in candidates_for(lg, CostModel(lg, H100)).values()
@@ -194,4 +195,82 @@ def test_search_buys_latency_with_2_4_where_the_budget_needs_it(setup, tmp_path)
     stored = _stored_weights(res.qdq().model, res.analysis.graph)
     for g in picked:
         assert _groups_of_four(res.analysis.graph.layers[g], stored[g]).max() <= 2
+    assert res.chosen.measured is not None and res.chosen.measured.sqnr_db > 5.0
+
+
+# Output-channel pruning: an H100 in miniature where only the expand conv's channels can go
+# (the other layers' channels meet the residual Add or a Concat, are a depthwise conv's or
+# reach the logits), and the only way below the dense int8 BOPs is to drop them.
+TOY_CHANNEL = TOY_H100.replace(
+    "  Conv: [w8a8, fp16, w8a8+2:4]",
+    "  Conv: [w8a8, fp16, w8a8+channel@0.5]").replace(
+    '    "2:4": {speedup: 2.0, metadata_bits: 2}',
+    '    "2:4": {speedup: 2.0, metadata_bits: 2}\n    channel: {speedup: 1.0, metadata_bits: 0}')
+CHANNEL = parse_candidate("w8a8+channel@0.5")
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    return m
+
+
+def test_channel_candidates_only_where_the_route_allows_it(setup):
+    lg = setup["analysis"].graph
+    cs = legal_candidates(lg, CostModel(lg, H100), sparsity="channel")
+    offered = {g for g, cands in cs.by_group.items() if any(c.sparsity for c in cands)}
+    assert offered == {"expand"}
+    assert all(c.sparsity.pattern == "channel" for cands in cs.by_group.values()
+               for c in cands if c.sparsity)
+    reasons = {r.group: r.reason for r in cs.refused}
+    assert set(reasons) == {"stem", "depthwise", "project", "grouped", "fc"}
+    assert "tie" in reasons["stem"] and "tie" in reasons["project"]
+    assert "depthwise" in reasons["depthwise"] and "unequal groups" in reasons["grouped"]
+    assert "graph output" in reasons["fc"]
+    # "all" offers both kinds, each where it is legal
+    both = legal_candidates(lg, CostModel(lg, H100), sparsity="all").by_group
+    assert {c.sparsity.pattern for c in both["expand"] if c.sparsity} == {"2:4", "channel"}
+    assert {c.sparsity.pattern for c in both["project"] if c.sparsity} == {"2:4"}
+
+
+def test_search_prunes_channels_and_the_masked_export_is_the_smaller_model(setup):
+    from mpsearch.export.channels import mask_channels, shrink_channels
+
+    d = setup["dir"]
+    prof = parse_profile(TOY_CHANNEL, where="toy_channel.yaml")
+    kwargs = dict(budget="bops=0.9", eval_data=d / "eval.npz", use_cache=False,
+                  front_points=0, refine=1)
+    with pytest.raises(mpsearch.InfeasibleBudgetError):
+        mpsearch.search(d / "model.onnx", prof, d / "calib.npz", **kwargs)
+    res = mpsearch.search(d / "model.onnx", prof, d / "calib.npz", sparsity="channel",
+                          **kwargs)
+    lg = res.analysis.graph
+    assert res.plan["expand"] == CHANNEL and res.chosen.fits
+    assert all(c.sparsity is None for g, c in res.plan.items() if g != "expand")
+    qm = res.qdq()
+    kept = list(qm.kept_channels["expand"])
+    assert len(kept) == 8
+    cut = sorted(set(range(16)) - set(kept))
+    # the file: expand's pruned rows and bias, and the depthwise conv's, are exact zeros
+    inits = {t.name: numpy_helper.to_array(t) for t in qm.model.graph.initializer}
+    producer = {o: n for n in qm.model.graph.node for o in n.output}
+    for layer in ("expand", "depthwise"):
+        node = next(n for n in qm.model.graph.node if n.name == layer)
+        w_dq, b_dq = producer[node.input[1]], producer[node.input[2]]
+        q, zp = inits[w_dq.input[0]], inits[w_dq.input[2]]
+        assert np.all(q[cut] == zp[cut].reshape(-1, 1, 1, 1)), layer
+        assert np.all(inits[b_dq.input[0]][cut] == 0), layer
+        assert np.any(q[kept] != zp[kept].reshape(-1, 1, 1, 1)), layer
+    # so the project conv reads exactly 0 in those channels
+    x = images(16, seed=2)
+    d_act = make_session(_with_outputs(qm.model, ["d_act"])).run(["d_act"], {"x": x})[0]
+    assert np.all(d_act[:, cut] == 0) and np.any(d_act[:, kept] != 0)
+    # and, in float, the masked model with those channels is the physically smaller one
+    small = shrink_channels(lg, qm.kept_channels)
+    assert [i.dims for i in small.model.graph.initializer if i.name.startswith("proj_w")] == \
+        [[8, 8, 1, 1]]
+    a = make_session(mask_channels(lg, qm.kept_channels)).run(None, {"x": x})[0]
+    b = make_session(small.model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(a, b, atol=1e-5)
     assert res.chosen.measured is not None and res.chosen.measured.sqnr_db > 5.0

@@ -44,7 +44,7 @@ from mpsearch.graph import LayerGraph
 from mpsearch.ops import ChannelFlow, OpRole, ZeroRule, lookup
 
 __all__ = ["ChannelRefusal", "ChannelRoute", "ShrunkModel", "channel_route", "mask_channels",
-           "shrink_channels"]
+           "masked_constants", "shrink_channels"]
 
 log = logging.getLogger(__name__)
 
@@ -316,30 +316,54 @@ def _routes(lg: LayerGraph, keep: Mapping[str, Sequence[int]]
     return routes, kept
 
 
-def _slice_const(ed: _Editor, lg: LayerGraph, route: ChannelRoute, node: str,
-                 k: np.ndarray, *, mask: bool) -> None:
-    n = ed.nodes[node]
+def _route_constants(lg: LayerGraph, route: ChannelRoute, node: str,
+                     arrays: Mapping[str, np.ndarray]) -> list[tuple[int, np.ndarray, int]]:
+    """The per-channel constants of follower ``node``: (input slot, value, channel axis)."""
+    n = lg.nodes[node]
     info = lookup(n.op_type, n.domain)
     if n.op_type == "Clip" or info is None or info.channel_flow is not ChannelFlow.PER_CHANNEL:
-        return
+        return []
     t = next(i for i in n.input if i in route.axis)
     r, ax = len(lg.activations[t].shape), route.axis[t]
+    out = []
     for slot, name in enumerate(n.input):
-        if name not in ed.arrays:
+        if name in arrays:
+            pos = _const_axis(arrays[name].shape, r, ax, route.channels)
+            if pos is not None:
+                out.append((slot, arrays[name], pos))
+    return out
+
+
+def _slice_const(ed: _Editor, lg: LayerGraph, route: ChannelRoute, node: str,
+                 k: np.ndarray) -> None:
+    n = ed.nodes[node]
+    arrays = {n.input[slot]: ed.get(node, slot) for slot in range(len(n.input))
+              if n.input[slot] in ed.arrays}
+    for slot, arr, pos in _route_constants(lg, route, node, arrays):
+        ed.set(node, slot, np.take(arr, k, axis=pos))
+
+
+def masked_constants(lg: LayerGraph, route: ChannelRoute, keep: Sequence[int]
+                     ) -> dict[tuple[str, int], np.ndarray]:
+    """The Add/Sub constants on ``route`` as the masked original has them (a bias in another
+    form, module docstring): (node, input slot) -> the constant with the entries of the
+    channels not in ``keep`` zeroed."""
+    m = np.zeros(route.channels, dtype=bool)
+    m[np.asarray(keep, dtype=int)] = True
+    names = {i for node in route.followers for i in lg.nodes[node].input}
+    arrays = {t.name: numpy_helper.to_array(t) for t in lg.model.graph.initializer
+              if t.name in names}
+    out: dict[tuple[str, int], np.ndarray] = {}
+    for node in route.followers:
+        n = lg.nodes[node]
+        info = lookup(n.op_type, n.domain)
+        if node in route.depthwise or info is None or info.zero_rule is not ZeroRule.ALL:
             continue
-        arr = ed.get(node, slot)
-        pos = _const_axis(arr.shape, r, ax, route.channels)
-        if pos is None:
-            continue
-        if mask:
-            if info.zero_rule is ZeroRule.ALL:  # an Add/Sub constant: a bias in another form
-                m = np.zeros(route.channels, dtype=bool)
-                m[k] = True
-                shape = [1] * arr.ndim
-                shape[pos] = route.channels
-                ed.set(node, slot, np.where(m.reshape(shape), arr, 0).astype(arr.dtype))
-        else:
-            ed.set(node, slot, np.take(arr, k, axis=pos))
+        for slot, arr, pos in _route_constants(lg, route, node, arrays):
+            shape = [1] * arr.ndim
+            shape[pos] = route.channels
+            out[(node, slot)] = np.where(m.reshape(shape), arr, 0).astype(arr.dtype)
+    return out
 
 
 def mask_channels(lg: LayerGraph, keep: Mapping[str, Sequence[int]]) -> ModelProto:
@@ -359,9 +383,8 @@ def mask_channels(lg: LayerGraph, keep: Mapping[str, Sequence[int]]) -> ModelPro
             ed.set(node, 1, np.where(m.reshape(shape), w, 0).astype(w.dtype))
             if lay.bias is not None:
                 ed.set(node, 2, np.where(m, ed.get(node, 2), 0).astype(np.float32))
-        for node in route.followers:
-            if node not in route.depthwise:
-                _slice_const(ed, lg, route, node, k, mask=True)
+        for (node, slot), arr in masked_constants(lg, route, k).items():
+            ed.set(node, slot, arr)
     return ed.finish()
 
 
@@ -390,7 +413,7 @@ def shrink_channels(lg: LayerGraph, keep: Mapping[str, Sequence[int]]) -> Shrunk
                 target[1:][target[1:] == route.channels] = k.size
                 ed.set(node, 1, target)
             else:
-                _slice_const(ed, lg, route, node, k, mask=False)
+                _slice_const(ed, lg, route, node, k)
         for node in route.consumers:
             ax = _in_axis(lg, node)
             ed.set(node, 1, np.take(ed.get(node, 1), k, axis=ax))

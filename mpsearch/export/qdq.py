@@ -8,7 +8,13 @@ quantized producer, the widest among their consumers). Where a consumer's format
 the producer's, a conversion ``DQ_a -> Q_b -> DQ_b`` is inserted in front of it, the pattern
 ORT's ``MixedPrecisionTensorQuantOverridesFixer`` writes and QNN reads as a Convert op.
 Weights are stored as integers (or fp8) with a per-channel ``DequantizeLinear`` (pruned weights,
-2:4 or unstructured, at the zero point, so the pattern can be read off the file); a bias next to
+2:4 or unstructured, at the zero point, so the pattern can be read off the file). A layer that
+prunes output channels (``+channel@d``) is written *masked*: full size, the pruned rows at the
+zero point and their bias 0, and along its route (:mod:`mpsearch.export.channels`) the same
+channels of each depthwise conv's rows and bias and of each Add/Sub constant zeroed, so every
+reader of those channels sees exactly 0; where the route is legal that is the same function as
+the physically smaller model (:func:`~mpsearch.export.channels.shrink_channels`, its consumers'
+input columns removed), since a quantized 0 is exact in every format. A bias next to
 an integer weight and activation is stored as int32 with scale ``s_x · s_w`` (zero point 0),
 the form Qualcomm's HTP and ORT's QDQ fusions expect.
 
@@ -29,18 +35,20 @@ converter, on the float model, before any Q/DQ node is written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from mpsearch.errors import ExportError, UsageError
+from mpsearch.export.channels import ChannelRefusal, channel_route, masked_constants
 from mpsearch.formats import Candidate, Format, FormatKind, quantize
 from mpsearch.graph import Layer, LayerGraph
-from mpsearch.layerquant import INT32_BIAS_LIMIT, sparse_layer
+from mpsearch.layerquant import INT32_BIAS_LIMIT, LayerWeights, sparse_layer
 from mpsearch.ops import OpRole, lookup
 from mpsearch.params import RangeSetter
 from mpsearch.quant.prune import sparsity_refusal
@@ -67,6 +75,8 @@ class QdqModel:
     tensor_formats: Mapping[str, Format]  # format each quantized activation tensor is stored in
     conversions: tuple[tuple[str, Format, Format], ...]  # (tensor, from, to)
     opset: int
+    # layer pruning output channels (+channel@d) -> the channels it keeps (the others masked)
+    kept_channels: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def save(self, path: str) -> None:
         onnx.save(self.model, path)
@@ -104,17 +114,20 @@ def _check_plan(lg: LayerGraph, plan: Mapping[str, Candidate]) -> None:
 
 
 def _check_sparse(lg: LayerGraph, g: str, c: Candidate) -> None:
-    """A sparse candidate is exported where its layer can take the pattern (2:4, unstructured)
-    and its weights are quantized (pruned integers or fp8, zeros at the zero point)."""
+    """A sparse candidate is exported where its layer can take the pattern (2:4, unstructured;
+    output channels where their route is legal) and its weights are quantized (pruned integers
+    or fp8, zeros at the zero point)."""
     sp = c.sparsity
-    if sp.pattern == "channel":
-        raise UsageError(f"group '{g}': candidate {c} prunes output channels, which export "
-                         "does not do yet (the layer and its consumers must shrink)",
-                         fix="use 2:4 or unstructured sparsity, or a dense candidate")
     if not c.weight.is_quantized:
         raise UsageError(f"group '{g}': candidate {c} prunes {c.weight} weights; only "
                          "integer and fp8 weights are exported pruned",
                          fix="use a sparse candidate with integer or fp8 weights")
+    if sp.pattern == "channel":
+        route = channel_route(lg, g)
+        if isinstance(route, ChannelRefusal):
+            raise UsageError(f"group '{g}': candidate {c} cannot prune its output channels: "
+                             f"{route.reason} (at '{route.node}')",
+                             fix="give this group a dense candidate or another sparsity")
     reason = sparsity_refusal(lg.layers[g], sp)
     if reason is not None:
         raise UsageError(f"group '{g}': cannot take {sp.name}: {reason}",
@@ -207,6 +220,17 @@ class _Writer:
                                 name=self.unique(f"{base}_DequantizeLinear"), **attrs)
 
 
+def _without_channels(lw: LayerWeights, kept: np.ndarray, axis: int) -> LayerWeights:
+    """``lw`` with the output channels not ``kept`` at the zero point and their bias 0."""
+    shape = [-1 if i == axis else 1 for i in range(lw.values.ndim)]
+    zp = np.asarray(lw.qparams.zero_point)
+    zp = zp.reshape(shape) if zp.size > 1 else zp
+    values = np.where(kept.reshape(shape), lw.values, zp.astype(lw.values.dtype))
+    bias = None if lw.bias is None else np.where(kept, lw.bias, 0).astype(lw.bias.dtype)
+    cut = tuple(sorted({*lw.pruned_channels, *(int(i) for i in np.flatnonzero(~kept))}))
+    return dataclasses.replace(lw, values=values, bias=bias, pruned_channels=cut)
+
+
 def _zero_point_tensor(name: str, qp: QParams) -> onnx.TensorProto:
     t = qp.fmt.spec.onnx_type
     zp = np.asarray(qp.zero_point)
@@ -265,6 +289,40 @@ class _Export:
         self.conversions: list[tuple[str, Format, Format]] = []
         self.renames: dict[str, str] = {}  # producer output renames t -> t_prequant
         self.rewires: dict[tuple[str, str], str] = {}  # (consumer node, tensor) -> new input
+        self.kept: dict[str, tuple[int, ...]] = {}  # channel-pruned layer -> kept channels
+        self.dw_kept: dict[str, np.ndarray] = {}  # depthwise follower -> kept channels (mask)
+        self._channel_routes()
+
+    def _channel_routes(self) -> None:
+        """The masked original (module docstring): which channels each +channel@d layer keeps,
+        its depthwise followers' masks, and its Add/Sub constants zeroed in the model copy."""
+        lg, touched = self.lg, {}
+        for g, c in self.plan.items():
+            if c.sparsity is None or c.sparsity.pattern != "channel":
+                continue
+            route = channel_route(lg, g)  # legal: _check_sparse
+            cut = sparse_layer(self.ranges, lg.layers[g], c.weight, c.sparsity).pruned_channels
+            kept = np.ones(route.channels, dtype=bool)
+            kept[list(cut)] = False
+            self.kept[g] = tuple(int(i) for i in np.flatnonzero(kept))
+            for node in (*route.followers, *route.consumers):
+                if node in touched:
+                    raise UsageError(f"groups '{touched[node]}' and '{g}' both prune the "
+                                     f"channels that '{node}' reads",
+                                     fix="give one of them a dense candidate")
+                touched[node] = g
+            for node in route.depthwise:
+                self.dw_kept[node] = kept
+            for (node, slot), arr in masked_constants(lg, route, self.kept[g]).items():
+                n = self.nodes[node]
+                name = self.w.unique(f"{n.input[slot]}_masked")
+                t = numpy_helper.from_array(arr, name)
+                self.model.graph.initializer.append(t)
+                self.inits[name] = t
+                n.input[slot] = name
+        if self.kept:
+            log.info("channel pruning, masked: %s", ", ".join(
+                f"{g} {len(k)}/{lg.layers[g].out_channels}" for g, k in self.kept.items()))
 
     def run(self) -> QdqModel:
         for t in _tensor_order(self.lg):
@@ -285,7 +343,7 @@ class _Export:
                               fix="report this as a bug with the model") from e
         return QdqModel(model=model, plan=dict(self.plan), node_formats=self.fmt,
                         tensor_formats=self.tensor_fmt, conversions=tuple(self.conversions),
-                        opset=_opset(model))
+                        opset=_opset(model), kept_channels=dict(self.kept))
 
     # -- activations
 
@@ -354,18 +412,31 @@ class _Export:
         w, wf = self.w, self.plan[name].weight
         shared = sum(1 for x in self.lg.layers.values() if x.weight == layer.weight) > 1
         base = f"{layer.weight}_{name}" if shared else layer.weight
-        if wf is Format.FP16:
+        kept = self.dw_kept.get(name)  # a depthwise conv on a pruned layer's route
+        if not wf.is_quantized and (wf is Format.FP16 or kept is not None):
             arr = numpy_helper.to_array(self.inits[layer.weight])
-            dst = w.unique(f"{base}_fp16rounded")
-            w.inits.append(numpy_helper.from_array(arr.astype(np.float16).astype(np.float32), dst))
+            if wf is Format.FP16:
+                arr = arr.astype(np.float16).astype(np.float32)
+            if kept is not None:
+                arr = np.where(kept.reshape(-1, *[1] * (arr.ndim - 1)), arr, 0).astype(arr.dtype)
+            dst = w.unique(f"{base}_fp16rounded" if wf is Format.FP16 else f"{base}_masked")
+            w.inits.append(numpy_helper.from_array(arr, dst))
             self.rewires[(name, layer.weight)] = dst
         if not wf.is_quantized:
+            if kept is not None and layer.bias:
+                b = numpy_helper.to_array(self.inits[layer.bias])
+                bdst = w.unique(f"{layer.bias}_masked")
+                w.inits.append(numpy_helper.from_array(np.where(kept, b, 0).astype(b.dtype),
+                                                       bdst))
+                self.rewires[(name, layer.bias)] = bdst
             return
         af = self.fmt[name]
         int_bias = (layer.bias is not None and af.spec.kind is FormatKind.INT
                     and wf.spec.kind is FormatKind.INT)
         s_x = float(self._params(layer.inputs[0], af).scale) if int_bias else None
         lw = sparse_layer(self.ranges, layer, wf, self.plan[name].sparsity, input_scale=s_x)
+        if kept is not None:
+            lw = _without_channels(lw, kept, layer.channel_axis)
         dst = w.unique(f"{base}_dequantized")
         w.front.append(w.stored(base, lw.values, lw.qparams, wf.spec.onnx_type, dst))
         self.rewires[(name, layer.weight)] = dst
@@ -379,7 +450,7 @@ class _Export:
             w.front.append(w.stored(layer.bias, qb.astype(np.int32), bqp, TensorProto.INT32,
                                     bdst))
             self.rewires[(name, layer.bias)] = bdst
-        elif layer.bias and lw.bias_shift > 0:  # float bias, corrected
+        elif layer.bias and (lw.bias_shift > 0 or lw.pruned_channels):  # float, changed
             bdst = w.unique(f"{layer.bias}_corrected")
             w.inits.append(numpy_helper.from_array(lw.bias.astype(np.float32), bdst))
             self.rewires[(name, layer.bias)] = bdst

@@ -7,7 +7,8 @@ Hessian-predicted values sit side by side; :meth:`SensitivityTable.error` gives 
 measured value where there is one.
 
 Which candidates a group gets (:func:`legal_candidates`): those the profile lists for its op.
-Sparse ones (2:4, unstructured) only when asked for (``sparsity``, default "none"): pruning
+Sparse ones (2:4, unstructured, output channels) only when asked for (``sparsity``, default
+"none"; channels only where :func:`mpsearch.export.channels.channel_route` allows): pruning
 wins over quantization only at extreme compression (Kuzmin et al. 2023, "Pruning vs
 Quantization: Which is Better?"), a device without sparse kernels gains memory only, and each
 sparse candidate costs sensitivity time like any other.
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mpsearch.errors import UsageError
+from mpsearch.export.channels import ChannelRefusal, channel_route
 from mpsearch.formats import Candidate, Format, parse_candidate
 from mpsearch.graph import LayerGraph
 from mpsearch.hw.cost import CostModel
@@ -46,7 +48,7 @@ def sqnr(signal: float, mse: float) -> float:
     return 10.0 * math.log10(signal / mse) if signal > 0 else -math.inf
 
 
-SPARSITY_CHOICES = ("none", "2:4", "unstructured", "all")
+SPARSITY_CHOICES = ("none", "2:4", "unstructured", "channel", "all")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,11 +70,12 @@ class CandidateSet:
 
 def _sparse_reason(lg: LayerGraph, group: str, c: Candidate) -> str | None:
     """Why ``group`` cannot take the sparse candidate ``c`` (None: it can)."""
-    if c.sparsity.pattern == "channel":
-        return ("output-channel pruning is not exported yet (the layer and its consumers "
-                "must shrink together)")
     if not c.weight.is_quantized:
         return f"pruned {c.weight} weights are not exported (only integer and fp8 ones)"
+    if c.sparsity.pattern == "channel":
+        route = channel_route(lg, group)
+        if isinstance(route, ChannelRefusal):
+            return f"its output channels cannot be pruned: {route.reason} (at '{route.node}')"
     return sparsity_refusal(lg.layers[group], c.sparsity)
 
 
@@ -81,10 +84,11 @@ def legal_candidates(lg: LayerGraph, costs: CostModel, only: tuple[Candidate, ..
     """Group -> the candidates its op may take on the device.
 
     ``only``: the candidates wanted (None: all the profile lists). ``sparsity``: which of the
-    profile's sparse candidates are added ("none", "2:4", "unstructured" or "all"), the
-    sparse variants of the dense candidates ``only`` keeps; a sparse candidate named in
+    profile's sparse candidates are added ("none", "2:4", "unstructured", "channel" or "all"),
+    the sparse variants of the dense candidates ``only`` keeps; a sparse candidate named in
     ``only`` is kept whatever ``sparsity`` says. Sparse candidates a layer cannot take (2:4 on a
-    depthwise conv or an RGB stem, a weightless MatMul, ...) are left out, with the reason."""
+    depthwise conv or an RGB stem, a weightless MatMul, output channels that meet a residual
+    Add, ...) are left out, with the reason."""
     if sparsity not in SPARSITY_CHOICES:
         raise UsageError(f"unknown sparsity '{sparsity}'",
                          fix=f"use one of {', '.join(SPARSITY_CHOICES)}")
