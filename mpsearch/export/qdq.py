@@ -42,16 +42,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper, version_converter
+from onnx import TensorProto, helper, numpy_helper
 
 from mpsearch.errors import ExportError, UsageError
-from mpsearch.export.channels import ChannelRefusal, channel_route, masked_constants
+from mpsearch.export.channels import channel_route, masked_constants
+from mpsearch.export.legal import check_plan
+from mpsearch.export.opset import model_opset, required_opset, with_opset
 from mpsearch.formats import Candidate, Format, FormatKind, quantize
 from mpsearch.graph import Layer, LayerGraph
 from mpsearch.layerquant import INT32_BIAS_LIMIT, LayerWeights, sparse_layer
 from mpsearch.ops import OpRole, lookup
 from mpsearch.params import RangeSetter
-from mpsearch.quant.prune import sparsity_refusal
 from mpsearch.ranges import QParams, constant_qparams, qparams_from_range
 
 __all__ = ["QdqModel", "export_qdq", "uniform_plan"]
@@ -93,45 +94,6 @@ def _widest(fmts: list[Format]) -> Format:
         if _RANK[f] > _RANK[best]:
             best = f
     return best
-
-
-def _check_plan(lg: LayerGraph, plan: Mapping[str, Candidate]) -> None:
-    names = set(lg.group_names)
-    missing = [g for g in lg.group_names if g not in plan]
-    extra = sorted(set(plan) - names)
-    if missing:
-        raise UsageError(f"the plan has no candidate for {len(missing)} group(s), first "
-                         f"'{missing[0]}'", fix="give every quantizer group a candidate")
-    if extra:
-        raise UsageError(f"the plan names unknown group(s) {extra[:3]}",
-                         fix="use group names from 'mpsearch inspect'")
-    for g, c in plan.items():
-        if c.sparsity is not None:
-            _check_sparse(lg, g, c)
-        if c.activation is Format.INT4 or c.activation is Format.UINT4:
-            raise UsageError(f"group '{g}': 4-bit activations are not supported",
-                             fix="use 8- or 16-bit activations")
-
-
-def _check_sparse(lg: LayerGraph, g: str, c: Candidate) -> None:
-    """A sparse candidate is exported where its layer can take the pattern (2:4, unstructured;
-    output channels where their route is legal) and its weights are quantized (pruned integers
-    or fp8, zeros at the zero point)."""
-    sp = c.sparsity
-    if not c.weight.is_quantized:
-        raise UsageError(f"group '{g}': candidate {c} prunes {c.weight} weights; only "
-                         "integer and fp8 weights are exported pruned",
-                         fix="use a sparse candidate with integer or fp8 weights")
-    if sp.pattern == "channel":
-        route = channel_route(lg, g)
-        if isinstance(route, ChannelRefusal):
-            raise UsageError(f"group '{g}': candidate {c} cannot prune its output channels: "
-                             f"{route.reason} (at '{route.node}')",
-                             fix="give this group a dense candidate or another sparsity")
-    reason = sparsity_refusal(lg.layers[g], sp)
-    if reason is not None:
-        raise UsageError(f"group '{g}': cannot take {sp.name}: {reason}",
-                         fix="give this group a dense candidate")
 
 
 def node_formats(lg: LayerGraph, plan: Mapping[str, Candidate]) -> dict[str, Format]:
@@ -255,17 +217,9 @@ def _quantized_tensor(name: str, values: np.ndarray, onnx_type: int) -> onnx.Ten
     return numpy_helper.from_array(np.ascontiguousarray(values), name)
 
 
-def _required_opset(fmts: set[Format]) -> int:
-    return max([f.spec.min_opset for f in fmts] + [13])
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
 def export_qdq(lg: LayerGraph, plan: Mapping[str, Candidate], ranges: RangeSetter) -> QdqModel:
     """Write ``plan`` (group name -> candidate) as a QDQ model. ``lg.model`` is not modified."""
-    _check_plan(lg, plan)
+    check_plan(lg, plan)
     return _Export(lg, plan, ranges).run()
 
 
@@ -278,7 +232,7 @@ class _Export:
         self.fmt = node_formats(lg, plan)
         used = {f for f in self.fmt.values() if f.is_quantized}
         used |= {c.weight for c in plan.values() if c.weight.is_quantized}
-        self.model = _with_opset(lg.model, _required_opset(used) if used else None)
+        self.model = with_opset(lg.model, required_opset(used) if used else None)
         g = self.model.graph
         self.nodes = {n.name: n for n in g.node}
         self.inits = {t.name: t for t in g.initializer}
@@ -300,7 +254,7 @@ class _Export:
         for g, c in self.plan.items():
             if c.sparsity is None or c.sparsity.pattern != "channel":
                 continue
-            route = channel_route(lg, g)  # legal: _check_sparse
+            route = channel_route(lg, g)  # legal: check_plan
             cut = sparse_layer(self.ranges, lg.layers[g], c.weight, c.sparsity).pruned_channels
             kept = np.ones(route.channels, dtype=bool)
             kept[list(cut)] = False
@@ -343,7 +297,7 @@ class _Export:
                               fix="report this as a bug with the model") from e
         return QdqModel(model=model, plan=dict(self.plan), node_formats=self.fmt,
                         tensor_formats=self.tensor_fmt, conversions=tuple(self.conversions),
-                        opset=_opset(model), kept_channels=dict(self.kept))
+                        opset=model_opset(model), kept_channels=dict(self.kept))
 
     # -- activations
 
@@ -497,38 +451,6 @@ class _Export:
         g.initializer.extend(keep)
         self.model.ir_version = max([_IR_FOR_TYPE.get(t, 0) for t in w.types]
                                     + [self.model.ir_version])
-
-
-_CONVERTED: list[tuple[onnx.ModelProto, int, onnx.ModelProto]] = []  # the last few conversions
-
-
-def _with_opset(model: onnx.ModelProto, need: int | None) -> onnx.ModelProto:
-    """A copy of ``model`` at opset ``need`` or its own, whichever is higher. A search exports
-    the same model hundreds of times and ONNX's version converter takes 30-45 ms on
-    EfficientNet-Lite0, so the last few conversions are kept (by identity: the layer graph's
-    model is never modified)."""
-    out = onnx.ModelProto()
-    have = _opset(model)
-    if need is None or need <= have:
-        out.CopyFrom(model)
-        return out
-    for src, at, converted in _CONVERTED:
-        if src is model and at == need:
-            out.CopyFrom(converted)
-            return out
-    out.CopyFrom(model)
-    try:
-        converted = version_converter.convert_version(out, need)
-    except Exception as e:  # noqa: BLE001 - the converter raises many kinds
-        raise ExportError(f"cannot raise the model's opset from {have} to {need}, which the "
-                          f"formats need ({e})",
-                          fix="export the model at opset 21 yourself, or avoid int4/int16/fp8 "
-                              "formats") from e
-    _CONVERTED.insert(0, (model, need, converted))
-    del _CONVERTED[4:]
-    out = onnx.ModelProto()
-    out.CopyFrom(converted)
-    return out
 
 
 _FP8_TYPES = (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2)
