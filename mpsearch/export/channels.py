@@ -43,8 +43,8 @@ from mpsearch.errors import UsageError
 from mpsearch.graph import LayerGraph
 from mpsearch.ops import ChannelFlow, OpRole, ZeroRule, lookup
 
-__all__ = ["ChannelRefusal", "ChannelRoute", "ShrunkModel", "channel_route", "mask_channels",
-           "masked_constants", "shrink_channels"]
+__all__ = ["ChannelRefusal", "ChannelRoute", "ShrunkModel", "channel_route", "check_disjoint",
+           "mask_channels", "masked_constants", "shrink_channels"]
 
 log = logging.getLogger(__name__)
 
@@ -305,15 +305,21 @@ def _routes(lg: LayerGraph, keep: Mapping[str, Sequence[int]]
                              f"{route.reason} (at '{route.node}')",
                              fix="give this layer a dense candidate")
         routes[layer], kept[layer] = route, k
+    check_disjoint(routes)
+    return routes, kept
+
+
+def check_disjoint(routes: Mapping[str, ChannelRoute]) -> None:
+    """Two pruned layers whose routes meet at a node would each need the other's channels
+    there: a joint decision this module does not make."""
     touched: dict[str, str] = {}
     for layer, route in routes.items():
         for node in (*route.followers, *route.consumers):
             if node in touched:
                 raise UsageError(f"layers '{touched[node]}' and '{layer}' both prune the "
                                  f"channels that '{node}' reads",
-                                 fix="prune one of them")
+                                 fix="give one of them a dense candidate")
             touched[node] = layer
-    return routes, kept
 
 
 def _route_constants(lg: LayerGraph, route: ChannelRoute, node: str,

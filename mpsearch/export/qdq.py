@@ -44,8 +44,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mpsearch.errors import ExportError, UsageError
-from mpsearch.export.channels import channel_route, masked_constants
+from mpsearch.errors import ExportError
+from mpsearch.export.channels import channel_route, check_disjoint, masked_constants
 from mpsearch.export.legal import check_plan
 from mpsearch.export.opset import model_opset, required_opset, with_opset
 from mpsearch.formats import Candidate, Format, FormatKind, quantize
@@ -250,21 +250,16 @@ class _Export:
     def _channel_routes(self) -> None:
         """The masked original (module docstring): which channels each +channel@d layer keeps,
         its depthwise followers' masks, and its Add/Sub constants zeroed in the model copy."""
-        lg, touched = self.lg, {}
-        for g, c in self.plan.items():
-            if c.sparsity is None or c.sparsity.pattern != "channel":
-                continue
-            route = channel_route(lg, g)  # legal: check_plan
+        lg = self.lg
+        routes = {g: channel_route(lg, g) for g, c in self.plan.items()  # legal: check_plan
+                  if c.sparsity is not None and c.sparsity.pattern == "channel"}
+        check_disjoint(routes)
+        for g, route in routes.items():
+            c = self.plan[g]
             cut = sparse_layer(self.ranges, lg.layers[g], c.weight, c.sparsity).pruned_channels
             kept = np.ones(route.channels, dtype=bool)
             kept[list(cut)] = False
             self.kept[g] = tuple(int(i) for i in np.flatnonzero(kept))
-            for node in (*route.followers, *route.consumers):
-                if node in touched:
-                    raise UsageError(f"groups '{touched[node]}' and '{g}' both prune the "
-                                     f"channels that '{node}' reads",
-                                     fix="give one of them a dense candidate")
-                touched[node] = g
             for node in route.depthwise:
                 self.dw_kept[node] = kept
             for (node, slot), arr in masked_constants(lg, route, self.kept[g]).items():
