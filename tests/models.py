@@ -118,3 +118,39 @@ def conv_transpose(seed: int = 0) -> onnx.ModelProto:
 
 def images(n: int, seed: int = 0, shape: tuple[int, ...] = (3, 16, 16)) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+
+
+def toy_profile(name: str, *, pairs: str, patterns: str, bytes_per_s: float = 1e15,
+                per_layer_s: float = 0.0) -> str:
+    """A TensorRT-like profile in miniature (YAML text) for sparsity tests: int8 and fp16,
+    ``pairs`` the extra pairs of Conv and Gemm (e.g. "w8a8+2:4"), ``patterns`` the YAML lines
+    of its sparsity patterns (indented by four spaces)."""
+    return f"""\
+schema: 1
+name: {name}
+target: {{runtime: tensorrt}}
+formats:
+  weights: [int8, fp16]
+  activations: [uint8, fp16]
+ops:
+  default: [w8a8, fp16]
+  Conv: [w8a8, fp16, {pairs}]
+  Gemm: [w8a8, fp16, {pairs}]
+cost:
+  compute:
+    macs_per_s: {{w8a8: 1.0e+9, fp16: 5.0e+8}}
+    source: placeholder
+  memory: {{bytes_per_s: {bytes_per_s:.1e}, source: placeholder}}
+  energy:
+    pj_per_mac: {{w8a8: 1, fp16: 4}}
+    pj_per_byte: 10
+    source: placeholder
+  overhead: {{per_layer_s: {per_layer_s:g}, source: placeholder}}
+  conversion: {{per_edge_s: 0, per_byte_s: 0, source: placeholder}}
+sparsity:
+  patterns:
+{patterns}
+  source: placeholder
+rules:
+  tie: [Add, Concat]
+"""

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from models import images, mbconv
+from models import images, mbconv, toy_profile
 from onnx import TensorProto, helper, numpy_helper
 
 from mpsearch.errors import UsageError
@@ -149,34 +149,8 @@ def test_bad_channel_sets_are_usage_errors() -> None:
         shrink_channels(lg, {"nope": [0]})
 
 
-TOY = """\
-schema: 1
-name: toy_channels
-target: {runtime: tensorrt}
-formats:
-  weights: [int8, fp16]
-  activations: [uint8, fp16]
-ops:
-  default: [w8a8, fp16]
-  Conv: [w8a8, fp16, w8a8+channel@0.5]
-cost:
-  compute:
-    macs_per_s: {w8a8: 1.0e+9, fp16: 5.0e+8}
-    source: placeholder
-  memory: {bytes_per_s: 1.0e+8, source: placeholder}
-  energy:
-    pj_per_mac: {w8a8: 1, fp16: 4}
-    pj_per_byte: 10
-    source: placeholder
-  overhead: {per_layer_s: 1.0e-6, source: placeholder}
-  conversion: {per_edge_s: 0, per_byte_s: 0, source: placeholder}
-sparsity:
-  patterns:
-    channel: {speedup: 1.0, metadata_bits: 0}
-  source: placeholder
-rules:
-  tie: [Add, Concat]
-"""
+TOY = toy_profile("toy_channels", pairs="w8a8+channel@0.5", bytes_per_s=1e8, per_layer_s=1e-6,
+                  patterns="    channel: {speedup: 1.0, metadata_bits: 0}")
 
 
 def test_channel_cost_is_the_cost_of_the_smaller_model() -> None:

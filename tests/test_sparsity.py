@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from models import images, mbconv
+from models import images, mbconv, toy_profile
 from onnx import numpy_helper
 from scipy.stats import spearmanr
 
@@ -32,35 +32,8 @@ INT8 = parse_candidate("w:int8/a:int8")
 
 # An H100 in miniature: 2:4 doubles the int8 rate, no launch overhead and ample bandwidth, so
 # latency is compute and 2:4 is the only way below the dense int8 time.
-TOY_H100 = """\
-schema: 1
-name: toy_h100
-target: {runtime: tensorrt}
-formats:
-  weights: [int8, fp16]
-  activations: [uint8, fp16]
-ops:
-  default: [w8a8, fp16]
-  Conv: [w8a8, fp16, w8a8+2:4]
-  Gemm: [w8a8, fp16, w8a8+2:4]
-cost:
-  compute:
-    macs_per_s: {w8a8: 1.0e+9, fp16: 5.0e+8}
-    source: placeholder
-  memory: {bytes_per_s: 1.0e+15, source: placeholder}
-  energy:
-    pj_per_mac: {w8a8: 1, fp16: 4}
-    pj_per_byte: 10
-    source: placeholder
-  overhead: {per_layer_s: 0, source: placeholder}
-  conversion: {per_edge_s: 0, per_byte_s: 0, source: placeholder}
-sparsity:
-  patterns:
-    "2:4": {speedup: 2.0, metadata_bits: 2}
-  source: placeholder
-rules:
-  tie: [Add, Concat]
-"""
+TOY_H100 = toy_profile("toy_h100", pairs="w8a8+2:4",
+                       patterns='    "2:4": {speedup: 2.0, metadata_bits: 2}')
 
 
 @pytest.fixture(scope="module")
@@ -201,11 +174,8 @@ def test_search_buys_latency_with_2_4_where_the_budget_needs_it(setup, tmp_path)
 # Output-channel pruning: an H100 in miniature where only the expand conv's channels can go
 # (the other layers' channels meet the residual Add or a Concat, are a depthwise conv's or
 # reach the logits), and the only way below the dense int8 BOPs is to drop them.
-TOY_CHANNEL = TOY_H100.replace(
-    "  Conv: [w8a8, fp16, w8a8+2:4]",
-    "  Conv: [w8a8, fp16, w8a8+channel@0.5]").replace(
-    '    "2:4": {speedup: 2.0, metadata_bits: 2}',
-    '    "2:4": {speedup: 2.0, metadata_bits: 2}\n    channel: {speedup: 1.0, metadata_bits: 0}')
+TOY_CHANNEL = toy_profile("toy_channel", pairs="w8a8+channel@0.5",
+                          patterns="    channel: {speedup: 1.0, metadata_bits: 0}")
 CHANNEL = parse_candidate("w8a8+channel@0.5")
 
 
