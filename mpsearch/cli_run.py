@@ -72,8 +72,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                     "allows, solve for the least predicted error under every --budget "
                     "exactly (integer program, HiGHS), export the plan as a QDQ ONNX model and "
                     "measure it against FP32, next to the best uniform plan and AIMET AMP's "
-                    "greedy walk on the same costs. Writes OUT/model.qdq.onnx, OUT/plan.json "
-                    "(documented in the README), OUT/plan.csv and OUT/pareto.png.")
+                    "greedy walk on the same costs. On a Qualcomm profile the plan is compiled "
+                    "on QNN's HTP backend (emulated) and compared with the CPU EP. Writes "
+                    "OUT/report.html (open it first), OUT/model.qdq.onnx, OUT/encodings.json "
+                    "(QNN converter), OUT/ort_overrides.json (ORT quantize_static), "
+                    "OUT/plan.json (documented in the README), OUT/plan.csv, "
+                    "OUT/sensitivity.json, OUT/verify.json and the report's PNGs. Exit code 1 "
+                    "when the device compiler refuses part of the plan.")
     _shared(s)
     s.add_argument("--budget", action="append", required=True, metavar="KEY=VALUE",
                    help="a hard limit (repeatable): latency=0.7 (x all-w8a8), latency_ms=1.2, "
