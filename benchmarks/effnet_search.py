@@ -98,8 +98,11 @@ def main() -> None:
                             "beats both", "mpsearch plan", "wall s"], rows)
     print(table)
     write_results("effnet_search", title="Search on EfficientNet-Lite0 (Snapdragon 8 Gen 3 "
-                  "profile): mpsearch against uniform and greedy", command="python "
-                  "benchmarks/effnet_search.py", table=table, payload=payload, git=True,
+                  "profile): mpsearch against uniform and greedy",
+                  command="python benchmarks/effnet_search.py"
+                  + (f" --methods {args.methods}" if args.methods != "hessian,measured" else "")
+                  + (f" --budgets {args.budgets}" if args.budgets != ",".join(BUDGETS) else ""),
+                  table=table, payload=payload, git=True,
                   notes="Measured on the 200 evaluation crops against FP32. Targets: beat both "
                         "baselines everywhere; >= 13.7 dB at bops 0.9 and >= 17.2 dB at 1.0. "
                         "Wall time includes calibration, sensitivities (cached across "
