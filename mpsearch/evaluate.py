@@ -20,7 +20,8 @@ import onnx
 
 from mpsearch.calibrate import make_session
 
-__all__ = ["EvalResult", "OutputMetrics", "evaluate", "reference_run", "sqnr_db"]
+__all__ = ["EvalResult", "OutputAccumulator", "OutputMetrics", "evaluate", "reference_run",
+           "sqnr_db"]
 
 
 def sqnr_db(signal_power: float, noise_power: float) -> float:
@@ -55,7 +56,10 @@ class EvalResult:
         return self.outputs[0]
 
 
-class _Acc:
+class OutputAccumulator:
+    """SQNR, cosine and (for classifiers) top-1/top-5 agreement of one output, batch by
+    batch (shared by :func:`evaluate` and :func:`mpsearch.verify.verify`)."""
+
     def __init__(self, classifier: bool | None) -> None:
         self.sig = self.noise = self.cos = 0.0
         self.n = self.top1 = self.top5 = self.correct = self.correct_ref = 0
@@ -123,7 +127,7 @@ def evaluate(reference: onnx.ModelProto | str, quantized: onnx.ModelProto | str,
             raise ValueError("evaluate needs batches or reference_outputs")
         reference_outputs = reference_run(reference, batches)
     names = [n for n in (reference_outputs[0][1] if reference_outputs else ()) if n in q_names]
-    acc = {n: _Acc(classifier) for n in names}
+    acc = {n: OutputAccumulator(classifier) for n in names}
     seen = 0
     for batch, ref in reference_outputs:
         q_out = q_s.run(names, dict(batch))

@@ -253,7 +253,7 @@ def verify(model: onnx.ModelProto | str | os.PathLike[str], *, data: str | os.Pa
     malformed model and :class:`DataError` for data that do not fit it.
     """
     from mpsearch.calibrate import make_session
-    from mpsearch.evaluate import _Acc  # the SQNR/cosine accumulator evaluate() uses
+    from mpsearch.evaluate import OutputAccumulator
     from mpsearch.qnn import QNN_EP, open_on_htp
 
     t0 = time.perf_counter()
@@ -300,7 +300,7 @@ def verify(model: onnx.ModelProto | str | os.PathLike[str], *, data: str | os.Pa
                             for n in result.nodes if n.ep != QNN_EP))
     cpu = make_session(fixed_model)
     names = [o.name for o in cpu.get_outputs()]
-    acc = {n: _Acc(False) for n in names}
+    acc = {n: OutputAccumulator(False) for n in names}
     seen = 0
     for batch in dataset.batches():
         if seen >= samples:
