@@ -37,7 +37,7 @@ from mpsearch.hw.cost import CostModel, PlanCost
 from mpsearch.hw.profile import HardwareProfile, load_profile
 from mpsearch.pipeline import Analysis, QuantizeOptions, analyze
 from mpsearch.refine import Refinement, corrected_errors, pairs_to_verify
-from mpsearch.select import Selection
+from mpsearch.select import Selection, plan_key
 from mpsearch.select import select as select_plan
 from mpsearch.sensitivity import (
     Method,
@@ -125,6 +125,7 @@ class SearchResult:
     front_plans: tuple[PlanResult, ...]
     model_sha256: str
     selection: Selection | None = None  # the shortlist measured on the calibration data
+    chosen_model: QdqModel | None = field(default=None, repr=False)  # chosen's export, if made
     seconds: Mapping[str, float] = field(default_factory=dict)
 
     @property
@@ -132,6 +133,8 @@ class SearchResult:
         return self.chosen.plan
 
     def qdq(self) -> QdqModel:
+        if self.chosen_model is not None:
+            return self.chosen_model
         return self.analysis.export(self.chosen.plan)
 
     def export(self, path: str | os.PathLike[str]) -> None:
@@ -345,6 +348,14 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
                penalty=penalty)
     seconds["solve"] = time.perf_counter() - t1
 
+    exported: dict[tuple, QdqModel] = {}  # each plan exported once (shortlist, measurement)
+
+    def export(plan: Mapping[str, Candidate]) -> QdqModel:
+        key = plan_key(plan)
+        if key not in exported:
+            exported[key] = analysis.export(plan)
+        return exported[key]
+
     selection = None
     if select:
         t1 = time.perf_counter()
@@ -354,7 +365,8 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
             ref_out = (analysis.calibration.reference_for(batches)
                        or reference_outputs(lg, batches))
         with progress("measuring the shortlist", len(shortlist)) as advance:
-            selection = select_plan(analysis, shortlist, batches, ref_out, progress=advance)
+            selection = select_plan(analysis, shortlist, batches, ref_out, progress=advance,
+                                    export=export)
         chosen = result("mpsearch", selection.best.plan)
         seconds["select"] = time.perf_counter() - t1
 
@@ -373,17 +385,15 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
         with progress("measuring plans", len(todo)) as advance:
             fp32 = reference_run(analysis.original, ds.batches(opts.batch_size))
             for pr in todo:
-                key = tuple(sorted((g, c.name) for g, c in pr.plan.items()))
+                key = plan_key(pr.plan)
                 if key not in done:
-                    qm = analysis.export(pr.plan)
                     done[key] = Measured(data=which, result=evaluate(
-                        analysis.original, qm.model, labels=ds.labels,
+                        analysis.original, export(pr.plan).model, labels=ds.labels,
                         reference_outputs=fp32))
                 advance(1)
 
         def with_measured(pr: PlanResult) -> PlanResult:
-            key = tuple(sorted((g, c.name) for g, c in pr.plan.items()))
-            m = done.get(key)
+            m = done.get(plan_key(pr.plan))
             return dataclasses.replace(pr, measured=m) if m else pr
 
         chosen = with_measured(chosen)
@@ -398,6 +408,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
                         allocation=alloc,
                         uniform=tuple(uniform), greedy=greedy_plan, front=fr,
                         front_plans=front_plans, model_sha256=sha, selection=selection,
+                        chosen_model=exported.get(plan_key(chosen.plan)),
                         seconds=seconds)
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpsearch.calibrate import make_session
+from mpsearch.export.qdq import QdqModel
 from mpsearch.formats import Candidate
 from mpsearch.pipeline import Analysis
 
@@ -63,10 +64,12 @@ class Selection:
 
 def plan_mse(analysis: Analysis, plan: Mapping[str, Candidate],
              batches: Sequence[Mapping[str, np.ndarray]],
-             reference: Sequence[Mapping[str, np.ndarray]]) -> float:
+             reference: Sequence[Mapping[str, np.ndarray]], *,
+             export: Callable[[Mapping[str, Candidate]], QdqModel] | None = None) -> float:
     """``E[(y - ŷ)²]`` over every output element of the calibration batches (the measure the
-    sensitivities use, so it compares with their predictions)."""
-    sess = make_session(analysis.export(plan).model)
+    sensitivities use, so it compares with their predictions). ``export``: how the plan
+    becomes a QDQ model (default ``analysis.export``; the search passes a cached one)."""
+    sess = make_session((export or analysis.export)(plan).model)
     names = [o.name for o in sess.get_outputs()]
     feeds = {i.name for i in sess.get_inputs()}
     noise, count = 0.0, 0
@@ -84,7 +87,8 @@ def plan_mse(analysis: Analysis, plan: Mapping[str, Candidate],
 def select(analysis: Analysis, shortlist: Sequence[tuple[str, Mapping[str, Candidate]]],
            batches: Sequence[Mapping[str, np.ndarray]],
            reference: Sequence[Mapping[str, np.ndarray]], *,
-           progress: Callable[[int], None] | None = None) -> Selection:
+           progress: Callable[[int], None] | None = None,
+           export: Callable[[Mapping[str, Candidate]], QdqModel] | None = None) -> Selection:
     """Measure every distinct plan of ``shortlist`` (name, plan) and pick the least error."""
     seen: dict[tuple, int] = {}
     out: list[Contender] = []
@@ -96,7 +100,8 @@ def select(analysis: Analysis, shortlist: Sequence[tuple[str, Mapping[str, Candi
         else:
             seen[key] = len(out)
             out.append(Contender(name=name, plan=dict(plan),
-                                 calibration_mse=plan_mse(analysis, plan, batches, reference)))
+                                 calibration_mse=plan_mse(analysis, plan, batches, reference,
+                                                          export=export)))
             log.info("shortlist %s: calibration mse %.4g", name, out[-1].calibration_mse)
         if progress:
             progress(1)
