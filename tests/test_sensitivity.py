@@ -247,3 +247,44 @@ def test_suffix_takes_integer_tensors_from_the_float_part(tmp_path):
     d = np.concatenate([(ref.run(None, b)[0].astype(np.float64) - sess.run(None, b)[0]).ravel()
                         for b in ds.batches(8)])
     assert table.measured[("mm", c)] == pytest.approx(float(np.mean(d**2)), rel=1e-5)
+
+
+def test_gain_runs_stacked_along_the_batch_equal_separate_runs_and_fall_back(tmp_path):
+    """The white and input noise runs of a layer go through ORT as one call of twice the
+    batch; where the graph pins the batch (a constant Reshape to batch 2, as exported
+    transformers do), the stacked call fails and the runs go one by one. Either way the gains
+    are those of separate runs."""
+    import mpsearch.sensitivity.gain as gain
+    from mpsearch.pipeline import QuantizeOptions
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w2")
+    shape = numpy_helper.from_array(np.array([2, 8], np.int64), "pinned")
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    for pin in ("Reshape", "Identity"):
+        nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", transB=1),
+                 helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                 helper.make_node(pin, ["r", "pinned"] if pin == "Reshape" else ["r"], ["p"],
+                                  name="pin"),
+                 helper.make_node("Gemm", ["p", "w2"], ["y"], name="fc2", transB=1)]
+        model = helper.make_model(helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+            [w1, w2, shape]), opset_imports=[helper.make_opsetid("", 18)])
+        data = open_dataset(tmp_path / "x.npz", model)
+        a = analyze(model, data, options=QuantizeOptions(batch_size=2))
+        batches = list(data.batches(2))
+        ref = a.calibration.reference_for(batches)
+        args = (a.graph, a.calibration, a.ranges.weights, batches, ref, a.graph.group_names)
+        stacked = gain.layer_gains(*args, samples=2)
+        measure = gain._measure
+        try:
+            gain._measure = lambda *p, m=measure: m(*p[:-1], False)
+            separate = gain.layer_gains(*args, samples=2)
+        finally:
+            gain._measure = measure
+        for g in a.graph.group_names:
+            assert stacked[g].white == pytest.approx(separate[g].white, rel=1e-5), (pin, g)
+            assert stacked[g].input == pytest.approx(separate[g].input, rel=1e-5), (pin, g)

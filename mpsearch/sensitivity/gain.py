@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper
 
 from mpsearch.calibrate import Calibration, make_session
@@ -197,13 +198,22 @@ def _run_all(sess, suf: Suffix, runs: list[tuple[str, dict]], batched: bool):
     rest = [(k, f) for k, f in feeds if k not in ("white", "input")]
     if batched and len(same) == 2:
         (ka, fa), (kb, fb) = same
-        n = {len(v) for k, v in fa.items() if k not in (_W, _B)}
-        if len(n) == 1 and all(fb[k].shape[0] == fa[k].shape[0] for k in fa if k not in (_W, _B)):
+        acts = [k for k in fa if k not in (_W, _B)]
+        n = {fa[k].shape[0] if fa[k].ndim >= 2 else -1 for k in acts}
+        # stacked only when every other feed is a float activation with the batch first
+        # (a stored shape or index tensor would be doubled too)
+        if (len(n) == 1 and -1 not in n
+                and all(fa[k].dtype.kind == "f" and fb[k].shape == fa[k].shape for k in acts)):
             k0 = n.pop()
             joint = {k: (v if k in (_W, _B) else np.concatenate([v, fb[k]]))
                      for k, v in fa.items()}
-            got = sess.run(names, joint)
-            if all(g.shape[0] == 2 * k0 for g in got):
+            quiet = ort.RunOptions()
+            quiet.log_severity_level = 4  # a refusal is expected here, not worth a log line
+            try:
+                got = sess.run(names, joint, quiet)
+            except Exception:  # noqa: BLE001 - a graph that pins the batch size (a stored
+                got = []  # shape read by Expand or Reshape): the runs go one by one below
+            if got and all(g.shape[0] == 2 * k0 for g in got):
                 yield (ka, kb), ([g[:k0] for g in got], [g[k0:] for g in got])
                 same = []
     for kind, f in [*same, *rest]:
