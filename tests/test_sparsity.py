@@ -204,8 +204,9 @@ def test_channel_candidates_only_where_the_route_allows_it(setup):
     assert {c.sparsity.pattern for c in both["project"] if c.sparsity} == {"2:4"}
 
 
-def test_search_prunes_channels_and_the_masked_export_is_the_smaller_model(setup):
+def test_search_prunes_channels_and_exports_the_smaller_model(setup):
     from mpsearch.export.channels import mask_channels, shrink_channels
+    from mpsearch.export.qdq import export_qdq
 
     d = setup["dir"]
     prof = parse_profile(TOY_CHANNEL, where="toy_channel.yaml")
@@ -222,20 +223,34 @@ def test_search_prunes_channels_and_the_masked_export_is_the_smaller_model(setup
     kept = list(qm.kept_channels["expand"])
     assert len(kept) == 8
     cut = sorted(set(range(16)) - set(kept))
-    # the file: expand's pruned rows and bias, and the depthwise conv's, are exact zeros
-    inits = {t.name: numpy_helper.to_array(t) for t in qm.model.graph.initializer}
-    producer = {o: n for n in qm.model.graph.node for o in n.output}
-    for layer in ("expand", "depthwise"):
-        node = next(n for n in qm.model.graph.node if n.name == layer)
-        w_dq, b_dq = producer[node.input[1]], producer[node.input[2]]
-        q, zp = inits[w_dq.input[0]], inits[w_dq.input[2]]
-        assert np.all(q[cut] == zp[cut].reshape(-1, 1, 1, 1)), layer
-        assert np.all(inits[b_dq.input[0]][cut] == 0), layer
-        assert np.any(q[kept] != zp[kept].reshape(-1, 1, 1, 1)), layer
-    # so the project conv reads exactly 0 in those channels
+    masked = export_qdq(lg, res.plan, res.analysis.ranges, shrink=False)
+    # the masked export: expand's pruned rows and bias, and the depthwise conv's, are zeros
+    for model, rows in ((masked.model, 16), (qm.model, 8)):
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        producer = {o: n for n in model.graph.node for o in n.output}
+        for layer in ("expand", "depthwise"):
+            node = next(n for n in model.graph.node if n.name == layer)
+            w_dq, b_dq = producer[node.input[1]], producer[node.input[2]]
+            q, s, zp = (inits[i] for i in w_dq.input)
+            b = inits[b_dq.input[0]]
+            assert q.shape[0] == s.size == zp.size == b.size == rows, layer
+            if rows == 16:
+                assert np.all(q[cut] == zp[cut].reshape(-1, 1, 1, 1)), layer
+                assert np.all(b[cut] == 0), layer
+        proj = next(n for n in model.graph.node if n.name == "project")
+        assert inits[producer[proj.input[1]].input[0]].shape[1] == rows
+    # the file is the physically smaller model, and it computes what the masked one does
     x = images(16, seed=2)
-    d_act = make_session(_with_outputs(qm.model, ["d_act"])).run(["d_act"], {"x": x})[0]
+    d_act = make_session(_with_outputs(masked.model, ["d_act"])).run(["d_act"], {"x": x})[0]
     assert np.all(d_act[:, cut] == 0) and np.any(d_act[:, kept] != 0)
+    small_q = make_session(qm.model).run(None, {"x": x})[0]
+    masked_q = make_session(masked.model).run(None, {"x": x})[0]
+    assert np.mean((small_q - masked_q) ** 2) <= 1e-6 * np.mean(masked_q**2)  # >= 60 dB
+
+    def stored(m: onnx.ModelProto) -> int:
+        return sum(int(np.prod(t.dims)) for t in m.graph.initializer)
+
+    assert stored(masked.model) - stored(qm.model) >= 8 * 8 + 8 * 9 + 8 * 8  # rows, columns
     # and, in float, the masked model with those channels is the physically smaller one
     small = shrink_channels(lg, qm.kept_channels)
     assert [i.dims for i in small.model.graph.initializer if i.name.startswith("proj_w")] == \
@@ -244,3 +259,4 @@ def test_search_prunes_channels_and_the_masked_export_is_the_smaller_model(setup
     b = make_session(small.model).run(None, {"x": x})[0]
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert res.chosen.measured is not None and res.chosen.measured.sqnr_db > 5.0
+

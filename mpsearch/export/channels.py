@@ -32,6 +32,7 @@ producer's decision is the one made.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -252,7 +253,9 @@ def channel_route(lg: LayerGraph, layer: str) -> ChannelRoute | ChannelRefusal:
 
 class _Editor:
     """Initializer edits on a copy of a model: each (node, input) edited gets its own tensor,
-    so shared constants (Clip bounds, a tied bias) are never changed for another reader."""
+    so shared constants (Clip bounds, a tied bias) are never changed for another reader. In an
+    exported QDQ model a constant sits behind a ``DequantizeLinear``: :meth:`take` slices its
+    stored tensor and, where the scale and zero point run along the sliced axis, them too."""
 
     def __init__(self, model: ModelProto) -> None:
         self.model = ModelProto()
@@ -261,18 +264,67 @@ class _Editor:
         self.nodes = {n.name: n for n in g.node}
         self.arrays = {t.name: numpy_helper.to_array(t) for t in g.initializer}
         self.owned: set[str] = set()
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.readers = Counter(i for n in g.node for i in n.input)
 
     def get(self, node: str, slot: int) -> np.ndarray:
-        return self.arrays[self.nodes[node].input[slot]]
+        """The stored value of input ``slot`` (behind a DequantizeLinear: its stored tensor,
+        of the same shape)."""
+        name, dq = self._source(node, slot)
+        return self.arrays[name if dq is None else dq.input[0]]
+
+    def has(self, node: str, slot: int) -> bool:
+        try:
+            self._source(node, slot)
+        except KeyError:
+            return False
+        return True
+
+    def _source(self, node: str, slot: int) -> tuple[str, NodeProto | None]:
+        name = self.nodes[node].input[slot]
+        if name in self.arrays:
+            return name, None
+        dq = self.producer.get(name)
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in self.arrays:
+            return name, dq
+        raise KeyError(f"input {slot} of '{node}' is not a constant")
 
     def set(self, node: str, slot: int, value: np.ndarray) -> None:
-        n = self.nodes[node]
+        self._set(self.nodes[node], slot, value)
+
+    def _set(self, n: NodeProto, slot: int, value: np.ndarray) -> None:
         name = n.input[slot]
         if name not in self.owned:
-            name = f"{name}.ch.{node}.{slot}"
+            name = f"{name}.ch.{n.name or n.output[0]}.{slot}"
             n.input[slot] = name
             self.owned.add(name)
         self.arrays[name] = np.ascontiguousarray(value)
+
+    def take(self, node: str, slot: int, idx: np.ndarray, axis: int) -> None:
+        """Keep only entries ``idx`` along ``axis`` of input ``slot`` of ``node``."""
+        name, dq = self._source(node, slot)
+        if dq is None:
+            self.set(node, slot, np.take(self.arrays[name], idx, axis=axis))
+            return
+        if self.readers[name] > 1:  # a DequantizeLinear of its own for this reader
+            g = self.model.graph
+            own = NodeProto()
+            own.CopyFrom(dq)
+            own.name = f"{dq.name or name}.ch.{node}"
+            own.output[0] = f"{name}.ch.{node}"
+            g.node.insert(list(g.node).index(dq) + 1, own)
+            self.readers[name] -= 1
+            self.nodes[node].input[slot] = own.output[0]
+            dq = own
+        x = self.arrays[dq.input[0]]
+        ax = axis % x.ndim
+        per_axis = _attr(dq, "axis", 1) % x.ndim == ax
+        self._set(dq, 0, np.take(x, idx, axis=ax))
+        for s in (1, 2):
+            if len(dq.input) > s and dq.input[s]:
+                p = self.arrays[dq.input[s]]
+                if per_axis and p.ndim == 1 and p.size == x.shape[ax] > 1:
+                    self._set(dq, s, p[idx])
 
     def finish(self) -> ModelProto:
         g = self.model.graph
@@ -342,11 +394,11 @@ def _route_constants(lg: LayerGraph, route: ChannelRoute, node: str,
 
 def _slice_const(ed: _Editor, lg: LayerGraph, route: ChannelRoute, node: str,
                  k: np.ndarray) -> None:
-    n = ed.nodes[node]
-    arrays = {n.input[slot]: ed.get(node, slot) for slot in range(len(n.input))
-              if n.input[slot] in ed.arrays}
-    for slot, arr, pos in _route_constants(lg, route, node, arrays):
-        ed.set(node, slot, np.take(arr, k, axis=pos))
+    names = lg.nodes[node].input  # the float graph's names; an exported model's differ
+    arrays = {names[slot]: ed.get(node, slot) for slot in range(len(names))
+              if names[slot] and ed.has(node, slot)}
+    for slot, _, pos in _route_constants(lg, route, node, arrays):
+        ed.take(node, slot, k, pos)
 
 
 def masked_constants(lg: LayerGraph, route: ChannelRoute, keep: Sequence[int]
@@ -394,23 +446,26 @@ def mask_channels(lg: LayerGraph, keep: Mapping[str, Sequence[int]]) -> ModelPro
     return ed.finish()
 
 
-def shrink_channels(lg: LayerGraph, keep: Mapping[str, Sequence[int]]) -> ShrunkModel:
+def shrink_channels(lg: LayerGraph, keep: Mapping[str, Sequence[int]], *,
+                    model: ModelProto | None = None) -> ShrunkModel:
     """``lg.model`` with each layer in ``keep`` holding only those output channels, and its
-    route adjusted (module docstring). Raises UsageError where a route is refused."""
+    route adjusted (module docstring). ``model``: instead, a model exported from ``lg.model``
+    (same node names, constants stored or behind a DequantizeLinear), such as the masked QDQ
+    export. Raises UsageError where a route is refused."""
     routes, kept = _routes(lg, keep)
-    ed = _Editor(lg.model)
+    ed = _Editor(lg.model if model is None else model)
     for layer, route in routes.items():
         k = kept[layer]
         lay = lg.layers[layer]
-        ed.set(layer, 1, np.take(ed.get(layer, 1), k, axis=lay.channel_axis))
+        ed.take(layer, 1, k, lay.channel_axis)
         if lay.bias is not None:
-            ed.set(layer, 2, ed.get(layer, 2)[k])
+            ed.take(layer, 2, k, 0)
         for node in route.followers:
             n = ed.nodes[node]
             if node in route.depthwise:
-                ed.set(node, 1, ed.get(node, 1)[k])
+                ed.take(node, 1, k, 0)
                 if lg.layers[node].bias is not None:
-                    ed.set(node, 2, ed.get(node, 2)[k])
+                    ed.take(node, 2, k, 0)
                 for a in n.attribute:
                     if a.name == "group":
                         a.i = int(k.size)
@@ -421,14 +476,13 @@ def shrink_channels(lg: LayerGraph, keep: Mapping[str, Sequence[int]]) -> Shrunk
             else:
                 _slice_const(ed, lg, route, node, k)
         for node in route.consumers:
-            ax = _in_axis(lg, node)
-            ed.set(node, 1, np.take(ed.get(node, 1), k, axis=ax))
-    model = ed.finish()
-    del model.graph.value_info[:]
-    model = onnx.shape_inference.infer_shapes(model)
-    onnx.checker.check_model(model)
+            ed.take(node, 1, k, _in_axis(lg, node))
+    out = ed.finish()
+    del out.graph.value_info[:]
+    out = onnx.shape_inference.infer_shapes(out)
+    onnx.checker.check_model(out)
     log.info("channel pruning: %s", ", ".join(f"{layer} {len(k)}/{routes[layer].channels}"
                                               for layer, k in kept.items()))
-    return ShrunkModel(model=model, kept={layer: tuple(int(i) for i in k)
-                                          for layer, k in kept.items()},
+    return ShrunkModel(model=out, kept={layer: tuple(int(i) for i in k)
+                                        for layer, k in kept.items()},
                        routes=routes)

@@ -9,12 +9,12 @@ the producer's, a conversion ``DQ_a -> Q_b -> DQ_b`` is inserted in front of it,
 ORT's ``MixedPrecisionTensorQuantOverridesFixer`` writes and QNN reads as a Convert op.
 Weights are stored as integers (or fp8) with a per-channel ``DequantizeLinear`` (pruned weights,
 2:4 or unstructured, at the zero point, so the pattern can be read off the file). A layer that
-prunes output channels (``+channel@d``) is written *masked*: full size, the pruned rows at the
-zero point and their bias 0, and along its route (:mod:`mpsearch.export.channels`) the same
+prunes output channels (``+channel@d``) is first written *masked*: full size, the pruned rows at
+the zero point and their bias 0, and along its route (:mod:`mpsearch.export.channels`) the same
 channels of each depthwise conv's rows and bias and of each Add/Sub constant zeroed, so every
-reader of those channels sees exactly 0; where the route is legal that is the same function as
-the physically smaller model (:func:`~mpsearch.export.channels.shrink_channels`, its consumers'
-input columns removed), since a quantized 0 is exact in every format. A bias next to
+reader of those channels sees exactly 0 (a quantized 0 is exact in every format); then made
+physically smaller (:func:`~mpsearch.export.channels.shrink_channels`: those rows, biases,
+per-channel scales and the consumers' input columns removed), the same function. A bias next to
 an integer weight and activation is stored as int32 with scale ``s_x · s_w`` (zero point 0),
 the form Qualcomm's HTP and ORT's QDQ fusions expect.
 
@@ -45,7 +45,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mpsearch.errors import ExportError
-from mpsearch.export.channels import channel_route, check_disjoint, masked_constants
+from mpsearch.export.channels import (
+    channel_route,
+    check_disjoint,
+    masked_constants,
+    shrink_channels,
+)
 from mpsearch.export.legal import check_plan
 from mpsearch.export.opset import model_opset, required_opset, with_opset
 from mpsearch.formats import Candidate, Format, FormatKind, quantize
@@ -217,10 +222,12 @@ def _quantized_tensor(name: str, values: np.ndarray, onnx_type: int) -> onnx.Ten
     return numpy_helper.from_array(np.ascontiguousarray(values), name)
 
 
-def export_qdq(lg: LayerGraph, plan: Mapping[str, Candidate], ranges: RangeSetter) -> QdqModel:
-    """Write ``plan`` (group name -> candidate) as a QDQ model. ``lg.model`` is not modified."""
+def export_qdq(lg: LayerGraph, plan: Mapping[str, Candidate], ranges: RangeSetter, *,
+               shrink: bool = True) -> QdqModel:
+    """Write ``plan`` (group name -> candidate) as a QDQ model. ``lg.model`` is not modified.
+    ``shrink=False``: channel-pruned layers stay masked, full size (module docstring)."""
     check_plan(lg, plan)
-    return _Export(lg, plan, ranges).run()
+    return _Export(lg, plan, ranges).run(shrink=shrink)
 
 
 class _Export:
@@ -273,7 +280,7 @@ class _Export:
             log.info("channel pruning, masked: %s", ", ".join(
                 f"{g} {len(k)}/{lg.layers[g].out_channels}" for g, k in self.kept.items()))
 
-    def run(self) -> QdqModel:
+    def run(self, *, shrink: bool) -> QdqModel:
         for t in _tensor_order(self.lg):
             self._activation(t)
         for name, layer in self.lg.layers.items():
@@ -284,6 +291,8 @@ class _Export:
                 self._constants(name)
         self._rewrite()
         model = self.model
+        if self.kept and shrink:  # the masked model made smaller, the same function
+            model = shrink_channels(self.lg, self.kept, model=model).model
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as e:
