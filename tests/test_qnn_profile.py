@@ -76,26 +76,78 @@ MODELS: dict[str, Callable[[np.random.Generator], onnx.ModelProto]] = {
     "Conv": conv, "Gemm": gemm, "MatMul": matmul}
 
 
+def _two_layers(first: onnx.NodeProto, second: onnx.NodeProto, x_shape: list[int],
+                y_shape: list[int], inits: dict[str, np.ndarray]) -> onnx.ModelProto:
+    g = helper.make_graph(
+        [first, helper.make_node("Relu", ["h"], ["r"], name="relu"), second], "two_layers",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        [numpy_helper.from_array(a, n) for n, a in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+# Channel pruning needs a dense reader of the pruned layer's channels: the layer under test,
+# then a second one of the same type (a one-layer model's channels reach the graph output).
+PRUNED_MODELS: dict[str, Callable[[np.random.Generator], onnx.ModelProto]] = {
+    "Conv": lambda rng: _two_layers(
+        helper.make_node("Conv", ["x", "w", "b"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv_b"),
+        [1, 8, 16, 16], [1, 8, 16, 16],
+        {"w": _w(rng, 16, 8, 3, 3), "b": _w(rng, 16, scale=0.1), "w2": _w(rng, 8, 16, 1, 1),
+         "b2": _w(rng, 8, scale=0.1)}),
+    "Gemm": lambda rng: _two_layers(
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="gemm", transB=1),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="gemm_b", transB=1),
+        [1, 32], [1, 8],
+        {"w": _w(rng, 16, 32), "b": _w(rng, 16, scale=0.1), "w2": _w(rng, 8, 16),
+         "b2": _w(rng, 8, scale=0.1)}),
+    "MatMul": lambda rng: _two_layers(
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="matmul_b"),
+        [1, 4, 32], [1, 4, 8], {"w": _w(rng, 32, 16), "w2": _w(rng, 16, 8)}),
+}
+
+
+def _prunes_channels(c: Candidate) -> bool:
+    return c.sparsity is not None and c.sparsity.pattern == "channel"
+
+
 def _input_shape(m: onnx.ModelProto) -> tuple[int, ...]:
     return tuple(d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim)
 
 
 class Exporter:
-    """One calibrated analysis per op type, exported under any candidate."""
+    """One calibrated analysis per model, exported under any candidate: the one-layer model
+    uniformly; for a channel-pruning candidate, the two-layer model with the candidate on its
+    first layer and the same formats, dense, on the second (exported physically smaller)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._done: dict[str, tuple[onnx.ModelProto, object]] = {}
+        self._done: dict[tuple[str, bool], object] = {}
+
+    def _analysis(self, op: str, pruned: bool):
+        key = (op, pruned)
+        if key not in self._done:
+            rng = np.random.default_rng(sorted(MODELS).index(op))
+            m = (PRUNED_MODELS if pruned else MODELS)[op](rng)
+            shape = _input_shape(m)
+            path = self.root / f"{op}_{int(pruned)}_calib.npz"
+            np.savez(path, x=rng.standard_normal((16, *shape[1:])).astype(np.float32))
+            self._done[key] = analyze(m, open_dataset(path, m))
+        return self._done[key]
 
     def export(self, op: str, candidate: Candidate) -> onnx.ModelProto:
-        if op not in self._done:
-            rng = np.random.default_rng(sorted(MODELS).index(op))
-            m = MODELS[op](rng)
-            shape = _input_shape(m)
-            path = self.root / f"{op}_calib.npz"
-            np.savez(path, x=rng.standard_normal((16, *shape[1:])).astype(np.float32))
-            self._done[op] = (m, analyze(m, open_dataset(path, m)))
-        return self._done[op][1].export_uniform(candidate).model
+        if not _prunes_channels(candidate):
+            return self._analysis(op, False).export_uniform(candidate).model
+        a = self._analysis(op, True)
+        dense = Candidate(weight=candidate.weight, activation=candidate.activation)
+        plan = {g: candidate if g == op.lower() else dense for g in a.graph.group_names}
+        qm = a.export(plan)
+        assert len(qm.kept_channels[op.lower()]) == round(16 * candidate.sparsity.density)
+        return qm.model
 
     def sample(self, op: str, seed: int = 99) -> dict[str, np.ndarray]:
         shape = _input_shape(MODELS[op](np.random.default_rng(0)))
