@@ -67,11 +67,14 @@ DEVICES = (
 )
 
 
-def _plans(p, profile: Path, sparsity: str, metric: str, budgets, at: float, cache: str):
-    """One search, then the ILP at every budget on its problem: budget -> plan or None."""
+def ilp_plans(p, profile: Path, sparsity: str, metric: str, budgets, at: float, cache: str,
+              **kwargs):
+    """One search (``kwargs``: more of its arguments), then the ILP at every budget on its
+    problem: (the search, budget -> plan or None, seconds, the smallest reachable value)."""
     t0 = time.perf_counter()
     res = search(p["model"], profile, p["calib"], budget=f"{metric}={at}", sparsity=sparsity,
-                 front_points=0, measure=False, select=False, refine=0, cache_dir=cache)
+                 front_points=0, measure=False, select=False, refine=0, cache_dir=cache,
+                 **kwargs)
     out = {}
     for b in budgets:
         try:
@@ -95,7 +98,7 @@ def main() -> None:
             profile = ROOT / "hw_profiles" / fname
             modes = {}
             for mode, sp in (("precision", "none"), ("joint", sparsity)):
-                modes[mode] = _plans(p, profile, sp, metric, budgets, at, cache)
+                modes[mode] = ilp_plans(p, profile, sp, metric, budgets, at, cache)
             res = modes["precision"][0]
             ds = open_dataset(p["eval"], res.analysis.original, name="evaluation")
             fp32 = reference_run(res.analysis.original, ds.batches(res.analysis.options

@@ -36,11 +36,20 @@ def _shared(s: argparse.ArgumentParser) -> None:
                    help="also offer the profile's pruned candidates of this pattern (weights "
                         "pruned by OBS with the layer Hessian, survivors quantized; channel: "
                         "whole output channels by Hessian energy, where no residual or output "
-                        "needs them, exported masked). Default "
+                        "needs them, exported physically smaller). Default "
                         "none: at equal compression quantization usually beats pruning "
                         "(Kuzmin et al. 2023), sparsity pays only on devices with sparse "
                         "kernels or where memory is the budget, and every sparse candidate "
                         "costs sensitivity time")
+    s.add_argument("--gating", nargs="?", const="gates", choices=["gates", "exact"],
+                   metavar="gates|exact",
+                   help="also offer, per layer whose output channels can be pruned (the "
+                        "profile lists +channel pairs for its op), the bit-width and channel "
+                        "count of a Bayesian-Bits gate sweep on the layer Hessian (gates, the "
+                        "default when given bare), or of the exact minimiser of the same "
+                        "objective (exact, faster); they are scored and solved like any "
+                        "candidate. Off by default: it pays only where pruning channels pays "
+                        "on the device and budget, and costs sensitivity time")
     s.add_argument("--pin", action="append", default=[], metavar="NODE=CANDIDATE",
                    help="force a layer to a candidate, e.g. --pin node_Conv_0=w8a16 "
                         "(repeatable)")
@@ -151,7 +160,7 @@ def _search(args: argparse.Namespace, ui: Any, budget, *, measure: bool):
     opts = QuantizeOptions(batch_size=args.batch_size or QuantizeOptions.batch_size)
     return search(args.model, args.hw, args.data, budget=budget, eval_data=args.eval_data,
                   method=args.method, candidates=cands, sparsity=args.sparsity,
-                  pin=_pins(args.pin),
+                  gating=getattr(args, "gating", None), pin=_pins(args.pin),
                   keep_float=args.keep_float, convert_penalty=args.convert_penalty,
                   front_points=args.front_points, measure=measure, seed=args.seed,
                   refine=args.refine, select=not getattr(args, "no_select", True),
@@ -197,7 +206,7 @@ def cmd_run(args: argparse.Namespace, ui: Any) -> int:
                           "quality": doc["quality"], "verification": verified,
                           "formats": res.chosen.counts()}, indent=2))
         return 1 if failed else 0
-    _summary(ui, res, out.path, seconds)
+    _summary(ui, res, out.path, seconds, exports=doc.get("exports") or {})
     if verified is not None:
         if failed:
             ui.err.print(f"[bold red]the plan does not run entirely on {verified['target']}"
@@ -255,16 +264,13 @@ def _write_exports(out: Any, res, qm) -> dict:
     out.write_model("model.float.onnx", res.analysis.graph.model)
     files = {"model": "model.qdq.onnx", "float_model": "model.float.onnx"}
     kept = qm.kept_channels
-    if kept:  # masked, full size: the same function as the smaller model (export/channels.py)
+    if kept:  # physically smaller (export/qdq.py, export/channels.py)
         files["channel_pruning"] = {
-            "exported": "masked",
-            "note": "channel-pruned layers are exported full size with the pruned output "
-                    "channels zeroed (rows at the zero point, bias 0, and the same channels of "
-                    "the depthwise convs and Add constants on their route), numerically the "
-                    "model with those channels removed and their consumers' input columns "
-                    "dropped; the latency and memory savings need that smaller model "
-                    "(mpsearch.export.channels.shrink_channels on model.float.onnx with "
-                    "these channels)",
+            "exported": "smaller",
+            "note": "channel-pruned layers are exported physically smaller: their pruned "
+                    "output channels (rows, bias, per-channel scales) removed, with the same "
+                    "channels of the depthwise convs and per-channel constants on their route "
+                    "and their consumers' input columns",
             "kept": {g: list(k) for g, k in kept.items()}}
     pruned = sorted(g for g, c in res.plan.items() if c.sparsity is not None)
     if pruned:  # both files are keyed to the dense float model: they would undo the pruning
@@ -281,7 +287,7 @@ def _write_exports(out: Any, res, qm) -> dict:
     return {**files, "encodings": "encodings.json", "ort_overrides": "ort_overrides.json"}
 
 
-def _summary(ui: Any, res, path, seconds: float) -> None:
+def _summary(ui: Any, res, path, seconds: float, *, exports: dict) -> None:
     from rich.table import Table
 
     metric = res.budgets[0].metric
@@ -304,8 +310,12 @@ def _summary(ui: Any, res, path, seconds: float) -> None:
         row(u)
     ui.out.print(t)
     ui.out.print("formats: " + ", ".join(f"{k} x{v}" for k, v in res.chosen.counts().items()))
-    ui.out.print(f"wrote {path}/report.html, model.qdq.onnx, encodings.json, "
-                 f"ort_overrides.json, plan.json, plan.csv in {seconds} s")
+    files = ["model.qdq.onnx", *(exports.get(k) for k in ("encodings", "ort_overrides")
+                                 if exports.get(k))]
+    ui.out.print(f"wrote {path}/report.html, {', '.join(files)}, plan.json, plan.csv in "
+                 f"{seconds} s")
+    if exports.get("skipped"):
+        ui.out.print(f"not written: encodings.json, ort_overrides.json ({exports['skipped']})")
 
 
 def cmd_pareto(args: argparse.Namespace, ui: Any) -> int:

@@ -48,10 +48,12 @@ from mpsearch.sensitivity import (
     sqnr,
     table_variant,
 )
+from mpsearch.sensitivity.gated import GatedCandidates, gated_candidates
 from mpsearch.sensitivity.run import measure_pairs
 from mpsearch.sensitivity.suffix import reference_outputs
 from mpsearch.solve.allocate import Allocation, Built, allocate, build_problem
 from mpsearch.solve.budget import Budget, parse_budgets
+from mpsearch.solve.gating import Search
 from mpsearch.solve.greedy import greedy
 from mpsearch.solve.pareto import Front, front
 
@@ -125,6 +127,7 @@ class SearchResult:
     front_plans: tuple[PlanResult, ...]
     model_sha256: str
     selection: Selection | None = None  # the shortlist measured on the calibration data
+    gating: GatedCandidates | None = field(default=None, repr=False)  # --gating's candidates
     chosen_model: QdqModel | None = field(default=None, repr=False)  # chosen's export, if made
     seconds: Mapping[str, float] = field(default_factory=dict)
 
@@ -203,6 +206,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
            method: Method | str = Method.HESSIAN,
            candidates: Sequence[Candidate | str] | None = None,
            sparsity: str = "none",
+           gating: str | None = None,
            pin: Mapping[str, str | Candidate] | None = None,
            keep_float: Iterable[str] = (),
            convert_penalty: float = 0.0,
@@ -222,6 +226,9 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
     ``pin``: layer -> candidate it must take; ``keep_float``: layers left in float.
     ``sparsity``: which of the profile's sparse candidates the groups may also take ("none",
     "2:4", "unstructured", "all"; :func:`mpsearch.sensitivity.table.legal_candidates`).
+    ``gating``: "gates" (Bayesian-Bits gates) or "exact" adds, per group whose output channels
+    can be pruned, the (bit-width, channels kept) configurations of a ``λ`` sweep as candidates
+    (:mod:`mpsearch.sensitivity.gated`); None: none.
     ``refine``: rounds of measuring the pairs the plan departs from w8a8 on and solving again
     (:mod:`mpsearch.refine`; 0: trust the predictions). ``select``: measure a shortlist of
     plans that fit (the ILP's of every refinement round, greedy's, the
@@ -250,6 +257,9 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
         raise UsageError(f"convert penalty {convert_penalty} is negative",
                          fix="pass 0 or a positive number")
     method = Method(method)
+    if gating is not None and gating not in {s.value for s in Search}:
+        raise UsageError(f"unknown gating search '{gating}'",
+                         fix=f"use one of {', '.join(s.value for s in Search)}, or None")
     model_proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     sha = hashlib.sha256(model_proto.SerializeToString(deterministic=True)).hexdigest()
     prof = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
@@ -267,6 +277,13 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
     only = None if candidates is None else tuple(
         c if isinstance(c, Candidate) else parse_candidate(c) for c in candidates)
     cands = candidates_for(lg, costs, only, sparsity=sparsity)
+    gated = None
+    if gating is not None:
+        with progress(f"gating ({gating})", None):
+            gated = gated_candidates(analysis, costs, cands, metric=budgets[0].metric,
+                                     search=Search(gating))
+        for g, extra in gated.by_group.items():
+            cands[g] = (*cands[g], *extra)
     pins = _pins(analysis, costs, cands, pin or {}, keep_float)
     for g, c in pins.items():
         if c not in cands[g]:
@@ -409,7 +426,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
                         uniform=tuple(uniform), greedy=greedy_plan, front=fr,
                         front_plans=front_plans, model_sha256=sha, selection=selection,
                         chosen_model=exported.get(plan_key(chosen.plan)),
-                        seconds=seconds)
+                        gating=gated, seconds=seconds)
 
 
 FRONT_SOLVES = 20  # solves per side of the front, Lagrangian and ε-constraint (30: 1.5x the time)

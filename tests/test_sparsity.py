@@ -260,3 +260,65 @@ def test_search_prunes_channels_and_exports_the_smaller_model(setup):
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert res.chosen.measured is not None and res.chosen.measured.sqnr_db > 5.0
 
+
+@pytest.mark.parametrize("gating", ["exact", "gates"])
+def test_gating_candidates_enter_the_search_and_the_budget_holds(setup, gating):
+    """On the Snapdragon profile nothing below uniform int4 fits this model's size (0.599x)
+    without pruning; the gate sweep offers expand (the one layer whose channels can go: the
+    others meet the residual Add, a Concat, are depthwise or reach the logits) bit-widths with
+    channel counts off the fixed 0.5/0.75 ladder, the solver picks one within the budget, and
+    the exported file has that many channels."""
+    d = setup["dir"]
+    kwargs = dict(budget="size=0.52", eval_data=d / "eval.npz", use_cache=False,
+                  front_points=0, refine=1)
+    with pytest.raises(mpsearch.InfeasibleBudgetError, match="size=0.599"):
+        mpsearch.search(d / "model.onnx", SNAPDRAGON, d / "calib.npz", **kwargs)
+    res = mpsearch.search(d / "model.onnx", SNAPDRAGON, d / "calib.npz", gating=gating,
+                          **kwargs)
+    assert set(res.gating.by_group) == {"expand"}
+    offered = res.gating.by_group["expand"]
+    assert offered and all(c.sparsity.pattern == "channel" and c.weight.bits in (4, 8, 16)
+                           and (c.sparsity.density * 16).is_integer() for c in offered)
+    assert any(c.sparsity.density not in (0.5, 0.75) for c in offered)
+    assert all(("expand", c) in res.table.predicted for c in offered)
+    chosen = res.plan["expand"]
+    assert chosen in offered and res.chosen.fits
+    assert res.chosen.cost.relative["weight_bytes"] <= 0.52 + 1e-9
+    assert all(c.sparsity is None for g, c in res.plan.items() if g != "expand")
+    qm = res.qdq()
+    assert len(qm.kept_channels["expand"]) == round(16 * chosen.sparsity.density)
+    expand = next(n for n in qm.model.graph.node if n.name == "expand")
+    producer = {o: n for n in qm.model.graph.node for o in n.output}
+    w = next(t for t in qm.model.graph.initializer
+             if t.name == producer[expand.input[1]].input[0])
+    assert w.dims[0] == len(qm.kept_channels["expand"])
+    assert res.chosen.measured is not None and res.chosen.measured.sqnr_db > 10.0
+
+
+def test_run_with_gating_writes_a_smaller_model_that_compiles_on_the_htp(setup, tmp_path):
+    """`mpsearch run --gating exact` on the Snapdragon profile: plan.json records the sweep,
+    the shipped model is the physically smaller one, and QNN places every node of it."""
+    import json
+
+    from mpsearch.cli import main
+
+    d, out = setup["dir"], tmp_path / "run"
+    code = main(["run", str(d / "model.onnx"), "--hw",
+                 str(ROOT / "hw_profiles" / "snapdragon_8gen3.yaml"), "--data",
+                 str(d / "calib.npz"), "--budget", "size=0.52", "--gating", "exact",
+                 "--front-points", "0", "--refine", "1", "--no-cache", "-q", "--out", str(out)])
+    assert code == 0
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["gating"]["search"] == "exact" and set(doc["gating"]["candidates"]) == {"expand"}
+    expand = next(r for r in doc["layers"] if r["group"] == "expand")
+    assert expand["candidate"] in doc["gating"]["candidates"]["expand"]
+    kept = doc["exports"]["channel_pruning"]["kept"]["expand"]
+    assert doc["exports"]["channel_pruning"]["exported"] == "smaller" and 0 < len(kept) < 16
+    model = onnx.load(str(out / "model.qdq.onnx"))
+    conv = next(n for n in model.graph.node if n.name == "expand")
+    producer = {o: n for n in model.graph.node for o in n.output}
+    w = next(t for t in model.graph.initializer if t.name == producer[conv.input[1]].input[0])
+    assert w.dims[0] == len(kept)
+    v = json.loads((out / "verify.json").read_text())
+    assert v["fully_on_target"] and v["nodes"]["on_target"] == v["nodes"]["total"] > 0
+    assert "gating candidates" in (out / "report.html").read_text()

@@ -287,11 +287,21 @@ def search_html(p: Mapping[str, Any]) -> str:
              "pairs measured for real": ref.get("pairs_measured"),
              "measured / predicted error per candidate": ", ".join(
                  f"{k} {v}" for k, v in (ref.get("scales") or {}).items()) or "-"}
+    gating = p.get("gating")
+    if gating:
+        cands = gating.get("candidates") or {}
+        facts["gating candidates"] = (
+            f"{sum(len(v) for v in cands.values())} for {len(cands)} groups from a "
+            f"{gating.get('search')} sweep ({gating.get('seconds')} s)")
     ex = p.get("exports") or {}
     if ex:
         facts["files exported"] = ", ".join(str(v) for k, v in ex.items()
-                                            if v and k != "skipped") + (
+                                            if v and isinstance(v, str) and k != "skipped") + (
             f" (skipped: {ex['skipped']})" if ex.get("skipped") else "")
+        if isinstance(ex.get("channel_pruning"), dict):
+            kept = ex["channel_pruning"].get("kept") or {}
+            facts["channel pruning"] = f"{len(kept)} layers exported physically smaller: " + \
+                ", ".join(f"{g} {len(k)} channels kept" for g, k in kept.items())
     out = kv_table(facts)
     sel = p.get("selection") or {}
     if sel.get("contenders"):

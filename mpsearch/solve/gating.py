@@ -66,7 +66,7 @@ from mpsearch.errors import UsageError
 from mpsearch.hessian import LayerHessian
 
 __all__ = ["BETA", "GAMMA", "LEVELS", "THRESHOLD", "ZETA", "GatedConfig", "GatedLayer", "Gates",
-           "Search", "prepare", "read_out", "sweep", "train"]
+           "Search", "prepare", "read_out", "sweep", "train", "train_many"]
 
 log = logging.getLogger(__name__)
 
@@ -307,10 +307,30 @@ def train(layer: GatedLayer, lam: float, *, steps: int = STEPS, lr: float = LR,
           closed: GatedConfig | None = None) -> Gates:
     """Learn the gates' ``log α`` for ``relative error + λ·E[cost]/C(16)`` by Adam. Gates that
     ``closed`` (an earlier read-out) has off stay off."""
+    return train_many(layer, [lam], steps=steps, lr=lr, closed=closed)[0]
+
+
+def train_many(layer: GatedLayer, lams: Sequence[float], *, steps: int = STEPS, lr: float = LR,
+               closed: GatedConfig | None = None) -> list[Gates]:
+    """:func:`train` for every ``λ`` of ``lams`` at once: independent sets of gates in one
+    batch (Adam's update is per parameter, so each set follows the trajectory it would alone;
+    one torch loop instead of one per ``λ``)."""
     import torch  # deferred: torch is only needed when gating is asked for
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors of a few thousand entries: threads only add overhead
+    try:
+        return _train_many(torch, layer, lams, steps=steps, lr=lr, closed=closed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_many(torch, layer: GatedLayer, lams: Sequence[float], *, steps: int, lr: float,
+                closed: GatedConfig | None) -> list[Gates]:
     g, r, _ = layer.rows.shape
     n_lv = len(layer.levels)
+    lam_t = torch.tensor([float(v) for v in lams], dtype=torch.float64)
+    n = lam_t.numel()
     allowed = torch.ones((g, r), dtype=torch.float64)
     top = n_lv - 1  # highest level index that may open
     if closed is not None:
@@ -324,13 +344,13 @@ def train(layer: GatedLayer, lam: float, *, steps: int = STEPS, lr: float = LR,
     inc_t = torch.tensor(inc, dtype=torch.float64) / (layer.full_cost * layer.channels)
     nodes = (torch.arange(QUADRATURE, dtype=torch.float64) + 0.5) / QUADRATURE
 
-    chan = torch.full((g, r), INIT_LOG_ALPHA, dtype=torch.float64, requires_grad=True)
-    lev = torch.full((n_lv - 1,), INIT_LOG_ALPHA, dtype=torch.float64, requires_grad=True)
+    chan = torch.full((n, g, r), INIT_LOG_ALPHA, dtype=torch.float64, requires_grad=True)
+    lev = torch.full((n, n_lv - 1), INIT_LOG_ALPHA, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([chan, lev], lr=lr)
     # E[v vᵀ] for v = (1, -z₀, -z₀z₁, ...), z₀ the channel's gate, z₁... the levels':
     # E[v₀ v_(a+1)] = -E[z₀]·Π_(0<k≤a) E[z_k] and, for a ≤ b, E[v_(a+1) v_(b+1)] =
     # E[z₀²]·Π_(0<k≤a) E[z_k²]·Π_(a<k≤b) E[z_k]. The channel moments meet the Gram matrix
-    # in two matrix-vector products; the level products are (L, L) scalars.
+    # in two matrix products; the level products are (L, L) scalars per λ.
     idx = torch.arange(n_lv)
     between = ((idx[:, None, None] < idx[None, None, :])
                & (idx[None, :, None] >= idx[None, None, :]))  # (a, b, k): a < k ≤ b
@@ -339,7 +359,7 @@ def train(layer: GatedLayer, lam: float, *, steps: int = STEPS, lr: float = LR,
     g00 = gram[..., 0, 0].sum()
     g0 = gram[..., 0, 1:].reshape(-1, n_lv).T.contiguous()  # (L, G·R)
     gw = (gram[..., 1:, 1:] * weight).reshape(-1, n_lv * n_lv).T.contiguous()  # (L·L, G·R)
-    ones = torch.ones(1, dtype=torch.float64)
+    ones = torch.ones((n, 1), dtype=torch.float64)
 
     def moments(log_alpha):
         # z > 0 for u > u₀ and z = 1 for u > u₁: E[z^n] = 1 - u₁ + ∫_(u₀)^(u₁) z^n du, the
@@ -358,23 +378,26 @@ def train(layer: GatedLayer, lam: float, *, steps: int = STEPS, lr: float = LR,
         c1, c2, cp = moments(chan)
         l1, l2, lp = moments(lev)
         c1, c2, cp = c1 * allowed, c2 * allowed, cp * allowed
-        l1 = torch.cat([ones, l1 * level_allowed])  # gate 0 (the channel's) factored out
-        l2 = torch.cat([ones, l2 * level_allowed])
-        lp = torch.cat([ones, lp * level_allowed])
-        run = torch.where(between, l1, 1.0).prod(2)  # (L, L): Π_(a<k≤b) E[z_k]
-        e_cross = torch.cumprod(l2, 0)[:, None] * run  # (L, L)
-        loss = (g00 - 2.0 * (torch.cumprod(l1, 0) * (g0 @ c1.reshape(-1))).sum()
-                + (e_cross.reshape(-1) * (gw @ c2.reshape(-1))).sum())
-        cost = cp.sum() * (torch.cumprod(lp, 0) * inc_t).sum()
-        objective = loss / layer.norm + lam * cost
+        l1 = torch.cat([ones, l1 * level_allowed], 1)  # gate 0 (the channel's) factored out
+        l2 = torch.cat([ones, l2 * level_allowed], 1)
+        lp = torch.cat([ones, lp * level_allowed], 1)
+        run = torch.where(between, l1[:, None, None, :], 1.0).prod(-1)  # Π_(a<k≤b) E[z_k]
+        e_cross = torch.cumprod(l2, 1)[:, :, None] * run  # (Λ, L, L)
+        loss = (g00 - 2.0 * (torch.cumprod(l1, 1) * (c1.reshape(n, -1) @ g0.T)).sum(1)
+                + (e_cross.reshape(n, -1) * (c2.reshape(n, -1) @ gw.T)).sum(1))
+        cost = cp.reshape(n, -1).sum(1) * (torch.cumprod(lp, 1) * inc_t).sum(1)
+        objective = (loss / layer.norm + lam_t * cost).sum()  # independent per λ
         objective.backward()
         opt.step()
 
     closed_ch = (allowed == 0).numpy()
-    ch = np.where(closed_ch, -np.inf, chan.detach().numpy())
-    lv = {b: (float(lev[i - 1].detach()) if i <= top else -math.inf)
-          for i, b in enumerate(layer.levels) if i > 0}
-    return Gates(channel_log_alpha=ch, level_log_alpha=MappingProxyType(lv))
+    out = []
+    for j in range(n):
+        ch = np.where(closed_ch, -np.inf, chan[j].detach().numpy())
+        lv = {b: (float(lev[j, i - 1].detach()) if i <= top else -math.inf)
+              for i, b in enumerate(layer.levels) if i > 0}
+        out.append(Gates(channel_log_alpha=ch, level_log_alpha=MappingProxyType(lv)))
+    return out
 
 
 def read_out(layer: GatedLayer, gates: Gates, *, lam: float = 0.0) -> GatedConfig:
