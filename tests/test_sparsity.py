@@ -322,3 +322,21 @@ def test_run_with_gating_writes_a_smaller_model_that_compiles_on_the_htp(setup, 
     v = json.loads((out / "verify.json").read_text())
     assert v["fully_on_target"] and v["nodes"]["on_target"] == v["nodes"]["total"] > 0
     assert "gating candidates" in (out / "report.html").read_text()
+
+
+def test_fp8_plan_with_pruned_channels_shrinks_past_its_rewritten_clips(setup):
+    """fp8 exports rewrite each Clip on the route (export/qdq.py: fp8-safe bounds), so the
+    shrink finds them under other names; they carry no channel constants and are passed."""
+    a = setup["analysis"]
+    fp8 = parse_candidate("fp8")
+    plan = {g: parse_candidate("fp8+channel@0.5") if g == "expand" else fp8
+            for g in a.graph.group_names}
+    qm = a.export(plan)
+    conv = next(n for n in qm.model.graph.node if n.name == "expand")
+    producer = {o: n for n in qm.model.graph.node for o in n.output}
+    w = next(t for t in qm.model.graph.initializer
+             if t.name == producer[conv.input[1]].input[0])
+    assert w.dims[0] == len(qm.kept_channels["expand"]) == 8
+    x = images(4, seed=3)
+    ref = make_session(setup["model"]).run(None, {"x": x})[0]
+    assert _sqnr(ref, make_session(qm.model).run(None, {"x": x})[0]) > 5.0

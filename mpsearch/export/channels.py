@@ -392,6 +392,11 @@ def _route_constants(lg: LayerGraph, route: ChannelRoute, node: str,
     return out
 
 
+def _float_constants(lg: LayerGraph, node: str) -> dict[str, np.ndarray]:
+    inits = {t.name: t for t in lg.model.graph.initializer}
+    return {i: numpy_helper.to_array(inits[i]) for i in lg.nodes[node].input if i in inits}
+
+
 def _slice_const(ed: _Editor, lg: LayerGraph, route: ChannelRoute, node: str,
                  k: np.ndarray) -> None:
     names = lg.nodes[node].input  # the float graph's names; an exported model's differ
@@ -461,7 +466,13 @@ def shrink_channels(lg: LayerGraph, keep: Mapping[str, Sequence[int]], *,
         if lay.bias is not None:
             ed.take(layer, 2, k, 0)
         for node in route.followers:
-            n = ed.nodes[node]
+            n = ed.nodes.get(node)
+            if n is None:  # rewritten by an exporter (a Clip made fp8-safe): nothing to cut
+                if node in route.depthwise or lg.nodes[node].op_type == "Reshape" or \
+                        _route_constants(lg, route, node, _float_constants(lg, node)):
+                    raise UsageError(f"node '{node}' on the route of '{layer}' is not in the "
+                                     "model to shrink", fix="report this as a bug")
+                continue
             if node in route.depthwise:
                 ed.take(node, 1, k, 0)
                 if lg.layers[node].bias is not None:
