@@ -28,9 +28,11 @@ torch's 2 s import.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,6 +161,14 @@ class _Accumulator:
         self.rows = 0
         self.samples = 0
         self.positions = min(MAX_POSITIONS, max(MIN_POSITIONS, POSITIONS_PER_INPUT * spec.k))
+        # what the last update took (before the first: the dense products' size), for the
+        # order in which parallel updates start; the statistic does not depend on it
+        self.seconds = float(spec.groups * spec.k * spec.k) * 1e-9
+
+    def timed_update(self, x: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        self.update(x)
+        self.seconds = time.perf_counter() - t0
 
     def update(self, x: np.ndarray) -> None:
         spec = self.spec
@@ -273,9 +283,15 @@ class HessianCollector:
         return {s.tensor for s in self._layer_spec.values()}
 
     def update(self, values: Mapping[str, np.ndarray]) -> None:
-        for spec, acc in self._acc.items():
-            if spec.tensor in values:
-                acc.update(values[spec.tensor])
+        for part in self.parts(values):
+            part()
+
+    def parts(self, values: Mapping[str, np.ndarray]) -> list[Callable[[], None]]:
+        """One batch's update, one independent part per statistic, the slowest first (by the
+        last batch's times: a pool of threads that takes them in turn then ends together)."""
+        accs = [a for spec, a in self._acc.items() if spec.tensor in values]
+        accs.sort(key=lambda a: -a.seconds)
+        return [functools.partial(a.timed_update, values[a.spec.tensor]) for a in accs]
 
     def result(self) -> dict[str, LayerHessian]:
         done = {spec: acc.result() for spec, acc in self._acc.items()}

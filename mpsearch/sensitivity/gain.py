@@ -34,11 +34,11 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from mpsearch.calibrate import Calibration, make_session
+from mpsearch.calibrate import Calibration
 from mpsearch.graph import Layer, LayerGraph
 from mpsearch.layerquant import input_channel_view
 from mpsearch.sensitivity.hessian import layer_output_error
-from mpsearch.sensitivity.suffix import Suffix, cut, elem_types, in_passes
+from mpsearch.sensitivity.suffix import Suffix, cut, elem_types, in_passes, suffix_session
 
 __all__ = ["GAIN_SAMPLES", "Gains", "layer_gains"]
 
@@ -59,7 +59,8 @@ class Gains:
     input: float
 
 
-def _session_model(lg: LayerGraph, layer: Layer, types: Mapping[str, int]) -> Suffix:
+def _session_model(lg: LayerGraph, layer: Layer, types: Mapping[str, int],
+                   weights: Mapping[str, np.ndarray]) -> Suffix:
     node = onnx.NodeProto()
     node.CopyFrom(lg.nodes[layer.name])
     if layer.weight is not None:
@@ -78,7 +79,7 @@ def _session_model(lg: LayerGraph, layer: Layer, types: Mapping[str, int]) -> Su
         if any(i in changed for i in n.input):
             down.append(n)
             changed.update(n.output)
-    return cut(lg.model, [add_in, node, add, *down], types)
+    return cut(lg.model, [add_in, node, add, *down], types, external=weights)
 
 
 def _perturbation(layer: Layer, w: np.ndarray, cal: Calibration,
@@ -125,7 +126,7 @@ def layer_gains(lg: LayerGraph, cal: Calibration, weights: Mapping[str, np.ndarr
     types = elem_types(lg.model)
     rng = _Noise(np.random.default_rng(seed))
     out: dict[str, Gains] = {}
-    items = ((lg.layers[g], _session_model(lg, lg.layers[g], types)) for g in groups)
+    items = ((lg.layers[g], _session_model(lg, lg.layers[g], types, weights)) for g in groups)
     for chunk, stored in in_passes(lg, use, items,
                                    lambda it: ({it[0].output} | set(it[1].feeds))
                                    - set(_OWN)):
@@ -141,7 +142,7 @@ def _measure(lg, cal, weights, layer: Layer, suf: Suffix, stored, use, ref, tota
     b = weights[layer.bias] if layer.bias is not None else None
     dw, db = _perturbation(layer, w, cal, rng) if w is not None else (None, None)
     h = cal.hessians.get(layer.name)
-    sess = make_session(suf.model) if suf.outputs else None
+    sess = suffix_session(suf, weights) if suf.outputs else None
     sq = {"white": 0.0, "weight": 0.0, "input": 0.0}
     injected = injected_in = 0.0
     elems = elems_in = 0

@@ -30,12 +30,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpsearch.calibrate import make_session
 from mpsearch.export.qdq import export_qdq
 from mpsearch.formats import Candidate, Format
 from mpsearch.graph import LayerGraph
 from mpsearch.params import RangeSetter
-from mpsearch.sensitivity.suffix import Suffix, in_passes, suffix_model
+from mpsearch.sensitivity.suffix import Suffix, in_passes, suffix_model, suffix_session
 from mpsearch.sensitivity.table import unchanged
 
 __all__ = ["MeasureContext", "measure"]
@@ -85,7 +84,7 @@ def _measure_groups(ctx: MeasureContext, work: Sequence[tuple[str, tuple[Candida
                 on_result(g, c, 0.0)
             else:
                 qm = export_qdq(lg, {**base, g: c}, ctx.ranges)
-                out.append((c, suffix_model(lg.model, qm.model)))
+                out.append((c, suffix_model(lg.model, qm.model, external=ctx.ranges.weights)))
         return out
 
     items = ((g, built(g, cands)) for g, cands in work)
@@ -97,7 +96,7 @@ def _measure_groups(ctx: MeasureContext, work: Sequence[tuple[str, tuple[Candida
                 if not suf.outputs:  # nothing changes on this runtime (fp16 with no weights)
                     on_result(g, c, 0.0)
                     continue
-                sess = make_session(suf.model, threads=ctx.threads)
+                sess = suffix_session(suf, ctx.ranges.weights, threads=ctx.threads)
                 noise = _noise(ctx.reference, sess, suf.feeds, suf.outputs, stored, ctx.batches)
                 on_result(g, c, noise / count)
 
