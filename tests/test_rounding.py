@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mpsearch.formats import Format, numpy_storage_dtype, quantize
-from mpsearch.quant.rounding import hessian_round, output_error
+from mpsearch.quant.rounding import _upper_inverse, hessian_round, output_error
 
 
 def _correlated_h(rng: np.random.Generator, k: int, n: int, rho: float = 0.9) -> np.ndarray:
@@ -201,3 +201,14 @@ def test_rejects_float_formats_and_bad_shapes() -> None:
         hessian_round(rows, np.eye(2)[None], Format.INT8, scale)
     with pytest.raises(ValueError, match="scale must be"):
         hessian_round(rows, h, Format.INT8, np.zeros((1, 2), dtype=np.float32))
+
+
+@pytest.mark.parametrize("k", [5, 64, 65, 200])
+def test_triangular_inverse_by_halves_equals_lapack(k: int) -> None:
+    rng = np.random.default_rng(7)
+    h = np.stack([_correlated_h(rng, k, 3 * k, rho=0.6) for _ in range(3)])
+    v = np.linalg.cholesky(h)[:, ::-1, ::-1].transpose(0, 2, 1)  # upper, as GPTQ has it
+    got = _upper_inverse(v)
+    ref = np.triu(np.linalg.inv(v))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    assert np.array_equal(got, np.triu(got))

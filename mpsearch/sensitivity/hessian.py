@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +43,7 @@ from mpsearch.calibrate import Calibration, TensorStats
 from mpsearch.formats import Candidate, Format, FormatKind, Sparsity, dequantize, fake_quant
 from mpsearch.graph import Layer, LayerGraph
 from mpsearch.hessian import LayerHessian
-from mpsearch.layerquant import input_channel_view, sparse_layer, weight_rows
+from mpsearch.layerquant import LayerWeights, input_channel_view, sparse_layer, weight_rows
 from mpsearch.ops import OpRole
 from mpsearch.params import RangeSetter
 from mpsearch.sensitivity.table import HessianFit, unchanged
@@ -97,6 +99,11 @@ class _Predictor:
         self._terms: dict[str, _LayerTerms] = {}
         self._werr: dict[tuple[str, Format, float | None, Sparsity | None], float] = {}
         self._aerr: dict[tuple[str, Format], float] = {}
+        # tr(δW H δWᵀ) of quantized weights, by the identity of their integers and parameters
+        # (the LayerWeights kept alive here): the a8 and a16 variants of a weight format share
+        # them (unless the int32 bias limit raised a scale) and differ only in the corrected
+        # bias, so the costly quadratic form is computed once for both.
+        self._quads: dict[tuple[int, int], tuple[LayerWeights, float]] = {}
 
     def act_error(self, t: str, fmt: Format) -> float:
         key = (t, fmt)
@@ -160,15 +167,30 @@ class _Predictor:
                              w.astype(np.float16).astype(np.float64) - w, None)
         else:
             lw = sparse_layer(self.ranges, layer, fmt, sparsity, input_scale=input_scale)
-            qp = lw.qparams
-            deq = dequantize(lw.values, fmt, qp.scale, qp.zero_point, axis=qp.axis)
             db = None
             if layer.bias and lw.bias is not None:
                 db = lw.bias.astype(np.float64) - self.ranges.weights[layer.bias]
-            err = self._quad(layer, self.cal.hessians.get(layer.name),
-                             deq.astype(np.float64) - w, db)
+            h = self.cal.hessians.get(layer.name)
+            if h is not None and weight_rows(layer, w) is not None:
+                rows, q = self._quantized_quad(layer, fmt, lw, h)
+                err = _with_bias(q, rows, h, db)
+            else:
+                qp = lw.qparams
+                deq = dequantize(lw.values, fmt, qp.scale, qp.zero_point, axis=qp.axis)
+                err = self._quad(layer, h, deq.astype(np.float64) - w, db)
         self._werr[key] = err
         return err
+
+    def _quantized_quad(self, layer: Layer, fmt: Format, lw: LayerWeights,
+                        h: LayerHessian) -> tuple[np.ndarray, float]:
+        """The δW rows of ``lw`` and ``tr(δW H δWᵀ)``."""
+        qp = lw.qparams
+        deq = dequantize(lw.values, fmt, qp.scale, qp.zero_point, axis=qp.axis)
+        rows = _rows64(layer, deq.astype(np.float64) - self.ranges.weights[layer.weight])
+        key = (id(lw.values), id(qp))
+        if key not in self._quads:
+            self._quads[key] = (lw, _quadratic(rows, h))
+        return rows, self._quads[key][1]
 
     def errors(self, layer: Layer, cand: Candidate) -> LayerError:
         af = cand.activation
@@ -197,14 +219,26 @@ def layer_output_error(layer: Layer, h: LayerHessian, dw: np.ndarray,
                        db: np.ndarray | None = None) -> float:
     """``E‖δW x + δb‖²`` per output position: ``tr(δW H δWᵀ) + 2 δbᵀ δW μ + ‖δb‖²``, summed
     over the groups of input channels (exact with a dense Hessian)."""
+    rows = _rows64(layer, dw)
+    return _with_bias(_quadratic(rows, h), rows, h, db)
+
+
+def _rows64(layer: Layer, dw: np.ndarray) -> np.ndarray:
     rows = weight_rows(layer, dw)
     if rows is None:
         raise ValueError(f"layer {layer.name}: no Hessian layout for {layer.op_type}")
-    rows = rows.astype(np.float64)
+    return rows.astype(np.float64)
+
+
+def _quadratic(rows: np.ndarray, h: LayerHessian) -> float:
+    """``tr(δW H δWᵀ)``, the costly part: ``R·K²`` per group."""
     if h.dense:  # batched matmul (BLAS); a three-operand einsum runs naive loops here
-        q = float(np.einsum("grk,grk->", np.matmul(rows, h.second), rows))
-    else:
-        q = float(np.einsum("grk,gk->", rows**2, h.second))
+        return float(np.einsum("grk,grk->", np.matmul(rows, h.second), rows))
+    return float(np.einsum("grk,gk->", rows**2, h.second))
+
+
+def _with_bias(q: float, rows: np.ndarray, h: LayerHessian, db: np.ndarray | None) -> float:
+    """``q`` plus the bias terms ``2 δbᵀ δW μ + ‖δb‖²``."""
     if db is not None:
         dbr = np.asarray(db, np.float64).reshape(rows.shape[0], rows.shape[1])
         q += 2.0 * float(np.einsum("gr,grk,gk->", dbr, rows, h.mean))
@@ -213,12 +247,37 @@ def layer_output_error(layer: Layer, h: LayerHessian, dw: np.ndarray,
 
 
 def layer_errors(lg: LayerGraph, cal: Calibration, ranges: RangeSetter,
-                 pairs: Iterable[tuple[str, Candidate]]) -> dict[tuple[str, Candidate],
-                                                                 LayerError]:
-    """The layer-output error of every (group, candidate)."""
+                 pairs: Iterable[tuple[str, Candidate]], *, threads: int = 1,
+                 stop: threading.Event | None = None) -> dict[tuple[str, Candidate],
+                                                              LayerError]:
+    """The layer-output error of every (group, candidate). ``threads``: groups handled side
+    by side, the largest weights first (each group's candidates in order on one thread: they
+    share its scales and Hessian factor); the errors do not depend on it. ``stop``: once set,
+    no further group starts (raises ``CancelledError``)."""
     pred = _Predictor(lg, cal, ranges)
     zero = LayerError(relative=0.0, weight=0.0, activation=0.0)
-    return {(g, c): zero if unchanged(c) else pred.errors(lg.layers[g], c) for g, c in pairs}
+    pairs = list(pairs)
+    by_group: dict[str, list[Candidate]] = {}
+    for g, c in pairs:
+        by_group.setdefault(g, []).append(c)
+
+    def group(g: str) -> dict[tuple[str, Candidate], LayerError]:
+        if stop is not None and stop.is_set():
+            raise CancelledError
+        return {(g, c): zero if unchanged(c) else pred.errors(lg.layers[g], c)
+                for c in by_group[g]}
+
+    if threads <= 1:
+        done = [group(g) for g in by_group]
+    else:
+        def size(g: str) -> int:
+            w = lg.layers[g].weight
+            return int(ranges.weights[w].size) if w in ranges.weights else 0
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            done = list(pool.map(group, sorted(by_group, key=lambda g: -size(g))))
+    out = {k: v for d in done for k, v in d.items()}
+    return {k: out[k] for k in pairs}
 
 
 def fit_runs(lg: LayerGraph, candidates: Mapping[str, Sequence[Candidate]], *,

@@ -4,14 +4,22 @@ group and a method -> a :class:`~mpsearch.sensitivity.table.SensitivityTable`.
 ``measured`` runs every (group, candidate) for real; ``hessian`` predicts them all from the
 layer Hessians and measures only the few runs its scale is fitted on; ``both`` does both, side
 by side (the fit still uses only its few runs, so the prediction is the same in every mode).
+
+The table's ``seconds`` times each step; ``layer_errors`` runs on a second thread while
+``measured`` and ``gains`` run, so those times overlap (``hessian``: from the start of the gain
+runs to the prediction).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 
@@ -24,12 +32,16 @@ from mpsearch.sensitivity.hessian import fit_runs, fit_scale, layer_errors
 from mpsearch.sensitivity.measured import MeasureContext, measure
 from mpsearch.sensitivity.suffix import reference_outputs
 from mpsearch.sensitivity.table import SensitivityTable
+from mpsearch.threads import one_blas_thread
 
 __all__ = ["Method", "estimate", "measure_pairs", "table_variant"]
 
 log = logging.getLogger(__name__)
 
 FIT_RUNS = 2
+ERROR_THREADS = 2  # threads computing the layer errors, beside the measured and gain runs
+
+T = TypeVar("T")
 
 
 class Method(enum.Enum):
@@ -79,12 +91,28 @@ def measure_pairs(analysis: Analysis, batches: Sequence[Mapping[str, np.ndarray]
     return measured
 
 
+@contextlib.contextmanager
+def _setting_on_error(event: threading.Event) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        event.set()
+        raise
+
+
+def _timed(fn: Callable[..., T], *args: object, **kwargs: object) -> tuple[T, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
 def table_variant(method: Method, candidates: Mapping[str, Sequence[Candidate]]) -> dict:
     """What distinguishes one finished table from another in the same cache folder."""
     return {"method": method.value, "fit_runs": FIT_RUNS,
             "candidates": {g: [c.name for c in cs] for g, cs in candidates.items()}}
 
 
+@one_blas_thread
 def estimate(analysis: Analysis, data: Dataset,
              candidates: Mapping[str, Sequence[Candidate]], *,
              method: Method = Method.HESSIAN, workers: int = 1,
@@ -111,35 +139,42 @@ def estimate(analysis: Analysis, data: Dataset,
 
     runs = fit_runs(lg, cands, count=FIT_RUNS) if method is not Method.MEASURED else []
     to_measure = pairs if method is not Method.HESSIAN else runs
-    t0 = time.perf_counter()
-    measured = measure_pairs(analysis, batches, to_measure, workers=workers, cache=cache,
-                             reference=ref, progress=progress)
-    seconds["measured"] = time.perf_counter() - t0
-
     predicted, relative, fit, input_noise = {}, {}, None, {}
     # A search also wants it for a measured table: its input-noise terms let the solver
     # correct what single-group errors count twice.
     if predict is None:
         predict = method is not Method.MEASURED
-    if predict and (method is not Method.MEASURED or analysis.calibration.hessians):
+    predict = predict and (method is not Method.MEASURED or bool(analysis.calibration.hessians))
+    stop = threading.Event()  # set when this fails (Ctrl-C): the layer errors stop early
+    with ThreadPoolExecutor(max_workers=1) as pool, _setting_on_error(stop):
+        # The layer errors (numpy) run on threads of their own beside the measured and the
+        # gain runs, which leave most of a second core idle (ONNX Runtime on a few samples).
+        # They share the RangeSetter's memo with the measured runs' export, which at worst
+        # computes the same weights twice: the results do not depend on the order.
+        errs_job = (pool.submit(_timed, layer_errors, lg, analysis.calibration,
+                                analysis.ranges, pairs, threads=ERROR_THREADS, stop=stop)
+                    if predict else None)
         t0 = time.perf_counter()
-        gains = layer_gains(lg, analysis.calibration, analysis.ranges.weights, batches, ref,
-                            lg.group_names, seed=seed)
-        seconds["gains"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        errs = layer_errors(lg, analysis.calibration, analysis.ranges, pairs)
-        seconds["layer_errors"] = time.perf_counter() - t1
-        relative = {k: e.relative for k, e in errs.items()}
-        raw = {k: gains[k[0]].weight * e.weight + gains[k[0]].white * e.activation
-               + gains[k[0]].input * e.input
-               for k, e in errs.items()}
-        fit_on = runs if method is Method.HESSIAN else list(measured)  # both: every pair
-        fit = fit_scale(raw, {k: measured[k] for k in fit_on if k in measured})
-        predicted = {k: fit.alpha * r for k, r in raw.items()}
-        for (g, c), e in errs.items():
-            if c.activation.is_quantized and e.input > 0:
-                input_noise[(g, c.activation.name)] = fit.alpha * gains[g].input * e.input
-        seconds["hessian"] = time.perf_counter() - t0
+        measured = measure_pairs(analysis, batches, to_measure, workers=workers, cache=cache,
+                                 reference=ref, progress=progress)
+        seconds["measured"] = time.perf_counter() - t0
+        if errs_job is not None:
+            t0 = time.perf_counter()
+            gains = layer_gains(lg, analysis.calibration, analysis.ranges.weights, batches, ref,
+                                lg.group_names, seed=seed)
+            seconds["gains"] = time.perf_counter() - t0
+            errs, seconds["layer_errors"] = errs_job.result()
+            relative = {k: e.relative for k, e in errs.items()}
+            raw = {k: gains[k[0]].weight * e.weight + gains[k[0]].white * e.activation
+                   + gains[k[0]].input * e.input
+                   for k, e in errs.items()}
+            fit_on = runs if method is Method.HESSIAN else list(measured)  # both: every pair
+            fit = fit_scale(raw, {k: measured[k] for k in fit_on if k in measured})
+            predicted = {k: fit.alpha * r for k, r in raw.items()}
+            for (g, c), e in errs.items():
+                if c.activation.is_quantized and e.input > 0:
+                    input_noise[(g, c.activation.name)] = fit.alpha * gains[g].input * e.input
+            seconds["hessian"] = time.perf_counter() - t0
     if method is Method.HESSIAN:
         measured = {k: measured[k] for k in runs if k in measured}
         if progress:
