@@ -145,6 +145,11 @@ def test_cli_writes_outputs_and_cache_is_invalidated_by_new_data(tiny, capsys):
     assert json.loads(capsys.readouterr().out)["cached"]
     assert (d / "s2" / "sensitivity.json").read_text() == \
         (d / "s1" / "sensitivity.json").read_text().replace(str(d / "s1"), str(d / "s2"))
+    # the re-run copies the heatmap the first run left in the cache: the same bytes
+    for name in ("sensitivity.csv", "sensitivity.png"):
+        assert (d / "s2" / name).read_bytes() == (d / "s1" / name).read_bytes(), name
+    assert [p.read_bytes() for p in (d / "cache").glob("*/file-*.png")] == \
+        [(d / "s1" / "sensitivity.png").read_bytes()]
     # New calibration data: a new cache key, results computed again and different.
     np.savez(d / "calib.npz", x=images(24, seed=5))
     assert main(_cli(d, "s3", "--method", "both")) == 0
@@ -288,3 +293,44 @@ def test_gain_runs_stacked_along_the_batch_equal_separate_runs_and_fall_back(tmp
         for g in a.graph.group_names:
             assert stacked[g].white == pytest.approx(separate[g].white, rel=1e-5), (pin, g)
             assert stacked[g].input == pytest.approx(separate[g].input, rel=1e-5), (pin, g)
+
+
+def test_csv_is_what_pandas_writes(tmp_path):
+    """sensitivity.csv is written without pandas, byte for byte as ``DataFrame.to_csv`` with
+    ``float_format="%.6g"`` writes it: None and NaN empty, infinities, quoting."""
+    import pandas as pd
+
+    from mpsearch.cli_sensitivity import CSV_COLUMNS, _write_csv
+
+    base = dict.fromkeys(CSV_COLUMNS)
+    rows = [{**base, "group": "a,b", "op_type": "Conv", "depthwise": True, "candidate": "w8a8",
+             "predicted_mse": 1.23456789e-7, "predicted_sqnr_db": float("inf"),
+             "layer_relative_error": 0.0},
+            {**base, "group": 'q"x', "op_type": "Gemm", "depthwise": False, "candidate": "fp16",
+             "measured_mse": 0.0, "measured_sqnr_db": -float("inf"),
+             "predicted_mse": float("nan"), "predicted_sqnr_db": 12345678.9}]
+    pd.DataFrame(rows, columns=list(CSV_COLUMNS)).to_csv(tmp_path / "pandas.csv", index=False,
+                                                          float_format="%.6g")
+    _write_csv(str(tmp_path / "ours.csv"), rows)
+    assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
+
+
+def test_suffix_with_weights_left_out_runs_like_the_whole_model(tiny):
+    """A cut model whose float weights ONNX Runtime reads from memory computes what the same
+    cut with its weights inside computes."""
+    from mpsearch.sensitivity.suffix import cut, elem_types, suffix_session
+
+    _, ds, a, _ = tiny
+    lg = a.graph
+    nodes = list(lg.model.graph.node)
+    types = elem_types(lg.model)
+    inside = cut(lg.model, nodes, types)
+    outside = cut(lg.model, nodes, types, external=a.ranges.weights)
+    assert not inside.external and outside.external
+    assert len(outside.model) < len(inside.model)
+    batch = next(iter(ds.batches(8)))
+    feed = {f: batch[f] for f in inside.feeds}
+    want = make_session(inside.model).run(None, feed)
+    got = suffix_session(outside, a.ranges.weights).run(None, feed)
+    for w, g in zip(want, got, strict=True):
+        assert np.array_equal(w, g)

@@ -8,7 +8,11 @@ to one of them selects a fresh folder, so stale results are never read. Inside t
   result arrives, so a run stopped at any point (Ctrl-C, a killed process) resumes where it
   stopped; a torn last line is ignored;
 * ``table-<digest>.json``: a finished table, per method and candidate set, which a re-run
-  returns without calibrating.
+  returns without calibrating;
+* ``file-<digest><suffix>``: a file drawn from a finished table (the heatmap PNG), under a key
+  its maker computes from everything it depends on, so a re-run copies it instead of drawing
+  it again (EfficientNet-Lite0: 0.8 s of a 1.9 s cached re-run were importing matplotlib and
+  drawing 300 annotated cells).
 """
 
 from __future__ import annotations
@@ -122,3 +126,21 @@ class SensitivityCache:
         with os.fdopen(fd, "w") as f:
             json.dump(table, f)
         os.replace(tmp, p)
+
+    # -- files drawn from finished tables
+
+    def _file_path(self, key: str, suffix: str) -> Path:
+        return self.path / f"file-{key[:32]}{suffix}"
+
+    def file(self, key: str, suffix: str) -> bytes | None:
+        """The bytes saved under ``key`` (a hex digest), or None."""
+        try:
+            return self._file_path(key, suffix).read_bytes()
+        except OSError:
+            return None
+
+    def save_file(self, key: str, suffix: str, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".file-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self._file_path(key, suffix))
