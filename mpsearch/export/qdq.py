@@ -82,7 +82,7 @@ class QdqModel:
     tensor_formats: Mapping[str, Format]  # format each quantized activation tensor is stored in
     conversions: tuple[tuple[str, Format, Format], ...]  # (tensor, from, to)
     opset: int
-    # layer pruning output channels (+channel@d) -> the channels it keeps (the others masked)
+    # layer pruning output channels (+channel@d) -> the channels it keeps (the others removed)
     kept_channels: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def save(self, path: str) -> None:

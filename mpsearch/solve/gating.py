@@ -49,6 +49,9 @@ steps): gates pushed down in the first steps, while every higher level still add
 slow to reopen, and the relaxation's channel decisions interact with the shared level gates.
 The gates remain the method where no enumeration exists (learned ranges, a loss beyond one
 layer).
+
+**In the search** (``--gating``): :mod:`mpsearch.sensitivity.gated` turns each sweep's
+read-outs into per-layer candidates; :func:`train_many` trains a sweep's ``λ`` in one batch.
 """
 
 from __future__ import annotations
