@@ -42,7 +42,7 @@ from mpsearch.export.channels import ChannelRefusal, channel_route
 from mpsearch.formats import Candidate, FormatKind, Sparsity
 from mpsearch.hw.cost import CostModel
 from mpsearch.layerquant import weight_rows
-from mpsearch.solve.gating import GatedConfig, Search, prepare, read_out, train_many
+from mpsearch.solve.gating import GatedConfig, GatedLayer, Search, prepare, read_out, train_many
 
 if TYPE_CHECKING:
     from mpsearch.pipeline import Analysis
@@ -98,9 +98,9 @@ def _bit_cost(costs: CostModel, group: str, ladder: Mapping[int, Candidate], lev
     return out
 
 
-def _energy_order_mask(layer_rows: np.ndarray, h: np.ndarray, kept: int) -> np.ndarray:
-    energy = (np.einsum("grk,gkl,grl->gr", layer_rows, h, layer_rows) if h.ndim == 3
-              else np.einsum("grk,gk,grk->gr", layer_rows, h, layer_rows)).reshape(-1)
+def _energy_order_mask(layer: GatedLayer, kept: int) -> np.ndarray:
+    """The ``kept`` channels of largest Hessian energy: what the export keeps."""
+    energy = layer.energy()
     mask = np.zeros(energy.size, dtype=bool)
     mask[np.argsort(energy, kind="stable")[energy.size - kept:]] = True
     return mask
@@ -158,7 +158,7 @@ def gated_candidates(analysis: Analysis, costs: CostModel,
                     have.add(cand)
                     new.append(cand)
                     if not np.array_equal(cfg.channel_mask,
-                                          _energy_order_mask(gl.rows, gl.hessian, cfg.kept)):
+                                          _energy_order_mask(gl, cfg.kept)):
                         differs += 1
         if new:
             by_group[g] = tuple(new)

@@ -142,6 +142,10 @@ class GatedLayer:
     def full_cost(self) -> float:
         return self.bit_cost[self.levels[-1]]
 
+    def energy(self) -> np.ndarray:
+        """``w_r H w_rᵀ`` per output channel (flat, channel order): its error when pruned."""
+        return _quad(self.rows, self.rows, self.hessian).reshape(-1)
+
     def quantized(self, bits: int) -> np.ndarray:
         """The read-out weight rows ``q_bits`` (every channel kept)."""
         return self.terms[: self.levels.index(bits) + 1].sum(axis=0)
@@ -174,7 +178,7 @@ class GatedLayer:
         top = self.levels[-1]
         if lam == 0:
             return self.evaluate(top, np.ones(self.channels, bool), lam=lam)
-        pruned = _quad(self.rows, self.rows, self.hessian).reshape(-1) / self.norm
+        pruned = self.energy() / self.norm
         best: tuple[float, int, np.ndarray] | None = None
         for bits in reversed(self.levels):
             d = self.rows - self.quantized(bits)
