@@ -20,15 +20,18 @@ exports each and runs it on the calibration data against the float model (about 
 each on EfficientNet-Lite0), and ships the plan of least measured output error
 ``mse = E[(y - ŷ)²]`` (ties: the earlier contender, the ILP's plan first). The choice is then
 never worse on the calibration data than any plan it was shown; the evaluation data stays
-held out (selection never sees it), so the measured quality the report gives is honest.
+held out (selection never sees it), so the measured quality the report gives is honest. A
+short local search from the best contender (:mod:`mpsearch.polish`) then tries its
+neighbours the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,7 +40,8 @@ from mpsearch.export.qdq import QdqModel
 from mpsearch.formats import Candidate
 from mpsearch.pipeline import Analysis
 
-__all__ = ["Contender", "Selection", "plan_key", "plan_mse", "select"]
+__all__ = ["Contender", "Selection", "paired_z", "plan_errors", "plan_key", "plan_mse",
+           "select"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class Contender:
     plan: Mapping[str, Candidate]
     calibration_mse: float
     same_as: tuple[str, ...] = ()  # later shortlist entries with this very plan
+    samples: np.ndarray | None = field(default=None, repr=False, compare=False)  # per sample
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,26 +67,53 @@ class Selection:
     best: Contender
 
 
+def plan_errors(analysis: Analysis, plan: Mapping[str, Candidate],
+                batches: Sequence[Mapping[str, np.ndarray]],
+                reference: Sequence[Mapping[str, np.ndarray]], *,
+                export: Callable[[Mapping[str, Candidate]], QdqModel] | None = None
+                ) -> tuple[np.ndarray, int]:
+    """The squared output error of each calibration sample (summed over every output element
+    of that sample), and the number of output elements in all: ``mse = sum / count``.
+    ``export``: how the plan becomes a QDQ model (default ``analysis.export``; the search
+    passes a cached one)."""
+    sess = make_session((export or analysis.export)(plan).model)
+    names = [o.name for o in sess.get_outputs()]
+    feeds = {i.name for i in sess.get_inputs()}
+    per: list[np.ndarray] = []
+    count = 0
+    for ref, batch in zip(reference, batches, strict=True):
+        got = sess.run(names, {k: v for k, v in batch.items() if k in feeds})
+        rows = None
+        for name, y in zip(names, got, strict=True):
+            if name not in ref:
+                continue
+            d = ref[name].astype(np.float64) - y
+            sq = (d.reshape(len(d), -1) ** 2).sum(axis=1)  # axis 0: the samples
+            rows = sq if rows is None else rows + sq
+            count += d.size
+        if rows is not None:
+            per.append(rows)
+    return (np.concatenate(per) if per else np.zeros(0)), count
+
+
 def plan_mse(analysis: Analysis, plan: Mapping[str, Candidate],
              batches: Sequence[Mapping[str, np.ndarray]],
              reference: Sequence[Mapping[str, np.ndarray]], *,
              export: Callable[[Mapping[str, Candidate]], QdqModel] | None = None) -> float:
     """``E[(y - ŷ)²]`` over every output element of the calibration batches (the measure the
-    sensitivities use, so it compares with their predictions). ``export``: how the plan
-    becomes a QDQ model (default ``analysis.export``; the search passes a cached one)."""
-    sess = make_session((export or analysis.export)(plan).model)
-    names = [o.name for o in sess.get_outputs()]
-    feeds = {i.name for i in sess.get_inputs()}
-    noise, count = 0.0, 0
-    for ref, batch in zip(reference, batches, strict=True):
-        got = sess.run(names, {k: v for k, v in batch.items() if k in feeds})
-        for name, y in zip(names, got, strict=True):
-            if name not in ref:
-                continue
-            d = (ref[name].astype(np.float64) - y).ravel()
-            noise += float(np.vdot(d, d))
-            count += d.size
-    return noise / max(count, 1)
+    sensitivities use, so it compares with their predictions)."""
+    per, count = plan_errors(analysis, plan, batches, reference, export=export)
+    return float(per.sum()) / max(count, 1)
+
+
+def paired_z(worse: np.ndarray, better: np.ndarray) -> float:
+    """How many standard errors ``better`` beats ``worse`` by, sample by sample (the mean of
+    the per-sample differences over its standard error; 0 when they are equal)."""
+    d = np.asarray(worse, dtype=np.float64) - np.asarray(better, dtype=np.float64)
+    if d.size < 2 or not d.any():
+        return 0.0
+    se = float(d.std(ddof=1)) / math.sqrt(d.size)
+    return math.inf * float(np.sign(d.mean())) if se == 0 else float(d.mean()) / se
 
 
 def select(analysis: Analysis, shortlist: Sequence[tuple[str, Mapping[str, Candidate]]],
@@ -99,9 +131,10 @@ def select(analysis: Analysis, shortlist: Sequence[tuple[str, Mapping[str, Candi
             out[seen[key]] = dataclasses.replace(c, same_as=(*c.same_as, name))
         else:
             seen[key] = len(out)
+            per, count = plan_errors(analysis, plan, batches, reference, export=export)
             out.append(Contender(name=name, plan=dict(plan),
-                                 calibration_mse=plan_mse(analysis, plan, batches, reference,
-                                                          export=export)))
+                                 calibration_mse=float(per.sum()) / max(count, 1),
+                                 samples=per))
             log.info("shortlist %s: calibration mse %.4g", name, out[-1].calibration_mse)
         if progress:
             progress(1)
