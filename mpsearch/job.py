@@ -22,6 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -36,8 +37,18 @@ from mpsearch.graph import load_model
 from mpsearch.hw.cost import CostModel, PlanCost
 from mpsearch.hw.profile import HardwareProfile, load_profile
 from mpsearch.pipeline import Analysis, QuantizeOptions, analyze
-from mpsearch.refine import Refinement, corrected_errors, pairs_to_verify
-from mpsearch.select import Selection, plan_key
+from mpsearch.polish import EVALUATIONS as POLISH_EVALUATIONS
+from mpsearch.polish import Polish
+from mpsearch.polish import polish as polish_plan
+from mpsearch.refine import (
+    EXPLORE,
+    EXPLORE_PAIRS,
+    Refinement,
+    corrected_errors,
+    hopeful_errors,
+    pairs_to_verify,
+)
+from mpsearch.select import Selection, plan_errors, plan_key
 from mpsearch.select import select as select_plan
 from mpsearch.sensitivity import (
     Method,
@@ -127,6 +138,7 @@ class SearchResult:
     front_plans: tuple[PlanResult, ...]
     model_sha256: str
     selection: Selection | None = None  # the shortlist measured on the calibration data
+    polish: Polish | None = None  # the local search from the shortlist's best, if run
     gating: GatedCandidates | None = field(default=None, repr=False)  # --gating's candidates
     chosen_model: QdqModel | None = field(default=None, repr=False)  # chosen's export, if made
     seconds: Mapping[str, float] = field(default_factory=dict)
@@ -214,7 +226,9 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
            measure: bool = True,
            all_uniform: bool = False,
            refine: int = 3,
+           explore: float = EXPLORE,
            select: bool = True,
+           polish: int = POLISH_EVALUATIONS,
            seed: int = 0,
            options: QuantizeOptions | None = None,
            cache_dir: str | os.PathLike[str] | None = None, use_cache: bool = True,
@@ -324,6 +338,16 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
         alloc = allocate(built.problem, costs, budgets, pins=pins, penalty=1.0)
         round_plans.append(dict(alloc.plan))
         todo = pairs_to_verify(alloc.plan, costs.reference, cands, known) if r < refine else []
+        if r < refine and explore > 1:  # also what the plan would be if the unmeasured
+            hopeful = hopeful_errors(errors, alloc.plan, known, explore)  # were better
+            hb = build_problem(lg, costs, cands, hopeful, input_noise=table.input_noise,
+                               convert_weight=convert_penalty * ref_error)
+            try:
+                other = allocate(hb.problem, costs, budgets, pins=pins, penalty=1.0).plan
+            except InfeasibleBudgetError:
+                other = {}
+            todo += [k for k in pairs_to_verify(other, costs.reference, cands, known)
+                     if k not in todo][:EXPLORE_PAIRS]
         if not todo:
             break
         if ref_out is None:
@@ -361,8 +385,12 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
         log.info("the greedy walk found no plan within the budgets")
     metric = budgets[0].metric
     others = {m: v for m, v in limits.items() if m != metric}
-    fr = front(problem, metric, budgets=others, points=FRONT_SOLVES, pins=pins,
-               penalty=penalty)
+    # The front's ILPs run on a second thread while the shortlist and the polish run their
+    # plans in ONNX Runtime, which releases the GIL (the front is needed only after them).
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="front")
+    front_job = pool.submit(front, problem, metric, budgets=others, points=FRONT_SOLVES,
+                            pins=pins, penalty=penalty)
+    pool.shutdown(wait=False)
     seconds["solve"] = time.perf_counter() - t1
 
     exported: dict[tuple, QdqModel] = {}  # each plan exported once (shortlist, measurement)
@@ -373,7 +401,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
             exported[key] = analysis.export(plan)
         return exported[key]
 
-    selection = None
+    selection, polished = None, None
     if select:
         t1 = time.perf_counter()
         shortlist = _shortlist(round_plans, chosen.predicted_sqnr_db, greedy_plan, uniform,
@@ -386,7 +414,22 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
                                     export=export)
         chosen = result("mpsearch", selection.best.plan)
         seconds["select"] = time.perf_counter() - t1
+        if polish > 0:
+            t1 = time.perf_counter()
+            with progress("polishing on measured error", polish) as advance:
+                polished = polish_plan(
+                    selection.best.plan, selection.best.calibration_mse,
+                    selection.best.samples, name=selection.best.name, built=built,
+                    costs=costs, limits=limits, pins=pins, evaluations=polish, progress=advance,
+                    tried=[c.plan for c in selection.contenders],
+                    measure=lambda plan: _mse_and_samples(analysis, plan, batches, ref_out,
+                                                          export))
+            chosen = result("mpsearch", polished.plan)
+            seconds["polish"] = time.perf_counter() - t1
 
+    t1 = time.perf_counter()
+    fr = front_job.result()
+    seconds["front (waited)"] = time.perf_counter() - t1
     front_plans = tuple(result(f"front {i}", dict(p.solution.choice))
                         for i, p in enumerate(_front_sample(fr, front_points, limits[metric],
                                                             chosen.plan)))
@@ -425,6 +468,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
                         allocation=alloc,
                         uniform=tuple(uniform), greedy=greedy_plan, front=fr,
                         front_plans=front_plans, model_sha256=sha, selection=selection,
+                        polish=polished,
                         chosen_model=exported.get(plan_key(chosen.plan)),
                         gating=gated, seconds=seconds)
 
@@ -449,6 +493,12 @@ def _shortlist(round_plans: Sequence[Mapping[str, Candidate]], ilp_db: float,
     if fitting and fitting[0].predicted_sqnr_db >= ilp_db - UNIFORM_MARGIN_DB:
         out.append((fitting[0].name, fitting[0].plan))
     return out
+
+
+def _mse_and_samples(analysis: Analysis, plan: Mapping[str, Candidate], batches, reference,
+                     export) -> tuple[float, object]:
+    per, count = plan_errors(analysis, plan, batches, reference, export=export)
+    return float(per.sum()) / max(count, 1), per
 
 
 def _front_sample(fr: Front, count: int, limit: float, chosen: Mapping[str, Candidate]):

@@ -82,8 +82,11 @@ def test_the_shipped_plan_is_the_best_measured_of_a_shortlist_that_fits(result, 
     for c in sel.contenders:  # every contender meets both budgets by the exact cost model
         rel = result.costs.plan(c.plan).relative
         assert rel["bops"] <= 0.9 + 1e-9 and rel["weight_bytes"] <= 0.8 + 1e-9
-    assert dict(result.plan) == dict(sel.best.plan)
     assert sel.best.calibration_mse == min(c.calibration_mse for c in sel.contenders)
+    # the polish starts from the best contender and ships a plan measured no worse
+    po = result.polish
+    assert po.start == sel.best.name and po.start_mse == sel.best.calibration_mse
+    assert dict(result.plan) == dict(po.plan) and po.calibration_mse <= po.start_mse
     # re-measured from scratch (a fresh float run, export and session): the same number
     from mpsearch.data import open_dataset
     from mpsearch.select import plan_mse
@@ -93,7 +96,52 @@ def test_the_shipped_plan_is_the_best_measured_of_a_shortlist_that_fits(result, 
                                 name="calibration").batches(8))
     ref = reference_outputs(result.analysis.graph, batches)
     assert plan_mse(result.analysis, result.plan, batches, ref) == pytest.approx(
-        sel.best.calibration_mse, rel=1e-6)
+        po.calibration_mse, rel=1e-6)
+
+
+def test_polish_measures_new_plans_that_fit_and_keeps_only_improvements(result):
+    from mpsearch.polish import ACCEPT_Z, EVALUATIONS
+    from mpsearch.select import plan_key
+
+    po, sel = result.polish, result.selection
+    assert 0 < len(po.steps) <= EVALUATIONS
+    plan, mse = dict(sel.best.plan), po.start_mse
+    seen = {plan_key(c.plan) for c in sel.contenders}
+    for step in po.steps:
+        assert all(plan[g] == old for g, old, _ in step.changes)  # moves from the incumbent
+        trial = {**plan, **{g: new for g, _, new in step.changes}}
+        rel = result.costs.plan(trial).relative
+        assert rel["bops"] <= 0.9 + 1e-9 and rel["weight_bytes"] <= 0.8 + 1e-9
+        assert plan_key(trial) not in seen  # nothing is measured twice
+        seen.add(plan_key(trial))
+        assert step.accepted == (step.calibration_mse < mse and step.z >= ACCEPT_Z)
+        if step.accepted:
+            plan, mse = trial, step.calibration_mse
+    assert plan == dict(po.plan) and mse == po.calibration_mse
+
+
+def test_exploration_also_measures_where_an_optimistic_plan_departs(files):
+    from mpsearch.refine import hopeful_errors, pairs_to_verify
+    from mpsearch.solve.allocate import allocate, build_problem
+
+    kw = dict(budget="bops=0.8", use_cache=False, measure=False, select=False, refine=1,
+              candidates=["w8a8", "w4a8", "w8a16"])
+    plain = mpsearch.search(files["model"], PROFILE, files["calib"], explore=1, **kw)
+    wide = mpsearch.search(files["model"], PROFILE, files["calib"], explore=4, **kw)
+    table, costs, lg = wide.table, wide.costs, wide.analysis.graph
+    cands = {g: table.candidates[g] for g in lg.group_names}
+    errors = {(g, c): table.error(g, c) for g in lg.group_names for c in cands[g]}
+    first = allocate(build_problem(lg, costs, cands, errors, input_noise=table.input_noise)
+                     .problem, costs, wide.budgets).plan
+    hopeful = hopeful_errors(errors, first, table.measured, 4)
+    assert all(hopeful[k] == errors[k] for k in table.measured if k in errors)
+    assert all(hopeful[(g, c)] == errors[(g, c)] for g, c in first.items())
+    other = allocate(build_problem(lg, costs, cands, hopeful, input_noise=table.input_noise)
+                     .problem, costs, wide.budgets).plan
+    extra = set(pairs_to_verify(other, costs.reference, cands, table.measured))
+    assert set(plain.refinement.measured) <= set(wide.refinement.measured)
+    assert extra <= set(wide.refinement.measured)
+    assert set(wide.refinement.measured) == set(plain.refinement.measured) | extra
 
 
 def test_exported_file_holds_the_plan(result, tmp_path):
@@ -157,6 +205,8 @@ def test_impossible_budget_exits_2_naming_the_smallest_reachable_value(files, tm
     (["--budget", "latency=-1"], "not a positive number"),
     (["--budget", "bops=0.9", "--pin", "nope=w8a8"], "--pin nope"),
     (["--budget", "bops=0.9", "--keep-float", "stem"], "cannot run float"),
+    (["--budget", "bops=0.9", "--polish", "-1"], "--polish -1 is negative"),
+    (["--budget", "bops=0.9", "--explore", "0.5"], "--explore 0.5 is below 1"),
 ])
 def test_bad_arguments_exit_2(files, tmp_path, capsys, argv, needle):
     code = _run(files, tmp_path / "out", *argv)

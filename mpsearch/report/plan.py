@@ -68,6 +68,22 @@ def _selection(res: SearchResult) -> dict | None:
                            for c in sel.contenders]}
 
 
+def _polish(res: SearchResult) -> dict | None:
+    """The local search from the shortlist's best (mpsearch/polish.py)."""
+    po = res.polish
+    if po is None:
+        return None
+    sig = res.table.signal
+    return {"data": "calibration", "start": po.start,
+            "start_sqnr_db": _num(sqnr(sig, po.start_mse), 4),
+            "sqnr_db": _num(sqnr(sig, po.calibration_mse), 4),
+            "evaluations": len(po.steps),
+            "steps": [{"changes": [{"layer": g, "from": a.name, "to": b.name}
+                                   for g, a, b in st.changes],
+                       "calibration_sqnr_db": _num(sqnr(sig, st.calibration_mse), 4),
+                       "accepted": st.accepted} for st in po.steps]}
+
+
 def plan_frame(res: SearchResult) -> pd.DataFrame:
     """One row per quantizer group along the network: formats, costs, predicted error."""
     lg, costs, table = res.analysis.graph, res.costs, res.table
@@ -122,6 +138,7 @@ def plan_document(res: SearchResult, *, model: str, profile: str,
         "solver": {"status": res.allocation.solution.status,
                    "resolves": res.allocation.resolves},
         "selection": _selection(res),
+        "polish": _polish(res),
         "refinement": {"rounds": list(res.refinement.rounds),
                        "pairs_measured": len(res.refinement.measured),
                        "scales": {k: _num(v, 4) for k, v in sorted(res.refinement.scales.items())}},

@@ -313,6 +313,17 @@ def search_html(p: Mapping[str, Any]) -> str:
                       **{f"{k} x w8a8": fmt_ratio(v)
                          for k, v in (c.get("relative") or {}).items()}}
                      for c in sel["contenders"]])))
+    po = p.get("polish") or {}
+    if po.get("steps"):
+        out += (f"<h3>Polish from {esc(po.get('start'))}: {len(po['steps'])} neighbouring "
+                f"plans measured on the {esc(po.get('data', 'calibration'))} data, "
+                f"{fmt_db(po.get('start_sqnr_db'))} to {fmt_db(po.get('sqnr_db'))}</h3>"
+                + html_table(pd.DataFrame(
+                    [{"changes": ", ".join(f"{c['layer']} {c['from']} to {c['to']}"
+                                           for c in st.get("changes") or []),
+                      "measured SQNR": fmt_db(st.get("calibration_sqnr_db")),
+                      "kept": "yes" if st.get("accepted") else "no"}
+                     for st in po["steps"]])))
     return out
 
 
