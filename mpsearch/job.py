@@ -32,10 +32,11 @@ from mpsearch.data import Dataset, open_dataset
 from mpsearch.errors import InfeasibleBudgetError, UsageError
 from mpsearch.evaluate import EvalResult, evaluate, reference_run
 from mpsearch.export.qdq import QdqModel
-from mpsearch.formats import Candidate, Format, parse_candidate
+from mpsearch.formats import Candidate, parse_candidate
 from mpsearch.graph import load_model
 from mpsearch.hw.cost import CostModel, PlanCost
 from mpsearch.hw.profile import HardwareProfile, load_profile
+from mpsearch.pins import resolve_pins
 from mpsearch.pipeline import Analysis, QuantizeOptions, analyze
 from mpsearch.polish import EVALUATIONS as POLISH_EVALUATIONS
 from mpsearch.polish import Polish
@@ -171,45 +172,6 @@ def _no_progress(label: str, total: int):
     return nullcontext(lambda n: None)
 
 
-def _pins(analysis: Analysis, costs: CostModel, candidates: Mapping[str, Sequence[Candidate]],
-          pin: Mapping[str, str | Candidate], keep_float: Iterable[str]
-          ) -> dict[str, Candidate]:
-    lg = analysis.graph
-    out: dict[str, Candidate] = {}
-    for node in keep_float:
-        if node not in lg.layers:
-            raise UsageError(f"--keep-float {node}: no quantizable layer of that name",
-                             fix="see 'mpsearch inspect MODEL' for the layer names")
-        out[node] = Candidate(weight=Format.FLOAT, activation=Format.FLOAT)
-    for node, cand in pin.items():
-        if node not in lg.layers:
-            raise UsageError(f"--pin {node}: no quantizable layer of that name",
-                             fix="see 'mpsearch inspect MODEL' for the layer names")
-        out[node] = cand if isinstance(cand, Candidate) else parse_candidate(str(cand))
-    for node, c in out.items():
-        if c not in candidates[node]:
-            try:
-                costs.layer(node, c)
-            except Exception as e:  # noqa: BLE001 - a profile error here is the user's pin
-                raise UsageError(f"pin {node}={c.name}: {costs.profile.name} cannot run "
-                                 f"{c.name} ({e})",
-                                 fix=f"pin one of {', '.join(x.name for x in candidates[node])}"
-                                 ) from None
-    for tie in lg.tie_classes():
-        for g in sorted(tie & set(out)):
-            act = out[g].activation
-            for other in sorted(tie - {g}):
-                if not any(c.activation == act for c in (*candidates[other],
-                                                         *([out[other]] if other in out
-                                                           else []))):
-                    raise UsageError(
-                        f"pin {g}={out[g].name} needs {other} to take {act.name} activations "
-                        f"too (they meet at an Add or Concat and must share a format), and "
-                        f"none of its candidates does",
-                        fix=f"pin {other} as well, or allow {act.name} activations for it")
-    return out
-
-
 def search(model: str | os.PathLike[str] | onnx.ModelProto,
            profile: str | os.PathLike[str] | HardwareProfile,
            data: str | os.PathLike[str] | Dataset, *,
@@ -298,7 +260,7 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
                                      search=Search(gating))
         for g, extra in gated.by_group.items():
             cands[g] = (*cands[g], *extra)
-    pins = _pins(analysis, costs, cands, pin or {}, keep_float)
+    pins = resolve_pins(analysis, costs, cands, pin or {}, keep_float)
     for g, c in pins.items():
         if c not in cands[g]:
             cands[g] = (*cands[g], c)
