@@ -49,7 +49,7 @@ from mpsearch.refine import (
     hopeful_errors,
     pairs_to_verify,
 )
-from mpsearch.select import Selection, plan_errors, plan_key
+from mpsearch.select import Selection, measure_plan, plan_key
 from mpsearch.select import select as select_plan
 from mpsearch.sensitivity import (
     Method,
@@ -384,8 +384,8 @@ def search(model: str | os.PathLike[str] | onnx.ModelProto,
                     selection.best.samples, name=selection.best.name, built=built,
                     costs=costs, limits=limits, pins=pins, evaluations=polish, progress=advance,
                     tried=[c.plan for c in selection.contenders],
-                    measure=lambda plan: _mse_and_samples(analysis, plan, batches, ref_out,
-                                                          export))
+                    measure=lambda plan: measure_plan(analysis, plan, batches, ref_out,
+                                                      export=export))
             chosen = result("mpsearch", polished.plan)
             seconds["polish"] = time.perf_counter() - t1
 
@@ -455,12 +455,6 @@ def _shortlist(round_plans: Sequence[Mapping[str, Candidate]], ilp_db: float,
     if fitting and fitting[0].predicted_sqnr_db >= ilp_db - UNIFORM_MARGIN_DB:
         out.append((fitting[0].name, fitting[0].plan))
     return out
-
-
-def _mse_and_samples(analysis: Analysis, plan: Mapping[str, Candidate], batches, reference,
-                     export) -> tuple[float, object]:
-    per, count = plan_errors(analysis, plan, batches, reference, export=export)
-    return float(per.sum()) / max(count, 1), per
 
 
 def _front_sample(fr: Front, count: int, limit: float, chosen: Mapping[str, Candidate]):

@@ -152,11 +152,11 @@ def _moves(plan: Mapping[str, Candidate], built: Built, costs: CostModel,
     def delta_cost(changes: Unit) -> dict[str, float]:
         out = dict.fromkeys(limits, 0.0)
         for g, c in changes:
-            row = problem.costs.get
+            new, old = problem.option_index(g, c), problem.option_index(g, plan[g])
             for m in limits:
-                if g in (row(m) or {}):
-                    out[m] += (problem.costs[m][g][problem.option_index(g, c)]
-                               - problem.costs[m][g][problem.option_index(g, plan[g])])
+                row = problem.costs.get(m, {}).get(g)
+                if row is not None:
+                    out[m] += row[new] - row[old]
         return out
 
     def fits(*dcs: dict[str, float]) -> bool:

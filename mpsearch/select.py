@@ -40,8 +40,8 @@ from mpsearch.export.qdq import QdqModel
 from mpsearch.formats import Candidate
 from mpsearch.pipeline import Analysis
 
-__all__ = ["Contender", "Selection", "paired_z", "plan_errors", "plan_key", "plan_mse",
-           "select"]
+__all__ = ["Contender", "Selection", "measure_plan", "paired_z", "plan_errors", "plan_key",
+           "plan_mse", "select"]
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,18 @@ def plan_mse(analysis: Analysis, plan: Mapping[str, Candidate],
              export: Callable[[Mapping[str, Candidate]], QdqModel] | None = None) -> float:
     """``E[(y - ŷ)²]`` over every output element of the calibration batches (the measure the
     sensitivities use, so it compares with their predictions)."""
+    return measure_plan(analysis, plan, batches, reference, export=export)[0]
+
+
+def measure_plan(analysis: Analysis, plan: Mapping[str, Candidate],
+                 batches: Sequence[Mapping[str, np.ndarray]],
+                 reference: Sequence[Mapping[str, np.ndarray]], *,
+                 export: Callable[[Mapping[str, Candidate]], QdqModel] | None = None
+                 ) -> tuple[float, np.ndarray]:
+    """The plan's output MSE and each sample's squared error (:func:`plan_errors`), from one
+    run."""
     per, count = plan_errors(analysis, plan, batches, reference, export=export)
-    return float(per.sum()) / max(count, 1)
+    return float(per.sum()) / max(count, 1), per
 
 
 def paired_z(worse: np.ndarray, better: np.ndarray) -> float:
@@ -131,10 +141,8 @@ def select(analysis: Analysis, shortlist: Sequence[tuple[str, Mapping[str, Candi
             out[seen[key]] = dataclasses.replace(c, same_as=(*c.same_as, name))
         else:
             seen[key] = len(out)
-            per, count = plan_errors(analysis, plan, batches, reference, export=export)
-            out.append(Contender(name=name, plan=dict(plan),
-                                 calibration_mse=float(per.sum()) / max(count, 1),
-                                 samples=per))
+            mse, per = measure_plan(analysis, plan, batches, reference, export=export)
+            out.append(Contender(name=name, plan=dict(plan), calibration_mse=mse, samples=per))
             log.info("shortlist %s: calibration mse %.4g", name, out[-1].calibration_mse)
         if progress:
             progress(1)
