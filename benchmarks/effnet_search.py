@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, prepare_example, write_results  # noqa: E402
 
 from mpsearch import InfeasibleBudgetError, open_dataset, search  # noqa: E402
-from mpsearch.evaluate import reference_run  # noqa: E402
-from mpsearch.select import plan_errors  # noqa: E402
+from mpsearch.graph.evaluate import reference_run  # noqa: E402
+from mpsearch.job.selection import plan_errors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = ("bops=0.6", "bops=0.75", "bops=0.9", "bops=1.0", "latency=0.75")

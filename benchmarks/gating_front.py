@@ -33,7 +33,7 @@ from _common import markdown_table, prepare_example, write_results  # noqa: E402
 from joint_front import ilp_plans  # noqa: E402
 
 from mpsearch import open_dataset  # noqa: E402
-from mpsearch.evaluate import evaluate, reference_run  # noqa: E402
+from mpsearch.graph.evaluate import evaluate, reference_run  # noqa: E402
 from mpsearch.sensitivity import sqnr  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

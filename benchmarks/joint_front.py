@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, prepare_example, write_results  # noqa: E402
 
 from mpsearch import InfeasibleBudgetError, open_dataset, search  # noqa: E402
-from mpsearch.evaluate import evaluate, reference_run  # noqa: E402
+from mpsearch.graph.evaluate import evaluate, reference_run  # noqa: E402
 from mpsearch.sensitivity import sqnr  # noqa: E402
 from mpsearch.solve.allocate import allocate  # noqa: E402
 from mpsearch.solve.budget import parse_budgets  # noqa: E402

@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, markdown_table, prepare_example, write_results  # noqa: E402
 
 from mpsearch import analyze, load_model, open_dataset, parse_candidate, uniform_plan  # noqa: E402
-from mpsearch.hw.cost import CostModel  # noqa: E402
-from mpsearch.hw.measure import (  # noqa: E402
+from mpsearch.device.latency import (  # noqa: E402
     measure_table_alongside,
     median_latencies,
     write_latency_table,
 )
+from mpsearch.hw.cost import CostModel  # noqa: E402
 from mpsearch.hw.profile import load_profile  # noqa: E402
 
 UNIFORM = ("w8a8", "w8a16", "fp16", "w4a8")

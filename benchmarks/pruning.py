@@ -7,8 +7,8 @@ pruning uses, the other 16 are held out. For every Conv, at 50% and 75% unstruct
 and 2:4 (float survivors), the relative layer-output error ``‖δW X‖² / ‖W X‖²`` of OBS,
 of the Hessian diagonal (Wanda's ``|w|·‖x_j‖``, 50% only) and of magnitude pruning. Measured on
 the held-out crops: with ``H_B = X_B X_Bᵀ / n`` of their im2col columns (the output positions
-:mod:`mpsearch.hessian` samples), ``tr(δW H_B δWᵀ) = ‖δW X_B‖² / n`` exactly; and on the fit
-crops (the error OBS minimises, the ``predicted_error`` of ``prune_layer``). No bias
+:mod:`mpsearch.graph.layer_hessian` samples), ``tr(δW H_B δWᵀ) = ‖δW X_B‖² / n`` exactly; and on the
+fit crops (the error OBS minimises, the ``predicted_error`` of ``prune_layer``). No bias
 correction: ``E[x xᵀ]``, not the covariance. Writes benchmarks/results/pruning.*.
 """
 
@@ -30,12 +30,12 @@ from _common import markdown_table, prepare_example, write_results  # noqa: E402
 from rounding import op_kind  # noqa: E402
 
 from mpsearch import load_model, open_dataset  # noqa: E402
-from mpsearch.calibrate import run_collectors  # noqa: E402
-from mpsearch.formats import Sparsity  # noqa: E402
-from mpsearch.graph import build_layer_graph  # noqa: E402
-from mpsearch.hessian import HessianCollector, LayerHessian  # noqa: E402
-from mpsearch.ingest import prepare_model  # noqa: E402
-from mpsearch.layerquant import weight_rows  # noqa: E402
+from mpsearch.core.formats import Sparsity  # noqa: E402
+from mpsearch.graph.calibrate import run_collectors  # noqa: E402
+from mpsearch.graph.ingest import prepare_model  # noqa: E402
+from mpsearch.graph.layer_graph import build_layer_graph  # noqa: E402
+from mpsearch.graph.layer_hessian import HessianCollector, LayerHessian  # noqa: E402
+from mpsearch.quant.layer import weight_rows  # noqa: E402
 from mpsearch.quant.prune import PrunedLayer, PruneMethod, prune_layer  # noqa: E402
 from mpsearch.quant.rounding import output_error  # noqa: E402
 

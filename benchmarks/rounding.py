@@ -24,9 +24,9 @@ from _common import markdown_table, prepare_example, write_results  # noqa: E402
 
 from mpsearch import analyze, evaluate, load_model, open_dataset, parse_candidate  # noqa: E402
 from mpsearch.export.qdq import uniform_plan  # noqa: E402
-from mpsearch.graph import LayerGraph  # noqa: E402
-from mpsearch.layerquant import Rounding  # noqa: E402
-from mpsearch.pipeline import Analysis, QuantizeOptions  # noqa: E402
+from mpsearch.graph.layer_graph import LayerGraph  # noqa: E402
+from mpsearch.quant.analysis import Analysis, QuantizeOptions  # noqa: E402
+from mpsearch.quant.layer import Rounding  # noqa: E402
 
 MODES = (Rounding.NEAREST, Rounding.HESSIAN)
 W8A8, W4A8 = parse_candidate("w8a8"), parse_candidate("w4a8")
@@ -173,7 +173,7 @@ def main() -> None:
              f"{res['export_s']['hessian']:.0f} s (Hessian), evaluation {res['eval_s']:.0f} s. "
              "Hessian rounding: GPTQ with act-order on the input covariance, kept per output "
              "channel where it beats nearest on the calibration statistic "
-             "(mpsearch/layerquant.py).")
+             "(mpsearch/quant/layer.py).")
     out = write_results(
         "rounding", title="Hessian rounding against round-to-nearest, EfficientNet-Lite0",
         command="python benchmarks/rounding.py" + (" --quick" if args.quick else ""),

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, prepare_example, write_results  # noqa: E402
 
 from mpsearch import analyze, load_model, open_dataset, parse_candidate  # noqa: E402
-from mpsearch.calibrate import make_session  # noqa: E402
+from mpsearch.graph.calibrate import make_session  # noqa: E402
 from mpsearch.hw.cost import CostModel  # noqa: E402
 from mpsearch.hw.profile import load_profile  # noqa: E402
 from mpsearch.sensitivity import Method, candidates_for, estimate, sqnr  # noqa: E402

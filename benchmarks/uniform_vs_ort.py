@@ -16,7 +16,7 @@ evaluation crops):
   message, no numbers;
 - two float rows: the FP32 graphs mpsearch quantizes (BN folded, equalized), not quantized, to
   show what equalization alone does to the float model. The ``relu6`` one is built directly
-  with ``mpsearch.equalize``, since ``analyze`` refuses it.
+  with ``mpsearch.graph.equalize``, since ``analyze`` refuses it.
 
 Every model is scored by the same ``mpsearch.evaluate`` against the original FP32 model: SQNR of
 the logits, top-1 agreement and top-5 containment of FP32's top-1 class, mean cosine. "quantize s"
@@ -72,11 +72,11 @@ from mpsearch import (  # noqa: E402
     open_dataset,
     parse_candidate,
 )
-from mpsearch.equalize import EqualizeMode, equalize  # noqa: E402
-from mpsearch.errors import UsageError  # noqa: E402
-from mpsearch.graph import build_layer_graph  # noqa: E402
-from mpsearch.ingest import prepare_model  # noqa: E402
-from mpsearch.ranges import RangeMethod  # noqa: E402
+from mpsearch.core.errors import UsageError  # noqa: E402
+from mpsearch.graph.equalize import EqualizeMode, equalize  # noqa: E402
+from mpsearch.graph.ingest import prepare_model  # noqa: E402
+from mpsearch.graph.layer_graph import build_layer_graph  # noqa: E402
+from mpsearch.graph.ranges import RangeMethod  # noqa: E402
 
 NAME = "uniform_vs_ort"
 EXAMPLE = "efficientnet_lite0"

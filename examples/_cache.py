@@ -85,7 +85,7 @@ def save_onnx(path: Path, proto: Any) -> None:
     """Save the ModelProto ``proto`` to ``path`` atomically, exporter debug metadata stripped."""
     import onnx
 
-    from mpsearch.ingest import strip_debug_metadata
+    from mpsearch.graph.ingest import strip_debug_metadata
 
     atomic_write(path, lambda tmp: onnx.save(strip_debug_metadata(proto), str(tmp)))
 

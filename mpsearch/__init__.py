@@ -7,8 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from mpsearch.data import Dataset, open_dataset, split
-from mpsearch.errors import (
+from mpsearch.core.errors import (
     DataError,
     ExportError,
     InfeasibleBudgetError,
@@ -17,13 +16,14 @@ from mpsearch.errors import (
     ProfileError,
     UsageError,
 )
-from mpsearch.evaluate import EvalResult, evaluate
+from mpsearch.core.formats import Candidate, Format, parse_candidate
+from mpsearch.data.dataset import Dataset, open_dataset, split
 from mpsearch.export.qdq import QdqModel, export_qdq, uniform_plan
-from mpsearch.formats import Candidate, Format, parse_candidate
-from mpsearch.graph import LayerGraph, build_layer_graph, load_model
+from mpsearch.graph.evaluate import EvalResult, evaluate
+from mpsearch.graph.layer_graph import LayerGraph, build_layer_graph, load_model
 from mpsearch.hw.profile import HardwareProfile, load_profile
-from mpsearch.layerquant import Rounding
-from mpsearch.pipeline import Analysis, QuantizeOptions, analyze
+from mpsearch.quant.analysis import Analysis, QuantizeOptions, analyze
+from mpsearch.quant.layer import Rounding
 from mpsearch.sensitivity import Method, SensitivityCache, SensitivityTable
 from mpsearch.sensitivity import estimate as estimate_sensitivity
 
@@ -69,9 +69,9 @@ __all__ = [
 
 # The search pulls in cvxpy (about a second to import), the report matplotlib, verification
 # the QNN EP: each loaded on first use (PEP 562).
-_LAZY = {"search": "mpsearch.job", "SearchResult": "mpsearch.job",
+_LAZY = {"search": "mpsearch.job.search", "SearchResult": "mpsearch.job.search",
          "build_report": "mpsearch.report.html",
-         "verify": "mpsearch.verify", "VerifyResult": "mpsearch.verify"}
+         "verify": "mpsearch.device.verify", "VerifyResult": "mpsearch.device.verify"}
 
 
 def __getattr__(name: str):

@@ -2,6 +2,6 @@
 
 import sys
 
-from mpsearch.cli import main
+from mpsearch.cli.main import main
 
 sys.exit(main())

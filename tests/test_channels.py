@@ -10,7 +10,7 @@ import pytest
 from models import images, mbconv, toy_profile
 from onnx import TensorProto, helper, numpy_helper
 
-from mpsearch.errors import UsageError
+from mpsearch.core.errors import UsageError
 from mpsearch.export.channels import (
     ChannelRefusal,
     ChannelRoute,
@@ -18,7 +18,7 @@ from mpsearch.export.channels import (
     mask_channels,
     shrink_channels,
 )
-from mpsearch.graph import build_layer_graph
+from mpsearch.graph.layer_graph import build_layer_graph
 
 KEEP8 = [0, 2, 3, 5, 7, 8, 11, 15]
 
@@ -156,7 +156,7 @@ TOY = toy_profile("toy_channels", pairs="w8a8+channel@0.5", bytes_per_s=1e8, per
 def test_channel_cost_is_the_cost_of_the_smaller_model() -> None:
     """Pruning half of expand's channels costs, in every metric, what the physically smaller
     model costs dense: the layer, its depthwise follower and the consumer's input all shrink."""
-    from mpsearch.formats import parse_candidate
+    from mpsearch.core.formats import parse_candidate
     from mpsearch.hw.cost import CostModel
     from mpsearch.hw.profile import parse_profile
 

@@ -15,7 +15,7 @@ import onnx
 import pytest
 from models import images, mbconv
 
-from mpsearch.cli import main
+from mpsearch.cli.main import main
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests for mpsearch.data: real .npz/.npy files in tmp_path, tiny models built in code."""
+"""Tests for mpsearch.data.dataset: real .npz/.npy files in tmp_path, tiny models built in code."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from onnx import ModelProto, TensorProto, helper
 
-from mpsearch import data, npyio
-from mpsearch.data import DataSpec, open_dataset, split
-from mpsearch.errors import DataError
+from mpsearch.core.errors import DataError
+from mpsearch.data import dataset as data
+from mpsearch.data import npyio
+from mpsearch.data.dataset import DataSpec, open_dataset, split
 
 
 def _model(inputs: list[tuple[str, int, list[int | str]]]) -> ModelProto:
@@ -104,7 +105,7 @@ def test_folder_of_npy_chunks_single_input(tmp_path: Path, image_model: ModelPro
 def test_single_npy_file_and_float64_warning(tmp_path: Path, image_model: ModelProto,
                                              caplog: pytest.LogCaptureFixture) -> None:
     np.save(tmp_path / "x.npy", _images(3).astype(np.float64))
-    with caplog.at_level(logging.WARNING, logger="mpsearch.data"):
+    with caplog.at_level(logging.WARNING, logger="mpsearch.data.dataset"):
         ds = open_dataset(tmp_path / "x.npy", image_model)
     assert "float64" in caplog.text and "'x'" in caplog.text
     assert ds.labels is None and _stack(ds)[0] == [3]
@@ -146,7 +147,7 @@ def test_fortran_order_arrays(tmp_path: Path, image_model: ModelProto) -> None:
 def test_static_batch_is_forced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     model = _model([("x", TensorProto.FLOAT, [2, 3])])
     np.savez(tmp_path / "d.npz", x=np.zeros((5, 3), np.float32))
-    with caplog.at_level(logging.WARNING, logger="mpsearch.data"):
+    with caplog.at_level(logging.WARNING, logger="mpsearch.data.dataset"):
         ds = open_dataset(tmp_path / "d.npz", model, batch_size=8)
         assert [len(b["x"]) for b in ds.batches()] == [2, 2]
     assert "fixed at 2" in caplog.text and "dropping a batch of 1" in caplog.text

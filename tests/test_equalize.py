@@ -6,9 +6,9 @@ import numpy as np
 from models import images, mbconv
 from onnx import numpy_helper
 
-from mpsearch.calibrate import make_session
-from mpsearch.equalize import EqualizeMode, equalize
-from mpsearch.graph import build_layer_graph
+from mpsearch.graph.calibrate import make_session
+from mpsearch.graph.equalize import EqualizeMode, equalize
+from mpsearch.graph.layer_graph import build_layer_graph
 
 
 def _weights(model):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from mpsearch import analyze, evaluate, load_model, open_dataset, parse_candidate
+from mpsearch.core.formats import Candidate, Format
 from mpsearch.export.readback import read_formats
-from mpsearch.formats import Candidate, Format
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,11 +10,11 @@ from models import attention, images, mbconv
 from onnx import helper
 
 from mpsearch import analyze, open_dataset, parse_candidate
-from mpsearch.calibrate import make_session
-from mpsearch.evaluate import sqnr_db
+from mpsearch.core.formats import Candidate, Format
 from mpsearch.export.readback import read_formats
-from mpsearch.formats import Candidate, Format
-from mpsearch.pipeline import QuantizeOptions
+from mpsearch.graph.calibrate import make_session
+from mpsearch.graph.evaluate import sqnr_db
+from mpsearch.quant.analysis import QuantizeOptions
 
 
 def _as_stored(c: Candidate) -> Candidate:

@@ -16,13 +16,13 @@ from onnx import TensorProto, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
 from mpsearch import analyze, open_dataset, parse_candidate
-from mpsearch.errors import ExportError
-from mpsearch.evaluate import sqnr_db
+from mpsearch.core.errors import ExportError
+from mpsearch.core.formats import Candidate, Format
 from mpsearch.export.encodings import encodings_document, encodings_schema
 from mpsearch.export.overrides import ort_overrides, quantize_static_kwargs
-from mpsearch.formats import Candidate, Format
-from mpsearch.layerquant import Rounding
-from mpsearch.pipeline import QuantizeOptions
+from mpsearch.graph.evaluate import sqnr_db
+from mpsearch.quant.analysis import QuantizeOptions
+from mpsearch.quant.layer import Rounding
 
 X = images(32, seed=1)
 _BITS = {TensorProto.INT4: (4, True), TensorProto.INT8: (8, True), TensorProto.UINT8: (8, False),

@@ -6,10 +6,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mpsearch.calibrate import RangeCollector
-from mpsearch.errors import UsageError
-from mpsearch.formats import Candidate, Format, fake_quant, parse_candidate, quantize
-from mpsearch.ranges import (
+from mpsearch.core.errors import UsageError
+from mpsearch.core.formats import Candidate, Format, fake_quant, parse_candidate, quantize
+from mpsearch.graph.calibrate import RangeCollector
+from mpsearch.graph.ranges import (
     RangeMethod,
     activation_qparams,
     qparams_from_range,

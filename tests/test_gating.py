@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from mpsearch.errors import UsageError
-from mpsearch.hessian import LayerHessian
-from mpsearch.solve.gating import LEVELS, Search, prepare, read_out, sweep, train
+from mpsearch.core.errors import UsageError
+from mpsearch.graph.layer_hessian import LayerHessian
+from mpsearch.quant.gating import LEVELS, Search, prepare, read_out, sweep, train
 
 
 @pytest.fixture(autouse=True)

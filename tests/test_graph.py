@@ -8,11 +8,11 @@ import pytest
 from models import attention, conv_transpose, images, mbconv
 from onnx import helper
 
-from mpsearch.calibrate import make_session
-from mpsearch.errors import ModelError
-from mpsearch.graph import build_layer_graph
-from mpsearch.ingest import load_model, prepare_model
-from mpsearch.ops import OpRole
+from mpsearch.core.errors import ModelError
+from mpsearch.core.ops import OpRole
+from mpsearch.graph.calibrate import make_session
+from mpsearch.graph.ingest import load_model, prepare_model
+from mpsearch.graph.layer_graph import build_layer_graph
 
 
 def test_batchnorm_is_folded_and_outputs_unchanged():

@@ -9,15 +9,15 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from mpsearch.graph import build_layer_graph
-from mpsearch.hessian import (
+from mpsearch.graph.ingest import prepare_model
+from mpsearch.graph.layer_graph import build_layer_graph
+from mpsearch.graph.layer_hessian import (
     MAX_POSITIONS,
     MIN_POSITIONS,
     POSITIONS_PER_INPUT,
     HessianCollector,
     grid_step,
 )
-from mpsearch.ingest import prepare_model
 
 
 def _conv_model(c_in: int, c_out: int, size: int, **attrs) -> tuple:
@@ -78,7 +78,7 @@ def test_parallel_calibration_equals_one_thread():
     statistic); every statistic is the same, bit for bit, as with one thread."""
     from models import images, mbconv
 
-    from mpsearch.calibrate import (
+    from mpsearch.graph.calibrate import (
         MomentsCollector,
         RangeCollector,
         layer_input_axes,

@@ -13,17 +13,17 @@ from models import images, mbconv
 from onnx import TensorProto
 
 from mpsearch import analyze, open_dataset, parse_candidate
-from mpsearch.calibrate import make_session
-from mpsearch.errors import ProfileError
-from mpsearch.export.qdq import uniform_plan
-from mpsearch.hw.cost import CostModel
-from mpsearch.hw.measure import (
+from mpsearch.core.errors import ProfileError
+from mpsearch.device.latency import (
     MARKER,
     measure_latency_table,
     median_latencies,
     one_layer_model,
     write_latency_table,
 )
+from mpsearch.export.qdq import uniform_plan
+from mpsearch.graph.calibrate import make_session
+from mpsearch.hw.cost import CostModel
 from mpsearch.hw.profile import load_profile
 
 PROFILES = Path(__file__).resolve().parent.parent / "hw_profiles"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from models import mbconv
 
-from mpsearch.cli import main
-from mpsearch.errors import ProfileError
-from mpsearch.formats import parse_candidate
-from mpsearch.graph import build_layer_graph
+from mpsearch.cli.main import main
+from mpsearch.core.errors import ProfileError
+from mpsearch.core.formats import parse_candidate
+from mpsearch.graph.layer_graph import build_layer_graph
 from mpsearch.hw.cost import CostModel, reference_candidate
 from mpsearch.hw.profile import load_profile, parse_profile
 

@@ -10,21 +10,21 @@ from models import images, mbconv
 from onnx import helper, numpy_helper
 
 from mpsearch import analyze, open_dataset, parse_candidate
-from mpsearch.calibrate import ChannelMoments, make_session
-from mpsearch.errors import UsageError
-from mpsearch.formats import Format, dequantize, quantize
-from mpsearch.graph import Layer
-from mpsearch.hessian import LayerHessian
-from mpsearch.layerquant import (
+from mpsearch.core.errors import UsageError
+from mpsearch.core.formats import Format, dequantize, quantize
+from mpsearch.core.ops import OpRole
+from mpsearch.graph.calibrate import ChannelMoments, make_session
+from mpsearch.graph.layer_graph import Layer
+from mpsearch.graph.layer_hessian import LayerHessian
+from mpsearch.graph.ranges import RangeMethod
+from mpsearch.quant.analysis import QuantizeOptions
+from mpsearch.quant.layer import (
     INT32_BIAS_LIMIT,
     Rounding,
     input_channel_view,
     quantize_layer,
 )
-from mpsearch.ops import OpRole
-from mpsearch.params import RangeSetter
-from mpsearch.pipeline import QuantizeOptions
-from mpsearch.ranges import RangeMethod
+from mpsearch.quant.parameters import RangeSetter
 
 
 def _gemm(n_out: int, k: int) -> Layer:

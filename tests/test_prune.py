@@ -5,18 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpsearch.errors import UsageError
-from mpsearch.formats import Format, Sparsity, parse_candidate
-from mpsearch.graph import Layer
-from mpsearch.hessian import LayerHessian
-from mpsearch.ops import OpRole
+from mpsearch.core.errors import UsageError
+from mpsearch.core.formats import Format, Sparsity, parse_candidate
+from mpsearch.core.ops import OpRole
+from mpsearch.graph.layer_graph import Layer
+from mpsearch.graph.layer_hessian import LayerHessian
+from mpsearch.graph.ranges import weight_qparams
 from mpsearch.quant.prune import (
     PrunedLayer,
     PruneMethod,
     PruneRefused,
     prune_layer,
 )
-from mpsearch.ranges import weight_qparams
 
 S24 = parse_candidate("w8a8+2:4").sparsity
 
@@ -52,7 +52,8 @@ def _correlated(rng: np.random.Generator, k: int, n: int, g: int = 1,
 
 
 def _hessian(x: np.ndarray) -> LayerHessian:
-    """``E[x xᵀ]`` per group of ``x`` (G, N, K), as :mod:`mpsearch.hessian` collects it."""
+    """``E[x xᵀ]`` per group of ``x`` (G, N, K), as :mod:`mpsearch.graph.layer_hessian` collects
+    it."""
     n = x.shape[1]
     return LayerHessian(second=np.einsum("gnk,gnl->gkl", x, x) / n, mean=x.mean(axis=1),
                         positions=1.0, rows_seen=n, dense=True)

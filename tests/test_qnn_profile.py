@@ -24,11 +24,11 @@ pytest.importorskip(
            "is not installed; it has wheels for x86-64 Linux and Windows only")
 
 from mpsearch import ModelError, analyze, open_dataset, parse_candidate  # noqa: E402
-from mpsearch.calibrate import make_session  # noqa: E402
-from mpsearch.evaluate import sqnr_db  # noqa: E402
-from mpsearch.formats import Candidate, Format  # noqa: E402
+from mpsearch.core.formats import Candidate, Format  # noqa: E402
+from mpsearch.device.qnn import QNN_EP, compile_on_htp, run_on_htp  # noqa: E402
+from mpsearch.graph.calibrate import make_session  # noqa: E402
+from mpsearch.graph.evaluate import sqnr_db  # noqa: E402
 from mpsearch.hw.profile import load_profile  # noqa: E402
-from mpsearch.qnn import QNN_EP, compile_on_htp, run_on_htp  # noqa: E402
 
 PROFILE = load_profile(Path(__file__).parents[1] / "hw_profiles" / "snapdragon_8gen3.yaml")
 V68 = 30  # SM8350, HTP v68: no 16x16-bit multiplies

@@ -18,7 +18,7 @@ import onnx
 import pytest
 from models import images, mbconv
 
-from mpsearch.cli import main
+from mpsearch.cli.main import main
 from mpsearch.report.html import build_report
 from mpsearch.report.pareto import front_plot
 

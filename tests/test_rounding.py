@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from mpsearch.formats import Format, numpy_storage_dtype, quantize
+from mpsearch.core.formats import Format, numpy_storage_dtype, quantize
 from mpsearch.quant.rounding import _upper_inverse, hessian_round, output_error
 
 

@@ -14,7 +14,7 @@ import pytest
 from models import images, mbconv
 
 import mpsearch
-from mpsearch.cli import main
+from mpsearch.cli.main import main
 from mpsearch.export.readback import read_formats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def test_the_shipped_plan_is_the_best_measured_of_a_shortlist_that_fits(result, 
     sel = result.selection
     names = [n for c in sel.contenders for n in (c.name, *c.same_as)]
     assert sel.contenders[0].name == "ILP" and "greedy" in names
-    from mpsearch.job import UNIFORM_MARGIN_DB
+    from mpsearch.job.search import UNIFORM_MARGIN_DB
 
     best_u = max((u for u in result.uniform if u.fits), key=lambda u: u.predicted_sqnr_db)
     ilp_db = result.table.signal and 10 * np.log10(
@@ -88,8 +88,8 @@ def test_the_shipped_plan_is_the_best_measured_of_a_shortlist_that_fits(result, 
     assert po.start == sel.best.name and po.start_mse == sel.best.calibration_mse
     assert dict(result.plan) == dict(po.plan) and po.calibration_mse <= po.start_mse
     # re-measured from scratch (a fresh float run, export and session): the same number
-    from mpsearch.data import open_dataset
-    from mpsearch.select import plan_mse
+    from mpsearch.data.dataset import open_dataset
+    from mpsearch.job.selection import plan_mse
     from mpsearch.sensitivity.suffix import reference_outputs
 
     batches = list(open_dataset(files["calib"], result.analysis.original,
@@ -100,8 +100,8 @@ def test_the_shipped_plan_is_the_best_measured_of_a_shortlist_that_fits(result, 
 
 
 def test_polish_measures_new_plans_that_fit_and_keeps_only_improvements(result):
-    from mpsearch.polish import ACCEPT_Z, EVALUATIONS
-    from mpsearch.select import plan_key
+    from mpsearch.job.polish import ACCEPT_Z, EVALUATIONS
+    from mpsearch.job.selection import plan_key
 
     po, sel = result.polish, result.selection
     assert 0 < len(po.steps) <= EVALUATIONS
@@ -121,7 +121,7 @@ def test_polish_measures_new_plans_that_fit_and_keeps_only_improvements(result):
 
 
 def test_exploration_also_measures_where_an_optimistic_plan_departs(files):
-    from mpsearch.refine import hopeful_errors, pairs_to_verify
+    from mpsearch.job.refinement import hopeful_errors, pairs_to_verify
     from mpsearch.solve.allocate import allocate, build_problem
 
     kw = dict(budget="bops=0.8", use_cache=False, measure=False, select=False, refine=1,

@@ -17,12 +17,12 @@ import pytest
 from models import images, mbconv
 from onnx import helper, numpy_helper
 
-from mpsearch.calibrate import make_session, run_collectors
-from mpsearch.cli import main
-from mpsearch.data import open_dataset
+from mpsearch.cli.main import main
+from mpsearch.core.formats import Candidate, Format, parse_candidate
+from mpsearch.data.dataset import open_dataset
 from mpsearch.export.qdq import export_qdq
-from mpsearch.formats import Candidate, Format, parse_candidate
-from mpsearch.pipeline import analyze
+from mpsearch.graph.calibrate import make_session, run_collectors
+from mpsearch.quant.analysis import analyze
 from mpsearch.sensitivity import Method, estimate
 from mpsearch.sensitivity.hessian import layer_output_error
 from mpsearch.sensitivity.suffix import TensorStore
@@ -260,7 +260,7 @@ def test_gain_runs_stacked_along_the_batch_equal_separate_runs_and_fall_back(tmp
     transformers do), the stacked call fails and the runs go one by one. Either way the gains
     are those of separate runs."""
     import mpsearch.sensitivity.gain as gain
-    from mpsearch.pipeline import QuantizeOptions
+    from mpsearch.quant.analysis import QuantizeOptions
 
     rng = np.random.default_rng(0)
     w1 = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w1")
@@ -300,7 +300,7 @@ def test_csv_is_what_pandas_writes(tmp_path):
     ``float_format="%.6g"`` writes it: None and NaN empty, infinities, quoting."""
     import pandas as pd
 
-    from mpsearch.cli_sensitivity import CSV_COLUMNS, _write_csv
+    from mpsearch.cli.sensitivity import CSV_COLUMNS, _write_csv
 
     base = dict.fromkeys(CSV_COLUMNS)
     rows = [{**base, "group": "a,b", "op_type": "Conv", "depthwise": True, "candidate": "w8a8",

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from mpsearch.errors import InfeasibleBudgetError, UsageError
+from mpsearch.core.errors import InfeasibleBudgetError, UsageError
 from mpsearch.solve import (
     PENALTY,
     Edge,

@@ -16,9 +16,9 @@ from scipy.stats import spearmanr
 
 import mpsearch
 from mpsearch import analyze, open_dataset, parse_candidate
-from mpsearch.calibrate import make_session
-from mpsearch.errors import UsageError
-from mpsearch.graph import Layer
+from mpsearch.core.errors import UsageError
+from mpsearch.graph.calibrate import make_session
+from mpsearch.graph.layer_graph import Layer
 from mpsearch.hw.cost import CostModel
 from mpsearch.hw.profile import load_profile, parse_profile
 from mpsearch.sensitivity import estimate
@@ -300,7 +300,7 @@ def test_run_with_gating_writes_a_smaller_model_that_compiles_on_the_htp(setup, 
     the shipped model is the physically smaller one, and QNN places every node of it."""
     import json
 
-    from mpsearch.cli import main
+    from mpsearch.cli.main import main
 
     d, out = setup["dir"], tmp_path / "run"
     code = main(["run", str(d / "model.onnx"), "--hw",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mpsearch.threads import one_blas_thread
+from mpsearch.core.threads import one_blas_thread
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
 

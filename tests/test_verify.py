@@ -20,10 +20,10 @@ from models import images, mbconv
 from onnx import TensorProto, helper, numpy_helper
 
 from mpsearch import analyze, open_dataset, parse_candidate
-from mpsearch.cli import main
-from mpsearch.errors import DataError, ModelError, UsageError
-from mpsearch.qnn import QNN_EP, qnn_available
-from mpsearch.verify import SCHEMA, verify
+from mpsearch.cli.main import main
+from mpsearch.core.errors import DataError, ModelError, UsageError
+from mpsearch.device.qnn import QNN_EP, qnn_available
+from mpsearch.device.verify import SCHEMA, verify
 
 pytestmark = pytest.mark.skipif(
     not qnn_available(),

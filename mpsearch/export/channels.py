@@ -3,7 +3,7 @@
 A layer ``l`` that keeps output channels ``K ⊂ {0..C-1}`` (:mod:`mpsearch.quant.prune`,
 ``+channel@d``) loses rows ``W_l[c]`` and bias entries ``b_l[c]`` for ``c ∉ K``. Its output is
 followed (its *route*) in topological order through ops whose registry entry says they carry
-channels one to one (:class:`mpsearch.ops.ChannelFlow`): element-wise ops and pools, whose
+channels one to one (:class:`mpsearch.core.ops.ChannelFlow`): element-wise ops and pools, whose
 per-channel constants (a PRelu slope, a Mul or Add constant of shape ``[C,1,1]``) are sliced
 alike; a depthwise conv, whose rows, bias and ``group`` shrink with it and whose output is
 followed on; a Reshape/Flatten of ``[N, C, 1, 1]`` to ``[N, C]`` after global pooling. Each
@@ -15,7 +15,7 @@ the rows and bias entries ``c ∉ K`` of ``l`` and of every depthwise conv on th
 the entries ``c ∉ K`` of the Add/Sub constants on the route (biases in another form) zeroed.
 The smaller model equals it exactly (up to float summation order) when the pruned channels
 are zero where each dense consumer reads them; that holds when every op on the route keeps zero
-at zero (:class:`mpsearch.ops.ZeroRule`: Relu, Clip with ``lo ≤ 0 ≤ hi``, HardSwish, pools,
+at zero (:class:`mpsearch.core.ops.ZeroRule`: Relu, Clip with ``lo ≤ 0 ≤ hi``, HardSwish, pools,
 Mul, ...). Where it does not (Sigmoid(0) = 1/2, Clip to ``[1, 6]``), the consumer would see a
 constant the smaller model drops, so the route is refused.
 
@@ -40,9 +40,9 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
-from mpsearch.errors import UsageError
-from mpsearch.graph import LayerGraph
-from mpsearch.ops import ChannelFlow, OpRole, ZeroRule, lookup
+from mpsearch.core.errors import UsageError
+from mpsearch.core.ops import ChannelFlow, OpRole, ZeroRule, lookup
+from mpsearch.graph.layer_graph import LayerGraph
 
 __all__ = ["ChannelRefusal", "ChannelRoute", "ShrunkModel", "channel_route", "check_disjoint",
            "mask_channels", "masked_constants", "shrink_channels"]

@@ -46,9 +46,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from mpsearch.errors import ExportError
+from mpsearch.core.errors import ExportError
+from mpsearch.core.formats import Format
 from mpsearch.export.qdq import QdqModel
-from mpsearch.formats import Format
 
 __all__ = ["ENCODING_VERSION", "Conversion", "QdqTensors", "TensorEncoding", "TensorRole",
            "encodings_document", "encodings_schema", "param_name", "read_qdq"]

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from mpsearch.errors import UsageError
+from mpsearch.core.errors import UsageError
+from mpsearch.core.formats import Candidate, Format
 from mpsearch.export.channels import ChannelRefusal, channel_route
-from mpsearch.formats import Candidate, Format
-from mpsearch.graph import LayerGraph
+from mpsearch.graph.layer_graph import LayerGraph
 from mpsearch.quant.prune import sparsity_refusal
 
 __all__ = ["check_plan"]

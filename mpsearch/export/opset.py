@@ -12,8 +12,8 @@ from __future__ import annotations
 import onnx
 from onnx import version_converter
 
-from mpsearch.errors import ExportError
-from mpsearch.formats import Format
+from mpsearch.core.errors import ExportError
+from mpsearch.core.formats import Format
 
 __all__ = ["model_opset", "required_opset", "with_opset"]
 

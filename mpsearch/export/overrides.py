@@ -60,7 +60,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from mpsearch.errors import ExportError
+from mpsearch.core.errors import ExportError
 from mpsearch.export.encodings import TensorEncoding, param_name, read_qdq
 from mpsearch.export.qdq import QdqModel
 

@@ -2,8 +2,8 @@
 
 Every quantized tensor ``t`` becomes ``producer -> t_prequant -> QuantizeLinear ->
 DequantizeLinear -> t``, so graph output names are kept and every consumer sees the
-dequantized value. Each node carries one activation format (see :mod:`mpsearch.graph`): a layer
-takes its group's, other ops inherit the widest format among their producers (or, with no
+dequantized value. Each node carries one activation format (see :mod:`mpsearch.graph.layer_graph`):
+a layer takes its group's, other ops inherit the widest format among their producers (or, with no
 quantized producer, the widest among their consumers). Where a consumer's format differs from
 the producer's, a conversion ``DQ_a -> Q_b -> DQ_b`` is inserted in front of it, the pattern
 ORT's ``MixedPrecisionTensorQuantOverridesFixer`` writes and QNN reads as a Convert op.
@@ -44,7 +44,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mpsearch.errors import ExportError
+from mpsearch.core.errors import ExportError
+from mpsearch.core.formats import Candidate, Format, FormatKind, quantize
+from mpsearch.core.ops import OpRole, lookup
 from mpsearch.export.channels import (
     channel_route,
     check_disjoint,
@@ -54,12 +56,10 @@ from mpsearch.export.channels import (
 from mpsearch.export.fp8 import fp8_safe_clips
 from mpsearch.export.legal import check_plan
 from mpsearch.export.opset import model_opset, required_opset, with_opset
-from mpsearch.formats import Candidate, Format, FormatKind, quantize
-from mpsearch.graph import Layer, LayerGraph
-from mpsearch.layerquant import INT32_BIAS_LIMIT, LayerWeights, sparse_layer
-from mpsearch.ops import OpRole, lookup
-from mpsearch.params import RangeSetter
-from mpsearch.ranges import QParams, constant_qparams, qparams_from_range
+from mpsearch.graph.layer_graph import Layer, LayerGraph
+from mpsearch.graph.ranges import QParams, constant_qparams, qparams_from_range
+from mpsearch.quant.layer import INT32_BIAS_LIMIT, LayerWeights, sparse_layer
+from mpsearch.quant.parameters import RangeSetter
 
 __all__ = ["QdqModel", "export_qdq", "uniform_plan"]
 

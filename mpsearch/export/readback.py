@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from mpsearch.formats import Candidate, Format
-from mpsearch.ingest import graph_index
-from mpsearch.ops import OpRole, lookup
+from mpsearch.core.formats import Candidate, Format
+from mpsearch.core.ops import OpRole, lookup
+from mpsearch.graph.ingest import graph_index
 
 __all__ = ["read_formats"]
 

@@ -33,9 +33,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mpsearch.errors import ProfileError, UsageError
-from mpsearch.formats import Candidate, Format, FormatKind
-from mpsearch.graph import Layer, LayerGraph
+from mpsearch.core.errors import ProfileError, UsageError
+from mpsearch.core.formats import Candidate, Format, FormatKind
+from mpsearch.graph.layer_graph import Layer, LayerGraph
 from mpsearch.hw.profile import HardwareProfile
 
 __all__ = ["CostModel", "LayerCost", "PlanCost", "reference_candidate"]

@@ -6,7 +6,7 @@ energy), optionally a measured per-layer latency table, how sparsity pays off, a
 compiler's rules (tied formats at Add/Concat/Mul, pinned layers). The schema is documented
 with a commented example in ``hw_profiles/README.md``.
 
-Every problem is a :class:`~mpsearch.errors.ProfileError` naming the file, the line and the
+Every problem is a :class:`~mpsearch.core.errors.ProfileError` naming the file, the line and the
 key path (``cost.compute.macs_per_s.w8a8``). Line numbers come from PyYAML's composed node
 tree, which also catches duplicate keys (``yaml.safe_load`` keeps the last one silently).
 """
@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from mpsearch.errors import MpsearchError, ProfileError
-from mpsearch.formats import Candidate, Format, FormatKind, parse_candidate
+from mpsearch.core.errors import MpsearchError, ProfileError
+from mpsearch.core.formats import Candidate, Format, FormatKind, parse_candidate
 
 __all__ = ["ComputeCost", "ConversionCost", "EnergyCost", "HardwareProfile", "LatencyTable",
            "MemoryCost", "SparsityPattern", "load_profile", "parse_profile"]

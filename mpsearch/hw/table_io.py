@@ -11,7 +11,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from mpsearch.errors import ProfileError
+from mpsearch.core.errors import ProfileError
 from mpsearch.hw.profile import LatencyTable, parse_profile
 
 __all__ = ["MARKER", "table_yaml", "write_latency_table"]
@@ -80,7 +80,7 @@ def write_latency_table(profile_path: str | os.PathLike[str], table: LatencyTabl
                            fix="check the file") from e
     head = _without_table(text).rstrip("\n")
     new = (f"{head}\n\n{MARKER}\n# Seconds per run, batch 1; what is timed: "
-           f"mpsearch/hw/measure.py.\n{table_yaml(table)}")
+           f"mpsearch/device/latency.py.\n{table_yaml(table)}")
     parse_profile(new, where=str(out), path=out)  # what is written must read back
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)

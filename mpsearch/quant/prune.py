@@ -3,9 +3,9 @@ Surgeon as SparseGPT does it (Frantar & Alistarh 2023, "SparseGPT: Massive Langu
 Be Accurately Pruned in One-Shot"), optionally with the survivors quantized in the same pass.
 
 For ``y = W x`` the output error of a weight change is ``E‖δW x‖² = tr(δW H δWᵀ)`` with
-``H = E[x xᵀ]`` (:mod:`mpsearch.hessian`), a sum of one quadratic per row (output channel).
-Setting weight ``w_j`` of a row to zero and moving the other weights ``F`` of the row to cancel
-as much of it as ``H`` allows costs (Hassibi & Stork 1993, OBS)
+``H = E[x xᵀ]`` (:mod:`mpsearch.graph.layer_hessian`), a sum of one quadratic per row (output
+channel). Setting weight ``w_j`` of a row to zero and moving the other weights ``F`` of the row to
+cancel as much of it as ``H`` allows costs (Hassibi & Stork 1993, OBS)
 
     ``ε_j = w_j² / [H_F⁻¹]_jj``,  with the update  ``δw_F = -w_j / [H_F⁻¹]_jj · [H_F⁻¹]_{j,F}``.
 
@@ -19,7 +19,7 @@ The mask of each block of ``block`` columns is chosen when the loop reaches it, 
 as the earlier blocks' updates left them, by the saliency ``w² / U_jj²`` (SparseGPT's adaptive
 mask selection); ``n:m`` masks are chosen at the start of each group of ``m`` columns.
 
-The patterns are the candidates' (:class:`mpsearch.formats.Sparsity`: ``+2:4``,
+The patterns are the candidates' (:class:`mpsearch.core.formats.Sparsity`: ``+2:4``,
 ``+unstructured@0.5``, ``+channel@0.75``, the density kept; ``p = 1 - density`` is zeroed).
 
 * **Unstructured**: the ``p·R·b`` lowest saliencies of each block of ``b``
@@ -29,7 +29,7 @@ The patterns are the candidates' (:class:`mpsearch.formats.Sparsity`: ``+2:4``,
 * **2:4** (n:m): at most ``n`` non-zeros in every ``m`` consecutive *input
   channels* at each kernel offset, the layout NVIDIA's sparse tensor cores read (the reduction
   dimension; apex ASP masks a ``(C_out, C_in, kh, kw)`` weight as ``(kh·kw·C_out, C_in)`` rows).
-  The im2col order of :func:`mpsearch.layerquant.weight_rows` is ``(C_in, kh, kw)``, so for a
+  The im2col order of :func:`mpsearch.quant.layer.weight_rows` is ``(C_in, kh, kw)``, so for a
   ``k×k`` conv the columns are visited tap-major (every kernel offset, then its channels), which
   puts each group of four channels next to each other; ``H`` is permuted alike. A channel count
   that is not a multiple of ``m`` ends in a short group, taken as padded with zeros (as ASP's
@@ -41,9 +41,9 @@ The patterns are the candidates' (:class:`mpsearch.formats.Sparsity`: ``+2:4``,
   the next layer would have to), or ``‖w‖²`` without a Hessian. A depthwise conv's channel is
   its input channel too, so it is never pruned alone: refused, with the reason.
 
-Without a dense Hessian (a layer wider than :data:`mpsearch.hessian.MAX_DENSE_K`), or with
-fewer than ``MIN_ROWS_PER_INPUT·K`` rows behind it (the fit would follow the calibration set's
-noise, :mod:`mpsearch.layerquant`), the mask comes from ``w²·E[x_j²]`` (the diagonal of ``H``;
+Without a dense Hessian (a layer wider than :data:`mpsearch.graph.layer_hessian.MAX_DENSE_K`), or
+with fewer than ``MIN_ROWS_PER_INPUT·K`` rows behind it (the fit would follow the calibration set's
+noise, :mod:`mpsearch.quant.layer`), the mask comes from ``w²·E[x_j²]`` (the diagonal of ``H``;
 Wanda's ``|w|·‖x_j‖``, Sun et al. 2023) without the update, and from ``w²`` (magnitude) when
 there is not even a diagonal. The predicted error is ``tr(δW H δWᵀ)``
 (:func:`mpsearch.quant.rounding.output_error`) on the undampened ``H``, exact for the
@@ -62,13 +62,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpsearch.errors import UsageError
-from mpsearch.formats import SPARSITY_PATTERNS, Format, FormatKind, Sparsity, numpy_storage_dtype
-from mpsearch.graph import Layer
-from mpsearch.hessian import LayerHessian
-from mpsearch.layerquant import MIN_ROWS_PER_INPUT, rows_to_weight, weight_rows
+from mpsearch.core.errors import UsageError
+from mpsearch.core.formats import (
+    SPARSITY_PATTERNS,
+    Format,
+    FormatKind,
+    Sparsity,
+    numpy_storage_dtype,
+)
+from mpsearch.graph.layer_graph import Layer
+from mpsearch.graph.layer_hessian import LayerHessian
+from mpsearch.graph.ranges import QParams
+from mpsearch.quant.layer import MIN_ROWS_PER_INPUT, rows_to_weight, weight_rows
 from mpsearch.quant.rounding import HessianFactor, factor_hessian, output_error
-from mpsearch.ranges import QParams
 
 __all__ = ["PruneMethod", "PruneRefused", "PrunedLayer", "prune_layer",
            "semi_structured_columns", "sparsity_refusal"]
@@ -83,7 +89,7 @@ _FACTORS: weakref.WeakKeyDictionary[LayerHessian, dict[tuple[bool, bool], Hessia
 
 @dataclass(frozen=True, kw_only=True)
 class _Pattern:
-    """A :class:`mpsearch.formats.Sparsity` as the loop reads it: ``kind`` "none", "n:m",
+    """A :class:`mpsearch.core.formats.Sparsity` as the loop reads it: ``kind`` "none", "n:m",
     "unstructured" or "channel"; ``ratio`` the fraction zeroed (of weights, or of rows)."""
 
     kind: str
@@ -285,7 +291,7 @@ def _obs(rows: np.ndarray, factor: HessianFactor, c: np.ndarray, dead: np.ndarra
             kc = keep[:, j]
             if quant is not None:
                 s, z, qmin, qmax = quant
-                # as mpsearch.formats.quantize and hessian_round: float32, np.rint
+                # as mpsearch.core.formats.quantize and hessian_round: float32, np.rint
                 q = np.where(kc, np.clip(np.rint(col.astype(np.float32) / s) + z, qmin, qmax), z)
                 qt[:, j] = q
                 deq = (q - z) * s
@@ -363,11 +369,11 @@ def prune_layer(layer: Layer, w: np.ndarray, sparsity: Sparsity | None, *,
                 centered: bool = False, block: int = 128,
                 damp: float = 0.01) -> PrunedLayer | PruneRefused:
     """Prune ``w`` (the layer's weight, its ONNX shape) to ``sparsity`` (a candidate's,
-    :class:`mpsearch.formats.Sparsity`; None: dense).
+    :class:`mpsearch.core.formats.Sparsity`; None: dense).
 
-    ``hessian``: the layer's (:mod:`mpsearch.hessian`); OBS needs it dense and with enough rows,
-    else the mask falls back to the diagonal or to magnitude (``PrunedLayer.fallback`` says
-    why). ``fmt``, ``qparams``: an integer format and its (per-channel or per-tensor) scales,
+    ``hessian``: the layer's (:mod:`mpsearch.graph.layer_hessian`); OBS needs it dense and with
+    enough rows, else the mask falls back to the diagonal or to magnitude (``PrunedLayer.fallback``
+    says why). ``fmt``, ``qparams``: an integer format and its (per-channel or per-tensor) scales,
     to quantize the survivors in the same pass (SparseGPT's joint mode; GPTQ for
     ``sparsity=None``); to nearest when the mask is a fallback's. ``centered``: use the covariance
     ``E[x xᵀ] - E[x]E[x]ᵀ`` (when ``mean_shift`` is corrected in the bias afterwards).

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpsearch.formats import Format, FormatKind, numpy_storage_dtype
+from mpsearch.core.formats import Format, FormatKind, numpy_storage_dtype
 
 __all__ = ["HessianFactor", "factor_hessian", "hessian_round", "output_error"]
 
@@ -210,14 +210,14 @@ def hessian_round(rows: np.ndarray, h: np.ndarray | None, fmt: Format, scale: np
     forward onto the columns not yet quantized, weighted by the inverse Hessian.
 
     ``rows`` (G, R, K): G independent groups of R rows over K input columns
-    (:func:`mpsearch.layerquant.weight_rows`); ``h`` (G, K, K): ``E[x xᵀ]`` of each group's
+    (:func:`mpsearch.quant.layer.weight_rows`); ``h`` (G, K, K): ``E[x xᵀ]`` of each group's
     im2col input, PSD, possibly singular; ``scale`` (G, R) and ``zero_point`` (G, R, or None
     for 0) are kept as given. Each column's integers are those
-    :func:`mpsearch.formats.quantize` gives for the error-compensated column (``np.rint``,
+    :func:`mpsearch.core.formats.quantize` gives for the error-compensated column (``np.rint``,
     clipped to the format's grid). ``act_order`` processes columns by decreasing ``H_jj``.
     ``factor``: :func:`factor_hessian` of ``h`` done beforehand (then ``h``, ``damp`` and
     ``act_order`` are not used).
-    Returns the integers (G, R, K) in :func:`mpsearch.formats.numpy_storage_dtype` of ``fmt``.
+    Returns the integers (G, R, K) in :func:`mpsearch.core.formats.numpy_storage_dtype` of ``fmt``.
     """
     spec = fmt.spec
     if spec.kind is not FormatKind.INT:
@@ -249,7 +249,7 @@ def hessian_round(rows: np.ndarray, h: np.ndarray | None, fmt: Format, scale: np
             col = w1[:, i]
             qi = np.clip(np.rint(col.astype(np.float32) / s32) + z32, qmin, qmax)
             qt[:, i1 + i] = qi
-            deq = (qi - z32) * s32  # float32, as mpsearch.formats.dequantize
+            deq = (qi - z32) * s32  # float32, as mpsearch.core.formats.dequantize
             err = (col - deq) / u1[:, i, i, None]
             w1[:, i + 1 :] -= u1[:, i, i + 1 :, None] * err[:, None, :]
             err1[:, i] = err

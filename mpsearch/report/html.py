@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from mpsearch.errors import UsageError
-from mpsearch.outputs import OutputDir
+from mpsearch.core.errors import UsageError
+from mpsearch.data.outputs import OutputDir
 from mpsearch.report.allocation import allocation_plot
 from mpsearch.report.pareto import METRIC_LABELS, front_plot
 from mpsearch.report.runfiles import RunFiles, load_run, verify_status

@@ -2,7 +2,7 @@
 the predicted front, the measured front points, the uniform plans, the greedy plan and the
 chosen one, with the budget drawn in.
 
-Everything is read from the ``plan.json`` document (:func:`mpsearch.report.plan.plan_document`),
+Everything is read from the ``plan.json`` document (:func:`mpsearch.job.document.plan_document`),
 so ``mpsearch report RUN_DIR`` redraws the same figure from a run's files. The cost axis is
 logarithmic (base 2): 0.5x, 1x, 2x and 4x of the w8a8 cost are equally far apart, which keeps
 the front (usually 0.5-1.2x) readable next to the 16-bit uniform plans (2-4x).
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mpsearch.job import SearchResult
+    from mpsearch.job.search import SearchResult
 
 __all__ = ["METRIC_LABELS", "front_plot", "pareto_plot"]
 
@@ -149,6 +149,6 @@ def front_plot(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
 
 def pareto_plot(res: SearchResult, path: str | os.PathLike[str]) -> None:
     """The same figure straight from a search result (``run`` and ``pareto``)."""
-    from mpsearch.report.plan import plan_document
+    from mpsearch.job.document import plan_document
 
     front_plot(plan_document(res, model="", profile=""), path)

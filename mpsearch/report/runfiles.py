@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpsearch.errors import UsageError
+from mpsearch.core.errors import UsageError
 from mpsearch.sensitivity.table import SensitivityTable
 
 __all__ = ["RunFiles", "load_run", "verify_status"]

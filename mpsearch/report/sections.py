@@ -220,7 +220,7 @@ def float_ops_html(p: Mapping[str, Any]) -> str:
 
 
 def profile_html(run: RunFiles) -> str:
-    from mpsearch.errors import MpsearchError
+    from mpsearch.core.errors import MpsearchError
     from mpsearch.hw.profile import load_profile
 
     info = run.plan.get("profile", {})

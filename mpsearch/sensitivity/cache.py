@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from mpsearch.errors import UsageError
-from mpsearch.formats import Candidate, parse_candidate
+from mpsearch.core.errors import UsageError
+from mpsearch.core.formats import Candidate, parse_candidate
 
 __all__ = ["CACHE_VERSION", "SensitivityCache", "data_digest", "default_cache_dir"]
 

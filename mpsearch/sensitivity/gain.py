@@ -34,9 +34,9 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from mpsearch.calibrate import Calibration
-from mpsearch.graph import Layer, LayerGraph
-from mpsearch.layerquant import input_channel_view
+from mpsearch.graph.calibrate import Calibration
+from mpsearch.graph.layer_graph import Layer, LayerGraph
+from mpsearch.quant.layer import input_channel_view
 from mpsearch.sensitivity.hessian import layer_output_error
 from mpsearch.sensitivity.suffix import Suffix, cut, elem_types, in_passes, suffix_session
 

@@ -2,7 +2,7 @@
 
 For every group whose output channels can be pruned (:func:`mpsearch.export.channels.
 channel_route`) and whose op the profile lets prune channels (a pair listed with ``+channel``),
-a sweep of ``λ`` over the layer objective of :mod:`mpsearch.solve.gating`,
+a sweep of ``λ`` over the layer objective of :mod:`mpsearch.quant.gating`,
 
     tr(δW H δWᵀ) / tr(W H Wᵀ) + λ · cost / C(16),
 
@@ -24,7 +24,7 @@ energy; :func:`gated_candidates` counts where the masks differ.
 ``cost`` is the budgeted metric of the layer alone at each bit-width (the cost model's, on the
 activation format's pair; levels the profile lacks scale with the bit-width), times the kept
 fraction: the consumers' saving, which the cost model adds for the solver, is left out of the
-sweep. The ``λ`` of a sweep are trained together (:func:`mpsearch.solve.gating.train_many`):
+sweep. The ``λ`` of a sweep are trained together (:func:`mpsearch.quant.gating.train_many`):
 a configuration at one ``λ`` does not bound the next, which the solver does not need.
 """
 
@@ -38,14 +38,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mpsearch.core.formats import Candidate, FormatKind, Sparsity
 from mpsearch.export.channels import ChannelRefusal, channel_route
-from mpsearch.formats import Candidate, FormatKind, Sparsity
 from mpsearch.hw.cost import CostModel
-from mpsearch.layerquant import weight_rows
-from mpsearch.solve.gating import GatedConfig, GatedLayer, Search, prepare, read_out, train_many
+from mpsearch.quant.gating import GatedConfig, GatedLayer, Search, prepare, read_out, train_many
+from mpsearch.quant.layer import weight_rows
 
 if TYPE_CHECKING:
-    from mpsearch.pipeline import Analysis
+    from mpsearch.quant.analysis import Analysis
 
 __all__ = ["LAMBDAS", "GatedCandidates", "gated_candidates"]
 

@@ -2,13 +2,13 @@
 of every group from the one calibration pass.
 
 For a layer ``y = W x + b`` with input second moment ``H = E[x xᵀ]`` and mean ``μ = E[x]``
-(im2col layout, per output position; :mod:`mpsearch.hessian`), a candidate changes the layer's
-output by three independent errors, each per output position:
+(im2col layout, per output position; :mod:`mpsearch.graph.layer_hessian`), a candidate changes the
+layer's output by three independent errors, each per output position:
 
 * weights: ``E‖δW x + δb‖² = tr(δW H δWᵀ) + 2 δbᵀ δW μ + ‖δb‖²``, with ``δW`` the exact
   difference between the integers the exporter writes and the float weights, and ``δb`` the
   bias correction it applies; a pruned candidate (2:4, unstructured) is one more such ``δW``,
-  that of its pruned and quantized weights (:func:`mpsearch.layerquant.sparse_layer`);
+  that of its pruned and quantized weights (:func:`mpsearch.quant.layer.sparse_layer`);
 * input quantization, white noise of variance ``σ_in²`` per element: ``σ_in² ‖W‖²_F``;
 * output quantization: ``σ_out² · C_out``.
 
@@ -39,13 +39,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpsearch.calibrate import Calibration, TensorStats
-from mpsearch.formats import Candidate, Format, FormatKind, Sparsity, dequantize, fake_quant
-from mpsearch.graph import Layer, LayerGraph
-from mpsearch.hessian import LayerHessian
-from mpsearch.layerquant import LayerWeights, input_channel_view, sparse_layer, weight_rows
-from mpsearch.ops import OpRole
-from mpsearch.params import RangeSetter
+from mpsearch.core.formats import Candidate, Format, FormatKind, Sparsity, dequantize, fake_quant
+from mpsearch.core.ops import OpRole
+from mpsearch.graph.calibrate import Calibration, TensorStats
+from mpsearch.graph.layer_graph import Layer, LayerGraph
+from mpsearch.graph.layer_hessian import LayerHessian
+from mpsearch.quant.layer import LayerWeights, input_channel_view, sparse_layer, weight_rows
+from mpsearch.quant.parameters import RangeSetter
 from mpsearch.sensitivity.table import HessianFit, unchanged
 
 __all__ = ["LayerError", "fit_runs", "fit_scale", "layer_errors", "layer_output_error"]

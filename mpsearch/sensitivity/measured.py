@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpsearch.core.formats import Candidate, Format
 from mpsearch.export.qdq import export_qdq
-from mpsearch.formats import Candidate, Format
-from mpsearch.graph import LayerGraph
-from mpsearch.params import RangeSetter
+from mpsearch.graph.layer_graph import LayerGraph
+from mpsearch.quant.parameters import RangeSetter
 from mpsearch.sensitivity.suffix import Suffix, in_passes, suffix_model, suffix_session
 from mpsearch.sensitivity.table import unchanged
 

@@ -1,4 +1,4 @@
-"""The sensitivity stage: an :class:`~mpsearch.pipeline.Analysis`, the candidates of every
+"""The sensitivity stage: an :class:`~mpsearch.quant.analysis.Analysis`, the candidates of every
 group and a method -> a :class:`~mpsearch.sensitivity.table.SensitivityTable`.
 
 ``measured`` runs every (group, candidate) for real; ``hessian`` predicts them all from the
@@ -23,16 +23,16 @@ from typing import TypeVar
 
 import numpy as np
 
-from mpsearch.data import Dataset
-from mpsearch.formats import Candidate
-from mpsearch.pipeline import Analysis
+from mpsearch.core.formats import Candidate
+from mpsearch.core.threads import one_blas_thread
+from mpsearch.data.dataset import Dataset
+from mpsearch.quant.analysis import Analysis
 from mpsearch.sensitivity.cache import SensitivityCache
 from mpsearch.sensitivity.gain import layer_gains
 from mpsearch.sensitivity.hessian import fit_runs, fit_scale, layer_errors
 from mpsearch.sensitivity.measured import MeasureContext, measure
 from mpsearch.sensitivity.suffix import reference_outputs
 from mpsearch.sensitivity.table import SensitivityTable
-from mpsearch.threads import one_blas_thread
 
 __all__ = ["Method", "estimate", "measure_pairs", "table_variant"]
 

@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from mpsearch.calibrate import make_session, run_collectors
-from mpsearch.graph import LayerGraph
+from mpsearch.graph.calibrate import make_session, run_collectors
+from mpsearch.graph.layer_graph import LayerGraph
 
 __all__ = ["EXTERNAL_MIN_BYTES", "FEED_BYTES", "Suffix", "TensorStore", "bytes_per_sample",
            "cut", "elem_types", "in_passes", "reference_outputs", "suffix_model",

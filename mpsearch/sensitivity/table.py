@@ -21,10 +21,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from mpsearch.errors import UsageError
+from mpsearch.core.errors import UsageError
+from mpsearch.core.formats import Candidate, Format, parse_candidate
 from mpsearch.export.channels import ChannelRefusal, channel_route
-from mpsearch.formats import Candidate, Format, parse_candidate
-from mpsearch.graph import LayerGraph
+from mpsearch.graph.layer_graph import LayerGraph
 from mpsearch.hw.cost import CostModel
 from mpsearch.quant.prune import sparsity_refusal
 

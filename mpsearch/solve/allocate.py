@@ -22,9 +22,9 @@ import logging
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
-from mpsearch.errors import InfeasibleBudgetError, UsageError
-from mpsearch.formats import Candidate, Format
-from mpsearch.graph import LayerGraph
+from mpsearch.core.errors import InfeasibleBudgetError, UsageError
+from mpsearch.core.formats import Candidate, Format
+from mpsearch.graph.layer_graph import LayerGraph
 from mpsearch.hw.cost import CostModel, PlanCost, _elements
 from mpsearch.solve.budget import Budget
 from mpsearch.solve.ilp import smallest, solve

@@ -26,7 +26,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from mpsearch.errors import UsageError
+from mpsearch.core.errors import UsageError
 
 __all__ = ["BUDGET_KEYS", "Budget", "parse_budget", "parse_budgets"]
 

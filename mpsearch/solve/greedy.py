@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Hashable, Iterator, Mapping
 
-from mpsearch.errors import InfeasibleBudgetError, UsageError
+from mpsearch.core.errors import InfeasibleBudgetError, UsageError
 from mpsearch.solve.problem import PENALTY, Problem, Solution, evaluate
 
 __all__ = ["greedy", "greedy_path"]

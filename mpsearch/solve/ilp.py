@@ -36,7 +36,7 @@ import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
 
-from mpsearch.errors import InfeasibleBudgetError, UsageError
+from mpsearch.core.errors import InfeasibleBudgetError, UsageError
 from mpsearch.solve.problem import PENALTY, Problem, Solution, evaluate, ties_hold
 
 __all__ = ["TOLERANCE", "smallest", "solve"]

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 
-from mpsearch.errors import InfeasibleBudgetError, UsageError
+from mpsearch.core.errors import InfeasibleBudgetError, UsageError
 from mpsearch.solve.ilp import TOLERANCE, smallest, solve
 from mpsearch.solve.problem import Problem, Solution
 

@@ -24,7 +24,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from mpsearch.errors import UsageError
+from mpsearch.core.errors import UsageError
 
 __all__ = [
     "PENALTY",

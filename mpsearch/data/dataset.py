@@ -1,0 +1,415 @@
+"""Calibration and evaluation data: ``.npz``/``.npy`` files checked against the model, streamed.
+
+Axis 0 of every stored array is the sample axis and maps to the model's batch axis: an input
+of shape ``(N, 3, 8, 8)`` takes arrays of shape ``(S, 3, 8, 8)``. ``--data`` may be
+
+* **a .npz file**: one key per model input, plus an optional ``labels`` key (1-D integers, one
+  per sample). Other keys are ignored with a warning.
+* **a folder of .npz files**, each like the above, samples in sorted file-name order; either
+  every file has ``labels`` or none does.
+* **a folder of .npy files**: if there is a ``<input name>.npy`` for every input, each holds
+  that input (other .npy files are ignored with a warning); otherwise, for a single-input
+  model, every .npy file is a batch of samples, concatenated in sorted file-name order. An
+  optional ``labels.npy`` labels the whole. A folder mixing .npz and .npy is refused.
+* **a .npy file**, for a single-input model.
+
+Checked when opened, from the array headers alone: names; dtypes (float data of another
+width is cast with a warning, integers of another integer type are cast with a range check
+per batch, integer data for a float input is refused since it usually means the model's
+preprocessing was not applied); shapes (static dims must match, dynamic dims take any value,
+but a named dim such as ``seq`` must agree across the inputs of one file); equal sample
+counts; file sizes against headers; labels. NaN/Inf are caught while streaming, batch by
+batch; :meth:`Dataset.check_values` does that pass up front.
+
+Streaming: ``.npy`` files are memory-mapped; ``.npz`` members are read forward from the zip
+stream in bounded chunks, because ``np.load`` reads a whole member on access. A batch never
+mixes samples whose dynamic dims differ (it is cut short where they change). When the model's
+batch dim is static (say 1), every batch has that size and a short one is dropped with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import onnx
+from onnx import ModelProto
+
+from mpsearch.core.errors import DataError, UsageError
+from mpsearch.data.npyio import (
+    READ_ERRORS,
+    Reader,
+    StoredArray,
+    ZipRows,
+    npy_array,
+    npy_rows,
+    npz_members,
+)
+from mpsearch.graph.ingest import input_specs
+
+__all__ = ["DataSpec", "Dataset", "InputSpec", "Split", "open_dataset", "split"]
+
+log = logging.getLogger(__name__)
+
+LABELS = "labels"
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputSpec:
+    """One model input; ``shape`` has None for dynamic dims."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+    dim_names: tuple[str | None, ...] = ()  # the symbol of each named dynamic dim
+
+    def describe(self, start: int = 0) -> str:
+        dims = [str(d) if d is not None else n or "?"
+                for d, n in zip(self.shape, self.dim_names, strict=True)]
+        return f"({', '.join(dims[start:])})"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the data must look like: the model's graph inputs, in graph order."""
+
+    inputs: tuple[InputSpec, ...]
+
+    @classmethod
+    def from_model(cls, model: ModelProto) -> DataSpec:
+        out = []
+        for name, (elem, dims) in input_specs(model).items():
+            try:
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+            except (KeyError, TypeError) as e:
+                raise DataError(f"model input '{name}' has ONNX element type {elem}, which has "
+                                "no numpy dtype", fix="export it with a standard type") from e
+            if not dims:
+                raise DataError(f"model input '{name}' has no sample axis (a scalar, or no "
+                                "shape)", fix="export the model with a batch axis on every input")
+            out.append(InputSpec(
+                name=name, dtype=dtype,
+                shape=tuple(d if isinstance(d, int) and d > 0 else None for d in dims),
+                dim_names=tuple(d if isinstance(d, str) and d else None for d in dims)))
+        return cls(tuple(out))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.inputs)
+
+    def __getitem__(self, name: str) -> InputSpec:
+        return {s.name: s for s in self.inputs}[name]
+
+    @property
+    def static_batch(self) -> int | None:
+        """The model's batch size if axis 0 is static, else None."""
+        return max((s.shape[0] for s in self.inputs if s.shape[0] is not None), default=None)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Samples ``offset .. offset + n`` of the data set: one array per input."""
+
+    arrays: Mapping[str, StoredArray]
+    n: int
+    offset: int
+
+
+class Dataset:
+    """Samples checked against a model, read in batches; see the module docstring."""
+
+    def __init__(self, *, name: str, path: Path, spec: DataSpec, sources: Sequence[_Source],
+                 labels: np.ndarray | None, batch_size: int,
+                 indices: np.ndarray | None = None) -> None:
+        self.name, self.path, self.spec, self.batch_size = name, path, spec, batch_size
+        self._sources, self._labels = tuple(sources), labels
+        self._indices = indices  # sorted sample indices into all the data; None for all
+
+    def __len__(self) -> int:
+        return sum(s.n for s in self._sources) if self._indices is None else len(self._indices)
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.name!r}, {str(self.path)!r}, {len(self)} samples)"
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Integer labels (int64), one per sample, or None."""
+        if self._labels is None or self._indices is None:
+            return self._labels
+        return self._labels[self._indices]
+
+    def take(self, indices: Sequence[int] | np.ndarray, *, name: str | None = None) -> Dataset:
+        """The samples at ``indices`` (distinct positions in this data set), in data order."""
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or idx.size == 0 or idx.dtype.kind not in "iu":
+            raise UsageError("take() needs a non-empty 1-D sequence of integer sample indices")
+        idx = np.sort(idx.astype(np.int64))
+        if idx[0] < 0 or idx[-1] >= len(self) or np.any(np.diff(idx) == 0):
+            raise UsageError(f"take() indices must be distinct and in 0..{len(self) - 1}")
+        return Dataset(name=name or self.name, path=self.path, spec=self.spec,
+                       sources=self._sources, labels=self._labels, batch_size=self.batch_size,
+                       indices=idx if self._indices is None else self._indices[idx])
+
+    def batches(self, batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Yield input name -> C-contiguous array of the model's dtype, samples in order."""
+        bs = _batch_size(self.batch_size if batch_size is None else batch_size,
+                         self.spec.static_batch)
+        pending: list[dict[str, np.ndarray]] = []
+        count, shapes = 0, None
+        for src in self._sources:
+            if self._indices is None:
+                local = np.arange(src.n)
+            else:
+                lo, hi = np.searchsorted(self._indices, [src.offset, src.offset + src.n])
+                local = self._indices[lo:hi] - src.offset
+            if local.size == 0:
+                continue
+            src_shapes = [a.shape[1:] for a in src.arrays.values()]
+            if count and src_shapes != shapes:
+                yield from self._emit(pending, count, bs)
+                pending, count = [], 0
+            shapes = src_shapes
+            with ExitStack() as stack:
+                readers = {n: self._reader(a, stack) for n, a in src.arrays.items()}
+                pos = 0
+                while pos < local.size:
+                    idx = local[pos:pos + bs - count]
+                    pending.append({n: self._convert(n, self._read(read, src.arrays[n], idx),
+                                                     src, idx) for n, read in readers.items()})
+                    count, pos = count + idx.size, pos + idx.size
+                    if count == bs:
+                        yield from self._emit(pending, count, bs)
+                        pending, count = [], 0
+        if count:
+            yield from self._emit(pending, count, bs)
+
+    def check_values(self) -> None:
+        """Read everything once, batch by batch, so that a NaN/Inf fails now, not later."""
+        for _ in self.batches():
+            pass
+
+    def _emit(self, parts: list[dict[str, np.ndarray]], count: int,
+              bs: int) -> Iterator[dict[str, np.ndarray]]:
+        if self.spec.static_batch is not None and count != bs:
+            log.warning("%s data: dropping a batch of %d samples; the model takes batches of "
+                        "exactly %d", self.name, count, bs)
+            return
+        yield parts[0] if len(parts) == 1 else {
+            n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+
+    def _reader(self, arr: StoredArray, stack: ExitStack) -> Reader:
+        try:
+            if arr.key is None:
+                return npy_rows(arr)
+            zf = stack.enter_context(zipfile.ZipFile(arr.path))
+            member = f"{arr.key}.npy"
+            return ZipRows(stack.enter_context(zf.open(member)), zf.getinfo(member).file_size,
+                            arr, f"{self.name} data {arr.path} (key '{arr.key}')")
+        except READ_ERRORS as e:
+            raise DataError(f"{self.name} data {arr.path} cannot be read ({e})",
+                            fix="re-save the data") from e
+
+    def _read(self, read: Reader, arr: StoredArray, idx: np.ndarray) -> np.ndarray:
+        try:
+            return read(idx)
+        except READ_ERRORS as e:
+            raise DataError(f"{self.name} data {arr.path} cannot be read ({e})",
+                            fix="the file is corrupt; re-save it") from e
+
+    def _convert(self, name: str, a: np.ndarray, src: _Source, idx: np.ndarray) -> np.ndarray:
+        want, where = self.spec[name].dtype, f"{self.name} data {src.arrays[name].path}"
+        if a.dtype.kind in "iu" and want.kind in "iu" and a.size and a.dtype != want:
+            info = np.iinfo(want)
+            if a.min() < info.min or a.max() > info.max:
+                raise DataError(f"{where}: input '{name}' has values in [{a.min()}, {a.max()}], "
+                                f"outside the model's {want}", fix=f"store {want} values")
+        a = np.ascontiguousarray(a, dtype=want)
+        if want.kind == "f":
+            ok = np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+            if not ok.all():
+                i = int(np.argmin(ok))
+                what = "NaN" if np.isnan(a[i]).any() else "Inf"
+                raise DataError(f"{where}: input '{name}' has {what} at sample "
+                                f"{src.offset + int(idx[i])} (row {int(idx[i])} of that file)",
+                                fix="remove or fix that sample")
+        return a
+
+
+def _batch_size(requested: int, static: int | None) -> int:
+    if requested < 1:
+        raise UsageError(f"batch size must be at least 1, got {requested}")
+    if static is not None and requested != static:
+        log.warning("the model's batch dim is fixed at %d; using batches of %d, not %d",
+                    static, static, requested)
+        return static
+    return requested
+
+
+class Split(NamedTuple):
+    """A seeded split into calibration samples and held-out evaluation samples."""
+
+    calibration: Dataset
+    evaluation: Dataset
+
+
+def split(ds: Dataset, fraction: float, *, seed: int) -> Split:
+    """Hold out ``round(fraction * len(ds))`` random samples for evaluation. The same seed gives
+    the same split; both parts keep the data order."""
+    if not 0 < fraction < 1:
+        raise UsageError(f"the evaluation fraction must be between 0 and 1, got {fraction}")
+    n_eval = round(fraction * len(ds))
+    if n_eval in (0, len(ds)):
+        raise DataError(f"{ds.name} data {ds.path} has {len(ds)} samples, too few to hold out "
+                        f"a fraction {fraction} of them", fix="pass more samples")
+    perm = np.random.default_rng(seed).permutation(len(ds))
+    return Split(ds.take(perm[n_eval:]), ds.take(perm[:n_eval], name="evaluation"))
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def open_dataset(path: str | os.PathLike[str], model: ModelProto | DataSpec, *,
+                 batch_size: int | None = None, name: str = "calibration") -> Dataset:
+    """Find the files at ``path`` and check them against the model's inputs (headers only).
+    ``batch_size`` defaults to the model's static batch size, else 32."""
+    spec = model if isinstance(model, DataSpec) else DataSpec.from_model(model)
+    bs = _batch_size(spec.static_batch or DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
+                     spec.static_batch)
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{name} data {p} does not exist",
+                        fix="pass an existing .npz or .npy file, or a folder of them")
+    groups, label_arrays = _layout(p, spec, name)
+    sources, casts, total = [], set(), 0
+    for arrays in groups:
+        sources.append(_check_source(arrays, spec, name, total, casts))
+        total += sources[-1].n
+    for input_name, dtype in sorted(casts):
+        log.warning("%s data: input '%s' is stored as %s; casting it to the model's %s",
+                    name, input_name, dtype, spec[input_name].dtype)
+    if total == 0:
+        raise DataError(f"{name} data {p} has 0 samples", fix="pass at least one sample")
+    labels = _labels(label_arrays, total, name, p) if label_arrays else None
+    log.info("%s data %s: %d samples in %d part(s)", name, p, total, len(sources))
+    return Dataset(name=name, path=p, spec=spec, sources=sources, labels=labels, batch_size=bs)
+
+
+def _layout(p: Path, spec: DataSpec,
+            name: str) -> tuple[list[dict[str, StoredArray]], list[StoredArray]]:
+    """The stored arrays, one dict input name -> array per source, and the labels arrays."""
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+        npz = [f for f in files if f.suffix.lower() == ".npz"]
+        npy = [f for f in files if f.suffix.lower() == ".npy"]
+        if npz and npy:
+            raise DataError(f"{name} data folder {p} mixes .npz and .npy files",
+                            fix="keep one kind of file in the folder")
+        if not npz and not npy:
+            raise DataError(f"{name} data folder {p} has no .npz or .npy files",
+                            fix="put the data in .npz files with one key per model input")
+    elif p.suffix.lower() in (".npz", ".npy"):
+        npz, npy = ([p], []) if p.suffix.lower() == ".npz" else ([], [p])
+    else:
+        raise DataError(f"{name} data {p} is not a .npz or .npy file, nor a folder",
+                        fix="save the data with numpy.savez(path.npz, input_name=array, ...)")
+    if npz:
+        groups, labels, extra = [], [], set()
+        for f in npz:
+            arrays = npz_members(f, name)
+            missing = [n for n in spec.names if n not in arrays]
+            if missing:
+                raise DataError(f"{name} data {f} has no array for input '{missing[0]}' (keys "
+                                f"found: {', '.join(sorted(arrays)) or 'none'})",
+                                fix=f"save one key per model input: {', '.join(spec.names)}")
+            extra |= set(arrays) - set(spec.names) - {LABELS}
+            groups.append({n: arrays[n] for n in spec.names})
+            labels.append(arrays.get(LABELS))
+        if extra:
+            log.warning("%s data: ignoring keys that are not model inputs: %s",
+                        name, ", ".join(sorted(extra)))
+        if None in labels and any(lab is not None for lab in labels):
+            raise DataError(f"{name} data folder {p}: some .npz files have '{LABELS}' and some "
+                            "do not", fix=f"give every file a '{LABELS}' key, or none")
+        return groups, [lab for lab in labels if lab is not None]
+    stems = {f.stem: f for f in npy}
+    label_file = stems.pop(LABELS, None) if p.is_dir() else None
+    labels = [npy_array(label_file, name)] if label_file else []
+    if all(n in stems for n in spec.names):
+        if extra := sorted(set(stems) - set(spec.names)):
+            log.warning("%s data: ignoring .npy files that are not model inputs: %s",
+                        name, ", ".join(extra))
+        return [{n: npy_array(stems[n], name) for n in spec.names}], labels
+    if len(spec.names) == 1:
+        return [{spec.names[0]: npy_array(f, name)} for f in stems.values()], labels
+    missing = ", ".join(f"{n}.npy" for n in spec.names if n not in stems)
+    raise DataError(f"{name} data {p} has .npy files but no {missing} for a model with "
+                    f"{len(spec.names)} inputs",
+                    fix="name one .npy file per input (<input name>.npy), or use .npz files")
+
+
+def _check_source(arrays: dict[str, StoredArray], spec: DataSpec, name: str, offset: int,
+                  casts: set[tuple[str, np.dtype]]) -> _Source:
+    bound: dict[str, tuple[int, str]] = {}  # named dim -> (size, the input that set it)
+    for input_name, arr in arrays.items():
+        s, where = spec[input_name], f"{name} data {arr.path}"
+        if len(arr.shape) != len(s.shape) or any(
+                d not in (None, a) for d, a in zip(s.shape[1:], arr.shape[1:], strict=True)):
+            raise DataError(f"{where}: input '{input_name}' has shape {arr.shape} but the model "
+                            f"wants {s.describe()} (axis 0 is the sample axis)",
+                            fix=f"store arrays of shape (samples, {s.describe(1)[1:]}")
+        for axis, sym in enumerate(s.dim_names[1:], start=1):
+            if sym and bound.setdefault(sym, (arr.shape[axis], input_name))[0] != arr.shape[axis]:
+                raise DataError(f"{where}: dim '{sym}' is {arr.shape[axis]} in input "
+                                f"'{input_name}' but {bound[sym][0]} in input '{bound[sym][1]}'",
+                                fix=f"give every input the same '{sym}' within a file")
+        _check_dtype(input_name, arr.dtype, s.dtype, where, casts)
+    counts = {n: a.shape[0] for n, a in arrays.items()}
+    if len(set(counts.values())) > 1:
+        paths = ", ".join(sorted({str(a.path) for a in arrays.values()}))
+        desc = ", ".join(f"'{k}' {v}" for k, v in counts.items())
+        raise DataError(f"{name} data {paths}: the inputs have different numbers of samples "
+                        f"({desc})", fix="store the same number of samples for every input")
+    return _Source(arrays=arrays, n=next(iter(counts.values())), offset=offset)
+
+
+def _check_dtype(input_name: str, have: np.dtype, want: np.dtype, where: str,
+                 casts: set[tuple[str, np.dtype]]) -> None:
+    if have.newbyteorder("=") == want or (have.kind in "iu" and want.kind in "iu"):
+        return  # integers: cast per batch, with a range check
+    if have.kind == "f" and want.kind == "f":
+        casts.add((input_name, have))
+        return
+    fix = (f"integer data is not rescaled: apply the model's preprocessing and store {want}"
+           if want.kind == "f" and have.kind in "iub" else f"store {want} arrays")
+    raise DataError(f"{where}: input '{input_name}' is {have} but the model wants {want}", fix=fix)
+
+
+def _labels(arrays: list[StoredArray], total: int, name: str, p: Path) -> np.ndarray:
+    parts = []
+    for arr in arrays:
+        where = f"{name} data {arr.path}"
+        try:
+            if arr.key is None:
+                a = np.load(arr.path, allow_pickle=False)
+            else:
+                with zipfile.ZipFile(arr.path) as zf, zf.open(f"{arr.key}.npy") as f:
+                    a = np.lib.format.read_array(f, allow_pickle=False)
+        except READ_ERRORS as e:
+            raise DataError(f"{where}: '{LABELS}' cannot be read ({e})", fix="re-save it") from e
+        if a.ndim != 1 or a.dtype.kind not in "iu":
+            raise DataError(f"{where}: '{LABELS}' is {a.dtype} of shape {a.shape}, not a 1-D "
+                            "integer array", fix="store one integer class index per sample")
+        parts.append(a.astype(np.int64))
+    labels = np.concatenate(parts)
+    if len(labels) != total:
+        raise DataError(f"{name} data {p} has {len(labels)} labels for {total} samples",
+                        fix="store exactly one label per sample")
+    return labels

@@ -1,0 +1,107 @@
+"""Writing results safely: the output folder is checked before any long work starts, every file
+is written to a temporary name and renamed into place, and a failed run removes what it wrote
+(and the folder, if it created it). The input model is never a target."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import onnx
+
+from mpsearch.core.errors import ExportError, UsageError
+
+__all__ = ["OutputDir"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class OutputDir:
+    """A folder that receives a run's files, all or nothing."""
+
+    def __init__(self, path: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]],
+                 names: Iterable[str], flag: str = "--out") -> None:
+        self.path = Path(path)
+        self.names = list(names)
+        for i in inputs:
+            src = Path(i).resolve()
+            for n in self.names:
+                if (self.path / n).resolve() == src:
+                    raise UsageError(f"the output {self.path / n} would overwrite the input {i}",
+                                     fix=f"choose another {flag}")
+            if src == self.path.resolve():
+                raise UsageError(f"the output folder {self.path} is the input {i}",
+                                 fix=f"choose another {flag}")
+        if self.path.exists() and not self.path.is_dir():
+            raise ExportError(f"{flag} {self.path} exists and is not a folder",
+                              fix="pass a folder path")
+        self.created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.path, prefix=".mpsearch-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            if self.created:
+                self._remove_dir()
+            raise ExportError(f"cannot write to the output folder {self.path} ({e.strerror})",
+                              fix=f"choose a writable {flag}") from e
+        self.written: list[Path] = []
+
+    def _target(self, name: str) -> Path:
+        if name not in self.names:
+            raise ValueError(f"{name} was not declared")
+        return self.path / name
+
+    def _atomic(self, name: str, write) -> Path:
+        target = self._target(name)
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
+            os.replace(tmp, target)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise ExportError(f"cannot write {target} ({e.strerror})",
+                              fix="check free disk space and permissions") from e
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.written.append(target)
+        return target
+
+    def write_model(self, name: str, model: onnx.ModelProto) -> Path:
+        return self._atomic(name, lambda p: onnx.save(model, p))
+
+    def write_json(self, name: str, obj: object) -> Path:
+        def w(p: str) -> None:
+            with open(p, "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=2, sort_keys=False)
+                f.write("\n")
+
+        return self._atomic(name, w)
+
+    def write_with(self, name: str, write) -> Path:
+        """Write ``name`` with ``write(temporary_path)`` (a plot, a CSV), atomically."""
+        return self._atomic(name, write)
+
+    def rollback(self) -> None:
+        """Remove what this run wrote (and the folder if this run created it)."""
+        for p in self.written:
+            p.unlink(missing_ok=True)
+        self.written.clear()
+        if self.created:
+            self._remove_dir()
+
+    def _remove_dir(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.rmdir()

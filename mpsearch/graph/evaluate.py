@@ -1,0 +1,142 @@
+"""Compare a quantized model with its FP32 original on evaluation data.
+
+Per output, over the whole set: ``SQNR = 10·log10(Σ y² / Σ (y - ŷ)²)`` (dB), the mean over
+samples of the cosine similarity of the flattened outputs, and, for classifier outputs,
+top-1 agreement with FP32 and top-5 containment (FP32's top-1 class among the quantized
+model's five best); with labels, the accuracy of both models. An output is taken for a
+classifier when it is ``[N, C]`` with ``C ≥ 2`` and its FP32 rows are not unit vectors
+(L2-normalised rows are embeddings, where "top-1" means nothing); ``classifier=`` overrides.
+Both models run batch by batch on ONNX Runtime's CPU execution provider.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from mpsearch.graph.calibrate import make_session
+
+__all__ = ["EvalResult", "OutputAccumulator", "OutputMetrics", "evaluate", "reference_run",
+           "sqnr_db"]
+
+
+def sqnr_db(signal_power: float, noise_power: float) -> float:
+    if noise_power <= 0:
+        return math.inf
+    if signal_power <= 0:
+        return -math.inf
+    return 10.0 * math.log10(signal_power / noise_power)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputMetrics:
+    name: str
+    sqnr_db: float
+    cosine: float
+    top1_agreement: float | None = None
+    top5_containment: float | None = None
+    accuracy: float | None = None
+    accuracy_fp32: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalResult:
+    outputs: tuple[OutputMetrics, ...]
+    samples: int
+
+    def to_dict(self) -> dict:
+        return {"samples": self.samples, "outputs": [asdict(o) for o in self.outputs]}
+
+    @property
+    def primary(self) -> OutputMetrics:
+        return self.outputs[0]
+
+
+class OutputAccumulator:
+    """SQNR, cosine and (for classifiers) top-1/top-5 agreement of one output, batch by
+    batch (shared by :func:`evaluate` and :func:`mpsearch.device.verify.verify`)."""
+
+    def __init__(self, classifier: bool | None) -> None:
+        self.sig = self.noise = self.cos = 0.0
+        self.n = self.top1 = self.top5 = self.correct = self.correct_ref = 0
+        self.classifier = classifier
+
+    def update(self, ref: np.ndarray, q: np.ndarray, labels: np.ndarray | None) -> None:
+        r = ref.astype(np.float64).reshape(len(ref), -1)
+        y = q.astype(np.float64).reshape(len(q), -1)
+        self.sig += float((r**2).sum())
+        self.noise += float(((r - y) ** 2).sum())
+        nr, ny = np.linalg.norm(r, axis=1), np.linalg.norm(y, axis=1)
+        denom = np.where(nr * ny > 0, nr * ny, 1.0)
+        cos = np.where(nr * ny > 0, (r * y).sum(axis=1) / denom, (nr == ny).astype(float))
+        self.cos += float(cos.sum())
+        self.n += len(r)
+        if self.classifier is None:
+            unit = bool(np.all(np.abs(nr - 1.0) < 1e-3))
+            self.classifier = ref.ndim == 2 and ref.shape[1] >= 2 and not unit
+        if self.classifier and ref.ndim == 2:
+            ref_top = ref.argmax(axis=1)
+            self.top1 += int((q.argmax(axis=1) == ref_top).sum())
+            k = min(5, q.shape[1])
+            top5 = np.argpartition(-q, k - 1, axis=1)[:, :k]
+            self.top5 += int((top5 == ref_top[:, None]).any(axis=1).sum())
+            if labels is not None:
+                self.correct += int((q.argmax(axis=1) == labels).sum())
+                self.correct_ref += int((ref_top == labels).sum())
+
+    def result(self, name: str, with_labels: bool) -> OutputMetrics:
+        n = max(self.n, 1)
+        cls = bool(self.classifier) and self.n > 0
+        return OutputMetrics(
+            name=name, sqnr_db=sqnr_db(self.sig, self.noise), cosine=self.cos / n,
+            top1_agreement=self.top1 / n if cls else None,
+            top5_containment=self.top5 / n if cls else None,
+            accuracy=self.correct / n if cls and with_labels else None,
+            accuracy_fp32=self.correct_ref / n if cls and with_labels else None)
+
+
+def reference_run(reference: onnx.ModelProto | str,
+                  batches: Iterable[Mapping[str, np.ndarray]]
+                  ) -> list[tuple[Mapping[str, np.ndarray], dict[str, np.ndarray]]]:
+    """The FP32 model's outputs per batch, with the batch: run it once, compare several
+    quantized models against it (``evaluate(..., reference_outputs=...)``)."""
+    sess = make_session(reference)
+    names = [o.name for o in sess.get_outputs()]
+    return [(batch, dict(zip(names, sess.run(names, dict(batch)), strict=True)))
+            for batch in batches]
+
+
+def evaluate(reference: onnx.ModelProto | str, quantized: onnx.ModelProto | str,
+             batches: Iterable[Mapping[str, np.ndarray]] | None = None, *,
+             labels: np.ndarray | None = None, classifier: bool | None = None,
+             progress: Callable[[int], None] | None = None,
+             reference_outputs: Sequence[tuple[Mapping[str, np.ndarray],
+                                               Mapping[str, np.ndarray]]] | None = None
+             ) -> EvalResult:
+    """Run both models over ``batches`` and compare every output of the reference
+    (``reference_outputs``: batches with the reference's outputs from :func:`reference_run`,
+    instead of ``batches``)."""
+    q_s = make_session(quantized)
+    q_names = {o.name for o in q_s.get_outputs()}
+    if reference_outputs is None:
+        if batches is None:
+            raise ValueError("evaluate needs batches or reference_outputs")
+        reference_outputs = reference_run(reference, batches)
+    names = [n for n in (reference_outputs[0][1] if reference_outputs else ()) if n in q_names]
+    acc = {n: OutputAccumulator(classifier) for n in names}
+    seen = 0
+    for batch, ref in reference_outputs:
+        q_out = q_s.run(names, dict(batch))
+        n = len(ref[names[0]])
+        lab = labels[seen:seen + n] if labels is not None else None
+        for name, q in zip(names, q_out, strict=True):
+            acc[name].update(ref[name], q, lab)
+        seen += n
+        if progress:
+            progress(n)
+    return EvalResult(outputs=tuple(acc[n].result(n, labels is not None) for n in names),
+                      samples=seen)

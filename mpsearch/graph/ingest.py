@@ -1,0 +1,249 @@
+"""ONNX ingestion: load a model file (with external data), run the checker, and normalise it.
+
+Normalisation: node names made unique, ``Constant`` nodes turned into initializers,
+initializers removed from the graph inputs, ``BatchNormalization`` after a ``Conv`` folded into
+it: ``W' = W·γ/√(σ²+ε)`` per output channel, ``b' = (b - μ)·γ/√(σ²+ε) + β``; then ONNX shape
+inference. Every function returns a new model; the argument is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import ModelProto, NodeProto, numpy_helper
+
+from mpsearch.core.errors import ModelError
+
+__all__ = ["GraphIndex", "default_input_shapes", "graph_index", "input_specs", "load_model",
+           "prepare_model", "strip_debug_metadata", "with_input_shapes"]
+
+log = logging.getLogger(__name__)
+
+
+def load_model(path: str | os.PathLike[str]) -> ModelProto:
+    """Read an ONNX file (with its external data) and run the ONNX checker on it."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"model file {p} does not exist", fix="check the path")
+    if not p.is_file():
+        raise ModelError(f"model path {p} is not a file", fix="pass the .onnx file itself")
+    if p.stat().st_size == 0:
+        raise ModelError(f"model file {p} is empty", fix="re-export the model")
+    try:
+        model = onnx.load(str(p), load_external_data=True)
+    except DecodeError as e:
+        raise ModelError(
+            f"{p} is not a readable ONNX model (protobuf decode failed: {e})",
+            fix="the file is truncated or not ONNX; re-export it",
+        ) from e
+    except FileNotFoundError as e:
+        raise ModelError(f"{p} refers to external data that is missing ({e.filename})",
+                         fix="keep the .data file next to the model") from e
+    except (OSError, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
+        raise ModelError(f"{p} cannot be loaded ({e})", fix="re-export the model") from e
+    if not model.graph.node:
+        raise ModelError(f"{p} has no graph nodes (not an ONNX model, or an empty one)",
+                         fix="pass an exported ONNX model file")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelError(f"{p} fails the ONNX checker: {first}",
+                         fix="fix or re-export the model") from e
+    return model
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    seen: set[str] = set()
+    for i, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attr = {a.name: a for a in node.attribute}
+            if "value" in attr:
+                t = copy.deepcopy(attr["value"].t)
+                t.name = node.output[0]
+                graph.initializer.append(t)
+                continue
+            if "value_float" in attr or "value_floats" in attr:
+                v = onnx.helper.get_attribute_value(next(iter(attr.values())))
+                graph.initializer.append(
+                    numpy_helper.from_array(np.asarray(v, np.float32), node.output[0]))
+                continue
+            if "value_int" in attr or "value_ints" in attr:
+                v = onnx.helper.get_attribute_value(next(iter(attr.values())))
+                graph.initializer.append(
+                    numpy_helper.from_array(np.asarray(v, np.int64), node.output[0]))
+                continue
+        keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+
+
+def _fold_batchnorm(graph: onnx.GraphProto) -> int:
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[NodeProto]] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    outputs = {o.name for o in graph.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    removed: set[int] = set()
+    folded = 0
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) > 1 and any(bn.output[1:]):
+            continue
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or conv.input[1] not in inits:
+            continue
+        if len(consumers.get(conv.output[0], [])) != 1 or conv.output[0] in outputs:
+            continue
+        if not all(i in inits for i in bn.input[1:5]):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64)
+                                  for i in bn.input[1:5])
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+             if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
+        k = gamma / np.sqrt(var + eps)
+        w_new = (w * k.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        b_new = ((b - mean) * k + beta).astype(np.float32)
+        wname, bname = f"{conv.name}.weight_bnfolded", f"{conv.name}.bias_bnfolded"
+        graph.initializer.extend([numpy_helper.from_array(w_new, wname),
+                                  numpy_helper.from_array(b_new, bname)])
+        del conv.input[1:]
+        conv.input.extend([wname, bname])
+        conv.output[0] = bn.output[0]
+        removed.add(id(bn))
+        folded += 1
+    if removed:
+        keep = [n for n in graph.node if id(n) not in removed]
+        del graph.node[:]
+        graph.node.extend(keep)
+        used = {i for n in graph.node for i in n.input}
+        keep_init = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep_init)
+    return folded
+
+
+def prepare_model(model: ModelProto) -> ModelProto:
+    """Return a normalised copy: unique node names, Constant nodes as initializers, BN folded,
+    initializers removed from the graph inputs, shapes inferred. The argument is not modified."""
+    m = copy.deepcopy(model)
+    g = m.graph
+    _name_nodes(g)
+    _constants_to_initializers(g)
+    init_names = {t.name for t in g.initializer}
+    if any(i.name in init_names for i in g.input):
+        real = [i for i in g.input if i.name not in init_names]
+        del g.input[:]
+        g.input.extend(real)
+    folded = _fold_batchnorm(g)
+    if folded:
+        log.info("folded %d BatchNormalization nodes into their Conv", folded)
+    return _infer_shapes(m)
+
+
+def _infer_shapes(model: ModelProto) -> ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - inference is best effort, shapes come from data too
+        log.warning("ONNX shape inference failed (%s); shapes will come from the data", e)
+        return model
+
+
+def with_input_shapes(model: ModelProto, shapes: Mapping[str, Iterable[int]]) -> ModelProto:
+    """A copy whose graph inputs have fixed shapes (dynamic dims set), shapes re-inferred."""
+    m = copy.deepcopy(model)
+    for vi in m.graph.input:
+        if vi.name not in shapes:
+            continue
+        dims = list(shapes[vi.name])
+        tt = vi.type.tensor_type
+        del tt.shape.dim[:]
+        for d in dims:
+            tt.shape.dim.add().dim_value = int(d)
+    del m.graph.value_info[:]
+    for o in m.graph.output:
+        o.type.tensor_type.ClearField("shape")
+    return _infer_shapes(m)
+
+
+def input_specs(model: ModelProto) -> dict[str, tuple[int, tuple[int | str | None, ...]]]:
+    """Graph inputs (initializers excluded): name -> (ONNX elem type, shape with symbols)."""
+    inits = {t.name for t in model.graph.initializer}
+    out = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(d.dim_value)
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        out[vi.name] = (tt.elem_type, tuple(dims))
+    return out
+
+
+def default_input_shapes(model: ModelProto) -> dict[str, tuple[int, ...]]:
+    """Input shapes with every dynamic dimension set to 1 (batch 1, shortest sequence)."""
+    return {name: tuple(d if isinstance(d, int) and d > 0 else 1 for d in shape)
+            for name, (_, shape) in input_specs(model).items()}
+
+
+def strip_debug_metadata(model: ModelProto) -> ModelProto:
+    """A copy without the exporter's per-node debug records (doc strings and metadata such as
+    ``pkg.torch.onnx.stack_trace``, which holds absolute source paths): the same model then
+    has the same bytes wherever it was exported."""
+    m = copy.deepcopy(model)
+    for node in m.graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+    for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
+        del vi.metadata_props[:]
+    for t in m.graph.initializer:
+        del t.metadata_props[:]
+    return m
+
+
+@dataclass(frozen=True)
+class GraphIndex:
+    """Look-ups over one graph: initializers by name, the node producing each tensor, and the
+    nodes consuming it."""
+
+    inits: dict[str, onnx.TensorProto]
+    producer: dict[str, NodeProto]
+    consumers: dict[str, list[NodeProto]]
+
+
+def graph_index(graph: onnx.GraphProto) -> GraphIndex:
+    consumers: dict[str, list[NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return GraphIndex(inits={t.name: t for t in graph.initializer},
+                      producer={o: n for n in graph.node for o in n.output},
+                      consumers=consumers)

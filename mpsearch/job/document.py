@@ -1,0 +1,158 @@
+"""``plan.json`` and ``plan.csv``: the chosen plan as a documented contract (README, "plan.json").
+
+Every number is in SI units (seconds, bytes, joules) with its ratio to the all-w8a8 plan on the
+same device next to it. The document holds no timings, dates or absolute paths, so the same
+inputs and seed give the same bytes. ``SCHEMA`` names the version; fields are only ever added.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import pandas as pd
+
+from mpsearch.hw.cost import METRICS, PlanCost
+from mpsearch.job.search import PlanResult, SearchResult
+from mpsearch.sensitivity import sqnr
+
+__all__ = ["SCHEMA", "plan_document", "plan_frame"]
+
+SCHEMA = "mpsearch.plan/1"
+
+
+def _num(v: float | None, digits: int = 6) -> float | None:
+    if v is None or not math.isfinite(v):
+        return None
+    return float(f"{v:.{digits}g}")
+
+
+def _totals(cost: PlanCost) -> dict:
+    d = cost.as_dict()
+    out = {m: {"value": _num(d[m]), "relative_to_w8a8": _num(cost.relative.get(m))}
+           for m in METRICS}
+    out["conversions"] = cost.conversions
+    return out
+
+
+def _db(res: SearchResult, plan) -> float:
+    mse = res.built.predicted_error(plan)
+    return 10 * math.log10(res.table.signal / mse) if mse > 0 else math.inf
+
+
+def _plan_summary(pr: PlanResult) -> dict:
+    return {"name": pr.name, "fits": pr.fits, "formats": pr.counts(),
+            "totals": _totals(pr.cost), "predicted_sqnr_db": _num(pr.predicted_sqnr_db, 4),
+            "measured": _measured(pr)}
+
+
+def _measured(pr: PlanResult) -> dict | None:
+    if pr.measured is None:
+        return None
+    d = pr.measured.to_dict()
+    return {k: (_num(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def _selection(res: SearchResult) -> dict | None:
+    """The shortlist measured on the calibration data (mpsearch/job/selection.py)."""
+    sel = res.selection
+    if sel is None:
+        return None
+    return {"data": "calibration", "chosen": sel.best.name,
+            "contenders": [{"name": c.name, "same_as": list(c.same_as),
+                            "calibration_sqnr_db": _num(sqnr(res.table.signal,
+                                                             c.calibration_mse), 4),
+                            "predicted_sqnr_db": _num(_db(res, c.plan), 4),
+                            "relative": {m: _num(v, 6) for m, v in
+                                         sorted(res.costs.plan(c.plan).relative.items())}}
+                           for c in sel.contenders]}
+
+
+def _polish(res: SearchResult) -> dict | None:
+    """The local search from the shortlist's best (mpsearch/job/polish.py)."""
+    po = res.polish
+    if po is None:
+        return None
+    sig = res.table.signal
+    return {"data": "calibration", "start": po.start,
+            "start_sqnr_db": _num(sqnr(sig, po.start_mse), 4),
+            "sqnr_db": _num(sqnr(sig, po.calibration_mse), 4),
+            "evaluations": len(po.steps),
+            "steps": [{"changes": [{"layer": g, "from": a.name, "to": b.name}
+                                   for g, a, b in st.changes],
+                       "calibration_sqnr_db": _num(sqnr(sig, st.calibration_mse), 4),
+                       "accepted": st.accepted} for st in po.steps]}
+
+
+def plan_frame(res: SearchResult) -> pd.DataFrame:
+    """One row per quantizer group along the network: formats, costs, predicted error."""
+    lg, costs, table = res.analysis.graph, res.costs, res.table
+    rows = []
+    for g in lg.group_names:
+        c = res.plan[g]
+        lc = costs.layer(g, c)
+        layer = lg.layers[g]
+        mse = res.errors[(g, c)]
+        rows.append({
+            "group": g, "op_type": layer.op_type, "candidate": c.name,
+            "weight_format": c.weight.name, "activation_format": c.activation.name,
+            "macs": lc.macs, "latency_s": _num(lc.latency_s), "latency_from": lc.latency_from,
+            "bops": _num(lc.bops), "weight_bytes": _num(lc.weight_bytes),
+            "activation_bytes": _num(lc.activation_bytes), "energy_j": _num(lc.energy_j),
+            "predicted_mse": _num(mse), "predicted_sqnr_db": _num(sqnr(table.signal, mse), 4),
+            "measured_single_mse": _num(table.measured.get((g, c),
+                                                           res.refinement.measured.get((g, c)))),
+        })
+    return pd.DataFrame(rows)
+
+
+def plan_document(res: SearchResult, *, model: str, profile: str,
+                  extra: Mapping[str, object] | None = None) -> dict:
+    """The ``plan.json`` document (``model``/``profile``: as the user named them)."""
+    lg = res.analysis.graph
+    ref = res.costs.plan({g: res.costs.reference for g in lg.group_names}, relative=False)
+    frame = plan_frame(res)
+    doc = {
+        "schema": SCHEMA,
+        "model": {"path": model, "sha256": res.model_sha256, "groups": len(lg.group_names),
+                  "layers": len(lg.layers)},
+        "profile": {"path": profile, "name": res.profile.name,
+                    "reference": res.costs.reference.name},
+        "budgets": [{"budget": str(b), "metric": b.metric, "relative": b.relative,
+                     "limit": _num(res.limits[b.metric]),
+                     "limit_relative_to_w8a8": _num(res.limits[b.metric]
+                                                    / ref.as_dict()[b.metric])}
+                    for b in res.budgets],
+        "sensitivity": {"method": res.method.value,
+                        "samples": res.table.samples,
+                        "fit_alpha": _num(res.table.fit.alpha) if res.table.fit else None},
+        "layers": frame.to_dict(orient="records"),
+        "totals": _totals(res.chosen.cost),
+        "quality": {"predicted_sqnr_db": _num(res.chosen.predicted_sqnr_db, 4),
+                    "predicted_mse": _num(res.chosen.predicted_mse),
+                    "measured": _measured(res.chosen)},
+        "gating": None if res.gating is None else {
+            "search": res.gating.search.value, "seconds": _num(res.gating.seconds, 3),
+            "candidates": {g: [c.name for c in cs] for g, cs in res.gating.by_group.items()},
+            "masks_not_energy_order": res.gating.mask_differs},
+        "solver": {"status": res.allocation.solution.status,
+                   "resolves": res.allocation.resolves},
+        "selection": _selection(res),
+        "polish": _polish(res),
+        "refinement": {"rounds": list(res.refinement.rounds),
+                       "pairs_measured": len(res.refinement.measured),
+                       "scales": {k: _num(v, 4) for k, v in sorted(res.refinement.scales.items())}},
+        "baselines": [_plan_summary(u) for u in res.uniform]
+        + ([_plan_summary(res.greedy)] if res.greedy else []),
+        "front": {"metric": res.front.metric,
+                  "points": [{"cost": _num(p.cost),
+                              "relative_to_w8a8": _num(p.cost / ref.as_dict()[res.front.metric]),
+                              "predicted_sqnr_db": _num(_db(res, p.solution.choice), 4),
+                              "source": p.source} for p in res.front.points],
+                  "measured": [_plan_summary(p) for p in res.front_plans]},
+        "float_ops": [{"node": f.node, "op": f.op_type, "reason": f.reason}
+                      for f in lg.float_ops],
+    }
+    if extra:
+        doc.update(extra)
+    return doc
