@@ -11,13 +11,8 @@ from models import images, mbconv, toy_profile
 from onnx import TensorProto, helper, numpy_helper
 
 from mpsearch.core.errors import UsageError
-from mpsearch.export.channels import (
-    ChannelRefusal,
-    ChannelRoute,
-    channel_route,
-    mask_channels,
-    shrink_channels,
-)
+from mpsearch.export.channels import mask_channels, shrink_channels
+from mpsearch.graph.flow import ChannelRefusal, ChannelRoute, channel_route
 from mpsearch.graph.layer_graph import build_layer_graph
 
 KEEP8 = [0, 2, 3, 5, 7, 8, 11, 15]

@@ -106,7 +106,10 @@ def test_truncated_model(files, capsys):
 def test_not_an_onnx_file(files, capsys):
     bad = files["dir"] / "notes.onnx"
     bad.write_text("just some text, certainly not a model\n" * 20)
-    _bad(capsys, ["inspect", str(bad)], "not")
+    before = bad.read_bytes()
+    line = _bad(capsys, ["inspect", str(bad)], f"{bad} is not a readable ONNX model")
+    assert line.endswith("re-export it"), line  # the fix, after the problem
+    assert bad.read_bytes() == before
 
 
 def test_data_missing_an_input(files, capsys):

@@ -12,6 +12,7 @@ import pytest
 
 from mpsearch import analyze, evaluate, load_model, open_dataset, parse_candidate
 from mpsearch.core.formats import Candidate, Format
+from mpsearch.export.qdq import quantize
 from mpsearch.export.readback import read_formats
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,7 @@ MNIST_ACCURACY = {"w8a8": 0.97, "w8a16": 0.97, "w4a8": 0.965, "w16a16": 0.97, "f
 def test_uniform_export_runs_on_ort_cpu(example, fmt):
     name, model, analysis, ev = example
     cand = parse_candidate(fmt)
-    q = analysis.export_uniform(cand)
+    q = quantize(analysis, cand)
     r = evaluate(model, q.model, ev.batches(), labels=ev.labels).primary
     assert r.sqnr_db > BOUNDS[name][fmt], f"{name} {fmt}: {r.sqnr_db:.2f} dB"
     if name == "mnist_cnn":

@@ -11,6 +11,7 @@ from onnx import helper
 
 from mpsearch import analyze, open_dataset, parse_candidate
 from mpsearch.core.formats import Candidate, Format
+from mpsearch.export.qdq import quantize
 from mpsearch.export.readback import read_formats
 from mpsearch.graph.calibrate import make_session
 from mpsearch.graph.evaluate import sqnr_db
@@ -56,7 +57,7 @@ BOUNDS = {"w8a8": 25, "w8a16": 28, "w4a8": 10, "w4a16": 10, "w16a16": 60, "fp16"
 @pytest.mark.parametrize("cand", list(BOUNDS))
 def test_uniform_exports_run_and_meet_sqnr_bounds(cnn, cand):
     model, a = cnn
-    q = a.export_uniform(parse_candidate(cand))
+    q = quantize(a, parse_candidate(cand))
     onnx.checker.check_model(q.model)
     feed = FEED
     s = _sqnr(model, q.model, feed)
@@ -68,7 +69,7 @@ def test_uniform_exports_run_and_meet_sqnr_bounds(cnn, cand):
 def test_sixteen_bit_is_better_than_eight_and_eight_better_than_four(cnn):
     model, a = cnn
     feed = FEED
-    s = {c: _sqnr(model, a.export_uniform(parse_candidate(c)).model, feed)
+    s = {c: _sqnr(model, quantize(a, parse_candidate(c)).model, feed)
          for c in ("w4a8", "w8a8", "w8a16", "w16a16")}
     assert s["w4a8"] < s["w8a8"] < s["w8a16"] < s["w16a16"]
 
@@ -77,7 +78,7 @@ def test_sixteen_bit_is_better_than_eight_and_eight_better_than_four(cnn):
                                         ("w4a8", 21), ("w8a16", 21), ("w16a16", 21)])
 def test_opset_is_raised_only_as_far_as_the_formats_need(cnn, cand, opset):
     _, a = cnn
-    q = a.export_uniform(parse_candidate(cand))
+    q = quantize(a, parse_candidate(cand))
     assert q.opset == opset
     assert max(o.version for o in q.model.opset_import if o.domain == "") == opset
 
@@ -90,7 +91,7 @@ def test_random_mixed_plan_reads_back_exactly(cnn):
     order = rng.permutation(len(choices))
     plan = {g: parse_candidate(choices[order[i % len(choices)]])
             for i, g in enumerate(a.graph.group_names)}
-    q = a.export(plan)
+    q = quantize(a, plan)
     back = read_formats(onnx.load_from_string(q.model.SerializeToString()))
     assert back == {g: _as_stored(c) for g, c in plan.items()}
     assert len(set(plan.values())) == len(plan)
@@ -102,7 +103,7 @@ def test_conversion_where_eight_and_sixteen_bits_meet(cnn):
     _, a = cnn
     plan = {g: parse_candidate("w8a8") for g in a.graph.group_names}
     plan["expand"] = parse_candidate("w8a16")
-    q = a.export(plan)
+    q = quantize(a, plan)
     # expand reads the stem's uint8 output: one u8 -> u16 conversion on that tensor; expand's
     # u16 output flows through its Clip and is converted back to u8 for the depthwise conv.
     conv = {(t, f, to) for t, f, to in q.conversions}
@@ -126,7 +127,7 @@ def test_tied_add_with_mixed_inputs_takes_the_wider_format(cnn):
     _, a = cnn
     plan = {g: parse_candidate("w8a8") for g in a.graph.group_names}
     plan["project"] = parse_candidate("w8a16")
-    q = a.export(plan)
+    q = quantize(a, plan)
     assert q.node_formats["residual"] is Format.UINT16
     assert ("s_act", Format.UINT8, Format.UINT16) in set(q.conversions)
 
@@ -134,7 +135,7 @@ def test_tied_add_with_mixed_inputs_takes_the_wider_format(cnn):
 def test_export_does_not_modify_the_graph_or_the_input(cnn):
     model, a = cnn
     before = (model.SerializeToString(), a.graph.model.SerializeToString())
-    a.export_uniform(parse_candidate("w4a16"))
+    quantize(a, parse_candidate("w4a16"))
     assert (model.SerializeToString(), a.graph.model.SerializeToString()) == before
 
 
@@ -147,7 +148,7 @@ def test_int32_bias_never_overflows_with_dead_channels(tmp_path):
             t.CopyFrom(onnx.numpy_helper.from_array(w, "exp_w"))
     a = _analysis(tmp_path, m, images(32, seed=1))
     for cand in ("w8a8", "w16a16"):
-        q = a.export_uniform(parse_candidate(cand))
+        q = quantize(a, parse_candidate(cand))
         assert _sqnr(m, q.model, FEED) > BOUNDS[cand]
 
 
@@ -157,7 +158,7 @@ def test_attention_with_activation_matmuls_and_float_op(tmp_path):
     a = _analysis(tmp_path, m, x)
     feed = {"x": x[:8]}
     for cand, bound in (("w8a8", 22), ("w8a16", 25), ("w16a16", 60)):
-        q = a.export_uniform(parse_candidate(cand))
+        q = quantize(a, parse_candidate(cand))
         assert _sqnr(m, q.model, feed) > bound, cand
         cumsum = next(n for n in q.model.graph.node if n.op_type == "CumSum")
         assert q.node_formats["cumsum"] is Format.FLOAT
@@ -175,7 +176,7 @@ def test_contrib_op_is_left_float_and_the_model_still_runs(tmp_path):
             n.input[0] = "e_gelu"
     m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     a = _analysis(tmp_path, m, images(32, seed=1))
-    q = a.export_uniform(parse_candidate("w8a8"))
+    q = quantize(a, parse_candidate("w8a8"))
     assert q.node_formats["gelu"] is Format.FLOAT
     assert _sqnr(m, q.model, FEED) > 20
 
@@ -183,7 +184,7 @@ def test_contrib_op_is_left_float_and_the_model_still_runs(tmp_path):
 def test_weight_only_candidate(cnn):
     model, a = cnn
     c = Candidate(weight=Format.INT4, activation=Format.FLOAT)
-    q = a.export({g: c for g in a.graph.group_names})
+    q = quantize(a, {g: c for g in a.graph.group_names})
     assert not any(n.op_type == "QuantizeLinear" for n in q.model.graph.node)
     assert read_formats(q.model)["expand"] == c
     assert _sqnr(model, q.model, FEED) > 10
@@ -194,6 +195,6 @@ def test_fp8_relu_is_not_dropped_by_ort(tmp_path):
     # minimum); the exporter writes Max(x, 0) there instead.
     m = mbconv(act="Relu")
     a = _analysis(tmp_path, m, images(64, seed=1))
-    q = a.export_uniform(parse_candidate("fp8"))
+    q = quantize(a, parse_candidate("fp8"))
     assert not any(n.op_type == "Relu" for n in q.model.graph.node)
     assert _sqnr(m, q.model, FEED) > BOUNDS["fp8"]

@@ -20,6 +20,7 @@ from mpsearch.core.errors import ExportError
 from mpsearch.core.formats import Candidate, Format
 from mpsearch.export.encodings import encodings_document, encodings_schema
 from mpsearch.export.overrides import ort_overrides, quantize_static_kwargs
+from mpsearch.export.qdq import quantize
 from mpsearch.graph.evaluate import sqnr_db
 from mpsearch.quant.analysis import QuantizeOptions
 from mpsearch.quant.layer import Rounding
@@ -92,7 +93,7 @@ def test_encodings_validate_and_cover_every_quantized_tensor(cnn, which):
     a = cnn
     plan = _mixed(a) if which == "mixed" else {g: parse_candidate("w8a8")
                                                for g in a.graph.group_names}
-    q = a.export(plan)
+    q = quantize(a, plan)
     doc = json.loads(json.dumps(encodings_document(q.model)))
     jsonschema.Draft202012Validator.check_schema(encodings_schema())
     jsonschema.validate(doc, encodings_schema(), cls=jsonschema.Draft202012Validator)
@@ -122,7 +123,7 @@ def test_encodings_validate_and_cover_every_quantized_tensor(cnn, which):
 
 def test_encoding_offsets_reproduce_the_dequantized_weights(cnn):
     # x = scale * (q_u + offset) on the unsigned grid must equal ONNX's scale * (q - zp)
-    q = cnn.export(_mixed(cnn))
+    q = quantize(cnn, _mixed(cnn))
     got = _by_name(encodings_document(q.model))
     inits = {t.name: t for t in q.model.graph.initializer}
     for name in ("exp_w", "grp_w", "fc_w", "dw_w"):
@@ -141,13 +142,13 @@ def test_encoding_offsets_reproduce_the_dequantized_weights(cnn):
 def test_fp16_layers_are_float16_entries_and_fp8_is_refused(cnn):
     plan = {g: parse_candidate("w8a8") for g in cnn.graph.group_names}
     plan["project"] = parse_candidate("fp16")
-    q = cnn.export(plan)
+    q = quantize(cnn, plan)
     got = _by_name(encodings_document(q))
     for name in ("proj_w", "p"):
         assert got[name] == {"name": name, "dtype": "FLOAT", "bw": 16, "enc_type": "PER_TENSOR"}
     jsonschema.validate(encodings_document(q), encodings_schema())
     with pytest.raises(ExportError, match="fp8"):
-        encodings_document(cnn.export_uniform(parse_candidate("fp8")).model)
+        encodings_document(quantize(cnn, parse_candidate("fp8")).model)
 
 
 class _Reader(CalibrationDataReader):
@@ -172,7 +173,7 @@ def test_ort_overrides_rebuild_the_same_qdq_model(cnn, which, tmp_path):
     a = cnn
     plan = _mixed(a) if which == "mixed" else {g: parse_candidate("w8a8")
                                                for g in a.graph.group_names}
-    q = a.export(plan)
+    q = quantize(a, plan)
     rebuilt, doc = _ort_rebuild(a, q, tmp_path)
     assert doc["not_reproduced"] == []
     mine, theirs = _expected(q.model), _expected(rebuilt)
@@ -209,7 +210,7 @@ def _conversions(model: onnx.ModelProto) -> set[tuple[str, int]]:
 
 
 def test_int4_overrides_are_per_channel_with_axis(cnn):
-    doc = ort_overrides(cnn.export(_mixed(cnn)))
+    doc = ort_overrides(quantize(cnn, _mixed(cnn)))
     exp_w = doc["TensorQuantOverrides"]["exp_w"]
     assert len(exp_w) == 16 and all(e["axis"] == 0 and e["quant_type"] == "QInt4"
                                     for e in exp_w)
@@ -224,7 +225,7 @@ def test_int4_overrides_are_per_channel_with_axis(cnn):
 def test_weight_only_layer_is_reported_not_reproduced(cnn, tmp_path):
     plan = {g: parse_candidate("w8a8") for g in cnn.graph.group_names}
     plan["depthwise"] = Candidate(weight=Format.INT4, activation=Format.FLOAT)
-    q = cnn.export(plan)
+    q = quantize(cnn, plan)
     rebuilt, doc = _ort_rebuild(cnn, q, tmp_path)
     assert [r["node"] for r in doc["not_reproduced"]] == ["depthwise"]
     assert "dw_w" not in doc["TensorQuantOverrides"]

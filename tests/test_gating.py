@@ -11,7 +11,7 @@ import torch
 
 from mpsearch.core.errors import UsageError
 from mpsearch.graph.layer_hessian import LayerHessian
-from mpsearch.quant.gating import LEVELS, Search, prepare, read_out, sweep, train
+from mpsearch.quant.gating import LEVELS, GateSearch, prepare, read_out, sweep, train
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +89,7 @@ def test_dead_input_column_and_hessian_equals_inputs():
     w[2] = 0.0
     w[2, 0] = 3.0  # channel 2 multiplies only the dead input
     lams = [0.0, 0.003, 0.03]
-    exact = Search.EXACT
+    exact = GateSearch.EXACT
     from_x = sweep(w, inputs=x, lambdas=lams, search=exact)
     from_h = sweep(w, hessian=x.T @ x / len(x), lambdas=lams, search=exact)
     hess = LayerHessian(second=(x.T @ x / len(x))[None], mean=x.mean(0)[None], positions=1.0,
@@ -123,7 +123,7 @@ def test_gates_never_beat_the_exact_optimum():
         assert _objective(layer, gated, lam) >= _objective(layer, layer.exact(lam), lam) - 1e-12
 
 
-@pytest.mark.parametrize("search", list(Search))
+@pytest.mark.parametrize("search", list(GateSearch))
 def test_sweep_is_deterministic_and_monotone(search):
     rng = np.random.default_rng(8)
     w = rng.standard_normal((12, 20)) * rng.uniform(0.01, 2, (12, 1))
@@ -145,7 +145,7 @@ def test_min_bits_and_cost_table():
     w = rng.standard_normal((8, 8))
     x = rng.standard_normal((64, 8))
     table = {4: 1.0, 8: 1.5, 16: 4.0}  # e.g. latency from a profile
-    for search in Search:
+    for search in GateSearch:
         configs = sweep(w, inputs=x, lambdas=[0, 1e4], min_bits=4, bit_cost=table,
                         search=search)
         assert [c.bits for c in configs] == [16, 0]

@@ -1,7 +1,8 @@
 """Latency tables measured on ORT's CPU EP: one-layer models cut as the exporter writes them,
 a table with an entry for every (layer, allowed candidate), written into a profile below the
-marker (the hand-written part kept) and read back, and used by the cost model. No timing
-thresholds: speed is a benchmark (benchmarks/latency_prediction.py), not a test."""
+marker (the hand-written part kept) and read back, and used by the cost model. No speed
+thresholds: speed is a benchmark (benchmarks/latency_prediction.py), not a test; the one
+comparison of times is between models whose work differs 64-fold."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from mpsearch.device.latency import (
     one_layer_model,
     write_latency_table,
 )
-from mpsearch.export.qdq import uniform_plan
+from mpsearch.export.qdq import quantize, uniform_plan
 from mpsearch.graph.calibrate import make_session
 from mpsearch.hw.cost import CostModel
 from mpsearch.hw.profile import load_profile
@@ -44,7 +45,7 @@ def setup(tmp_path_factory):
 def test_one_layer_model_starts_and_ends_quantized(setup):
     model, data, _, _, analysis = setup
     layer = analysis.graph.layers["expand"]
-    cut = one_layer_model(analysis.export_uniform(parse_candidate("w8a8")).model, layer)
+    cut = one_layer_model(quantize(analysis, parse_candidate("w8a8")).model, layer)
     g = cut.model.graph
     assert [n.op_type for n in g.node] == ["DequantizeLinear"] * 3 + ["Conv", "QuantizeLinear"]
     assert [i.type.tensor_type.elem_type for i in g.input] == [TensorProto.UINT8]
@@ -53,9 +54,9 @@ def test_one_layer_model_starts_and_ends_quantized(setup):
     (y,) = make_session(cut.model).run(None, {cut.inputs[0]: x})
     assert y.dtype == np.uint8 and y.shape == (1, 16, 8, 8)
 
-    w16 = one_layer_model(analysis.export_uniform(parse_candidate("w8a16")).model, layer)
+    w16 = one_layer_model(quantize(analysis, parse_candidate("w8a16")).model, layer)
     assert [i.type.tensor_type.elem_type for i in w16.model.graph.input] == [TensorProto.UINT16]
-    fp = one_layer_model(analysis.export_uniform(parse_candidate("fp16")).model, layer)
+    fp = one_layer_model(quantize(analysis, parse_candidate("fp16")).model, layer)
     assert [n.op_type for n in fp.model.graph.node] == ["Conv"]
     assert fp.inputs == layer.inputs and fp.outputs == (layer.output,)
 
@@ -118,8 +119,28 @@ def test_profiles_for_other_runtimes_are_refused(setup):
         measure_latency_table(model, data, load_profile(PROFILES / "snapdragon_8gen3.yaml"))
 
 
-def test_median_latencies_times_each_model(setup):
-    model, _, _, _, analysis = setup
-    q = analysis.export_uniform(parse_candidate("w8a8")).model
-    times = median_latencies([model, q], {"x": images(1)}, warmup=1, repeats=3, rounds=3)
-    assert len(times) == 2 and all(t > 0 for t in times)
+def _matmul_chain(count: int):
+    """``count`` 256x256 MatMuls in a row on a [64, 256] input: work proportional to count."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((256, 256)) / 16).astype(np.float32), "w")
+    nodes, prev = [], "x"
+    for i in range(count):
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [f"y{i}"]))
+        prev = f"y{i}"
+    graph = helper.make_graph(
+        nodes, f"chain{count}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 256])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [64, 256])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_median_latencies_times_each_model():
+    """One median per model, in the order given: a model doing 64x the work of another is
+    timed far slower (the factor asked, 4, leaves a wide margin for a loaded machine)."""
+    light, heavy = _matmul_chain(1), _matmul_chain(64)
+    feed = {"x": np.ones((64, 256), np.float32), "unused": np.ones(3, np.float32)}
+    times = median_latencies([heavy, light, heavy], feed, warmup=1, repeats=6, rounds=3,
+                             threads=1)
+    assert len(times) == 3
+    assert times[0] > 4 * times[1] and times[2] > 4 * times[1], times

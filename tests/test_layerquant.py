@@ -13,6 +13,7 @@ from mpsearch import analyze, open_dataset, parse_candidate
 from mpsearch.core.errors import UsageError
 from mpsearch.core.formats import Format, dequantize, quantize
 from mpsearch.core.ops import OpRole
+from mpsearch.export.qdq import quantize as quantize_plan
 from mpsearch.graph.calibrate import ChannelMoments, make_session
 from mpsearch.graph.layer_graph import Layer
 from mpsearch.graph.layer_hessian import LayerHessian
@@ -20,10 +21,12 @@ from mpsearch.graph.ranges import RangeMethod
 from mpsearch.quant.analysis import QuantizeOptions
 from mpsearch.quant.layer import (
     INT32_BIAS_LIMIT,
+    LayerInputs,
     Rounding,
-    input_channel_view,
+    WeightSettings,
     quantize_layer,
 )
+from mpsearch.quant.layout import input_channel_view
 from mpsearch.quant.parameters import RangeSetter
 
 
@@ -56,10 +59,12 @@ def _out_err(x, w, b, lw) -> tuple[float, float]:
 def test_output_aware_clipping_and_bias_correction_reduce_output_error(fmt):
     x, w, b, mom = _data()
     layer = _gemm(*w.shape)
-    plain = quantize_layer(layer, w, b, fmt, moments=None, method=RangeMethod.MSE)
-    aware = quantize_layer(layer, w, b, fmt, moments=mom, method=RangeMethod.MSE,
-                           bias_correction=False)
-    both = quantize_layer(layer, w, b, fmt, moments=mom, method=RangeMethod.MSE)
+    mse = WeightSettings(method=RangeMethod.MSE)
+    plain = quantize_layer(LayerInputs(layer=layer, weight=w, bias=b), fmt, settings=mse)
+    aware = quantize_layer(LayerInputs(layer=layer, weight=w, bias=b, moments=mom), fmt,
+                           settings=WeightSettings(method=RangeMethod.MSE, bias_correction=False))
+    both = quantize_layer(LayerInputs(layer=layer, weight=w, bias=b, moments=mom), fmt,
+                          settings=mse)
     e_plain, m_plain = _out_err(x, w, b, plain)
     e_aware, _ = _out_err(x, w, b, aware)
     e_both, m_both = _out_err(x, w, b, both)
@@ -83,8 +88,8 @@ def test_corrected_bias_still_fits_int32():
     x, w, b, mom = _data(1)
     w[3] = 0.0
     b[3] = 5.0
-    lw = quantize_layer(_gemm(*w.shape), w, b, Format.INT16, moments=mom,
-                        method=RangeMethod.MSE, input_scale=1e-6)
+    lw = quantize_layer(LayerInputs(layer=_gemm(*w.shape), weight=w, bias=b, moments=mom),
+                        Format.INT16, input_scale=1e-6)
     s_b = 1e-6 * lw.qparams.scale.astype(np.float64)
     assert np.abs(lw.bias / s_b).max() < INT32_BIAS_LIMIT
 
@@ -99,13 +104,16 @@ def test_rescale_after_correction_rerounds_with_the_same_method(rounding):
                      rows_seen=len(xd), dense=True)
     layer = _gemm(*w.shape)
     w[3] *= 1e-3  # a nearly dead channel: a tiny weight scale
-    kw = dict(moments=mom, method=RangeMethod.MSE, hessian=h, rounding=rounding)
-    free = quantize_layer(layer, w, b, Format.INT8, **kw)
+    def inputs() -> LayerInputs:  # b changes below
+        return LayerInputs(layer=layer, weight=w, bias=b, moments=mom, hessian=h)
+
+    kw = dict(settings=WeightSettings(method=RangeMethod.MSE, rounding=rounding))
+    free = quantize_layer(inputs(), Format.INT8, **kw)
     s3, delta3 = float(free.qparams.scale[3]), float(b[3] - free.bias[3])
     s_x = 1e-6
     # just inside the int32 limit before the correction, outside after it
     b[3] = -np.sign(delta3) * s3 * s_x * INT32_BIAS_LIMIT / 1.01 * (1 - 1e-4)
-    lw = quantize_layer(layer, w, b, Format.INT8, input_scale=s_x, **kw)
+    lw = quantize_layer(inputs(), Format.INT8, input_scale=s_x, **kw)
     s = lw.qparams.scale.astype(np.float64)
     assert s[3] > s3 and np.array_equal(np.delete(s, 3), np.delete(free.qparams.scale, 3))
     assert np.abs(lw.bias / (s_x * s)).max() < INT32_BIAS_LIMIT
@@ -116,15 +124,15 @@ def test_rescale_after_correction_rerounds_with_the_same_method(rounding):
     np.testing.assert_array_equal(lw.values[3], nearest[3])
     np.testing.assert_array_equal(np.delete(lw.values, 3, 0), np.delete(free.values, 3, 0))
     # the same result from the one without the int32 limit (what RangeSetter passes)
-    again = quantize_layer(layer, w, b, Format.INT8, input_scale=s_x, base=free, **kw)
+    again = quantize_layer(inputs(), Format.INT8, input_scale=s_x, base=free, **kw)
     np.testing.assert_array_equal(again.values, lw.values)
     np.testing.assert_array_equal(again.bias, lw.bias)
     if rounding is Rounding.HESSIAN:
         np.testing.assert_array_equal(np.delete(lw.values, 3, 0),
                                       np.delete(free.values, 3, 0))
         assert _out_err(x, w, b, lw)[0] < _out_err(
-            x, w, b, quantize_layer(layer, w, b, Format.INT8, moments=mom,
-                                    method=RangeMethod.MSE, input_scale=s_x))[0]
+            x, w, b, quantize_layer(LayerInputs(layer=layer, weight=w, bias=b, moments=mom),
+                                    Format.INT8, input_scale=s_x))[0]
 
 
 # -- Hessian rounding on a real model, measured by running each layer in ONNX Runtime
@@ -199,7 +207,7 @@ def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def test_export_ships_exactly_the_integers_the_range_setter_holds(mb):
     a, nearest, _ = mb
-    q = a.export_uniform(parse_candidate("w4a8"))
+    q = quantize_plan(a, parse_candidate("w4a8"))
     inits = _initializers(q.model)
     producer = {o: n for n in q.model.graph.node for o in n.output}
     differs = 0

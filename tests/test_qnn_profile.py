@@ -26,6 +26,7 @@ pytest.importorskip(
 from mpsearch import ModelError, analyze, open_dataset, parse_candidate  # noqa: E402
 from mpsearch.core.formats import Candidate, Format  # noqa: E402
 from mpsearch.device.qnn import QNN_EP, compile_on_htp, run_on_htp  # noqa: E402
+from mpsearch.export.qdq import quantize  # noqa: E402
 from mpsearch.graph.calibrate import make_session  # noqa: E402
 from mpsearch.graph.evaluate import sqnr_db  # noqa: E402
 from mpsearch.hw.profile import load_profile  # noqa: E402
@@ -141,11 +142,11 @@ class Exporter:
 
     def export(self, op: str, candidate: Candidate) -> onnx.ModelProto:
         if not _prunes_channels(candidate):
-            return self._analysis(op, False).export_uniform(candidate).model
+            return quantize(self._analysis(op, False), candidate).model
         a = self._analysis(op, True)
         dense = Candidate(weight=candidate.weight, activation=candidate.activation)
         plan = {g: candidate if g == op.lower() else dense for g in a.graph.group_names}
-        qm = a.export(plan)
+        qm = quantize(a, plan)
         assert len(qm.kept_channels[op.lower()]) == round(16 * candidate.sparsity.density)
         return qm.model
 

@@ -11,11 +11,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import yaml
 from models import images, mbconv
 
 import mpsearch
 from mpsearch.cli.main import main
 from mpsearch.export.readback import read_formats
+from mpsearch.job.config import (
+    CacheConfig,
+    CandidateConfig,
+    MeasureConfig,
+    RefinementConfig,
+    SearchConfig,
+)
+from mpsearch.job.search import SearchData
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "hw_profiles" / "snapdragon_8gen3.yaml"
@@ -33,10 +42,11 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def result(files):
-    return mpsearch.search(files["model"], PROFILE, files["calib"], eval_data=files["eval"],
-                           budget=["bops=0.9", "size=0.8"], use_cache=False,
-                           front_points=2,
-                           candidates=["w8a8", "w4a8", "w8a16", "w16a16"])
+    cfg = SearchConfig(budgets=["bops=0.9", "size=0.8"], cache=CacheConfig(enabled=False),
+                       measurement=MeasureConfig(front_points=2),
+                       candidates=CandidateConfig(only=["w8a8", "w4a8", "w8a16", "w16a16"]))
+    return mpsearch.search(files["model"], PROFILE,
+                           SearchData(calibration=files["calib"], evaluation=files["eval"]), cfg)
 
 
 def test_plan_meets_every_budget_and_is_the_optimum_of_its_problem(result):
@@ -124,10 +134,15 @@ def test_exploration_also_measures_where_an_optimistic_plan_departs(files):
     from mpsearch.job.refinement import hopeful_errors, pairs_to_verify
     from mpsearch.solve.allocate import allocate, build_problem
 
-    kw = dict(budget="bops=0.8", use_cache=False, measure=False, select=False, refine=1,
-              candidates=["w8a8", "w4a8", "w8a16"])
-    plain = mpsearch.search(files["model"], PROFILE, files["calib"], explore=1, **kw)
-    wide = mpsearch.search(files["model"], PROFILE, files["calib"], explore=4, **kw)
+    def config(explore: float) -> SearchConfig:
+        return SearchConfig(budgets=["bops=0.8"], cache=CacheConfig(enabled=False),
+                            measurement=MeasureConfig(enabled=False),
+                            refinement=RefinementConfig(select=False, rounds=1,
+                                                        explore=explore),
+                            candidates=CandidateConfig(only=["w8a8", "w4a8", "w8a16"]))
+
+    plain = mpsearch.search(files["model"], PROFILE, files["calib"], config(1))
+    wide = mpsearch.search(files["model"], PROFILE, files["calib"], config(4))
     table, costs, lg = wide.table, wide.costs, wide.analysis.graph
     cands = {g: table.candidates[g] for g in lg.group_names}
     errors = {(g, c): table.error(g, c) for g in lg.group_names for c in cands[g]}
@@ -188,6 +203,47 @@ def test_same_inputs_and_seed_give_the_same_bytes(files, tmp_path):
     assert {b["name"] for b in doc["baselines"]} >= {"uniform w8a8", "greedy (AMP)"}
 
 
+def test_the_config_a_run_writes_runs_it_again(files, tmp_path):
+    """``config.yaml`` holds every setting of a run: ``run --config`` alone repeats it byte for
+    byte from another folder, and a flag given beside it overrides the file's value."""
+    a, again, wider = tmp_path / "a", tmp_path / "again", tmp_path / "wider"
+    assert _run(files, a, "--budget", "bops=0.8", "--seed", "3", "--no-verify") == 0
+    cfg = yaml.safe_load((a / "config.yaml").read_text())
+    assert cfg["schema"] == "mpsearch.run/1" and cfg["out"] == "."
+    assert cfg["search"]["budgets"] == ["bops=0.8"] and cfg["search"]["seed"] == 3
+    assert cfg["search"]["candidates"]["only"] == ["w8a8", "w4a8", "w8a16"]
+    assert cfg["search"]["cache"]["enabled"] is False
+    assert cfg["verification"]["enabled"] is False
+    assert main(["run", "--config", str(a / "config.yaml"), "--out", str(again), "-q"]) == 0
+    for name in ("plan.json", "plan.csv", "model.qdq.onnx", "config.yaml"):
+        assert (a / name).read_bytes() == (again / name).read_bytes(), name
+    assert main(["run", "--config", str(a / "config.yaml"), "--out", str(wider), "-q",
+                 "--budget", "bops=0.95"]) == 0
+    doc = json.loads((wider / "plan.json").read_text())
+    assert [b["budget"] for b in doc["budgets"]] == ["bops=0.95"]
+    assert 0.8 < doc["totals"]["bops"]["relative_to_w8a8"] <= 0.95
+    assert yaml.safe_load((wider / "config.yaml").read_text())["search"]["seed"] == 3
+
+
+def test_a_bad_value_in_a_config_file_names_the_file_and_key(files, tmp_path, capsys):
+    cfg = {"model": str(files["model"]), "hw": str(PROFILE), "data": str(files["calib"]),
+           "out": str(tmp_path / "out"),
+           "search": {"budgets": ["bops=0.8"], "refinement": {"rounds": -1}}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", "--config", str(path), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mpsearch: error: {path}: search.refinement.rounds -1 is negative; "
+                   "pass 0 or more"], err
+    cfg["search"]["refinement"] = {"round": 2}
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", "--config", str(path), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "search.refinement.round is not a known key" in err
+    assert "rounds, explore, select, polish" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_impossible_budget_exits_2_naming_the_smallest_reachable_value(files, tmp_path,
                                                                        capsys):
     out = tmp_path / "out"
@@ -215,13 +271,18 @@ def test_bad_arguments_exit_2(files, tmp_path, capsys, argv, needle):
     assert not (tmp_path / "out").exists()
 
 
+def _pinned(budget: str, pin: dict[str, str]) -> SearchConfig:
+    return SearchConfig(budgets=[budget], cache=CacheConfig(enabled=False),
+                        measurement=MeasureConfig(enabled=False, front_points=0),
+                        candidates=CandidateConfig(pin=pin, only=["w8a8", "w4a8"]))
+
+
 def test_pin_is_respected(files):
     lg = mpsearch.build_layer_graph(mpsearch.load_model(files["model"]))
     tied = set().union(*lg.tie_classes())
     g = next(x for x in lg.group_names if x not in tied)
-    res = mpsearch.search(files["model"], PROFILE, files["calib"], budget="bops=1.2",
-                          pin={g: "w16a16"}, use_cache=False, measure=False, front_points=0,
-                          candidates=["w8a8", "w4a8"])
+    res = mpsearch.search(files["model"], PROFILE, files["calib"], _pinned("bops=1.2",
+                                                                         {g: "w16a16"}))
     assert res.plan[g].name == "w16a16"
     assert res.chosen.cost.relative["bops"] <= 1.2 + 1e-9
 
@@ -230,6 +291,5 @@ def test_pin_that_breaks_a_tie_names_it(files):
     lg = mpsearch.build_layer_graph(mpsearch.load_model(files["model"]))
     tie = sorted(lg.tie_classes()[0])
     with pytest.raises(mpsearch.UsageError, match=f"pin {tie[0]}=w16a16 needs"):
-        mpsearch.search(files["model"], PROFILE, files["calib"], budget="bops=0.7",
-                        pin={tie[0]: "w16a16"}, use_cache=False, measure=False,
-                        front_points=0, candidates=["w8a8", "w4a8"])
+        mpsearch.search(files["model"], PROFILE, files["calib"],
+                        _pinned("bops=0.7", {tie[0]: "w16a16"}))

@@ -23,8 +23,8 @@ from mpsearch.data.dataset import open_dataset
 from mpsearch.export.qdq import export_qdq
 from mpsearch.graph.calibrate import make_session, run_collectors
 from mpsearch.quant.analysis import analyze
-from mpsearch.sensitivity import Method, estimate
 from mpsearch.sensitivity.hessian import layer_output_error
+from mpsearch.sensitivity.run import Method, estimate
 from mpsearch.sensitivity.suffix import TensorStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -300,7 +300,7 @@ def test_csv_is_what_pandas_writes(tmp_path):
     ``float_format="%.6g"`` writes it: None and NaN empty, infinities, quoting."""
     import pandas as pd
 
-    from mpsearch.cli.sensitivity import CSV_COLUMNS, _write_csv
+    from mpsearch.sensitivity.document import CSV_COLUMNS, write_rows
 
     base = dict.fromkeys(CSV_COLUMNS)
     rows = [{**base, "group": "a,b", "op_type": "Conv", "depthwise": True, "candidate": "w8a8",
@@ -311,7 +311,7 @@ def test_csv_is_what_pandas_writes(tmp_path):
              "predicted_mse": float("nan"), "predicted_sqnr_db": 12345678.9}]
     pd.DataFrame(rows, columns=list(CSV_COLUMNS)).to_csv(tmp_path / "pandas.csv", index=False,
                                                           float_format="%.6g")
-    _write_csv(str(tmp_path / "ours.csv"), rows)
+    write_rows(tmp_path / "ours.csv", rows)
     assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
 
 

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
 
 from mpsearch.core.errors import InfeasibleBudgetError, UsageError
-from mpsearch.solve import (
-    PENALTY,
-    Edge,
-    Problem,
-    evaluate,
-    front,
-    greedy,
-    greedy_path,
-    smallest,
-    solve,
-)
-from mpsearch.solve.problem import ties_hold
+from mpsearch.solve.greedy import greedy, greedy_path
+from mpsearch.solve.ilp import smallest, solve
+from mpsearch.solve.pareto import front
+from mpsearch.solve.problem import PENALTY, Edge, Problem, evaluate, ties_hold
 
 PORTS = ("a8", "a16", "f8")
 METRICS = ("latency_s", "bops")
@@ -249,18 +242,18 @@ def test_infeasible_message_names_every_budget():
         solve(problem, {"bops": 15.0, "latency_s": 1.6e-3})
 
 
-@pytest.mark.parametrize("bad", [
-    dict(error={"a": (1.0,)}),
-    dict(error={"a": (-1.0, 0.0)}),
-    dict(error={"a": (math.nan, 0.0)}),
-    dict(error={"a": (1.0, 0.0), "z": (1.0, 0.0)}),
-    dict(ties=(("a", "z"),)),
-    dict(edges=(Edge(src="a", dst="z", costs={}),)),
-    dict(costs={"bops": {"a": (1.0,)}}),
+@pytest.mark.parametrize("bad, message", [
+    (dict(error={"a": (1.0,)}), "error of group 'a' has 1 values for 2 options"),
+    (dict(error={"a": (-1.0, 0.0)}), "error of group 'a' is negative"),
+    (dict(error={"a": (math.nan, 0.0)}), "error of group 'a' is not finite"),
+    (dict(error={"a": (1.0, 0.0), "z": (1.0, 0.0)}), "error names unknown group 'z'"),
+    (dict(ties=(("a", "z"),)), "a tie names unknown group 'z'"),
+    (dict(edges=(Edge(src="a", dst="z", costs={}),)), "an edge names unknown group 'z'"),
+    (dict(costs={"bops": {"a": (1.0,)}}), "bops cost of group 'a' has 1 values for 2 options"),
 ])
-def test_problem_validation(bad):
+def test_problem_validation(bad, message):
     args = dict(groups=("a",), options={"a": ("i4", "i8")}, error={"a": (1.0, 0.0)})
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match=re.escape(message)):
         Problem(**{**args, **bad})
 
 

@@ -17,11 +17,20 @@ from scipy.stats import spearmanr
 import mpsearch
 from mpsearch import analyze, open_dataset, parse_candidate
 from mpsearch.core.errors import UsageError
+from mpsearch.export.qdq import quantize
 from mpsearch.graph.calibrate import make_session
 from mpsearch.graph.layer_graph import Layer
 from mpsearch.hw.cost import CostModel
 from mpsearch.hw.profile import load_profile, parse_profile
-from mpsearch.sensitivity import estimate
+from mpsearch.job.config import (
+    CacheConfig,
+    CandidateConfig,
+    MeasureConfig,
+    RefinementConfig,
+    SearchConfig,
+)
+from mpsearch.job.search import SearchData
+from mpsearch.sensitivity.run import estimate
 from mpsearch.sensitivity.table import candidates_for, legal_candidates
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +94,7 @@ def test_exported_2_4_layers_keep_two_of_every_four_inputs(setup):
     plan = {g: INT8_24 if INT8_24 in cands[g] else INT8 for g in lg.group_names}
     sparse = [g for g, c in plan.items() if c.sparsity is not None]
     assert set(sparse) == {"expand", "project", "grouped", "fc"}
-    qm = an.export(plan).model
+    qm = quantize(an, plan).model
     stored = _stored_weights(qm, lg)
     for g in sparse:
         nz = _groups_of_four(lg.layers[g], stored[g])
@@ -97,7 +106,7 @@ def test_exported_2_4_layers_keep_two_of_every_four_inputs(setup):
     ref = make_session(setup["model"]).run(None, {"x": x})[0]
     got = make_session(qm).run(None, {"x": x})[0]
     assert 5.0 < _sqnr(ref, got) < _sqnr(ref, make_session(
-        an.export({g: INT8 for g in lg.group_names}).model).run(None, {"x": x})[0])
+        quantize(an, {g: INT8 for g in lg.group_names}).model).run(None, {"x": x})[0])
 
 
 def test_unstructured_half_prunes_exactly_half_of_every_layer(setup):
@@ -106,7 +115,7 @@ def test_unstructured_half_prunes_exactly_half_of_every_layer(setup):
     half = parse_candidate("w8a8+unstructured@0.5")
     cands = candidates_for(lg, CostModel(lg, SNAPDRAGON), sparsity="unstructured")
     assert all(half in cands[g] for g in lg.group_names)  # no layout refuses unstructured
-    stored = _stored_weights(an.export({g: half for g in lg.group_names}).model, lg)
+    stored = _stored_weights(quantize(an, {g: half for g in lg.group_names}).model, lg)
     for g in lg.group_names:
         w = stored[g]
         assert (w == 0).sum() == round(0.5 * w.size), g
@@ -125,13 +134,13 @@ def test_layers_that_cannot_take_2_4_never_get_it(setup):
     only = candidates_for(lg, CostModel(lg, H100), (INT8, INT8_24))
     assert only["fc"] == (INT8, INT8_24) and only["stem"] == (INT8,)
     with pytest.raises(UsageError, match="depthwise conv has 1 per group"):
-        setup["analysis"].export({g: INT8_24 if g == "depthwise" else INT8
+        quantize(setup["analysis"], {g: INT8_24 if g == "depthwise" else INT8
                                   for g in lg.group_names})
     with pytest.raises(UsageError, match="output channels"):
-        setup["analysis"].export({g: parse_candidate("w8a8+channel@0.5") if g == "fc"
+        quantize(setup["analysis"], {g: parse_candidate("w8a8+channel@0.5") if g == "fc"
                                   else parse_candidate("w8a8") for g in lg.group_names})
-    with pytest.raises(UsageError, match="unknown sparsity"):
-        candidates_for(lg, CostModel(lg, H100), sparsity="4:8")
+    with pytest.raises(UsageError, match="sparsity 4:8 is not a known choice"):
+        SearchConfig(budgets=["bops=1"], candidates=CandidateConfig(sparsity="4:8"))
 
 
 def test_hessian_prediction_of_pruned_candidates_tracks_the_measured_error(setup):
@@ -154,14 +163,20 @@ def test_hessian_prediction_of_pruned_candidates_tracks_the_measured_error(setup
         assert rho.statistic >= 0.7, g
 
 
+def _config(budget: str, **candidates: str) -> SearchConfig:
+    return SearchConfig(budgets=[budget], cache=CacheConfig(enabled=False),
+                        measurement=MeasureConfig(front_points=0),
+                        refinement=RefinementConfig(rounds=1),
+                        candidates=CandidateConfig(**candidates))
+
+
 def test_search_buys_latency_with_2_4_where_the_budget_needs_it(setup, tmp_path):
     d = setup["dir"]
     prof = parse_profile(TOY_H100, where="toy_h100.yaml")
-    kwargs = dict(budget="latency=0.85", eval_data=d / "eval.npz", use_cache=False,
-                  front_points=0, refine=1)
+    data = SearchData(calibration=d / "calib.npz", evaluation=d / "eval.npz")
     with pytest.raises(mpsearch.InfeasibleBudgetError):
-        mpsearch.search(d / "model.onnx", prof, d / "calib.npz", **kwargs)
-    res = mpsearch.search(d / "model.onnx", prof, d / "calib.npz", sparsity="2:4", **kwargs)
+        mpsearch.search(d / "model.onnx", prof, data, _config("latency=0.85"))
+    res = mpsearch.search(d / "model.onnx", prof, data, _config("latency=0.85", sparsity="2:4"))
     assert res.chosen.cost.relative["latency_s"] <= 0.85 + 1e-9 and res.chosen.fits
     picked = {g for g, c in res.plan.items() if c.sparsity is not None}
     assert picked and picked <= {"expand", "project", "grouped", "fc"}
@@ -210,12 +225,10 @@ def test_search_prunes_channels_and_exports_the_smaller_model(setup):
 
     d = setup["dir"]
     prof = parse_profile(TOY_CHANNEL, where="toy_channel.yaml")
-    kwargs = dict(budget="bops=0.9", eval_data=d / "eval.npz", use_cache=False,
-                  front_points=0, refine=1)
+    data = SearchData(calibration=d / "calib.npz", evaluation=d / "eval.npz")
     with pytest.raises(mpsearch.InfeasibleBudgetError):
-        mpsearch.search(d / "model.onnx", prof, d / "calib.npz", **kwargs)
-    res = mpsearch.search(d / "model.onnx", prof, d / "calib.npz", sparsity="channel",
-                          **kwargs)
+        mpsearch.search(d / "model.onnx", prof, data, _config("bops=0.9"))
+    res = mpsearch.search(d / "model.onnx", prof, data, _config("bops=0.9", sparsity="channel"))
     lg = res.analysis.graph
     assert res.plan["expand"] == CHANNEL and res.chosen.fits
     assert all(c.sparsity is None for g, c in res.plan.items() if g != "expand")
@@ -269,12 +282,11 @@ def test_gating_candidates_enter_the_search_and_the_budget_holds(setup, gating):
     channel counts off the fixed 0.5/0.75 ladder, the solver picks one within the budget, and
     the exported file has that many channels."""
     d = setup["dir"]
-    kwargs = dict(budget="size=0.52", eval_data=d / "eval.npz", use_cache=False,
-                  front_points=0, refine=1)
+    data = SearchData(calibration=d / "calib.npz", evaluation=d / "eval.npz")
     with pytest.raises(mpsearch.InfeasibleBudgetError, match="size=0.599"):
-        mpsearch.search(d / "model.onnx", SNAPDRAGON, d / "calib.npz", **kwargs)
-    res = mpsearch.search(d / "model.onnx", SNAPDRAGON, d / "calib.npz", gating=gating,
-                          **kwargs)
+        mpsearch.search(d / "model.onnx", SNAPDRAGON, data, _config("size=0.52"))
+    res = mpsearch.search(d / "model.onnx", SNAPDRAGON, data,
+                          _config("size=0.52", gating=gating))
     assert set(res.gating.by_group) == {"expand"}
     offered = res.gating.by_group["expand"]
     assert offered and all(c.sparsity.pattern == "channel" and c.weight.bits in (4, 8, 16)
@@ -331,7 +343,7 @@ def test_fp8_plan_with_pruned_channels_shrinks_past_its_rewritten_clips(setup):
     fp8 = parse_candidate("fp8")
     plan = {g: parse_candidate("fp8+channel@0.5") if g == "expand" else fp8
             for g in a.graph.group_names}
-    qm = a.export(plan)
+    qm = quantize(a, plan)
     conv = next(n for n in qm.model.graph.node if n.name == "expand")
     producer = {o: n for n in qm.model.graph.node for o in n.output}
     w = next(t for t in qm.model.graph.initializer

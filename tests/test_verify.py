@@ -24,6 +24,7 @@ from mpsearch.cli.main import main
 from mpsearch.core.errors import DataError, ModelError, UsageError
 from mpsearch.device.qnn import QNN_EP, qnn_available
 from mpsearch.device.verify import SCHEMA, verify
+from mpsearch.export.qdq import quantize
 
 pytestmark = pytest.mark.skipif(
     not qnn_available(),
@@ -45,7 +46,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {"calib": root / "calib.npz", "eval": root / "eval.npz", "dir": root}
     for name in ("w8a8", "fp8"):
         out[name] = root / f"{name}.onnx"
-        onnx.save(analysis.export_uniform(parse_candidate(name)).model, str(out[name]))
+        onnx.save(quantize(analysis, parse_candidate(name)).model, str(out[name]))
     return out
 
 
@@ -106,7 +107,7 @@ def test_static_input_shape_and_other_dynamic_dims_from_the_data(tmp_path):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     np.savez(tmp_path / "d.npz", x=rng.standard_normal((8, 4, 32)).astype(np.float32))
-    q = analyze(m, open_dataset(tmp_path / "d.npz", m)).export_uniform(parse_candidate("w8a8"))
+    q = quantize(analyze(m, open_dataset(tmp_path / "d.npz", m)), parse_candidate("w8a8"))
     onnx.save(q.model, str(tmp_path / "q.onnx"))
     r = verify(tmp_path / "q.onnx", data=tmp_path / "d.npz", samples=1)
     assert r.fully_on_target and dict(r.input_shapes) == {"x": (1, 4, 32)}

@@ -6,12 +6,13 @@ import argparse
 import json
 from typing import Any
 
+from mpsearch.cli.args import parse_shapes
 from mpsearch.core.errors import UsageError
 
 UNIFORM_FOR_REPORT = ("w8a8", "w4a8", "w8a16", "w16a16", "fp16")
 
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
     hw = sub.add_parser("hw", help="hardware profiles: validate, show, measure latency tables",
                         description="Hardware profiles describe what a device can run and what "
                                     "it costs; see hw_profiles/README.md.")
@@ -88,7 +89,6 @@ def _profile_doc(p: Any) -> dict[str, Any]:
 
 
 def cmd_show(args: argparse.Namespace, ui: Any) -> int:
-    from mpsearch.cli.main import _parse_shapes
     from mpsearch.core.formats import parse_candidate
     from mpsearch.graph.layer_graph import build_layer_graph, load_model
     from mpsearch.hw.cost import METRICS, CostModel
@@ -98,7 +98,7 @@ def cmd_show(args: argparse.Namespace, ui: Any) -> int:
     doc: dict[str, Any] = {"profile": _profile_doc(p)}
     if args.model:
         lg = build_layer_graph(load_model(args.model),
-                               input_shapes=_parse_shapes(args.input_shape))
+                               input_shapes=parse_shapes(args.input_shape))
         cm = CostModel(lg, p)
         doc["layers"] = {g: {c.name: {m: getattr(cm.layer(g, c), m) for m in METRICS}
                              | {"latency_from": cm.layer(g, c).latency_from}

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser(
         "report", parents=[common],
         help="rebuild report.html from a run folder's files",

@@ -4,12 +4,9 @@ from the layer Hessian; writes sensitivity.csv, sensitivity.json and sensitivity
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import logging
-import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,7 @@ log = logging.getLogger(__name__)
 OUTPUTS = ("sensitivity.csv", "sensitivity.json", "sensitivity.png")
 
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser(
         "sensitivity", parents=[common],
         help="how much each layer suffers in each candidate format",
@@ -78,14 +75,9 @@ def cmd_sensitivity(args: argparse.Namespace, ui: Any) -> int:
     from mpsearch.hw.cost import CostModel
     from mpsearch.hw.profile import load_profile
     from mpsearch.quant.analysis import analyze
-    from mpsearch.sensitivity import (
-        Method,
-        SensitivityCache,
-        SensitivityTable,
-        candidates_for,
-        estimate,
-        table_variant,
-    )
+    from mpsearch.sensitivity.cache import SensitivityCache
+    from mpsearch.sensitivity.run import Method, estimate, table_variant
+    from mpsearch.sensitivity.table import SensitivityTable, candidates_for
 
     if args.workers < 1:
         raise UsageError(f"--workers {args.workers} is not a positive number",
@@ -144,44 +136,10 @@ def cmd_sensitivity(args: argparse.Namespace, ui: Any) -> int:
     return 0
 
 
-def sensitivity_document(table, *, model, profile, data, method, timings: bool = True) -> dict:
-    """``sensitivity.json``: the table with what it was computed from (paths as given);
-    ``timings=False`` leaves out the stage timings (``seconds``), so the same inputs give the
-    same bytes."""
-    doc = {"model": str(model), "profile": str(profile), "data": str(data),
-           "method": method.value, **table.to_dict()}
-    if not timings:
-        doc.pop("seconds", None)
-    return doc
-
-
-CSV_COLUMNS = ("group", "op_type", "depthwise", "candidate", "measured_mse",
-               "measured_sqnr_db", "predicted_mse", "predicted_sqnr_db", "layer_relative_error")
-
-
-def _csv_cell(v: object) -> object:
-    """As pandas' ``to_csv(float_format="%.6g")`` writes it: None and NaN empty."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    return f"{v:.6g}" if isinstance(v, float) else v
-
-
-def _write_csv(path: str, rows: list[dict]) -> None:
-    # The csv module, not pandas: the same bytes for 300 rows, without pandas' import (0.15 s
-    # of a cached re-run that takes 1 s).
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator=os.linesep)
-        w.writerow(CSV_COLUMNS)
-        w.writerows([_csv_cell(r[c]) for c in CSV_COLUMNS] for r in rows)
-
-
 def _write(out, table, lg, args: argparse.Namespace, method, cache=None) -> None:
-    rows = table.rows()
-    for r in rows:
-        layer = lg.layers[r["group"]]
-        r["op_type"] = layer.op_type
-        r["depthwise"] = layer.depthwise
-    out.write_with("sensitivity.csv", lambda p: _write_csv(p, rows))
+    from mpsearch.sensitivity.document import sensitivity_document, write_csv
+
+    out.write_with("sensitivity.csv", lambda p: write_csv(p, table, lg))
     out.write_json("sensitivity.json", sensitivity_document(
         table, model=args.model, profile=args.hw, data=args.data, method=method))
     _write_heatmap(out, table, cache)

@@ -11,12 +11,13 @@ import re
 import time
 from typing import Any
 
+from mpsearch.cli.args import parse_shapes
 from mpsearch.core.errors import UsageError
 
 EXIT_NOT_ON_TARGET = 1
 
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser(
         "verify", parents=[common],
         help="compile a quantized model for the device and compare it with the CPU EP",
@@ -50,14 +51,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_verify(args: argparse.Namespace, ui: Any) -> int:
     from pathlib import Path
 
-    from mpsearch.cli.main import _parse_shapes
     from mpsearch.data.outputs import OutputDir
     from mpsearch.device.verify import verify
 
     if args.samples < 1:
         raise UsageError(f"--samples {args.samples} is not a positive number",
                          fix="pass --samples 1 or more")
-    shapes = _parse_shapes(args.input_shape)
+    shapes = parse_shapes(args.input_shape)
     od = None
     if args.out:
         out = Path(args.out)

@@ -21,7 +21,7 @@ output range (ReLU6: [0, 6]), not its own wider one, and the activation's output
 parameters. Without this an 8-bit grid over a Conv's raw [-30, 30] range loses about 10 dB on
 EfficientNet-Lite0.
 
-Channel facts, for output-channel pruning (:mod:`mpsearch.export.channels`): ``channel_flow``
+Channel facts, for output-channel pruning (:mod:`mpsearch.graph.flow`): ``channel_flow``
 says how an op carries channels from its input to its output (``PER_CHANNEL``: output channel
 ``c`` reads input channel ``c`` only, constant inputs broadcast along it; ``FLATTEN``: 1:1 when
 every dim after the channel axis is 1); ``zero_rule`` when its output is zero on a channel

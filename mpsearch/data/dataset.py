@@ -52,14 +52,33 @@ from mpsearch.data.npyio import (
     npy_rows,
     npz_members,
 )
-from mpsearch.graph.ingest import input_specs
 
-__all__ = ["DataSpec", "Dataset", "InputSpec", "Split", "open_dataset", "split"]
+__all__ = ["DataSpec", "Dataset", "InputSpec", "Split", "input_specs", "open_dataset", "split"]
 
 log = logging.getLogger(__name__)
 
 LABELS = "labels"
 DEFAULT_BATCH_SIZE = 32
+
+
+def input_specs(model: ModelProto) -> dict[str, tuple[int, tuple[int | str | None, ...]]]:
+    """Graph inputs (initializers excluded): name -> (ONNX elem type, shape with symbols)."""
+    inits = {t.name for t in model.graph.initializer}
+    out = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(d.dim_value)
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        out[vi.name] = (tt.elem_type, tuple(dims))
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,7 +8,7 @@ so an entry ``t[l, c]`` must be the time layer ``l`` adds to the whole network i
 ``c``, and nothing else. What is timed, and how:
 
 * **a layer**: cut out of the whole model exported uniformly in ``c``
-  (``Analysis.export_uniform``), exactly as the exporter writes it there (the input's
+  (:func:`mpsearch.export.qdq.quantize`), exactly as the exporter writes it there (the input's
   DequantizeLinear, weight and bias DequantizeLinear, the layer, the output's QuantizeLinear),
   but with the boundary quantization removed: the one-layer model takes the already quantized
   tensor (uint8/uint16, the values it has in the network on a data sample) and returns the
@@ -92,6 +92,7 @@ from mpsearch.device.timing import (
     session,
     split_repeats,
 )
+from mpsearch.export.qdq import quantize
 from mpsearch.graph.ingest import graph_index
 from mpsearch.graph.layer_graph import Layer, LayerGraph
 from mpsearch.hw.profile import HardwareProfile, LatencyTable
@@ -362,7 +363,7 @@ def measure_table_alongside(analysis: Analysis, sample: Mapping[str, np.ndarray]
     cands = _layer_candidates(lg, profile, candidates)
     layer_jobs = _layer_jobs(analysis, cands, sample, threads)
     plans = _reference_plans(lg, cands)
-    whole_jobs = {f: Job(blob=analysis.export(plan).model.SerializeToString(), values=sample,
+    whole_jobs = {f: Job(blob=quantize(analysis, plan).model.SerializeToString(), values=sample,
                           wall=True) for f, plan in plans.items()}
     extra_jobs = [Job(blob=m.SerializeToString(), values=sample, wall=True) for m in models]
     conv_jobs, moved = _conversion_jobs(lg)
@@ -433,7 +434,7 @@ def _layer_jobs(analysis: Analysis, cands: Mapping[str, Sequence[Candidate]],
     lg = analysis.graph
     found: dict[tuple[str, Candidate], Job] = {}
     for c in dict.fromkeys(c for cs in cands.values() for c in cs):
-        qdq = analysis.export_uniform(c).model
+        qdq = quantize(analysis, c).model
         layers = [lg.layers[n] for n, cs in cands.items() if c in cs]
         bare = [one_layer_model(qdq, layer) for layer in layers]
         values = _capture(qdq, [t for b in bare for t in (*b.inputs, *b.outputs)], sample,

@@ -37,8 +37,8 @@ import numpy as np
 import onnx
 
 from mpsearch.core.errors import DataError, UsageError
-from mpsearch.data.dataset import Dataset, open_dataset
-from mpsearch.graph.ingest import input_specs, load_model
+from mpsearch.data.dataset import Dataset, input_specs, open_dataset
+from mpsearch.graph.ingest import load_model
 
 __all__ = ["SCHEMA", "TARGETS", "FixedDim", "NodeCounts", "OutputAgreement", "VerifyResult",
            "fix_shapes", "verify"]

@@ -1,7 +1,7 @@
 """What a QDQ export accepts: a candidate for every quantizer group and none for anything else,
 no 4-bit activations, and sparse candidates only where their layer can take the pattern
 (2:4 and unstructured: :func:`mpsearch.quant.prune.sparsity_refusal`; output channels: where
-:func:`mpsearch.export.channels.channel_route` can follow them to a dense consumer) with
+:func:`mpsearch.graph.flow.channel_route` can follow them to a dense consumer) with
 quantized weights (pruned integers or fp8, zeros at the zero point)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 from mpsearch.core.errors import UsageError
 from mpsearch.core.formats import Candidate, Format
-from mpsearch.export.channels import ChannelRefusal, channel_route
+from mpsearch.graph.flow import ChannelRefusal, channel_route
 from mpsearch.graph.layer_graph import LayerGraph
 from mpsearch.quant.prune import sparsity_refusal
 

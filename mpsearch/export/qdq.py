@@ -44,30 +44,25 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from mpsearch.core import formats
 from mpsearch.core.errors import ExportError
-from mpsearch.core.formats import Candidate, Format, FormatKind, quantize
-from mpsearch.core.ops import OpRole, lookup
-from mpsearch.export.channels import (
-    channel_route,
-    check_disjoint,
-    masked_constants,
-    shrink_channels,
-)
+from mpsearch.core.formats import Candidate, Format, FormatKind
+from mpsearch.core.ops import OpRole
+from mpsearch.export.channels import check_disjoint, masked_constants, shrink_channels
 from mpsearch.export.fp8 import fp8_safe_clips
 from mpsearch.export.legal import check_plan
 from mpsearch.export.opset import model_opset, required_opset, with_opset
+from mpsearch.graph.flow import channel_route, node_formats
 from mpsearch.graph.layer_graph import Layer, LayerGraph
 from mpsearch.graph.ranges import QParams, constant_qparams, qparams_from_range
-from mpsearch.quant.layer import INT32_BIAS_LIMIT, LayerWeights, sparse_layer
+from mpsearch.quant.analysis import Analysis
+from mpsearch.quant.layer import INT32_BIAS_LIMIT, LayerWeights
 from mpsearch.quant.parameters import RangeSetter
 
-__all__ = ["QdqModel", "export_qdq", "uniform_plan"]
+__all__ = ["QdqModel", "export_qdq", "quantize", "uniform_plan"]
 
 log = logging.getLogger(__name__)
 
-_RANK = {Format.FLOAT: 100, Format.FP16: 90, Format.INT16: 16, Format.UINT16: 16,
-         Format.FP8_E4M3: 9, Format.FP8_E5M2: 9, Format.INT8: 8, Format.UINT8: 8,
-         Format.INT4: 4, Format.UINT4: 4}
 _IR_FOR_TYPE = {TensorProto.INT4: 10, TensorProto.UINT4: 10, TensorProto.FLOAT8E4M3FN: 9,
                 TensorProto.FLOAT8E5M2: 9}
 
@@ -92,42 +87,6 @@ class QdqModel:
 def uniform_plan(lg: LayerGraph, candidate: Candidate) -> dict[str, Candidate]:
     """The same candidate for every group (weightless groups take its activation format)."""
     return {g.name: candidate for g in lg.groups}
-
-
-def _widest(fmts: list[Format]) -> Format:
-    best = fmts[0]
-    for f in fmts[1:]:
-        if _RANK[f] > _RANK[best]:
-            best = f
-    return best
-
-
-def node_formats(lg: LayerGraph, plan: Mapping[str, Candidate]) -> dict[str, Format]:
-    """Activation format of every node under ``plan`` (FLOAT for nodes left in float)."""
-    fmt: dict[str, Format] = {}
-    float_nodes = {f.node for f in lg.float_ops}
-    producer_of = {a.name: a.producer for a in lg.activations.values()}
-    unresolved: list[str] = []
-    for name in lg.order:
-        node = lg.nodes[name]
-        if name in lg.layers:
-            fmt[name] = plan[name].activation
-        elif name in float_nodes or lookup(node.op_type, node.domain) is None:
-            fmt[name] = Format.FLOAT
-        else:
-            srcs = [fmt[p] for t in lg.activation_inputs(name)
-                    if (p := producer_of.get(t)) is not None and p in fmt]
-            if srcs:
-                fmt[name] = _widest(srcs)
-            else:
-                unresolved.append(name)
-                fmt[name] = Format.FLOAT  # placeholder until consumers are known
-    # Reverse topological order: a consumer that was itself unresolved is settled first.
-    for name in reversed(unresolved):
-        quant = [fmt[c] for o in lg.nodes[name].output if o in lg.activations
-                 for c in lg.activations[o].consumers if fmt[c].is_quantized]
-        fmt[name] = _widest(quant) if quant else Format.FLOAT
-    return fmt
 
 
 class _Writer:
@@ -223,6 +182,15 @@ def _quantized_tensor(name: str, values: np.ndarray, onnx_type: int) -> onnx.Ten
     return numpy_helper.from_array(np.ascontiguousarray(values), name)
 
 
+def quantize(analysis: Analysis, plan: Mapping[str, Candidate] | Candidate, *,
+             shrink: bool = True) -> QdqModel:
+    """The analysed model quantized by ``plan`` (group -> candidate; one candidate: every
+    group takes it) as a QDQ model; any number of plans from one :class:`Analysis`."""
+    if isinstance(plan, Candidate):
+        plan = uniform_plan(analysis.graph, plan)
+    return export_qdq(analysis.graph, plan, analysis.ranges, shrink=shrink)
+
+
 def export_qdq(lg: LayerGraph, plan: Mapping[str, Candidate], ranges: RangeSetter, *,
                shrink: bool = True) -> QdqModel:
     """Write ``plan`` (group name -> candidate) as a QDQ model. ``lg.model`` is not modified.
@@ -264,7 +232,7 @@ class _Export:
         check_disjoint(routes)
         for g, route in routes.items():
             c = self.plan[g]
-            cut = sparse_layer(self.ranges, lg.layers[g], c.weight, c.sparsity).pruned_channels
+            cut = self.ranges.layer(lg.layers[g], c.weight, sparsity=c.sparsity).pruned_channels
             kept = np.ones(route.channels, dtype=bool)
             kept[list(cut)] = False
             self.kept[g] = tuple(int(i) for i in np.flatnonzero(kept))
@@ -393,7 +361,7 @@ class _Export:
         int_bias = (layer.bias is not None and af.spec.kind is FormatKind.INT
                     and wf.spec.kind is FormatKind.INT)
         s_x = float(self._params(layer.inputs[0], af).scale) if int_bias else None
-        lw = sparse_layer(self.ranges, layer, wf, self.plan[name].sparsity, input_scale=s_x)
+        lw = self.ranges.layer(layer, wf, sparsity=self.plan[name].sparsity, input_scale=s_x)
         if kept is not None:
             lw = _without_channels(lw, kept, layer.channel_axis)
         dst = w.unique(f"{base}_dequantized")
@@ -403,6 +371,8 @@ class _Export:
             s_b = np.float64(s_x) * lw.qparams.scale.astype(np.float64)
             qb = np.clip(np.rint(lw.bias.astype(np.float64) / s_b), -INT32_BIAS_LIMIT,
                          INT32_BIAS_LIMIT)
+            # Stored as TensorProto.INT32 with zero point 0 (w.stored); ``fmt`` is read only
+            # for the set of quantized types the graph declares, and there is no int32 Format.
             bqp = QParams(fmt=Format.INT8, scale=s_b.astype(np.float32),
                           zero_point=np.zeros(s_b.shape, np.int64), axis=0)
             bdst = w.unique(f"{layer.bias}_dequantized")
@@ -428,7 +398,7 @@ class _Export:
             arr = numpy_helper.to_array(self.inits[c])
             qp = constant_qparams(arr, cf)
             dst = self.w.unique(f"{c}_dequantized")
-            self.w.front.append(self.w.stored(c, quantize(arr, cf, qp.scale, qp.zero_point),
+            self.w.front.append(self.w.stored(c, formats.quantize(arr, cf, qp.scale, qp.zero_point),
                                               qp, cf.spec.onnx_type, dst))
             self.rewires[(name, c)] = dst
 

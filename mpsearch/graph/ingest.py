@@ -21,8 +21,9 @@ from google.protobuf.message import DecodeError
 from onnx import ModelProto, NodeProto, numpy_helper
 
 from mpsearch.core.errors import ModelError
+from mpsearch.data.dataset import input_specs
 
-__all__ = ["GraphIndex", "default_input_shapes", "graph_index", "input_specs", "load_model",
+__all__ = ["GraphIndex", "default_input_shapes", "graph_index", "load_model",
            "prepare_model", "strip_debug_metadata", "with_input_shapes"]
 
 log = logging.getLogger(__name__)
@@ -186,26 +187,6 @@ def with_input_shapes(model: ModelProto, shapes: Mapping[str, Iterable[int]]) ->
     for o in m.graph.output:
         o.type.tensor_type.ClearField("shape")
     return _infer_shapes(m)
-
-
-def input_specs(model: ModelProto) -> dict[str, tuple[int, tuple[int | str | None, ...]]]:
-    """Graph inputs (initializers excluded): name -> (ONNX elem type, shape with symbols)."""
-    inits = {t.name for t in model.graph.initializer}
-    out = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims: list[int | str | None] = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(d.dim_value)
-            elif d.HasField("dim_param"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        out[vi.name] = (tt.elem_type, tuple(dims))
-    return out
 
 
 def default_input_shapes(model: ModelProto) -> dict[str, tuple[int, ...]]:

@@ -11,7 +11,7 @@ Per layer ``l`` and candidate ``c = (w, a)``:
   sparse tensor cores: 2; elsewhere 1: memory savings only);
 * output-channel pruning (``+channel@d``) is structural: the layer's MACs, weights, bias and
   output bytes scale by ``d`` (the pattern's speed-up should be 1), and so do the MACs, weights
-  and input bytes of what reads the channels (:func:`mpsearch.export.channels.channel_route`:
+  and input bytes of what reads the channels (:func:`mpsearch.graph.flow.channel_route`:
   a depthwise conv on the way shrinks whole, the dense consumer loses input columns). Those
   savings are credited to the pruned group, costed in its own (dense) pair where the reader's
   op allows it, else in w8a8, so group costs still add (an approximation where the reader
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from mpsearch.core.errors import ProfileError, UsageError
 from mpsearch.core.formats import Candidate, Format, FormatKind
+from mpsearch.graph.flow import ChannelRefusal, channel_route, node_formats
 from mpsearch.graph.layer_graph import Layer, LayerGraph
 from mpsearch.hw.profile import HardwareProfile
 
@@ -130,8 +131,6 @@ class CostModel:
             return self._scaled_cost(layer, c)
         d = sp.density
         own = self._scaled_cost(layer, c, mac_scale=d, weights=d, bias=d, output=d)
-        from mpsearch.export.channels import ChannelRefusal, channel_route
-
         route = channel_route(self.lg, layer.name)
         if isinstance(route, ChannelRefusal):
             raise UsageError(f"group '{layer.name}': candidate {c} prunes output channels, "
@@ -229,8 +228,6 @@ class CostModel:
         return PlanCost(conversions=n_conv, conversion_s=conv_s, relative=rel, **totals)
 
     def _conversions(self, plan: Mapping[str, Candidate]) -> tuple[int, float]:
-        from mpsearch.export.qdq import node_formats
-
         fmt = node_formats(self.lg, plan)
         p, table = self.profile, self.table
         per_byte = table.conversion_s_per_byte if table else p.conversion.per_byte_s

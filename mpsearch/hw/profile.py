@@ -25,6 +25,7 @@ import yaml
 
 from mpsearch.core.errors import MpsearchError, ProfileError
 from mpsearch.core.formats import Candidate, Format, FormatKind, parse_candidate
+from mpsearch.core.frozen import freeze, freeze_fields
 
 __all__ = ["ComputeCost", "ConversionCost", "EnergyCost", "HardwareProfile", "LatencyTable",
            "MemoryCost", "SparsityPattern", "load_profile", "parse_profile"]
@@ -41,6 +42,9 @@ class ComputeCost:
     macs_per_s: Mapping[Candidate, float]  # peak multiply-accumulates per second per pair
     source: str
 
+    def __post_init__(self) -> None:
+        freeze_fields(self, "macs_per_s")
+
 
 @dataclass(frozen=True, kw_only=True)
 class MemoryCost:
@@ -53,6 +57,9 @@ class EnergyCost:
     pj_per_mac: Mapping[Candidate, float]
     pj_per_byte: float  # moving one byte to or from memory
     source: str
+
+    def __post_init__(self) -> None:
+        freeze_fields(self, "pj_per_mac")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +80,10 @@ class LatencyTable:
     other_s: Mapping[Format, float]  # the non-layer ops of the whole model, per activation
     conversion_s_per_byte: float
     source: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", freeze({k: freeze(v) for k, v in self.layers.items()}))
+        freeze_fields(self, "other_s")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +115,9 @@ class HardwareProfile:
     sparsity: Mapping[str, SparsityPattern] = field(default_factory=dict)
     tie_ops: frozenset[str] = frozenset()
     pins: Mapping[str, Candidate] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        freeze_fields(self, "op_pairs", "sparsity", "pins")
 
     def pairs_for(self, op_type: str) -> tuple[Candidate, ...]:
         """The candidates an op type may take on this device."""
@@ -255,7 +269,7 @@ def _pair_map(doc: _Doc, obj: Any, path: tuple[str, ...], weights, acts, *,
 
 def parse_profile(text: str, *, where: str = "<profile>",
                   path: Path | None = None) -> HardwareProfile:
-    """Parse and validate a profile's YAML text."""
+    """Parse and validate a profile's YAML text, one section at a time."""
     doc = _Doc(text, where)
     d = doc.data
     if not isinstance(d, dict):
@@ -269,23 +283,54 @@ def parse_profile(text: str, *, where: str = "<profile>",
                                      f"{SCHEMA_VERSION}", "update the profile or mpsearch")
     name = _get(doc, d, (), "name", "str")
     description = _get(doc, d, (), "description", "str", required=False, default="")
+    runtime, soc = _target(doc, d)
+    fm = _get(doc, d, (), "formats", "mapping")
+    _keys(doc, fm, ("formats",), {"weights", "activations"})
+    weights = _formats(doc, fm, ("formats",), "weights")
+    acts = _formats(doc, fm, ("formats",), "activations")
+    default_pairs, op_pairs = _ops(doc, d, weights, acts)
+    costs = _costs(doc, d, weights, acts)
+    table = None
+    if "latency_table" in d:
+        table = _latency_table(doc, _get(doc, d, (), "latency_table", "mapping"), weights, acts)
+    for pair in {*default_pairs, *(p for ps in op_pairs.values() for p in ps)}:
+        pair = Candidate(weight=pair.weight, activation=pair.activation)  # costs are dense
+        for key, priced in (("compute.macs_per_s", costs["compute"].macs_per_s),
+                            ("energy.pj_per_mac", costs["energy"].pj_per_mac)):
+            if pair not in priced:
+                raise doc.error(("cost", *key.split(".")), f"has no entry for {pair}, which "
+                                "ops allows", f"add {pair} under cost.{key}")
+    sparsity = _sparsity(doc, d)
+    for op, pairs in [("default", default_pairs), *op_pairs.items()]:
+        for i, pair in enumerate(pairs):
+            if pair.sparsity is not None and pair.sparsity.pattern not in sparsity:
+                raise doc.error(("ops", op, str(i)), f"'{pair}' uses sparsity pattern "
+                                f"'{pair.sparsity.pattern}', which sparsity.patterns does not "
+                                "list", f"add {pair.sparsity.pattern} under sparsity.patterns")
+    tie_ops, pins = _rules(doc, d, weights, acts)
+    return HardwareProfile(
+        name=name, description=description, path=path, runtime=runtime, soc_model=soc,
+        weight_formats=weights, activation_formats=acts, default_pairs=default_pairs,
+        op_pairs=op_pairs, **costs, latency_table=table, sparsity=sparsity, tie_ops=tie_ops,
+        pins=pins)
 
+
+def _target(doc: _Doc, d: Mapping[str, Any]) -> tuple[str, int | None]:
     target = _get(doc, d, (), "target", "mapping")
     _keys(doc, target, ("target",), {"runtime", "soc_model"})
     runtime = _get(doc, target, ("target",), "runtime", "str")
     if runtime not in RUNTIMES:
         raise doc.error(("target", "runtime"), f"'{runtime}' is not a known runtime",
                         f"use one of: {', '.join(RUNTIMES)}")
-    soc = _get(doc, target, ("target",), "soc_model", "int", required=runtime == "qnn-htp")
+    return runtime, _get(doc, target, ("target",), "soc_model", "int",
+                         required=runtime == "qnn-htp")
 
-    fm = _get(doc, d, (), "formats", "mapping")
-    _keys(doc, fm, ("formats",), {"weights", "activations"})
-    weights = _formats(doc, fm, ("formats",), "weights")
-    acts = _formats(doc, fm, ("formats",), "activations")
 
-    ops = _get(doc, d, (), "ops", "mapping")
+def _ops(doc: _Doc, d: Mapping[str, Any], weights, acts
+         ) -> tuple[tuple[Candidate, ...], dict[str, tuple[Candidate, ...]]]:
+    """``ops``: (the default candidates, op type -> its candidates)."""
     op_pairs: dict[str, tuple[Candidate, ...]] = {}
-    for op, pairs in ops.items():
+    for op, pairs in _get(doc, d, (), "ops", "mapping").items():
         p = ("ops", str(op))
         if not isinstance(pairs, list):
             raise doc.error(p, f"must be a list of candidates, not {type(pairs).__name__}",
@@ -297,93 +342,81 @@ def parse_profile(text: str, *, where: str = "<profile>",
     if "default" not in op_pairs:
         raise doc.error(("ops", "default"), "is missing",
                         "give the candidates of op types not listed under ops.default")
-    default_pairs = op_pairs.pop("default")
+    return op_pairs.pop("default"), op_pairs
 
+
+def _section(doc: _Doc, cost: Mapping[str, Any], name: str, keys: set[str]
+             ) -> tuple[Mapping[str, Any], tuple[str, ...]]:
+    path = ("cost", name)
+    sec = _get(doc, cost, ("cost",), name, "mapping")
+    _keys(doc, sec, path, keys | {"source"})
+    return sec, path
+
+
+def _costs(doc: _Doc, d: Mapping[str, Any], weights, acts) -> dict[str, Any]:
+    """``cost``: the HardwareProfile fields it gives, by name."""
     cost = _get(doc, d, (), "cost", "mapping")
     _keys(doc, cost, ("cost",), {"compute", "memory", "energy", "overhead", "conversion"})
-    c = _get(doc, cost, ("cost",), "compute", "mapping")
-    _keys(doc, c, ("cost", "compute"), {"macs_per_s", "source"})
-    compute = ComputeCost(
-        macs_per_s=_pair_map(doc, _get(doc, c, ("cost", "compute"), "macs_per_s", "mapping"),
-                             ("cost", "compute", "macs_per_s"), weights, acts),
-        source=_source(doc, c, ("cost", "compute")))
-    m = _get(doc, cost, ("cost",), "memory", "mapping")
-    _keys(doc, m, ("cost", "memory"), {"bytes_per_s", "source"})
-    memory = MemoryCost(bytes_per_s=_number(doc, _get(doc, m, ("cost", "memory"), "bytes_per_s",
-                                                      "number"), ("cost", "memory",
-                                                                  "bytes_per_s")),
-                        source=_source(doc, m, ("cost", "memory")))
-    e = _get(doc, cost, ("cost",), "energy", "mapping")
-    _keys(doc, e, ("cost", "energy"), {"pj_per_mac", "pj_per_byte", "source"})
-    energy = EnergyCost(
-        pj_per_mac=_pair_map(doc, _get(doc, e, ("cost", "energy"), "pj_per_mac", "mapping"),
-                             ("cost", "energy", "pj_per_mac"), weights, acts),
-        pj_per_byte=_number(doc, _get(doc, e, ("cost", "energy"), "pj_per_byte", "number"),
-                            ("cost", "energy", "pj_per_byte"), positive=False),
-        source=_source(doc, e, ("cost", "energy")))
-    o = _get(doc, cost, ("cost",), "overhead", "mapping")
-    _keys(doc, o, ("cost", "overhead"), {"per_layer_s", "source"})
-    per_layer = _number(doc, _get(doc, o, ("cost", "overhead"), "per_layer_s", "number"),
-                        ("cost", "overhead", "per_layer_s"), positive=False)
-    cv = _get(doc, cost, ("cost",), "conversion", "mapping")
-    _keys(doc, cv, ("cost", "conversion"), {"per_edge_s", "per_byte_s", "source"})
-    conversion = ConversionCost(
-        per_edge_s=_number(doc, _get(doc, cv, ("cost", "conversion"), "per_edge_s", "number"),
-                           ("cost", "conversion", "per_edge_s"), positive=False),
-        per_byte_s=_number(doc, _get(doc, cv, ("cost", "conversion"), "per_byte_s", "number"),
-                           ("cost", "conversion", "per_byte_s"), positive=False),
-        source=_source(doc, cv, ("cost", "conversion")))
-    table = None
-    if "latency_table" in d:
-        table = _latency_table(doc, _get(doc, d, (), "latency_table", "mapping"), weights, acts)
-    for pair in {*default_pairs, *(p for ps in op_pairs.values() for p in ps)}:
-        pair = Candidate(weight=pair.weight, activation=pair.activation)  # costs are dense
-        for key, costs in (("compute.macs_per_s", compute.macs_per_s),
-                           ("energy.pj_per_mac", energy.pj_per_mac)):
-            if pair not in costs:
-                raise doc.error(("cost", *key.split(".")), f"has no entry for {pair}, which "
-                                "ops allows", f"add {pair} under cost.{key}")
 
+    def num(sec: Mapping[str, Any], path: tuple[str, ...], key: str, *,
+            positive: bool = True) -> float:
+        return _number(doc, _get(doc, sec, path, key, "number"), (*path, key),
+                       positive=positive)
+
+    def pairs(sec: Mapping[str, Any], path: tuple[str, ...], key: str) -> dict:
+        return _pair_map(doc, _get(doc, sec, path, key, "mapping"), (*path, key), weights, acts)
+
+    c, cp = _section(doc, cost, "compute", {"macs_per_s"})
+    m, mp = _section(doc, cost, "memory", {"bytes_per_s"})
+    e, ep = _section(doc, cost, "energy", {"pj_per_mac", "pj_per_byte"})
+    o, op = _section(doc, cost, "overhead", {"per_layer_s"})
+    cv, cvp = _section(doc, cost, "conversion", {"per_edge_s", "per_byte_s"})
+    return {
+        "compute": ComputeCost(macs_per_s=pairs(c, cp, "macs_per_s"), source=_source(doc, c, cp)),
+        "memory": MemoryCost(bytes_per_s=num(m, mp, "bytes_per_s"), source=_source(doc, m, mp)),
+        "energy": EnergyCost(pj_per_mac=pairs(e, ep, "pj_per_mac"),
+                             pj_per_byte=num(e, ep, "pj_per_byte", positive=False),
+                             source=_source(doc, e, ep)),
+        "per_layer_overhead_s": num(o, op, "per_layer_s", positive=False),
+        "overhead_source": _source(doc, o, op),
+        "conversion": ConversionCost(per_edge_s=num(cv, cvp, "per_edge_s", positive=False),
+                                     per_byte_s=num(cv, cvp, "per_byte_s", positive=False),
+                                     source=_source(doc, cv, cvp)),
+    }
+
+
+def _sparsity(doc: _Doc, d: Mapping[str, Any]) -> dict[str, SparsityPattern]:
     sparsity: dict[str, SparsityPattern] = {}
-    if "sparsity" in d:
-        sp = _get(doc, d, (), "sparsity", "mapping")
-        _keys(doc, sp, ("sparsity",), {"patterns", "source"})
-        src = _source(doc, sp, ("sparsity",))
-        for pname, spec in _get(doc, sp, ("sparsity",), "patterns", "mapping").items():
-            p = ("sparsity", "patterns", str(pname))
-            if not isinstance(spec, dict):
-                raise doc.error(p, "must be a mapping", "write {speedup: ..., metadata_bits: ...}")
-            _keys(doc, spec, p, {"speedup", "metadata_bits"})
-            sparsity[str(pname)] = SparsityPattern(
-                name=str(pname), source=src,
-                speedup=_number(doc, _get(doc, spec, p, "speedup", "number"), (*p, "speedup")),
-                metadata_bits=_number(doc, _get(doc, spec, p, "metadata_bits", "number"),
-                                      (*p, "metadata_bits"), positive=False))
+    if "sparsity" not in d:
+        return sparsity
+    sp = _get(doc, d, (), "sparsity", "mapping")
+    _keys(doc, sp, ("sparsity",), {"patterns", "source"})
+    src = _source(doc, sp, ("sparsity",))
+    for pname, spec in _get(doc, sp, ("sparsity",), "patterns", "mapping").items():
+        p = ("sparsity", "patterns", str(pname))
+        if not isinstance(spec, dict):
+            raise doc.error(p, "must be a mapping", "write {speedup: ..., metadata_bits: ...}")
+        _keys(doc, spec, p, {"speedup", "metadata_bits"})
+        sparsity[str(pname)] = SparsityPattern(
+            name=str(pname), source=src,
+            speedup=_number(doc, _get(doc, spec, p, "speedup", "number"), (*p, "speedup")),
+            metadata_bits=_number(doc, _get(doc, spec, p, "metadata_bits", "number"),
+                                  (*p, "metadata_bits"), positive=False))
+    return sparsity
 
-    for op, pairs in [("default", default_pairs), *op_pairs.items()]:
-        for i, pair in enumerate(pairs):
-            if pair.sparsity is not None and pair.sparsity.pattern not in sparsity:
-                raise doc.error(("ops", op, str(i)), f"'{pair}' uses sparsity pattern "
-                                f"'{pair.sparsity.pattern}', which sparsity.patterns does not "
-                                "list", f"add {pair.sparsity.pattern} under sparsity.patterns")
-    tie_ops: frozenset[str] = frozenset()
-    pins: dict[str, Candidate] = {}
-    if "rules" in d:
-        r = _get(doc, d, (), "rules", "mapping")
-        _keys(doc, r, ("rules",), {"tie", "pin"})
-        ties = _get(doc, r, ("rules",), "tie", "list", required=False, default=[])
-        tie_ops = frozenset(str(t) for t in ties)
-        for node, cand in (_get(doc, r, ("rules",), "pin", "mapping", required=False,
-                                default={}) or {}).items():
-            pins[str(node)] = _candidate(doc, cand, ("rules", "pin", str(node)), weights, acts)
 
-    return HardwareProfile(
-        name=name, description=description, path=path, runtime=runtime, soc_model=soc,
-        weight_formats=weights, activation_formats=acts, default_pairs=default_pairs,
-        op_pairs=op_pairs, compute=compute, memory=memory, energy=energy,
-        conversion=conversion, per_layer_overhead_s=per_layer,
-        overhead_source=_source(doc, o, ("cost", "overhead")), latency_table=table,
-        sparsity=sparsity, tie_ops=tie_ops, pins=pins)
+def _rules(doc: _Doc, d: Mapping[str, Any], weights, acts
+           ) -> tuple[frozenset[str], dict[str, Candidate]]:
+    """``rules``: (the op types whose ports are tied, layer -> pinned candidate)."""
+    if "rules" not in d:
+        return frozenset(), {}
+    r = _get(doc, d, (), "rules", "mapping")
+    _keys(doc, r, ("rules",), {"tie", "pin"})
+    ties = _get(doc, r, ("rules",), "tie", "list", required=False, default=[])
+    pins = {str(node): _candidate(doc, cand, ("rules", "pin", str(node)), weights, acts)
+            for node, cand in (_get(doc, r, ("rules",), "pin", "mapping", required=False,
+                                    default={}) or {}).items()}
+    return frozenset(str(t) for t in ties), pins
 
 
 def _latency_table(doc: _Doc, t: Mapping[str, Any], weights, acts) -> LatencyTable:

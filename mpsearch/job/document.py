@@ -14,7 +14,7 @@ import pandas as pd
 
 from mpsearch.hw.cost import METRICS, PlanCost
 from mpsearch.job.search import PlanResult, SearchResult
-from mpsearch.sensitivity import sqnr
+from mpsearch.sensitivity.table import sqnr
 
 __all__ = ["SCHEMA", "plan_document", "plan_frame"]
 
@@ -135,7 +135,7 @@ def plan_document(res: SearchResult, *, model: str, profile: str,
             "search": res.gating.search.value, "seconds": _num(res.gating.seconds, 3),
             "candidates": {g: [c.name for c in cs] for g, cs in res.gating.by_group.items()},
             "masks_not_energy_order": res.gating.mask_differs},
-        "solver": {"status": res.allocation.solution.status,
+        "solver": {"status": res.allocation.solution.status.value,
                    "resolves": res.allocation.resolves},
         "selection": _selection(res),
         "polish": _polish(res),

@@ -1,16 +1,25 @@
 """The job users come for: the most accurate plan that fits a device budget, found exactly,
 shown against the alternatives, exported and measured.
 
-``search`` chains the stages: ingest and calibrate once (:func:`mpsearch.quant.analysis.analyze`,
-with the layer Hessians), sensitivity per group and candidate
-(:func:`mpsearch.sensitivity.estimate`, cached), the allocation problem on the device's costs
-(:func:`mpsearch.solve.allocate.build_problem`), the exact ILP under every budget
-(:func:`mpsearch.solve.allocate.allocate`), the baselines on the same sensitivities and costs
-(each uniform candidate; AIMET AMP's greedy walk, Pandey et al. 2023 phase 2), and the Pareto
-front over the first budget's quantity (Lagrangian hull plus ε-constraint solves,
-:mod:`mpsearch.solve.pareto`). The chosen plan, the best uniform plan that fits, the greedy
-plan and a few front points are exported and measured for real, so predicted and measured
-quality sit side by side.
+:func:`search` chains the stages, each a method of :class:`_Job` that owns what it computes:
+
+1. ingest and calibrate once, with the layer Hessians (:func:`mpsearch.quant.analysis.analyze`),
+   and the candidates every group may take on the device, the gating sweeps' and the pins
+   (:meth:`_Job.prepare`);
+2. sensitivity per group and candidate (:func:`mpsearch.sensitivity.run.estimate`, cached;
+   :meth:`_Job.sensitivity`);
+3. the allocation problem on the device's costs and the exact ILP under every budget
+   (:mod:`mpsearch.solve.allocate`), in rounds that measure what the plan rests on
+   (:mod:`mpsearch.job.refinement`; :meth:`_Job.refine`);
+4. the baselines on the same sensitivities and costs (each uniform candidate; AIMET AMP's greedy
+   walk, Pandey et al. 2023 phase 2) and the Pareto front over the first budget's quantity
+   (Lagrangian hull plus ε-constraint solves, :mod:`mpsearch.solve.pareto`, on a second thread;
+   :meth:`_Job.baselines`);
+5. the best measured plan of a shortlist and a measured local search from it
+   (:mod:`mpsearch.job.selection`, :mod:`mpsearch.job.polish`; :meth:`_Job.select`);
+6. the chosen plan, the best uniform plan that fits, the greedy plan and a few front points
+   exported and measured for real, so predicted and measured quality sit side by side
+   (:meth:`_Job.measure`).
 """
 
 from __future__ import annotations
@@ -21,422 +30,351 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 
 import onnx
 
-from mpsearch.core.errors import InfeasibleBudgetError, UsageError
-from mpsearch.core.formats import Candidate, parse_candidate
+from mpsearch.core.errors import InfeasibleBudgetError
+from mpsearch.core.formats import Candidate
 from mpsearch.data.dataset import Dataset, open_dataset
-from mpsearch.export.qdq import QdqModel
-from mpsearch.graph.evaluate import EvalResult, evaluate, reference_run
-from mpsearch.graph.layer_graph import load_model
-from mpsearch.hw.cost import CostModel, PlanCost
+from mpsearch.export.qdq import QdqModel, quantize
+from mpsearch.graph.evaluate import evaluate, reference_run
+from mpsearch.graph.ingest import load_model
+from mpsearch.hw.cost import CostModel
 from mpsearch.hw.profile import HardwareProfile, load_profile
+from mpsearch.job.config import SearchConfig
 from mpsearch.job.pins import resolve_pins
-from mpsearch.job.polish import EVALUATIONS as POLISH_EVALUATIONS
-from mpsearch.job.polish import Polish
-from mpsearch.job.polish import polish as polish_plan
+from mpsearch.job.polish import polish
 from mpsearch.job.refinement import (
-    EXPLORE,
     EXPLORE_PAIRS,
     Refinement,
     corrected_errors,
     hopeful_errors,
     pairs_to_verify,
 )
-from mpsearch.job.selection import Selection, measure_plan, plan_key
-from mpsearch.job.selection import select as select_plan
-from mpsearch.quant.analysis import Analysis, QuantizeOptions, analyze
-from mpsearch.quant.gating import Search
-from mpsearch.sensitivity import (
-    Method,
-    SensitivityCache,
-    SensitivityTable,
-    candidates_for,
-    estimate,
-    sqnr,
-    table_variant,
-)
-from mpsearch.sensitivity.gated import GatedCandidates, gated_candidates
-from mpsearch.sensitivity.run import measure_pairs
+from mpsearch.job.result import DataRole, Measured, PlanResult, SearchResult
+from mpsearch.job.selection import Selection, measure_plan, plan_key, select
+from mpsearch.quant.analysis import analyze
+from mpsearch.sensitivity.cache import SensitivityCache
+from mpsearch.sensitivity.gated import gated_candidates
+from mpsearch.sensitivity.run import estimate, measure_pairs, table_variant
 from mpsearch.sensitivity.suffix import reference_outputs
+from mpsearch.sensitivity.table import SensitivityTable, candidates_for, sqnr
 from mpsearch.solve.allocate import Allocation, Built, allocate, build_problem
-from mpsearch.solve.budget import Budget, parse_budgets
 from mpsearch.solve.greedy import greedy
 from mpsearch.solve.pareto import Front, front
 
-__all__ = ["Measured", "PlanResult", "SearchResult", "search"]
+__all__ = ["Progress", "SearchData", "search"]
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
+# label, total (None: unknown) -> a context that yields advance(n)
+Progress = Callable[[str, int | None], AbstractContextManager[Callable[[int], None]]]
+
+FRONT_SOLVES = 20  # solves per side of the front, Lagrangian and ε-constraint (30: 1.5x the time)
+UNIFORM_MARGIN_DB = 3.0  # a uniform plan predicted this far below the ILP's is not measured
+
+DataLike = str | os.PathLike[str] | Dataset
 
 
 @dataclass(frozen=True, kw_only=True)
-class Measured:
-    """A plan exported and run against FP32 on the evaluation data."""
+class SearchData:
+    """The data of a search: ``calibration`` (what ranges, sensitivities and every measured
+    choice are fitted on) and ``evaluation`` (where the exported plans are measured; None:
+    the calibration data)."""
 
-    data: str  # "evaluation" or "calibration"
-    result: EvalResult
-
-    @property
-    def sqnr_db(self) -> float:
-        return self.result.primary.sqnr_db
-
-    @property
-    def top1_agreement(self) -> float | None:
-        return self.result.primary.top1_agreement
-
-    def to_dict(self) -> dict:
-        p = self.result.primary
-        return {"data": self.data, "samples": self.result.samples, "output": p.name,
-                "sqnr_db": _num(p.sqnr_db), "cosine": _num(p.cosine),
-                "top1_agreement": p.top1_agreement}
+    calibration: DataLike
+    evaluation: DataLike | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
-class PlanResult:
-    """One plan with its costs, its predicted quality and (when measured) its real one."""
-
-    name: str
-    plan: Mapping[str, Candidate]
-    cost: PlanCost
-    predicted_mse: float
-    predicted_sqnr_db: float
-    fits: bool
-    measured: Measured | None = None
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for c in self.plan.values():
-            out[c.name] = out.get(c.name, 0) + 1
-        return dict(sorted(out.items()))
-
-
-@dataclass(frozen=True, kw_only=True)
-class SearchResult:
-    """What :func:`search` found; ``export`` writes the chosen plan's QDQ model."""
-
-    analysis: Analysis = field(repr=False)
-    profile: HardwareProfile
-    costs: CostModel = field(repr=False)
-    table: SensitivityTable = field(repr=False)
-    built: Built = field(repr=False)
-    errors: Mapping[tuple[str, Candidate], float] = field(repr=False)
-    refinement: Refinement
-    method: Method
-    budgets: tuple[Budget, ...]
-    limits: Mapping[str, float]
-    chosen: PlanResult
-    allocation: Allocation = field(repr=False)
-    uniform: tuple[PlanResult, ...]
-    greedy: PlanResult | None
-    front: Front = field(repr=False)
-    front_plans: tuple[PlanResult, ...]
-    model_sha256: str
-    selection: Selection | None = None  # the shortlist measured on the calibration data
-    polish: Polish | None = None  # the local search from the shortlist's best, if run
-    gating: GatedCandidates | None = field(default=None, repr=False)  # --gating's candidates
-    chosen_model: QdqModel | None = field(default=None, repr=False)  # chosen's export, if made
-    seconds: Mapping[str, float] = field(default_factory=dict)
-
-    @property
-    def plan(self) -> Mapping[str, Candidate]:
-        return self.chosen.plan
-
-    def qdq(self) -> QdqModel:
-        if self.chosen_model is not None:
-            return self.chosen_model
-        return self.analysis.export(self.chosen.plan)
-
-    def export(self, path: str | os.PathLike[str]) -> None:
-        onnx.save(self.qdq().model, os.fspath(path))
-
-    def best_uniform(self) -> PlanResult | None:
-        """The uniform plan that fits with the best quality (measured where measured)."""
-        fits = [u for u in self.uniform if u.fits]
-        if not fits:
-            return None
-        return max(fits, key=lambda u: u.measured.sqnr_db if u.measured else u.predicted_sqnr_db)
-
-
-def _num(v: float) -> float | None:
-    return None if v is None or not math.isfinite(v) else float(v)
-
-
-def _no_progress(label: str, total: int):
+def _no_progress(label: str, total: int | None):
     return nullcontext(lambda n: None)
 
 
 def search(model: str | os.PathLike[str] | onnx.ModelProto,
            profile: str | os.PathLike[str] | HardwareProfile,
-           data: str | os.PathLike[str] | Dataset, *,
-           budget: str | Sequence[str | Budget] | Mapping[str, float],
-           eval_data: str | os.PathLike[str] | Dataset | None = None,
-           method: Method | str = Method.HESSIAN,
-           candidates: Sequence[Candidate | str] | None = None,
-           sparsity: str = "none",
-           gating: str | None = None,
-           pin: Mapping[str, str | Candidate] | None = None,
-           keep_float: Iterable[str] = (),
-           convert_penalty: float = 0.0,
-           front_points: int = 2,
-           measure: bool = True,
-           all_uniform: bool = False,
-           refine: int = 3,
-           explore: float = EXPLORE,
-           select: bool = True,
-           polish: int = POLISH_EVALUATIONS,
-           seed: int = 0,
-           options: QuantizeOptions | None = None,
-           cache_dir: str | os.PathLike[str] | None = None, use_cache: bool = True,
-           workers: int = 1,
+           data: DataLike | SearchData, config: SearchConfig, *,
            progress: Progress | None = None) -> SearchResult:
-    """The most accurate plan of ``model`` on ``profile`` within ``budget`` (e.g.
-    ``"latency=0.7"``, ``["bops=0.9", "size_mb=4"]`` or ``{"latency": 0.7}``).
+    """The most accurate plan of ``model`` on ``profile`` within ``config.budgets``.
 
-    ``pin``: layer -> candidate it must take; ``keep_float``: layers left in float.
-    ``sparsity``: which of the profile's sparse candidates the groups may also take ("none",
-    "2:4", "unstructured", "all"; :func:`mpsearch.sensitivity.table.legal_candidates`).
-    ``gating``: "gates" (Bayesian-Bits gates) or "exact" adds, per group whose output channels
-    can be pruned, the (bit-width, channels kept) configurations of a ``λ`` sweep as candidates
-    (:mod:`mpsearch.sensitivity.gated`); None: none.
-    ``refine``: rounds of measuring the pairs the plan departs from w8a8 on and solving again
-    (:mod:`mpsearch.job.refinement`; 0: trust the predictions). ``select``: measure a shortlist of
-    plans that fit (the ILP's of every refinement round, greedy's, the
-    best uniform one) on the calibration data and ship the best measured
-    (:mod:`mpsearch.job.selection`; False: ship the ILP's plan).
-    ``convert_penalty``: error charged per format conversion between adjacent layers, as a
-    fraction of the all-w8a8 plan's predicted error (0, the default: conversions cost only
-    their latency).
-
-    ``data``: calibration data (also what sensitivities are measured on); ``eval_data``: where
-    the exported plans are measured (default: the calibration data). ``front_points``: how many
-    Pareto-front points besides the chosen plan are exported and measured (those nearest the
-    budget, where the measured front matters; spread evenly when the budget bounds nothing,
-    as for ``mpsearch pareto``). ``measure=False``
-    skips every evaluation. Of the uniform plans that fit, the one predicted best is measured
-    (``all_uniform=True``: all of them). ``seed`` seeds everything random (the noise of the
-    gain runs).
+    ``data``: the calibration data, or a :class:`SearchData` with evaluation data beside it;
+    ``config``: every setting (:class:`~mpsearch.job.config.SearchConfig`, validated when it
+    was built); ``progress``: called as ``with progress(label, total) as advance:`` around each
+    long stage (the command line draws bars with it).
     """
-    progress = progress or _no_progress
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    budgets = parse_budgets([budget] if isinstance(budget, (str, Budget)) else budget)
-    if not budgets:
-        raise UsageError("no budget given", fix="pass e.g. --budget latency=0.7")
-    if not convert_penalty >= 0:
-        raise UsageError(f"convert penalty {convert_penalty} is negative",
-                         fix="pass 0 or a positive number")
-    method = Method(method)
-    if gating is not None and gating not in {s.value for s in Search}:
-        raise UsageError(f"unknown gating search '{gating}'",
-                         fix=f"use one of {', '.join(s.value for s in Search)}, or None")
-    model_proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    sha = hashlib.sha256(model_proto.SerializeToString(deterministic=True)).hexdigest()
-    prof = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
-    calib = data if isinstance(data, Dataset) else open_dataset(data, model_proto,
-                                                                name="calibration")
-    evald = None
-    if eval_data is not None:
-        evald = eval_data if isinstance(eval_data, Dataset) else open_dataset(
-            eval_data, model_proto, name="evaluation")
-    opts = options or QuantizeOptions()
-    with progress("calibrating", len(calib)) as advance:
-        analysis = analyze(model_proto, calib, options=opts, hessians=True, progress=advance)
-    lg = analysis.graph
-    costs = CostModel(lg, prof)
-    only = None if candidates is None else tuple(
-        c if isinstance(c, Candidate) else parse_candidate(c) for c in candidates)
-    cands = candidates_for(lg, costs, only, sparsity=sparsity)
-    gated = None
-    if gating is not None:
-        with progress(f"gating ({gating})", None):
-            gated = gated_candidates(analysis, costs, cands, metric=budgets[0].metric,
-                                     search=Search(gating))
-        for g, extra in gated.by_group.items():
-            cands[g] = (*cands[g], *extra)
-    pins = resolve_pins(analysis, costs, cands, pin or {}, keep_float)
-    for g, c in pins.items():
-        if c not in cands[g]:
-            cands[g] = (*cands[g], c)
-    seconds["calibrate"] = time.perf_counter() - t0
+    return _Job(model, profile, data, config, progress or _no_progress).run()
 
-    t1 = time.perf_counter()
-    cache = None
-    if use_cache:
-        cache = SensitivityCache.for_settings(cache_dir, model=model_proto,
-                                              batches=calib.batches(opts.batch_size),
-                                              options=opts, seed=seed)
-    variant = table_variant(method, cands)
-    cached = cache.table(variant) if cache is not None else None
-    if cached is not None:
-        table = SensitivityTable.from_dict(cached)
-    else:
-        with progress(f"sensitivity ({method.value})",
-                      sum(len(v) for v in cands.values())) as advance:
-            table = estimate(analysis, calib, cands, method=method, workers=workers,
-                             cache=cache, progress=advance, seed=seed, predict=True)
-        if cache is not None:
-            cache.save_table(variant, table.to_dict())
-    seconds["sensitivity"] = time.perf_counter() - t1
 
-    t1 = time.perf_counter()
-    errors = {(g, c): table.error(g, c) for g in lg.group_names for c in cands[g]}
-    known = dict(table.measured)
-    rounds: list[int] = []
-    round_plans: list[dict[str, Candidate]] = []
-    scales: dict[str, float] = {}
-    batches = tuple(calib.batches(opts.batch_size))
-    ref_out = None
-    for r in range(refine + 1):
-        ref_error = sum(errors.get((g, costs.reference), 0.0) for g in lg.group_names)
-        built = build_problem(lg, costs, cands, errors, input_noise=table.input_noise,
-                              convert_weight=convert_penalty * ref_error)
-        alloc = allocate(built.problem, costs, budgets, pins=pins, penalty=1.0)
-        round_plans.append(dict(alloc.plan))
-        todo = pairs_to_verify(alloc.plan, costs.reference, cands, known) if r < refine else []
-        if r < refine and explore > 1:  # also what the plan would be if the unmeasured
-            hopeful = hopeful_errors(errors, alloc.plan, known, explore)  # were better
-            hb = build_problem(lg, costs, cands, hopeful, input_noise=table.input_noise,
-                               convert_weight=convert_penalty * ref_error)
-            try:
-                other = allocate(hb.problem, costs, budgets, pins=pins, penalty=1.0).plan
-            except InfeasibleBudgetError:
-                other = {}
-            todo += [k for k in pairs_to_verify(other, costs.reference, cands, known)
-                     if k not in todo][:EXPLORE_PAIRS]
-        if not todo:
-            break
-        if ref_out is None:
-            ref_out = (analysis.calibration.reference_for(batches)
-                       or reference_outputs(lg, batches))
-        with progress(f"verifying the plan (round {r + 1})", len(todo)) as advance:
-            known.update(measure_pairs(analysis, batches, todo, workers=workers, cache=cache,
-                                       reference=ref_out, progress=advance))
-        rounds.append(len(todo))
-        errors, scales = corrected_errors(table, known, cands)
-    refinement = Refinement(measured={k: v for k, v in known.items()
-                                      if k not in table.measured},
-                            rounds=tuple(rounds), scales=scales)
-    problem, penalty = built.problem, 1.0  # the edges' pairwise term counts in full
-    limits = alloc.limits
-    seconds["refine"] = time.perf_counter() - t1
+class _Job:
+    """One search: its inputs, then what each stage finds, in order (module docstring)."""
 
-    def result(name: str, plan: Mapping[str, Candidate]) -> PlanResult:
-        cost = costs.plan(plan)
-        mse = built.predicted_error(plan)
-        fits = all(cost.as_dict()[m] <= lim * (1 + 1e-9) for m, lim in limits.items())
+    def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto,
+                 profile: str | os.PathLike[str] | HardwareProfile,
+                 data: DataLike | SearchData, config: SearchConfig,
+                 progress: Progress) -> None:
+        self.config, self.progress = config, progress
+        self.seconds: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+        self.model = model if isinstance(model, onnx.ModelProto) else load_model(model)
+        self.sha256 = hashlib.sha256(self.model.SerializeToString(deterministic=True)).hexdigest()
+        self.profile = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
+        data = data if isinstance(data, SearchData) else SearchData(calibration=data)
+        self.calib = self._dataset(data.calibration, "calibration")
+        self.evald = (None if data.evaluation is None
+                      else self._dataset(data.evaluation, "evaluation"))
+        self.exported: dict[tuple, QdqModel] = {}  # each plan exported once
+        self._reference: Sequence[Mapping] | None = None
+
+    def _dataset(self, d: DataLike, name: str) -> Dataset:
+        return d if isinstance(d, Dataset) else open_dataset(d, self.model, name=name)
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t
+
+    def run(self) -> SearchResult:
+        self.prepare()
+        self.sensitivity()
+        self.refine()
+        self.baselines()
+        if self.config.refinement.select:
+            self.select()
+        with self._stage("front (waited)"):
+            self.front: Front = self.front_job.result()
+        self.front_plans = tuple(
+            self.result(f"front {i}", dict(p.solution.choice))
+            for i, p in enumerate(_front_sample(self.front, self.config.measurement.front_points,
+                                                self.limits[self.metric], self.chosen.plan)))
+        if self.config.measurement.enabled:
+            self.measure()
+        self.seconds["total"] = time.perf_counter() - self.t0
+        return SearchResult(
+            config=self.config, analysis=self.analysis, profile=self.profile, costs=self.costs,
+            table=self.table, built=self.built, errors=self.errors, refinement=self.refinement,
+            budgets=self.config.budgets, limits=self.limits, chosen=self.chosen,
+            allocation=self.alloc, uniform=tuple(self.uniform), greedy=self.greedy,
+            front=self.front, front_plans=self.front_plans, model_sha256=self.sha256,
+            selection=self.selection, polish=self.polished,
+            chosen_model=self.exported.get(plan_key(self.chosen.plan)), gating=self.gated,
+            seconds=self.seconds)
+
+    # -- 1. analysis, candidates, pins
+
+    def prepare(self) -> None:
+        cfg, cc = self.config, self.config.candidates
+        with self.progress("calibrating", len(self.calib)) as advance:
+            self.analysis = analyze(self.model, self.calib, options=cfg.quantize, hessians=True,
+                                    progress=advance)
+        lg = self.analysis.graph
+        self.costs = CostModel(lg, self.profile)
+        cands = candidates_for(lg, self.costs, cc.only, sparsity=cc.sparsity)
+        self.gated = None
+        if cc.gating is not None:
+            with self.progress(f"gating ({cc.gating.value})", None):
+                self.gated = gated_candidates(self.analysis, self.costs, cands,
+                                              metric=cfg.budgets[0].metric, search=cc.gating)
+            for g, extra in self.gated.by_group.items():
+                cands[g] = (*cands[g], *extra)
+        self.pins = resolve_pins(self.analysis, self.costs, cands, cc.pin, cc.keep_float)
+        for g, c in self.pins.items():
+            if c not in cands[g]:
+                cands[g] = (*cands[g], c)
+        self.cands = cands
+        self.batches = tuple(self.calib.batches(cfg.quantize.batch_size))
+        self.seconds["calibrate"] = time.perf_counter() - self.t0
+
+    def reference(self) -> Sequence[Mapping]:
+        """The FP32 outputs on the calibration batches (from the calibration pass when it kept
+        them), computed once."""
+        if self._reference is None:
+            lg, batches = self.analysis.graph, self.batches
+            self._reference = (self.analysis.calibration.reference_for(batches)
+                               or reference_outputs(lg, batches))
+        return self._reference
+
+    # -- 2. sensitivity
+
+    def sensitivity(self) -> None:
+        cfg = self.config
+        with self._stage("sensitivity"):
+            self.cache = None
+            if cfg.cache.enabled:
+                self.cache = SensitivityCache.for_settings(
+                    cfg.cache.dir, model=self.model,
+                    batches=self.calib.batches(cfg.quantize.batch_size), options=cfg.quantize,
+                    seed=cfg.seed)
+            variant = table_variant(cfg.method, self.cands)
+            cached = self.cache.table(variant) if self.cache is not None else None
+            if cached is not None:
+                self.table = SensitivityTable.from_dict(cached)
+                return
+            with self.progress(f"sensitivity ({cfg.method.value})",
+                               sum(len(v) for v in self.cands.values())) as advance:
+                self.table = estimate(self.analysis, self.calib, self.cands, method=cfg.method,
+                                      workers=cfg.workers, cache=self.cache, progress=advance,
+                                      seed=cfg.seed, predict=True)
+            if self.cache is not None:
+                self.cache.save_table(variant, self.table.to_dict())
+
+    # -- 3. solve, measure what the plan rests on, solve again
+
+    def _allocate(self, errors: Mapping, *, scale_from: Mapping | None = None
+                  ) -> tuple[Built, Allocation]:
+        """The problem on ``errors`` and its exact plan. A conversion is charged
+        ``convert_penalty`` times the all-w8a8 plan's error under ``scale_from`` (default:
+        ``errors``)."""
+        lg, table, ref = self.analysis.graph, self.table, self.costs.reference
+        scale_from = errors if scale_from is None else scale_from
+        ref_error = sum(scale_from.get((g, ref), 0.0) for g in lg.group_names)
+        built = build_problem(lg, self.costs, self.cands, errors, input_noise=table.input_noise,
+                              convert_weight=self.config.convert_penalty * ref_error)
+        return built, allocate(built.problem, self.costs, self.config.budgets, pins=self.pins,
+                               penalty=1.0)
+
+    def refine(self) -> None:
+        rc, lg, table = self.config.refinement, self.analysis.graph, self.table
+        t1 = time.perf_counter()
+        errors = {(g, c): table.error(g, c) for g in lg.group_names for c in self.cands[g]}
+        known = dict(table.measured)
+        rounds: list[int] = []
+        self.round_plans: list[dict[str, Candidate]] = []
+        scales: dict[str, float] = {}
+        for r in range(rc.rounds + 1):
+            built, alloc = self._allocate(errors)
+            self.round_plans.append(dict(alloc.plan))
+            last = r == rc.rounds
+            todo = [] if last else pairs_to_verify(alloc.plan, self.costs.reference, self.cands,
+                                                   known)
+            if not last and rc.explore > 1:  # also where the plan would depart if the
+                # unmeasured alternatives were better than predicted
+                hopeful = hopeful_errors(errors, alloc.plan, known, rc.explore)
+                try:
+                    other = self._allocate(hopeful, scale_from=errors)[1].plan
+                except InfeasibleBudgetError:
+                    other = {}
+                todo += [k for k in pairs_to_verify(other, self.costs.reference, self.cands,
+                                                    known) if k not in todo][:EXPLORE_PAIRS]
+            if not todo:
+                break
+            with self.progress(f"verifying the plan (round {r + 1})", len(todo)) as advance:
+                known.update(measure_pairs(self.analysis, self.batches, todo,
+                                           workers=self.config.workers, cache=self.cache,
+                                           reference=self.reference(), progress=advance))
+            rounds.append(len(todo))
+            errors, scales = corrected_errors(table, known, self.cands)
+        self.errors, self.built, self.alloc = errors, built, alloc
+        self.refinement = Refinement(measured={k: v for k, v in known.items()
+                                               if k not in table.measured},
+                                     rounds=tuple(rounds), scales=scales)
+        self.limits = alloc.limits
+        self.seconds["refine"] = time.perf_counter() - t1
+
+    def result(self, name: str, plan: Mapping[str, Candidate]) -> PlanResult:
+        """``plan`` with its costs and its prediction on the final errors."""
+        cost = self.costs.plan(plan)
+        mse = self.built.predicted_error(plan)
+        fits = all(cost.as_dict()[m] <= lim * (1 + 1e-9) for m, lim in self.limits.items())
         return PlanResult(name=name, plan=dict(plan), cost=cost, predicted_mse=mse,
-                          predicted_sqnr_db=sqnr(table.signal, mse), fits=fits)
+                          predicted_sqnr_db=sqnr(self.table.signal, mse), fits=fits)
 
-    chosen = result("mpsearch", alloc.plan)
-    uniform = []
-    for c in sorted({c for cs in cands.values() for c in cs}, key=lambda c: c.name):
-        if all(c in cands[g] for g in lg.group_names):
-            uniform.append(result(f"uniform {c.name}", {g: c for g in lg.group_names}))
-    greedy_plan = None
-    try:
-        gsol = greedy(problem, limits, pins=pins, penalty=penalty)
-        greedy_plan = result("greedy (AMP)", dict(gsol.choice))
-    except InfeasibleBudgetError:
-        log.info("the greedy walk found no plan within the budgets")
-    metric = budgets[0].metric
-    others = {m: v for m, v in limits.items() if m != metric}
-    # The front's ILPs run on a second thread while the shortlist and the polish run their
-    # plans in ONNX Runtime, which releases the GIL (the front is needed only after them).
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="front")
-    front_job = pool.submit(front, problem, metric, budgets=others, points=FRONT_SOLVES,
-                            pins=pins, penalty=penalty)
-    pool.shutdown(wait=False)
-    seconds["solve"] = time.perf_counter() - t1
+    # -- 4. baselines and the front
 
-    exported: dict[tuple, QdqModel] = {}  # each plan exported once (shortlist, measurement)
+    def baselines(self) -> None:
+        lg, problem = self.analysis.graph, self.built.problem
+        t1 = time.perf_counter()
+        self.chosen = self.result("mpsearch", self.alloc.plan)
+        self.uniform = []
+        for c in sorted({c for cs in self.cands.values() for c in cs}, key=lambda c: c.name):
+            if all(c in self.cands[g] for g in lg.group_names):
+                self.uniform.append(self.result(f"uniform {c.name}",
+                                                {g: c for g in lg.group_names}))
+        self.greedy = None
+        try:  # the edges' pairwise term counts in full, as in the ILP
+            gsol = greedy(problem, self.limits, pins=self.pins, penalty=1.0)
+            self.greedy = self.result("greedy (AMP)", dict(gsol.choice))
+        except InfeasibleBudgetError:
+            log.info("the greedy walk found no plan within the budgets")
+        self.metric = self.config.budgets[0].metric
+        others = {m: v for m, v in self.limits.items() if m != self.metric}
+        # The front's ILPs run on a second thread while the shortlist and the polish run their
+        # plans in ONNX Runtime, which releases the GIL (the front is needed only after them).
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="front")
+        self.front_job: Future[Front] = pool.submit(
+            front, problem, self.metric, budgets=others, points=FRONT_SOLVES, pins=self.pins,
+            penalty=1.0)
+        pool.shutdown(wait=False)
+        self.selection: Selection | None = None
+        self.polished = None
+        self.seconds["solve"] = time.perf_counter() - t1
 
-    def export(plan: Mapping[str, Candidate]) -> QdqModel:
+    def export(self, plan: Mapping[str, Candidate]) -> QdqModel:
         key = plan_key(plan)
-        if key not in exported:
-            exported[key] = analysis.export(plan)
-        return exported[key]
+        if key not in self.exported:
+            self.exported[key] = quantize(self.analysis, plan)
+        return self.exported[key]
 
-    selection, polished = None, None
-    if select:
-        t1 = time.perf_counter()
-        shortlist = _shortlist(round_plans, chosen.predicted_sqnr_db, greedy_plan, uniform,
-                               pins)
-        if ref_out is None:
-            ref_out = (analysis.calibration.reference_for(batches)
-                       or reference_outputs(lg, batches))
-        with progress("measuring the shortlist", len(shortlist)) as advance:
-            selection = select_plan(analysis, shortlist, batches, ref_out, progress=advance,
-                                    export=export)
-        chosen = result("mpsearch", selection.best.plan)
-        seconds["select"] = time.perf_counter() - t1
-        if polish > 0:
-            t1 = time.perf_counter()
-            with progress("polishing on measured error", polish) as advance:
-                polished = polish_plan(
-                    selection.best.plan, selection.best.calibration_mse,
-                    selection.best.samples, name=selection.best.name, built=built,
-                    costs=costs, limits=limits, pins=pins, evaluations=polish, progress=advance,
-                    tried=[c.plan for c in selection.contenders],
-                    measure=lambda plan: measure_plan(analysis, plan, batches, ref_out,
-                                                      export=export))
-            chosen = result("mpsearch", polished.plan)
-            seconds["polish"] = time.perf_counter() - t1
+    # -- 5. the best measured plan, polished
 
-    t1 = time.perf_counter()
-    fr = front_job.result()
-    seconds["front (waited)"] = time.perf_counter() - t1
-    front_plans = tuple(result(f"front {i}", dict(p.solution.choice))
-                        for i, p in enumerate(_front_sample(fr, front_points, limits[metric],
-                                                            chosen.plan)))
-    if measure:
-        t1 = time.perf_counter()
-        which = "evaluation" if evald is not None else "calibration"
-        ds = evald if evald is not None else calib
-        fitting = [u for u in uniform if u.fits]
-        if not all_uniform:  # the uniform plan that fits with the best predicted quality
-            fitting = sorted(fitting, key=lambda u: -u.predicted_sqnr_db)[:1]
-        todo = [chosen, *([greedy_plan] if greedy_plan else []), *fitting, *front_plans]
-        done: dict[tuple, Measured] = {}
-        with progress("measuring plans", len(todo)) as advance:
-            fp32 = reference_run(analysis.original, ds.batches(opts.batch_size))
-            for pr in todo:
-                key = plan_key(pr.plan)
-                if key not in done:
-                    done[key] = Measured(data=which, result=evaluate(
-                        analysis.original, export(pr.plan).model, labels=ds.labels,
-                        reference_outputs=fp32))
-                advance(1)
+    def select(self) -> None:
+        rc = self.config.refinement
+        with self._stage("select"):
+            shortlist = _shortlist(self.round_plans, self.chosen.predicted_sqnr_db, self.greedy,
+                                   self.uniform, self.pins)
+            with self.progress("measuring the shortlist", len(shortlist)) as advance:
+                self.selection = select(self.analysis, shortlist, self.batches,
+                                        self.reference(), progress=advance, export=self.export)
+            self.chosen = self.result("mpsearch", self.selection.best.plan)
+        if rc.polish <= 0:
+            return
+        best = self.selection.best
+        with self._stage("polish"):
+            with self.progress("polishing on measured error", rc.polish) as advance:
+                self.polished = polish(
+                    best.plan, best.calibration_mse, best.samples, name=best.name,
+                    built=self.built, costs=self.costs, limits=self.limits, pins=self.pins,
+                    evaluations=rc.polish, progress=advance,
+                    tried=[c.plan for c in self.selection.contenders],
+                    measure=lambda plan: measure_plan(self.analysis, plan, self.batches,
+                                                      self.reference(), export=self.export))
+            self.chosen = self.result("mpsearch", self.polished.plan)
 
-        def with_measured(pr: PlanResult) -> PlanResult:
-            m = done.get(plan_key(pr.plan))
-            return dataclasses.replace(pr, measured=m) if m else pr
+    # -- 6. measured against FP32
 
-        chosen = with_measured(chosen)
-        greedy_plan = with_measured(greedy_plan) if greedy_plan else None
-        uniform = [with_measured(u) for u in uniform]
-        front_plans = tuple(with_measured(p) for p in front_plans)
-        seconds["measure"] = time.perf_counter() - t1
-    seconds["total"] = time.perf_counter() - t0
-    return SearchResult(analysis=analysis, profile=prof, costs=costs, table=table,
-                        built=built, errors=errors, refinement=refinement, method=method,
-                        budgets=budgets, limits=limits, chosen=chosen,
-                        allocation=alloc,
-                        uniform=tuple(uniform), greedy=greedy_plan, front=fr,
-                        front_plans=front_plans, model_sha256=sha, selection=selection,
-                        polish=polished,
-                        chosen_model=exported.get(plan_key(chosen.plan)),
-                        gating=gated, seconds=seconds)
+    def measure(self) -> None:
+        mc = self.config.measurement
+        with self._stage("measure"):
+            which = DataRole.EVALUATION if self.evald is not None else DataRole.CALIBRATION
+            ds = self.evald if self.evald is not None else self.calib
+            fitting = [u for u in self.uniform if u.fits]
+            if not mc.all_uniform:  # the uniform plan that fits with the best predicted quality
+                fitting = sorted(fitting, key=lambda u: -u.predicted_sqnr_db)[:1]
+            todo = [self.chosen, *([self.greedy] if self.greedy else []), *fitting,
+                    *self.front_plans]
+            done: dict[tuple, Measured] = {}
+            original = self.analysis.original
+            with self.progress("measuring plans", len(todo)) as advance:
+                fp32 = reference_run(original, ds.batches(self.config.quantize.batch_size))
+                for pr in todo:
+                    key = plan_key(pr.plan)
+                    if key not in done:
+                        done[key] = Measured(data=which, result=evaluate(
+                            original, self.export(pr.plan).model, labels=ds.labels,
+                            reference_outputs=fp32))
+                    advance(1)
 
+            def with_measured(pr: PlanResult) -> PlanResult:
+                m = done.get(plan_key(pr.plan))
+                return dataclasses.replace(pr, measured=m) if m else pr
 
-FRONT_SOLVES = 20  # solves per side of the front, Lagrangian and ε-constraint (30: 1.5x the time)
-UNIFORM_MARGIN_DB = 3.0  # a uniform plan predicted this far below the ILP's is not measured
+            self.chosen = with_measured(self.chosen)
+            self.greedy = with_measured(self.greedy) if self.greedy else None
+            self.uniform = [with_measured(u) for u in self.uniform]
+            self.front_plans = tuple(with_measured(p) for p in self.front_plans)
 
 
 def _shortlist(round_plans: Sequence[Mapping[str, Candidate]], ilp_db: float,

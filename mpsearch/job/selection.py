@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mpsearch.core.formats import Candidate
-from mpsearch.export.qdq import QdqModel
+from mpsearch.export.qdq import QdqModel, quantize
 from mpsearch.graph.calibrate import make_session
 from mpsearch.quant.analysis import Analysis
 
@@ -74,9 +74,10 @@ def plan_errors(analysis: Analysis, plan: Mapping[str, Candidate],
                 ) -> tuple[np.ndarray, int]:
     """The squared output error of each calibration sample (summed over every output element
     of that sample), and the number of output elements in all: ``mse = sum / count``.
-    ``export``: how the plan becomes a QDQ model (default ``analysis.export``; the search
-    passes a cached one)."""
-    sess = make_session((export or analysis.export)(plan).model)
+    ``export``: how the plan becomes a QDQ model (default :func:`mpsearch.export.qdq.quantize`; the
+    search passes a cached one)."""
+    qdq = export(plan) if export is not None else quantize(analysis, plan)
+    sess = make_session(qdq.model)
     names = [o.name for o in sess.get_outputs()]
     feeds = {i.name for i in sess.get_inputs()}
     per: list[np.ndarray] = []

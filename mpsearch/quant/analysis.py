@@ -1,7 +1,10 @@
-"""The stages chained for a user: ingest -> (equalize) -> calibrate -> ranges -> export.
+"""The plan-independent part, once: ingest -> (equalize) -> calibrate -> quantization parameters.
 
-``analyze`` runs the expensive, plan-independent part once (one ONNX Runtime pass over the
-calibration data); the returned :class:`Analysis` then exports any number of plans cheaply.
+``analyze`` runs it (one ONNX Runtime pass over the calibration data, with the layer Hessians
+when rounding or the sensitivity stage wants them); the returned :class:`Analysis` is what
+every later stage reads: the prepared graph, its calibration and the :class:`RangeSetter`
+that quantizes any layer in any format. :func:`mpsearch.export.qdq.quantize` then exports any
+number of plans from it cheaply.
 """
 
 from __future__ import annotations
@@ -17,16 +20,14 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from mpsearch.core.errors import UsageError
-from mpsearch.core.formats import Candidate
 from mpsearch.data.dataset import Dataset
-from mpsearch.export.qdq import QdqModel, export_qdq, uniform_plan
 from mpsearch.graph.calibrate import Calibration, calibrate, make_session
 from mpsearch.graph.equalize import EqualizeMode, EqualizeReport, equalize
 from mpsearch.graph.evaluate import sqnr_db
 from mpsearch.graph.ingest import prepare_model
 from mpsearch.graph.layer_graph import LayerGraph, build_layer_graph
 from mpsearch.graph.ranges import RangeMethod
-from mpsearch.quant.layer import Rounding
+from mpsearch.quant.layer import Rounding, WeightSettings
 from mpsearch.quant.parameters import RangeSetter
 
 __all__ = ["Analysis", "QuantizeOptions", "analyze"]
@@ -41,11 +42,23 @@ class QuantizeOptions:
     batch_size: int = 8  # calibration batch: larger ones run slower with every tensor exposed
     activation_range: RangeMethod = RangeMethod.MSE
     weight_range: RangeMethod = RangeMethod.MSE
-    equalize: EqualizeMode = EqualizeMode.OFF  # measured: does not help (equalize.py)
+    equalize: EqualizeMode = EqualizeMode.OFF  # measured: does not help (graph/equalize.py)
     bias_correction: bool = True
-    # GPTQ on the layer Hessians, measured better than nearest (layerquant.py); costs a slower
-    # calibration pass (the Hessians)
+    # GPTQ on the layer Hessians, measured better than nearest (quant/layer.py); costs a
+    # slower calibration pass (the Hessians)
     rounding: Rounding = Rounding.HESSIAN
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
+                or self.batch_size < 1:
+            raise UsageError(f"batch size {self.batch_size!r} is not a positive integer",
+                             fix="pass --batch-size 1 or more")
+
+    @property
+    def weights(self) -> WeightSettings:
+        """How layer weights are quantized under these options."""
+        return WeightSettings(method=self.weight_range, bias_correction=self.bias_correction,
+                              rounding=self.rounding)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,14 +80,9 @@ class Analysis:
                              "did not collect",
                              fix="analyze with options rounding=Rounding.HESSIAN or "
                                  "hessians=True")
-        return dataclasses.replace(self, ranges=self.ranges.with_rounding(rounding),
-                                   options=dataclasses.replace(self.options, rounding=rounding))
-
-    def export(self, plan: Mapping[str, Candidate]) -> QdqModel:
-        return export_qdq(self.graph, plan, self.ranges)
-
-    def export_uniform(self, candidate: Candidate) -> QdqModel:
-        return export_qdq(self.graph, uniform_plan(self.graph, candidate), self.ranges)
+        options = dataclasses.replace(self.options, rounding=rounding)
+        return dataclasses.replace(self, ranges=self.ranges.with_settings(options.weights),
+                                   options=options)
 
 
 def _float_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -128,9 +136,7 @@ def analyze(model: onnx.ModelProto, data: Dataset, *,
     cal = calibrate(graph, data.batches(opts.batch_size), hessians=hessians, progress=progress)
     timings["calibrate"] = time.perf_counter() - t0
     ranges = RangeSetter(cal.stats, _float_weights(graph.model), moments=cal.moments,
-                         activation_method=opts.activation_range,
-                         weight_method=opts.weight_range,
-                         bias_correction=opts.bias_correction, hessians=cal.hessians,
-                         rounding=opts.rounding)
+                         activation_method=opts.activation_range, settings=opts.weights,
+                         hessians=cal.hessians)
     return Analysis(original=model, graph=graph, calibration=cal, ranges=ranges, options=opts,
                     equalization=report, timings=timings)

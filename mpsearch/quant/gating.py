@@ -38,7 +38,7 @@ about 0.3 s on one core; torch's per-step overhead dominates).
 cost never increases along the sweep. Every read-out is re-evaluated exactly (its error on
 ``H``, not the training loss); the distinct ones are the candidates for the solver.
 
-**Exact alternative** (``Search.EXACT``). With frozen weights the layer objective separates
+**Exact alternative** (``GateSearch.EXACT``). With frozen weights the layer objective separates
 over output channels: ``tr(δW H δWᵀ) = Σ_r δw_r H δw_rᵀ``. So for each of the four
 bit-widths a channel is kept iff its error there plus its share of ``λ·cost`` is below its
 error when pruned, and the best bit-width wins: the global minimum of the deterministic
@@ -69,7 +69,7 @@ from mpsearch.core.errors import UsageError
 from mpsearch.graph.layer_hessian import LayerHessian
 
 __all__ = ["BETA", "GAMMA", "LEVELS", "THRESHOLD", "ZETA", "GatedConfig", "GatedLayer", "Gates",
-           "Search", "prepare", "read_out", "sweep", "train", "train_many"]
+           "GateSearch", "prepare", "read_out", "sweep", "train", "train_many"]
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ _U0 = BETA * math.log(-GAMMA / ZETA)
 _U1 = BETA * math.log((1 - GAMMA) / (ZETA - 1))
 
 
-class Search(enum.Enum):
+class GateSearch(enum.Enum):
     """How a sweep finds each ``λ``'s configuration."""
 
     GATES = "gates"  # Bayesian-Bits hard-concrete gates, trained by Adam
@@ -422,7 +422,7 @@ def read_out(layer: GatedLayer, gates: Gates, *, lam: float = 0.0) -> GatedConfi
 def sweep(rows: np.ndarray, *, lambdas: Sequence[float],
           hessian: LayerHessian | np.ndarray | None = None, inputs: np.ndarray | None = None,
           ranges: np.ndarray | None = None, bit_cost: Mapping[int, float] | None = None,
-          min_bits: int = 2, search: Search = Search.GATES, steps: int = STEPS,
+          min_bits: int = 2, search: GateSearch = GateSearch.GATES, steps: int = STEPS,
           lr: float = LR) -> list[GatedConfig]:
     """The distinct configurations along increasing ``lambdas`` (cost non-increasing), each
     with its exact error and cost. Arguments as for :func:`prepare` and :func:`train`;
@@ -437,7 +437,7 @@ def sweep(rows: np.ndarray, *, lambdas: Sequence[float],
     out: list[GatedConfig] = []
     prev: GatedConfig | None = None
     for lam in lams:
-        if search is Search.EXACT or lam == 0:  # λ = 0: nothing to pay, the whole layer
+        if search is GateSearch.EXACT or lam == 0:  # λ = 0: nothing to pay, the whole layer
             cfg = layer.exact(lam)
         else:
             cfg = read_out(layer, train(layer, lam, steps=steps, lr=lr, closed=prev), lam=lam)

@@ -55,9 +55,7 @@ from __future__ import annotations
 
 import enum
 import logging
-import weakref
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -67,25 +65,24 @@ from mpsearch.graph.calibrate import ChannelMoments
 from mpsearch.graph.layer_graph import Layer
 from mpsearch.graph.layer_hessian import LayerHessian
 from mpsearch.graph.ranges import QParams, RangeMethod, weight_qparams
-from mpsearch.quant.rounding import HessianFactor, factor_hessian, hessian_round
+from mpsearch.quant.layout import (
+    MIN_ROWS_PER_INPUT,
+    input_channel_view,
+    rows_to_weight,
+    weight_rows,
+)
+from mpsearch.quant.prune import prune_layer
+from mpsearch.quant.rounding import FactorCache, HessianFactor, factor_hessian, hessian_round
 
-if TYPE_CHECKING:
-    from mpsearch.quant.parameters import RangeSetter
-
-__all__ = ["INT32_BIAS_LIMIT", "LayerWeights", "Rounding", "bias_safe", "input_channel_view",
-           "quantize_layer", "rows_to_weight", "sparse_layer", "weight_rows"]
+__all__ = ["INT32_BIAS_LIMIT", "LayerInputs", "LayerWeights", "Rounding", "WeightSettings",
+           "bias_safe", "quantize_layer"]
 
 log = logging.getLogger(__name__)
 
-MIN_ROWS_PER_INPUT = 2  # GPTQ only where the Hessian saw at least 2 rows per input column
-
-# GPTQ's factor of each layer's Hessian (plain and centered), shared by its int4 and int8
-# candidates; it lives as long as the Hessian does.
-_FACTORS: weakref.WeakKeyDictionary[LayerHessian, dict[bool, HessianFactor]] = \
-    weakref.WeakKeyDictionary()
-
 INT32_BIAS_LIMIT = 2**31 - 1
-_BIAS_SAFE_TRIES = 3  # rescale, re-round, re-correct: the scales only grow, one pass suffices
+# Rescale, re-round and re-correct while the corrected bias overflows int32, at most this
+# often: the scales only grow, and one pass settles all but pathological channels.
+_BIAS_SAFE_TRIES = 3
 
 
 class Rounding(enum.Enum):
@@ -93,6 +90,26 @@ class Rounding(enum.Enum):
 
     NEAREST = "nearest"
     HESSIAN = "hessian"  # GPTQ on the layer Hessian, per channel where it beats nearest
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightSettings:
+    """How every layer's weights are quantized (the plan-independent choices)."""
+
+    method: RangeMethod = RangeMethod.MSE  # per-channel clipping search, or min/max
+    bias_correction: bool = True
+    rounding: Rounding = Rounding.NEAREST
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LayerInputs:
+    """One layer's float weights and what the calibration pass saw of its input."""
+
+    layer: Layer
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+    moments: ChannelMoments | None = None  # E[x], E[x²] per input channel
+    hessian: LayerHessian | None = None  # what Rounding.HESSIAN and OBS pruning use
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -104,62 +121,12 @@ class LayerWeights:
     bias: np.ndarray | None  # float bias after correction (None: the layer has no bias)
     bias_shift: float  # largest |correction| applied, for reports
     # output channels pruned whole (``+channel@d``): their rows at the zero point, bias 0
-    pruned_channels: tuple[int, ...] = ()
-
-
-def input_channel_view(layer: Layer, w_shape: tuple[int, ...],
-                       per_input: np.ndarray) -> np.ndarray | None:
-    """``per_input`` (one value per input channel of ``layer``) broadcast to the weight's shape,
-    or None when the layout is not one this knows."""
-    v = np.asarray(per_input, np.float64)
-    nd = len(w_shape)
-    if layer.op_type == "Conv":
-        cout, cin_g = w_shape[0], w_shape[1]
-        g = layer.conv_groups
-        if v.size != cin_g * g or cout % g:
-            return None
-        idx = (np.arange(cout) // (cout // g))[:, None] * cin_g + np.arange(cin_g)[None, :]
-        return np.broadcast_to(v[idx].reshape(cout, cin_g, *([1] * (nd - 2))), w_shape)
-    if layer.op_type == "ConvTranspose":
-        if v.size != w_shape[0] or layer.conv_groups != 1:
-            return None
-        return np.broadcast_to(v.reshape(-1, *([1] * (nd - 1))), w_shape)
-    if layer.op_type in ("Gemm", "MatMul"):
-        k_axis = nd - 2 if layer.channel_axis == nd - 1 else nd - 1
-        if v.size != w_shape[k_axis]:
-            return None
-        shape = [1] * nd
-        shape[k_axis] = v.size
-        return np.broadcast_to(v.reshape(shape), w_shape)
-    return None
-
-
-def weight_rows(layer: Layer, w: np.ndarray) -> np.ndarray | None:
-    """``w`` as ``(G, R, K)``: per group of input channels ``G``, the ``R`` output channels as
-    rows over the ``K`` inputs they multiply, in im2col order (input channel, then kernel
-    offsets), the layout of the layer Hessian. None for layouts this does not know
-    (ConvTranspose, batched MatMul weights)."""
-    if layer.op_type == "Conv":
-        g = layer.conv_groups
-        cout = w.shape[0]
-        if cout % g:
-            return None
-        return w.reshape(g, cout // g, -1)
-    if layer.op_type in ("Gemm", "MatMul") and w.ndim == 2:
-        rows = w if layer.channel_axis == 0 else w.T
-        return rows[None]
-    return None
-
-
-def rows_to_weight(layer: Layer, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The inverse of :func:`weight_rows`."""
-    if layer.op_type == "Conv":
-        return rows.reshape(shape)
-    r = rows[0]
-    return np.ascontiguousarray(r if layer.channel_axis == 0 else r.T).reshape(shape)
+    pruned_channels: tuple[int, ...] = field(default=())
 
 
 def bias_safe(qp: QParams, bias: np.ndarray, input_scale: float) -> QParams:
+    """``qp`` with the scales raised where ``bias`` would overflow int32 at scale
+    ``input_scale · s_w`` (``qp`` itself when it fits)."""
     floor = np.abs(bias.astype(np.float64)) / (float(input_scale) * INT32_BIAS_LIMIT) * 1.01
     if np.all(qp.scale >= floor):
         return qp
@@ -168,11 +135,11 @@ def bias_safe(qp: QParams, bias: np.ndarray, input_scale: float) -> QParams:
                    rmin=qp.rmin, rmax=qp.rmax)
 
 
-def _rounding_hessian(layer: Layer, w: np.ndarray, fmt: Format, hessian: LayerHessian | None,
-                      rounding: Rounding, *, centered: bool
-                      ) -> tuple[np.ndarray, HessianFactor] | None:
-    """The ``(G, K, K)`` Hessian to round ``w`` with and its GPTQ factor, or None for
+def _rounding_hessian(li: LayerInputs, fmt: Format, rounding: Rounding, factors: FactorCache,
+                      *, centered: bool) -> tuple[np.ndarray, HessianFactor] | None:
+    """The ``(G, K, K)`` Hessian to round the weight with and its GPTQ factor, or None for
     round-to-nearest."""
+    layer, w, hessian = li.layer, li.weight, li.hessian
     if (rounding is not Rounding.HESSIAN or hessian is None or not hessian.dense
             or fmt.spec.kind is not FormatKind.INT or fmt.bits > 8):
         return None
@@ -192,10 +159,8 @@ def _rounding_hessian(layer: Layer, w: np.ndarray, fmt: Format, hessian: LayerHe
                   hessian.rows_seen, k)
         return None
     h = hessian.centered() if centered else hessian.second
-    memo = _FACTORS.setdefault(hessian, {})
-    if centered not in memo:
-        memo[centered] = factor_hessian(h, act_order=True)
-    return h, memo[centered]
+    factor = factors.get(hessian, ("gptq", centered), lambda: factor_hessian(h, act_order=True))
+    return h, factor
 
 
 def _row_errors(q: np.ndarray, rows: np.ndarray, h: np.ndarray, scale: np.ndarray,
@@ -208,7 +173,7 @@ def _row_errors(q: np.ndarray, rows: np.ndarray, h: np.ndarray, scale: np.ndarra
 
 def _round(layer: Layer, w: np.ndarray, fmt: Format, qp: QParams,
            hf: tuple[np.ndarray, HessianFactor] | None) -> np.ndarray:
-    """``w`` on the grid of ``qp``: to nearest, or (``h`` given) by GPTQ where, channel by
+    """``w`` on the grid of ``qp``: to nearest, or (``hf`` given) by GPTQ where, channel by
     channel, that gives the lower ``δw H δwᵀ``."""
     values = quantize(w, fmt, qp.scale, qp.zero_point, axis=layer.channel_axis)
     if hf is None:
@@ -247,17 +212,16 @@ def _patch(layer: Layer, w: np.ndarray, fmt: Format, old: QParams, new: QParams,
     return np.where(changed.reshape(shape), nearest, values)
 
 
-def _pruned_values(layer: Layer, w: np.ndarray, fmt: Format, sparsity: Sparsity, qp: QParams,
-                   hessian: LayerHessian | None, *, centered: bool
+def _pruned_values(li: LayerInputs, fmt: Format, sparsity: Sparsity, qp: QParams,
+                   factors: FactorCache, *, centered: bool
                    ) -> tuple[np.ndarray, tuple[int, ...]]:
-    """``w`` pruned to ``sparsity`` and on the grid of ``qp`` (one SparseGPT pass for integer
-    formats; pruned in float, then quantized, for fp8), and the output channels pruned whole
-    (channel pruning; they do not depend on ``qp``)."""
-    from mpsearch.quant.prune import prune_layer  # prune builds on this module
-
+    """The weight pruned to ``sparsity`` and on the grid of ``qp`` (one SparseGPT pass for
+    integer formats; pruned in float, then quantized, for fp8), and the output channels pruned
+    whole (channel pruning; they do not depend on ``qp``)."""
+    layer = li.layer
     joint = fmt.spec.kind is FormatKind.INT
-    pr = prune_layer(layer, w, sparsity, hessian=hessian, fmt=fmt if joint else None,
-                     qparams=qp if joint else None, centered=centered)
+    pr = prune_layer(layer, li.weight, sparsity, hessian=li.hessian, fmt=fmt if joint else None,
+                     qparams=qp if joint else None, centered=centered, factors=factors)
     if not pr:
         raise UsageError(f"layer {layer.name} cannot take sparsity {sparsity.name}: "
                          f"{pr.reason}", fix="give it a dense candidate")
@@ -269,60 +233,77 @@ def _pruned_values(layer: Layer, w: np.ndarray, fmt: Format, sparsity: Sparsity,
     return quantize(pr.weight, fmt, qp.scale, qp.zero_point, axis=layer.channel_axis), cut
 
 
-def quantize_layer(layer: Layer, w: np.ndarray, bias: np.ndarray | None, fmt: Format, *,
-                   moments: ChannelMoments | None, method: RangeMethod,
-                   input_scale: float | None = None, bias_correction: bool = True,
-                   hessian: LayerHessian | None = None,
-                   rounding: Rounding = Rounding.NEAREST,
+def _requantize(li: LayerInputs, fmt: Format, sparsity: Sparsity | None, old: QParams,
+                new: QParams, values: np.ndarray, factors: FactorCache, *,
+                centered: bool) -> np.ndarray:
+    """``values`` moved onto the raised scales of ``new``: dense weights re-rounded where the
+    scale changed (:func:`_patch`), pruned ones pruned again on the new grid (never rounded to
+    nearest, which would fill the zeros back in)."""
+    if sparsity is None:
+        return _patch(li.layer, li.weight, fmt, old, new, values)
+    return _pruned_values(li, fmt, sparsity, new, factors, centered=centered)[0]
+
+
+def quantize_layer(li: LayerInputs, fmt: Format, *,
+                   settings: WeightSettings = WeightSettings(),  # noqa: B008 - frozen
+                   sparsity: Sparsity | None = None, input_scale: float | None = None,
                    base: LayerWeights | None = None,
-                   sparsity: Sparsity | None = None) -> LayerWeights:
-    """Quantize ``w`` (and correct ``bias``) for ``fmt``. ``input_scale``: the scale of the
-    layer's integer input when the bias is stored as int32 (None otherwise). ``hessian``: the
-    layer's, used by ``rounding=Rounding.HESSIAN`` (without one, or for other formats than
-    integers of 8 bits or fewer, weights are rounded to nearest). ``base``: this function's
-    result for the same arguments without ``input_scale`` (saves the search and rounding).
-    ``sparsity``: prune to it in the same pass (module docstring; None: dense); raises
-    :class:`~mpsearch.core.errors.UsageError` where the layer cannot take it."""
+                   factors: FactorCache | None = None) -> LayerWeights:
+    """Quantize the layer's weight (and correct its bias) for ``fmt``.
+
+    ``settings``: range method, bias correction and rounding (``Rounding.HESSIAN`` uses
+    ``li.hessian``; without one, or for formats other than integers of 8 bits or fewer,
+    weights are rounded to nearest). ``sparsity``: prune to it in the same pass (module
+    docstring; None: dense); raises :class:`~mpsearch.core.errors.UsageError` where the layer
+    cannot take it. ``input_scale``: the scale of the layer's integer input when the bias is
+    stored as int32 (None otherwise). ``base``: this function's result for the same arguments
+    without ``input_scale`` (saves the clipping search and the rounding). ``factors``: where
+    the Hessian factors are kept between calls (a fresh cache when None)."""
+    layer, w, bias = li.layer, li.weight, li.bias
+    factors = factors if factors is not None else FactorCache()
     axis = layer.channel_axis
     mean = None
-    if (bias is not None and bias_correction and moments is not None
+    if (bias is not None and settings.bias_correction and li.moments is not None
             and fmt.spec.kind is not FormatKind.FLOAT):
-        mean = input_channel_view(layer, w.shape, moments.mean)
-    if sparsity is not None and sparsity.density < 1:
-        if not fmt.is_quantized:
-            raise UsageError(f"layer {layer.name}: pruned {fmt} weights are not exported",
-                             fix="prune only candidates with integer or fp8 weights")
-
-        def repair(old: QParams, new: QParams, values: np.ndarray) -> np.ndarray:
-            return _pruned_values(layer, w, fmt, sparsity, new, hessian,
-                                  centered=mean is not None)[0]
-    else:
-        def repair(old: QParams, new: QParams, values: np.ndarray) -> np.ndarray:
-            return _patch(layer, w, fmt, old, new, values)
+        mean = input_channel_view(layer, w.shape, li.moments.mean)
+    centered = mean is not None  # the bias removes the mean error: round on the covariance
+    if sparsity is not None and sparsity.density >= 1:
         sparsity = None
+    if sparsity is not None and not fmt.is_quantized:
+        raise UsageError(f"layer {layer.name}: pruned {fmt} weights are not exported",
+                         fix="prune only candidates with integer or fp8 weights")
     cut: tuple[int, ...] = ()  # output channels pruned whole: their bias goes with them
     if base is not None:
         qp, values, cut = base.qparams, base.values, base.pruned_channels
     else:
         importance = None
-        if moments is not None:
-            importance = input_channel_view(layer, w.shape, moments.mean_sq)
-        qp = weight_qparams(w, fmt, axis, method, importance=importance)
+        if li.moments is not None:
+            importance = input_channel_view(layer, w.shape, li.moments.mean_sq)
+        qp = weight_qparams(w, fmt, axis, settings.method, importance=importance)
         if sparsity is not None:
-            values, cut = _pruned_values(layer, w, fmt, sparsity, qp, hessian,
-                                         centered=mean is not None)
+            values, cut = _pruned_values(li, fmt, sparsity, qp, factors, centered=centered)
         else:
-            hf = _rounding_hessian(layer, w, fmt, hessian, rounding, centered=mean is not None)
+            hf = _rounding_hessian(li, fmt, settings.rounding, factors, centered=centered)
             values = _round(layer, w, fmt, qp, hf)
+
+    def fit_int32(bias_after: np.ndarray) -> bool:
+        """Raise the scales (and re-round) where ``bias_after`` would overflow int32; True
+        when nothing had to change."""
+        nonlocal qp, values
+        new = bias_safe(qp, bias_after, input_scale)
+        if new is qp:
+            return True
+        qp, values = new, _requantize(li, fmt, sparsity, qp, new, values, factors,
+                                      centered=centered)
+        return False
+
     shift = 0.0
     if bias is not None and cut:  # a removed channel outputs 0, its bias too
         shift = float(np.abs(bias[list(cut)]).max(initial=0.0))
         bias = bias.copy()
         bias[list(cut)] = 0
     if bias is not None and input_scale is not None:
-        qp2 = bias_safe(qp, bias, input_scale)
-        if qp2 is not qp:
-            qp, values = qp2, repair(qp, qp2, values)
+        fit_int32(bias)
     if mean is None:
         return LayerWeights(qparams=qp, values=values, bias=bias, bias_shift=shift,
                             pruned_channels=cut)
@@ -334,44 +315,11 @@ def quantize_layer(layer: Layer, w: np.ndarray, bias: np.ndarray | None, fmt: Fo
 
     for _ in range(_BIAS_SAFE_TRIES):
         delta = mean_shift()
-        if input_scale is None:
+        if input_scale is None or fit_int32(bias.astype(np.float64) - delta):
             break
-        qp2 = bias_safe(qp, bias.astype(np.float64) - delta, input_scale)
-        if qp2 is qp:  # the corrected bias still fits in int32
-            break
-        qp, values = qp2, repair(qp, qp2, values)
     else:
         delta = mean_shift()
     return LayerWeights(qparams=qp, values=values,
                         bias=(bias.astype(np.float64) - delta).astype(np.float32),
                         bias_shift=max(shift, float(np.abs(delta).max(initial=0.0))),
                         pruned_channels=cut)
-
-
-# Sparse weights per RangeSetter, memoised as RangeSetter.layer memoises the dense ones (the
-# RangeSetter lives in mpsearch.quant.parameters, which builds on this module).
-_SPARSE: weakref.WeakKeyDictionary[object, dict[tuple, LayerWeights]] = \
-    weakref.WeakKeyDictionary()
-
-
-def sparse_layer(ranges: RangeSetter, layer: Layer, fmt: Format, sparsity: Sparsity | None, *,
-                 input_scale: float | None = None) -> LayerWeights:
-    """What ``ranges.layer(layer, fmt, input_scale=...)`` gives, pruned to ``sparsity``
-    (dense: exactly that), from the same statistics, Hessian and settings; memoised."""
-    if sparsity is None or sparsity.density >= 1:
-        return ranges.layer(layer, fmt, input_scale=input_scale)
-    memo = _SPARSE.setdefault(ranges, {})
-    key = (layer.name, fmt, sparsity, input_scale)
-    if key not in memo:
-        if layer.weight is None:
-            raise ValueError(f"layer {layer.name} has no weight")
-        base = (sparse_layer(ranges, layer, fmt, sparsity) if input_scale is not None
-                else None)
-        memo[key] = quantize_layer(
-            layer, ranges.weights[layer.weight],
-            ranges.weights[layer.bias] if layer.bias else None, fmt,
-            moments=ranges.moments.get(layer.inputs[0]), method=ranges.weight_method,
-            input_scale=input_scale, bias_correction=ranges.bias_correction,
-            hessian=ranges.hessians.get(layer.name), rounding=ranges.rounding, base=base,
-            sparsity=sparsity)
-    return memo[key]

@@ -57,7 +57,6 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,19 +72,13 @@ from mpsearch.core.formats import (
 from mpsearch.graph.layer_graph import Layer
 from mpsearch.graph.layer_hessian import LayerHessian
 from mpsearch.graph.ranges import QParams
-from mpsearch.quant.layer import MIN_ROWS_PER_INPUT, rows_to_weight, weight_rows
-from mpsearch.quant.rounding import HessianFactor, factor_hessian, output_error
+from mpsearch.quant.layout import MIN_ROWS_PER_INPUT, rows_to_weight, weight_rows
+from mpsearch.quant.rounding import FactorCache, HessianFactor, factor_hessian, output_error
 
 __all__ = ["PruneMethod", "PruneRefused", "PrunedLayer", "prune_layer",
            "semi_structured_columns", "sparsity_refusal"]
 
 log = logging.getLogger(__name__)
-
-# SparseGPT's factor of each layer's Hessian per (centered, tap-major order); it lives as long
-# as the Hessian does and serves every sparsity of the layer.
-_FACTORS: weakref.WeakKeyDictionary[LayerHessian, dict[tuple[bool, bool], HessianFactor]] = \
-    weakref.WeakKeyDictionary()
-
 
 @dataclass(frozen=True, kw_only=True)
 class _Pattern:
@@ -354,20 +347,21 @@ def _statistic(hessian: LayerHessian | None, g: int, k: int, *, centered: bool
 
 
 def _factor(hessian: LayerHessian, h: np.ndarray, order: np.ndarray | None, *, centered: bool,
-            damp: float) -> HessianFactor:
-    key = (centered, order is not None, damp)
-    memo = _FACTORS.setdefault(hessian, {})
-    if key not in memo:
+            damp: float, factors: FactorCache) -> HessianFactor:
+    """SparseGPT's factor of ``h`` in ``order``; one per (centered, tap-major order, damp),
+    serving every sparsity of the layer."""
+    def make() -> HessianFactor:
         hp = h if order is None else h[:, order[:, None], order[None, :]]
-        memo[key] = factor_hessian(hp, damp=damp)
-    return memo[key]
+        return factor_hessian(hp, damp=damp)
+
+    return factors.get(hessian, ("sparsegpt", centered, order is not None, damp), make)
 
 
 def prune_layer(layer: Layer, w: np.ndarray, sparsity: Sparsity | None, *,
                 hessian: LayerHessian | None, method: PruneMethod = PruneMethod.OBS,
                 fmt: Format | None = None, qparams: QParams | None = None,
-                centered: bool = False, block: int = 128,
-                damp: float = 0.01) -> PrunedLayer | PruneRefused:
+                centered: bool = False, block: int = 128, damp: float = 0.01,
+                factors: FactorCache | None = None) -> PrunedLayer | PruneRefused:
     """Prune ``w`` (the layer's weight, its ONNX shape) to ``sparsity`` (a candidate's,
     :class:`mpsearch.core.formats.Sparsity`; None: dense).
 
@@ -377,6 +371,7 @@ def prune_layer(layer: Layer, w: np.ndarray, sparsity: Sparsity | None, *,
     to quantize the survivors in the same pass (SparseGPT's joint mode; GPTQ for
     ``sparsity=None``); to nearest when the mask is a fallback's. ``centered``: use the covariance
     ``E[x xᵀ] - E[x]E[x]ᵀ`` (when ``mean_shift`` is corrected in the bias afterwards).
+    ``factors``: where the Hessian's factors are kept between calls (a fresh cache when None).
     Returns :class:`PruneRefused` (falsy, with the reason) where the layer cannot take
     ``sparsity``: a depthwise conv's channels, n:m with fewer than m input channels."""
     if block < 1:
@@ -429,7 +424,8 @@ def prune_layer(layer: Layer, w: np.ndarray, sparsity: Sparsity | None, *,
     values = None
     loop = pat.kind in ("unstructured", "n:m") or quant is not None
     if used is PruneMethod.OBS and loop:
-        factor = _factor(hessian, h, order, centered=centered, damp=damp)
+        factor = _factor(hessian, h, order, centered=centered, damp=damp,
+                         factors=factors if factors is not None else FactorCache())
         c, dead = _hessian_scale(h)
         new, keep, q = _obs(_cols(rows, order), factor, c, _cols(dead, order), pat,
                             starts, keep_rows, block=block, quant=quant)

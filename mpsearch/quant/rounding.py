@@ -42,13 +42,15 @@ than this one pass of ``O(K³ + R·K²)`` per group.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import numpy as np
 
 from mpsearch.core.formats import Format, FormatKind, numpy_storage_dtype
+from mpsearch.core.memo import Memo
 
-__all__ = ["HessianFactor", "factor_hessian", "hessian_round", "output_error"]
+__all__ = ["FactorCache", "HessianFactor", "factor_hessian", "hessian_round", "output_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +168,23 @@ class HessianFactor:
 
     u: np.ndarray  # (G, K, K)
     perm: np.ndarray | None  # (G, K) column order, None for input order
+
+
+class FactorCache:
+    """The factors of layer Hessians, each computed once: a layer's int4 and int8 candidates
+    (and its pruned ones) share the factor of its Hessian. One cache per set of Hessians (the
+    quantization parameters of one calibration own it); safe under a thread pool."""
+
+    def __init__(self) -> None:
+        self._memo: Memo[tuple, tuple[object, HessianFactor]] = Memo()
+
+    def get(self, hessian: object, variant: Hashable,
+            make: Callable[[], HessianFactor]) -> HessianFactor:
+        """The factor of ``hessian`` in ``variant`` (plain or centered, column order,
+        dampening), from ``make()`` the first time. Keyed by the Hessian's identity: layers
+        that share one statistic share its factors; the entry keeps the Hessian alive, so
+        its identity is never reused."""
+        return self._memo.get((id(hessian), variant), lambda: (hessian, make()))[1]
 
 
 def factor_hessian(h: np.ndarray, *, damp: float = 0.01,

@@ -45,7 +45,7 @@ def heatmap_key(table: SensitivityTable, *, title: str = "Single-group sensitivi
     try:
         h.update(Path(__file__).read_bytes())
     except OSError:  # no source file (a frozen install): its version stands for its code
-        from mpsearch import __version__
+        from mpsearch.core.version import __version__
 
         h.update(__version__.encode())
     return h.hexdigest()

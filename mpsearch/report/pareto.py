@@ -2,8 +2,9 @@
 the predicted front, the measured front points, the uniform plans, the greedy plan and the
 chosen one, with the budget drawn in.
 
-Everything is read from the ``plan.json`` document (:func:`mpsearch.job.document.plan_document`),
-so ``mpsearch report RUN_DIR`` redraws the same figure from a run's files. The cost axis is
+Everything is read from the ``plan.json`` document (that
+:func:`mpsearch.job.document.plan_document` writes), so ``mpsearch report RUN_DIR`` redraws the
+same figure from a run's files. The cost axis is
 logarithmic (base 2): 0.5x, 1x, 2x and 4x of the w8a8 cost are equally far apart, which keeps
 the front (usually 0.5-1.2x) readable next to the 16-bit uniform plans (2-4x).
 """
@@ -13,12 +14,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from mpsearch.job.search import SearchResult
-
-__all__ = ["METRIC_LABELS", "front_plot", "pareto_plot"]
+__all__ = ["METRIC_LABELS", "front_plot"]
 
 METRIC_LABELS = {"latency_s": "latency", "bops": "bit-operations", "weight_bytes": "weight size",
                  "activation_bytes": "activation traffic", "energy_j": "energy"}
@@ -145,10 +143,3 @@ def front_plot(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     fig.tight_layout()
     fig.savefig(os.fspath(path), format="png", dpi=DPI, metadata={"Software": None})
     plt.close(fig)
-
-
-def pareto_plot(res: SearchResult, path: str | os.PathLike[str]) -> None:
-    """The same figure straight from a search result (``run`` and ``pareto``)."""
-    from mpsearch.job.document import plan_document
-
-    front_plot(plan_document(res, model="", profile=""), path)

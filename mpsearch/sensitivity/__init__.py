@@ -1,9 +1,9 @@
-"""Sensitivity: how much the network output suffers when one quantizer group takes one
-candidate, measured (:mod:`.measured`) and predicted from the layer Hessian (:mod:`.hessian`)."""
+"""Sensitivity: how much the network output suffers when one quantizer group takes one candidate.
+One module per estimator (measured single-group runs: :mod:`.measured` on the graph below the
+group, :mod:`.suffix`; predicted from the layer Hessian: :mod:`.hessian` with its gains,
+:mod:`.gain`; gating sweeps as extra candidates: :mod:`.gated`), one entry point
+(:func:`mpsearch.sensitivity.run.estimate`), the table they fill (:mod:`.table`) and its
+cache (:mod:`.cache`).
 
-from mpsearch.sensitivity.cache import SensitivityCache, data_digest, default_cache_dir
-from mpsearch.sensitivity.run import Method, estimate, table_variant
-from mpsearch.sensitivity.table import HessianFit, SensitivityTable, candidates_for, sqnr
-
-__all__ = ["HessianFit", "Method", "SensitivityCache", "SensitivityTable", "candidates_for",
-           "data_digest", "default_cache_dir", "estimate", "sqnr", "table_variant"]
+May import: core, data, graph, quant, hw, export.
+"""

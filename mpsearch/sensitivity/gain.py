@@ -36,7 +36,7 @@ from onnx import helper
 
 from mpsearch.graph.calibrate import Calibration
 from mpsearch.graph.layer_graph import Layer, LayerGraph
-from mpsearch.quant.layer import input_channel_view
+from mpsearch.quant.layout import input_channel_view
 from mpsearch.sensitivity.hessian import layer_output_error
 from mpsearch.sensitivity.suffix import Suffix, cut, elem_types, in_passes, suffix_session
 

@@ -1,6 +1,6 @@
 """Gating configurations as extra candidates for the solver (``--gating``).
 
-For every group whose output channels can be pruned (:func:`mpsearch.export.channels.
+For every group whose output channels can be pruned (:func:`mpsearch.graph.flow.
 channel_route`) and whose op the profile lets prune channels (a pair listed with ``+channel``),
 a sweep of ``λ`` over the layer objective of :mod:`mpsearch.quant.gating`,
 
@@ -39,10 +39,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mpsearch.core.formats import Candidate, FormatKind, Sparsity
-from mpsearch.export.channels import ChannelRefusal, channel_route
+from mpsearch.graph.flow import ChannelRefusal, channel_route
 from mpsearch.hw.cost import CostModel
-from mpsearch.quant.gating import GatedConfig, GatedLayer, Search, prepare, read_out, train_many
-from mpsearch.quant.layer import weight_rows
+from mpsearch.quant.gating import GatedConfig, GatedLayer, GateSearch, prepare, read_out, train_many
+from mpsearch.quant.layout import weight_rows
 
 if TYPE_CHECKING:
     from mpsearch.quant.analysis import Analysis
@@ -63,7 +63,7 @@ class GatedCandidates:
 
     by_group: Mapping[str, tuple[Candidate, ...]]
     configs: Mapping[str, tuple[tuple[str, GatedConfig], ...]]  # group -> (activation, read-out)
-    search: Search
+    search: GateSearch
     seconds: float
     mask_differs: int  # read-outs whose kept channels are not the energy order's
 
@@ -108,9 +108,9 @@ def _energy_order_mask(layer: GatedLayer, kept: int) -> np.ndarray:
 
 def gated_candidates(analysis: Analysis, costs: CostModel,
                      candidates: Mapping[str, Sequence[Candidate]], *, metric: str,
-                     search: Search = Search.GATES,
+                     search: GateSearch = GateSearch.GATES,
                      lambdas: Sequence[float] = LAMBDAS) -> GatedCandidates:
-    """The candidates a ``λ`` sweep of Bayesian-Bits gates (``search=Search.EXACT``: the
+    """The candidates a ``λ`` sweep of Bayesian-Bits gates (``search=GateSearch.EXACT``: the
     exact minimiser of the same objective) adds to ``candidates`` (group -> its candidates),
     costed in ``metric`` (a :class:`~mpsearch.hw.cost.LayerCost` field: the first budget's)."""
     t0 = time.perf_counter()
@@ -138,7 +138,7 @@ def gated_candidates(analysis: Analysis, costs: CostModel,
             gl = prepare(rows, hessian=hessian, bit_cost=_bit_cost(costs, g, ladder, levels,
                                                                    metric), min_bits=low)
             lams = [float(v) for v in lambdas if v > 0]
-            if search is Search.EXACT:
+            if search is GateSearch.EXACT:
                 outs = [gl.exact(v) for v in lams]
             else:
                 outs = [read_out(gl, gates, lam=v)

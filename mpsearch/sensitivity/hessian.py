@@ -8,7 +8,7 @@ layer's output by three independent errors, each per output position:
 * weights: ``E‖δW x + δb‖² = tr(δW H δWᵀ) + 2 δbᵀ δW μ + ‖δb‖²``, with ``δW`` the exact
   difference between the integers the exporter writes and the float weights, and ``δb`` the
   bias correction it applies; a pruned candidate (2:4, unstructured) is one more such ``δW``,
-  that of its pruned and quantized weights (:func:`mpsearch.quant.layer.sparse_layer`);
+  that of its pruned and quantized weights (:meth:`mpsearch.quant.parameters.RangeSetter.layer`);
 * input quantization, white noise of variance ``σ_in²`` per element: ``σ_in² ‖W‖²_F``;
 * output quantization: ``σ_out² · C_out``.
 
@@ -40,11 +40,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpsearch.core.formats import Candidate, Format, FormatKind, Sparsity, dequantize, fake_quant
+from mpsearch.core.memo import Memo
 from mpsearch.core.ops import OpRole
 from mpsearch.graph.calibrate import Calibration, TensorStats
 from mpsearch.graph.layer_graph import Layer, LayerGraph
 from mpsearch.graph.layer_hessian import LayerHessian
-from mpsearch.quant.layer import LayerWeights, input_channel_view, sparse_layer, weight_rows
+from mpsearch.quant.layer import LayerWeights
+from mpsearch.quant.layout import input_channel_view, weight_rows
 from mpsearch.quant.parameters import RangeSetter
 from mpsearch.sensitivity.table import HessianFit, unchanged
 
@@ -96,21 +98,22 @@ class _LayerTerms:
 class _Predictor:
     def __init__(self, lg: LayerGraph, cal: Calibration, ranges: RangeSetter) -> None:
         self.lg, self.cal, self.ranges = lg, cal, ranges
-        self._terms: dict[str, _LayerTerms] = {}
-        self._werr: dict[tuple[str, Format, float | None, Sparsity | None], float] = {}
-        self._aerr: dict[tuple[str, Format], float] = {}
+        # layer_errors runs one group per thread: every memo here is a thread-safe Memo
+        self._terms: Memo[str, _LayerTerms] = Memo()
+        self._werr: Memo[tuple[str, Format, float | None, Sparsity | None], float] = Memo()
+        self._aerr: Memo[tuple[str, Format], float] = Memo()
         # tr(δW H δWᵀ) of quantized weights, by the identity of their integers and parameters
         # (the LayerWeights kept alive here): the a8 and a16 variants of a weight format share
         # them (unless the int32 bias limit raised a scale) and differ only in the corrected
         # bias, so the costly quadratic form is computed once for both.
-        self._quads: dict[tuple[int, int], tuple[LayerWeights, float]] = {}
+        self._quads: Memo[tuple[int, int], tuple[LayerWeights, float]] = Memo()
 
     def act_error(self, t: str, fmt: Format) -> float:
-        key = (t, fmt)
-        if key not in self._aerr:
+        def make() -> float:
             st = self.cal.stats.get(t)
-            self._aerr[key] = 0.0 if st is None else _act_error(st, self.ranges, t, fmt)
-        return self._aerr[key]
+            return 0.0 if st is None else _act_error(st, self.ranges, t, fmt)
+
+        return self._aerr.get((t, fmt), make)
 
     def output_tensor(self, layer: Layer) -> str:
         """The tensor the group's output quantizer reads: after a fused Relu/Clip."""
@@ -142,23 +145,25 @@ class _Predictor:
         return q
 
     def terms(self, layer: Layer) -> _LayerTerms:
-        if layer.name not in self._terms:
+        def make() -> _LayerTerms:
             w = self.ranges.weights[layer.weight]
             b = self.ranges.weights[layer.bias] if layer.bias else None
             h = self.cal.hessians.get(layer.name)
             sig = self._quad(layer, h, w, b)
             if sig <= 0:
                 sig = _power(self.cal.stats[layer.output]) * (layer.out_channels or 1)
-            self._terms[layer.name] = _LayerTerms(
-                signal=sig, weight_sq=float((w.astype(np.float64) ** 2).sum()),
-                out_channels=int(layer.out_channels or 1))
-        return self._terms[layer.name]
+            return _LayerTerms(signal=sig, weight_sq=float((w.astype(np.float64) ** 2).sum()),
+                               out_channels=int(layer.out_channels or 1))
+
+        return self._terms.get(layer.name, make)
 
     def weight_error(self, layer: Layer, fmt: Format, input_scale: float | None,
                      sparsity: Sparsity | None = None) -> float:
-        key = (layer.name, fmt, input_scale, sparsity)
-        if key in self._werr:
-            return self._werr[key]
+        return self._werr.get((layer.name, fmt, input_scale, sparsity),
+                              lambda: self._weight_error(layer, fmt, input_scale, sparsity))
+
+    def _weight_error(self, layer: Layer, fmt: Format, input_scale: float | None,
+                      sparsity: Sparsity | None) -> float:
         w = self.ranges.weights[layer.weight]
         if fmt is Format.FLOAT:
             err = 0.0
@@ -166,7 +171,7 @@ class _Predictor:
             err = self._quad(layer, self.cal.hessians.get(layer.name),
                              w.astype(np.float16).astype(np.float64) - w, None)
         else:
-            lw = sparse_layer(self.ranges, layer, fmt, sparsity, input_scale=input_scale)
+            lw = self.ranges.layer(layer, fmt, sparsity=sparsity, input_scale=input_scale)
             db = None
             if layer.bias and lw.bias is not None:
                 db = lw.bias.astype(np.float64) - self.ranges.weights[layer.bias]
@@ -178,7 +183,6 @@ class _Predictor:
                 qp = lw.qparams
                 deq = dequantize(lw.values, fmt, qp.scale, qp.zero_point, axis=qp.axis)
                 err = self._quad(layer, h, deq.astype(np.float64) - w, db)
-        self._werr[key] = err
         return err
 
     def _quantized_quad(self, layer: Layer, fmt: Format, lw: LayerWeights,
@@ -187,10 +191,8 @@ class _Predictor:
         qp = lw.qparams
         deq = dequantize(lw.values, fmt, qp.scale, qp.zero_point, axis=qp.axis)
         rows = _rows64(layer, deq.astype(np.float64) - self.ranges.weights[layer.weight])
-        key = (id(lw.values), id(qp))
-        if key not in self._quads:
-            self._quads[key] = (lw, _quadratic(rows, h))
-        return rows, self._quads[key][1]
+        return rows, self._quads.get((id(lw.values), id(qp)),
+                                     lambda: (lw, _quadratic(rows, h)))[1]
 
     def errors(self, layer: Layer, cand: Candidate) -> LayerError:
         af = cand.activation
@@ -283,8 +285,9 @@ def layer_errors(lg: LayerGraph, cal: Calibration, ranges: RangeSetter,
 def fit_runs(lg: LayerGraph, candidates: Mapping[str, Sequence[Candidate]], *,
              count: int = 8) -> list[tuple[str, Candidate]]:
     """Which single-group runs to measure for the fit: groups spread along the network, half
-    at the candidate with the fewest weight bits (large, well-measured errors), half at the
-    most common 8-bit one. Dense candidates only (where a group has any): offering pruned
+    at the group's candidate with the fewest bits (weight + activation: large, well-measured
+    errors), half at its median candidate by bits (the errors the solver mostly weighs). Dense
+    candidates only (where a group has any): offering pruned
     candidates as well must not move the fit, and with it every dense prediction."""
     groups = [g for g in lg.group_names if any(not unchanged(c) for c in candidates[g])]
     if not groups:

@@ -8,7 +8,7 @@ measured value where there is one.
 
 Which candidates a group gets (:func:`legal_candidates`): those the profile lists for its op.
 Sparse ones (2:4, unstructured, output channels) only when asked for (``sparsity``, default
-"none"; channels only where :func:`mpsearch.export.channels.channel_route` allows): pruning
+"none"; channels only where :func:`mpsearch.graph.flow.channel_route` allows): pruning
 wins over quantization only at extreme compression (Kuzmin et al. 2023, "Pruning vs
 Quantization: Which is Better?"), a device without sparse kernels gains memory only, and each
 sparse candidate costs sensitivity time like any other.
@@ -16,20 +16,20 @@ sparse candidate costs sensitivity time like any other.
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from mpsearch.core.errors import UsageError
 from mpsearch.core.formats import Candidate, Format, parse_candidate
-from mpsearch.export.channels import ChannelRefusal, channel_route
+from mpsearch.graph.flow import ChannelRefusal, channel_route
 from mpsearch.graph.layer_graph import LayerGraph
 from mpsearch.hw.cost import CostModel
 from mpsearch.quant.prune import sparsity_refusal
 
-__all__ = ["SPARSITY_CHOICES", "CandidateSet", "HessianFit", "Refusal", "SensitivityTable",
-           "candidates_for", "legal_candidates", "sqnr", "unchanged"]
+__all__ = ["CandidateSet", "HessianFit", "Refusal", "SensitivityTable",
+           "SparsityChoice", "candidates_for", "legal_candidates", "sqnr", "unchanged"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,18 @@ def sqnr(signal: float, mse: float) -> float:
     return 10.0 * math.log10(signal / mse) if signal > 0 else -math.inf
 
 
-SPARSITY_CHOICES = ("none", "2:4", "unstructured", "channel", "all")
+class SparsityChoice(enum.Enum):
+    """Which of the profile's sparse candidates the groups may take besides the dense ones."""
+
+    NONE = "none"
+    SEMI_STRUCTURED = "2:4"
+    UNSTRUCTURED = "unstructured"
+    CHANNEL = "channel"
+    ALL = "all"
+
+    def admits(self, pattern: str) -> bool:
+        """Whether a candidate pruned by ``pattern`` (``Sparsity.pattern``) is offered."""
+        return self is SparsityChoice.ALL or self.value == pattern
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,18 +91,16 @@ def _sparse_reason(lg: LayerGraph, group: str, c: Candidate) -> str | None:
 
 
 def legal_candidates(lg: LayerGraph, costs: CostModel, only: tuple[Candidate, ...] | None = None,
-                     *, sparsity: str = "none") -> CandidateSet:
+                     *, sparsity: SparsityChoice = SparsityChoice.NONE) -> CandidateSet:
     """Group -> the candidates its op may take on the device.
 
     ``only``: the candidates wanted (None: all the profile lists). ``sparsity``: which of the
-    profile's sparse candidates are added ("none", "2:4", "unstructured", "channel" or "all"),
+    profile's sparse candidates are added (:class:`SparsityChoice`),
     the sparse variants of the dense candidates ``only`` keeps; a sparse candidate named in
     ``only`` is kept whatever ``sparsity`` says. Sparse candidates a layer cannot take (2:4 on a
     depthwise conv or an RGB stem, a weightless MatMul, output channels that meet a residual
     Add, ...) are left out, with the reason."""
-    if sparsity not in SPARSITY_CHOICES:
-        raise UsageError(f"unknown sparsity '{sparsity}'",
-                         fix=f"use one of {', '.join(SPARSITY_CHOICES)}")
+    sparsity = SparsityChoice(sparsity)
     out: dict[str, tuple[Candidate, ...]] = {}
     refused: list[Refusal] = []
     for g in lg.group_names:
@@ -104,8 +113,7 @@ def legal_candidates(lg: LayerGraph, costs: CostModel, only: tuple[Candidate, ..
                 continue
             dense = Candidate(weight=c.weight, activation=c.activation)
             named = only is not None and c in only
-            chosen = (sparsity == "all" or sparsity == sp.pattern) and (
-                only is None or dense in only)
+            chosen = sparsity.admits(sp.pattern) and (only is None or dense in only)
             if not (named or chosen):
                 continue
             reason = _sparse_reason(lg, g, c)
@@ -122,7 +130,8 @@ def legal_candidates(lg: LayerGraph, costs: CostModel, only: tuple[Candidate, ..
 
 def candidates_for(lg: LayerGraph, costs: CostModel,
                    only: tuple[Candidate, ...] | None = None, *,
-                   sparsity: str = "none") -> dict[str, tuple[Candidate, ...]]:
+                   sparsity: SparsityChoice = SparsityChoice.NONE
+                   ) -> dict[str, tuple[Candidate, ...]]:
     """Group -> the candidates its op may take on the device (restricted to ``only``; the
     profile's sparse candidates as ``sparsity`` says): :func:`legal_candidates` without the
     refusals."""

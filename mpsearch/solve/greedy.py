@@ -21,7 +21,7 @@ import time
 from collections.abc import Hashable, Iterator, Mapping
 
 from mpsearch.core.errors import InfeasibleBudgetError, UsageError
-from mpsearch.solve.problem import PENALTY, Problem, Solution, evaluate
+from mpsearch.solve.problem import PENALTY, Problem, Solution, SolveStatus, evaluate
 
 __all__ = ["greedy", "greedy_path"]
 
@@ -51,7 +51,7 @@ def greedy(
         if all(costs[m] <= b + _TOLERANCE * abs(b) for m, b in budgets.items()):
             return Solution(
                 choice=choice, error=error, costs=costs, budgets=dict(budgets),
-                seconds=time.perf_counter() - started, status="greedy",
+                seconds=time.perf_counter() - started, status=SolveStatus.GREEDY,
             )
     parts = [f"{m} <= {b:.6g} (greedy reached {last[m]:.6g})" for m, b in budgets.items()]
     raise InfeasibleBudgetError(
@@ -72,7 +72,7 @@ def greedy_path(
     path = []
     for choice in _walk(problem, metric, pins, penalty):
         error, costs = evaluate(problem, choice)
-        path.append(Solution(choice=choice, error=error, costs=costs, status="greedy"))
+        path.append(Solution(choice=choice, error=error, costs=costs, status=SolveStatus.GREEDY))
     return tuple(path)
 
 

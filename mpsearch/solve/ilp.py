@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 import time
 import warnings
 from collections.abc import Hashable, Mapping
@@ -37,7 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from mpsearch.core.errors import InfeasibleBudgetError, UsageError
-from mpsearch.solve.problem import PENALTY, Problem, Solution, evaluate, ties_hold
+from mpsearch.solve.problem import PENALTY, Problem, Solution, SolveStatus, evaluate, ties_hold
 
 __all__ = ["TOLERANCE", "smallest", "solve"]
 
@@ -52,6 +50,9 @@ _HIGHS = {
     "dual_feasibility_tolerance": 1e-10,
     "output_flag": False,
 }
+# cvxpy's statuses of a plan, in the project's words
+_STATUS = {"optimal": SolveStatus.OPTIMAL, "optimal_inaccurate": SolveStatus.OPTIMAL_INACCURATE,
+           "user_limit": SolveStatus.TIME_LIMIT}
 
 
 def solve(
@@ -83,15 +84,15 @@ def solve(
     rows = [(model.linear(m), float(b)) for m, b in budgets.items()]
     status, choice = model.minimize(goal, rows, time_limit_s)
     if choice is None:
-        if status == "infeasible":
+        if status is SolveStatus.INFEASIBLE:
             raise _infeasible(problem, budgets, pins)
         raise UsageError(
-            f"HiGHS found no plan within time_limit_s={time_limit_s} (status {status})",
+            f"HiGHS found no plan within time_limit_s={time_limit_s} (status {status.value})",
             fix="raise time_limit_s",
         )
-    if status != "optimal":
+    if status is not SolveStatus.OPTIMAL:
         log.warning("HiGHS stopped with status %s after %.1f s: the plan may not be optimal",
-                    status, time.perf_counter() - started)
+                    status.value, time.perf_counter() - started)
     error, costs = evaluate(problem, choice)
     if tie_break is not None:
         best = error + penalty * costs.get(PENALTY, 0.0)
@@ -100,13 +101,13 @@ def solve(
         rows.append((goal, best + TOLERANCE * abs(best)))
         status2, choice2 = model.minimize(model.linear(tie_break), rows, left)
         if choice2 is not None:
-            status = status if status2 == "optimal" else status2
+            status = status if status2 is SolveStatus.OPTIMAL else status2
             choice, (error, costs) = choice2, evaluate(problem, choice2)
     for metric, bound in budgets.items():
         if costs[metric] > bound + 1e3 * TOLERANCE * abs(bound):
             log.warning("HiGHS's plan exceeds %s <= %.6g: %.9g", metric, bound, costs[metric])
     seconds = time.perf_counter() - started
-    log.debug("ilp: %d groups, status %s, %.3f s", len(problem.groups), status, seconds)
+    log.debug("ilp: %d groups, status %s, %.3f s", len(problem.groups), status.value, seconds)
     return Solution(
         choice=choice, error=error, costs=costs, budgets=dict(budgets), seconds=seconds,
         status=status,
@@ -128,9 +129,9 @@ def smallest(
     rows = [(model.linear(m), float(b)) for m, b in budgets.items()]
     status, choice = model.minimize(model.linear(metric), rows, time_limit_s)
     if choice is None:
-        if status == "infeasible" and budgets:
+        if status is SolveStatus.INFEASIBLE and budgets:
             raise _infeasible(problem, budgets, pins)
-        if status == "infeasible":
+        if status is SolveStatus.INFEASIBLE:
             raise _no_plan(pins)
         raise UsageError(f"HiGHS found no plan within time_limit_s={time_limit_s}")
     return evaluate(problem, choice)[1][metric]
@@ -211,7 +212,7 @@ class _Model:
 
     def minimize(
         self, goal: _Linear, rows: list[tuple[_Linear, float]], time_limit_s: float
-    ) -> tuple[str, dict[str, Hashable] | None]:
+    ) -> tuple[SolveStatus, dict[str, Hashable] | None]:
         """Minimise ``goal`` subject to ``f ≤ bound`` for each row: (status, plan or None)."""
         x = cp.Variable(self.n, boolean=True)
         y = cp.Variable(self.ny, nonneg=True) if self.ny else None
@@ -231,18 +232,16 @@ class _Model:
         if y is not None and gy.any():
             cost = cost + (gy / scale) @ y
         program = cp.Problem(cp.Minimize(cost), constraints)
-        _silence_banner()
         with warnings.catch_warnings():  # a time limit is reported in the status instead
             warnings.filterwarnings("ignore", "Solution may be inaccurate")
             program.solve(solver=cp.HIGHS, time_limit=float(time_limit_s), **_HIGHS)
-        status = {
-            "optimal": "optimal", "optimal_inaccurate": "optimal_inaccurate",
-            "user_limit": "time_limit",
-        }.get(program.status)
+        status = _STATUS.get(program.status)
         if status is None or x.value is None or not np.all(np.isfinite(x.value)):
             # "infeasible_or_unbounded" is infeasible: x is binary and y ≤ 1 by its marginals
-            infeasible = program.status.startswith("infeasible")
-            return ("infeasible" if infeasible else program.status), None
+            if program.status.startswith("infeasible"):
+                return SolveStatus.INFEASIBLE, None
+            log.warning("HiGHS returned no plan (cvxpy status %s)", program.status)
+            return SolveStatus.FAILED, None
         return status, self._choice(x.value)
 
     def _shift(self, f: _Linear) -> _Linear:
@@ -308,31 +307,3 @@ def _no_plan(pins: Mapping[str, Hashable]) -> UsageError:
         "no plan respects the ties" + (" and the pins" if pins else ""),
         fix="tie only groups that share a port, and pin tied groups alike",
     )
-
-
-_banner_done = False
-
-
-def _silence_banner() -> None:
-    """Create the process's first HiGHS object with stdout closed: its constructor writes a
-    two-line banner straight to file descriptor 1 (whatever ``output_flag`` says), which would
-    corrupt a CLI's JSON on stdout. Later objects print nothing."""
-    global _banner_done
-    if _banner_done:
-        return
-    _banner_done = True
-    import highspy
-
-    try:
-        sys.stdout.flush()
-        saved = os.dup(1)
-    except (OSError, ValueError):
-        highspy.Highs()
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-            highspy.Highs()
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)

@@ -16,6 +16,7 @@ Nothing here knows about ONNX: groups are names, options any hashable labels.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ __all__ = [
     "Index",
     "Problem",
     "Solution",
+    "SolveStatus",
     "evaluate",
     "objective",
     "ties_hold",
@@ -216,6 +218,17 @@ class Index:
         return cls(start, n, position, error, costs, port_columns)
 
 
+class SolveStatus(enum.Enum):
+    """How a plan was found; the value is what ``plan.json`` writes as ``solver.status``."""
+
+    OPTIMAL = "optimal"  # proven optimal
+    OPTIMAL_INACCURATE = "optimal_inaccurate"  # optimal up to the solver's tolerances
+    TIME_LIMIT = "time_limit"  # the best plan found when the time limit hit
+    INFEASIBLE = "infeasible"  # no plan meets the budgets (no plan returned)
+    FAILED = "failed"  # the solver gave no plan for another reason (logged)
+    GREEDY = "greedy"  # the greedy baseline's plan, not a solver's
+
+
 @dataclass(frozen=True, kw_only=True)
 class Solution:
     """One plan and its exact totals (``costs`` include fixed and edge costs)."""
@@ -225,7 +238,7 @@ class Solution:
     costs: Mapping[str, float]
     budgets: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
     seconds: float = 0.0
-    status: str = "optimal"
+    status: SolveStatus = SolveStatus.OPTIMAL
 
     def objective(self, penalty: float = 0.0) -> float:
         """``error + penalty · cost_penalty``, what the solvers minimise."""

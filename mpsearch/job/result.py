@@ -1,0 +1,143 @@
+"""What a search returns: every plan it weighed with its costs, its predicted quality and (where
+measured) its real one, the baselines beside the chosen plan, and what the search did on the
+way (refinement, selection, polish), all frozen."""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import onnx
+
+from mpsearch.core.formats import Candidate
+from mpsearch.core.frozen import freeze_fields
+from mpsearch.export.qdq import QdqModel, quantize
+from mpsearch.graph.evaluate import EvalResult
+from mpsearch.hw.cost import CostModel, PlanCost
+from mpsearch.hw.profile import HardwareProfile
+from mpsearch.job.config import SearchConfig
+from mpsearch.job.polish import Polish
+from mpsearch.job.refinement import Refinement
+from mpsearch.job.selection import Selection
+from mpsearch.quant.analysis import Analysis
+from mpsearch.sensitivity.gated import GatedCandidates
+from mpsearch.sensitivity.run import Method
+from mpsearch.sensitivity.table import SensitivityTable
+from mpsearch.solve.allocate import Allocation, Built
+from mpsearch.solve.budget import Budget
+from mpsearch.solve.pareto import Front
+
+__all__ = ["DataRole", "Measured", "PlanResult", "SearchResult"]
+
+
+class DataRole(enum.Enum):
+    """Which data a plan was measured on."""
+
+    EVALUATION = "evaluation"  # held out: never seen by calibration, refinement or selection
+    CALIBRATION = "calibration"  # what everything was fitted on (no --eval-data given)
+
+
+def _num(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measured:
+    """A plan exported and run against FP32."""
+
+    data: DataRole
+    result: EvalResult
+
+    @property
+    def sqnr_db(self) -> float:
+        return self.result.primary.sqnr_db
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return self.result.primary.top1_agreement
+
+    def to_dict(self) -> dict:
+        p = self.result.primary
+        return {"data": self.data.value, "samples": self.result.samples, "output": p.name,
+                "sqnr_db": _num(p.sqnr_db), "cosine": _num(p.cosine),
+                "top1_agreement": p.top1_agreement}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanResult:
+    """One plan with its costs, its predicted quality and (when measured) its real one."""
+
+    name: str
+    plan: Mapping[str, Candidate]
+    cost: PlanCost
+    predicted_mse: float
+    predicted_sqnr_db: float
+    fits: bool
+    measured: Measured | None = None
+
+    def __post_init__(self) -> None:
+        freeze_fields(self, "plan")
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.plan.values():
+            out[c.name] = out.get(c.name, 0) + 1
+        return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchResult:
+    """What :func:`mpsearch.job.search.search` found; ``export`` writes the chosen plan's QDQ
+    model."""
+
+    config: SearchConfig  # what the search ran with
+    analysis: Analysis = field(repr=False)
+    profile: HardwareProfile
+    costs: CostModel = field(repr=False)
+    table: SensitivityTable = field(repr=False)
+    built: Built = field(repr=False)
+    errors: Mapping[tuple[str, Candidate], float] = field(repr=False)  # what the solver used
+    refinement: Refinement
+    budgets: tuple[Budget, ...]
+    limits: Mapping[str, float]
+    chosen: PlanResult
+    allocation: Allocation = field(repr=False)
+    uniform: tuple[PlanResult, ...]
+    greedy: PlanResult | None
+    front: Front = field(repr=False)
+    front_plans: tuple[PlanResult, ...]
+    model_sha256: str
+    selection: Selection | None = None  # the shortlist measured on the calibration data
+    polish: Polish | None = None  # the local search from the shortlist's best, if run
+    gating: GatedCandidates | None = field(default=None, repr=False)  # --gating's candidates
+    chosen_model: QdqModel | None = field(default=None, repr=False)  # chosen's export, if made
+    seconds: Mapping[str, float] = field(default_factory=dict)  # per stage
+
+    def __post_init__(self) -> None:
+        freeze_fields(self, "errors", "limits", "seconds")
+
+    @property
+    def method(self) -> Method:
+        return self.config.method
+
+    @property
+    def plan(self) -> Mapping[str, Candidate]:
+        return self.chosen.plan
+
+    def qdq(self) -> QdqModel:
+        if self.chosen_model is not None:
+            return self.chosen_model
+        return quantize(self.analysis, self.chosen.plan)
+
+    def export(self, path: str | os.PathLike[str]) -> None:
+        onnx.save(self.qdq().model, os.fspath(path))
+
+    def best_uniform(self) -> PlanResult | None:
+        """The uniform plan that fits with the best quality (measured where measured)."""
+        fits = [u for u in self.uniform if u.fits]
+        if not fits:
+            return None
+        return max(fits, key=lambda u: u.measured.sqnr_db if u.measured else u.predicted_sqnr_db)

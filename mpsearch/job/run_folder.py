@@ -1,0 +1,186 @@
+"""What ``mpsearch run`` writes into its folder, file by file, from a :class:`SearchResult`.
+
+``model.qdq.onnx`` (the plan), ``model.float.onnx`` (the float model the side files are keyed
+to), ``encodings.json`` and ``ort_overrides.json`` (the plan for Qualcomm's converter and ONNX
+Runtime's ``quantize_static``, docs/exports.md; skipped with the reason for plans neither can
+carry), ``verify.json`` (Qualcomm profiles: the shipped bytes compiled on the HTP and compared
+with the CPU EP), ``plan.json`` and ``plan.csv`` (:mod:`mpsearch.job.document`),
+``sensitivity.json``, ``config.yaml`` (the exact :class:`RunConfig`, so the folder alone
+reproduces the run) and ``report.html`` with its PNGs (:mod:`mpsearch.report.html`). Every file
+goes through one :class:`~mpsearch.data.outputs.OutputDir`: all are written or none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mpsearch.core.errors import ExportError
+from mpsearch.core.frozen import freeze_fields
+from mpsearch.data.outputs import OutputDir
+from mpsearch.device.qnn import qnn_available
+from mpsearch.device.verify import verify
+from mpsearch.export.encodings import encodings_document
+from mpsearch.export.overrides import ort_overrides
+from mpsearch.export.qdq import QdqModel
+from mpsearch.job.config import RunConfig, to_yaml
+from mpsearch.job.document import plan_document, plan_frame
+from mpsearch.job.result import SearchResult
+from mpsearch.job.search import Progress
+from mpsearch.report.html import write_report
+from mpsearch.sensitivity.document import sensitivity_document
+
+__all__ = ["RUN_OUTPUTS", "ExportFiles", "RunFolder", "VerifySummary", "write_run_folder"]
+
+RUN_OUTPUTS = ("model.qdq.onnx", "model.float.onnx", "encodings.json", "ort_overrides.json",
+               "plan.json", "plan.csv", "sensitivity.json", "verify.json", "config.yaml",
+               "report.html", "pareto.png", "allocation.png", "sensitivity.png")
+QNN_TARGET = "qnn-htp"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportFiles:
+    """The files a run wrote for the plan (``plan.json`` ``exports``)."""
+
+    encodings: str | None  # None: skipped, ``skipped`` says why
+    ort_overrides: str | None
+    skipped: str | None = None
+    kept_channels: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # +channel@d
+
+    def __post_init__(self) -> None:
+        freeze_fields(self, "kept_channels")
+
+    def to_dict(self) -> dict:
+        doc: dict = {"model": "model.qdq.onnx", "float_model": "model.float.onnx"}
+        if self.kept_channels:  # physically smaller (export/qdq.py, export/channels.py)
+            doc["channel_pruning"] = {
+                "exported": "smaller",
+                "note": "channel-pruned layers are exported physically smaller: their pruned "
+                        "output channels (rows, bias, per-channel scales) removed, with the "
+                        "same channels of the depthwise convs and per-channel constants on "
+                        "their route and their consumers' input columns",
+                "kept": {g: list(k) for g, k in self.kept_channels.items()}}
+        doc["encodings"], doc["ort_overrides"] = self.encodings, self.ort_overrides
+        if self.skipped is not None:
+            doc["skipped"] = self.skipped
+        return doc
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifySummary:
+    """The device check of the shipped model (``plan.json`` ``verification``)."""
+
+    target: str
+    skipped: str | None = None  # why it did not run (then nothing below is known)
+    soc_model: int | None = None
+    compiled: bool = False
+    fully_on_target: bool = False
+    nodes_on_target: int = 0
+    nodes: int = 0
+    sqnr_db: float | None = None  # HTP against the CPU EP, worst output
+    samples: int = 0
+    shapes_fixed: tuple = ()
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def failed(self) -> bool:
+        """The compiler refused part of the plan (a skipped check did not fail)."""
+        return self.skipped is None and not self.fully_on_target
+
+    def to_dict(self) -> dict:
+        if self.skipped is not None:
+            return {"target": self.target, "skipped": self.skipped}
+        return {"file": "verify.json", "target": self.target, "soc_model": self.soc_model,
+                "compiled": self.compiled, "fully_on_target": self.fully_on_target,
+                "nodes_on_target": self.nodes_on_target, "nodes": self.nodes,
+                "sqnr_db": self.sqnr_db, "samples": self.samples,
+                "shapes_fixed": list(self.shapes_fixed), "reasons": list(self.reasons)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunFolder:
+    """What a run wrote: the plan document and the two summaries within it."""
+
+    plan: Mapping  # plan.json as written
+    exports: ExportFiles
+    verification: VerifySummary | None  # None: not a Qualcomm profile, or --no-verify
+
+
+def write_exports(out: OutputDir, res: SearchResult, qm: QdqModel) -> ExportFiles:
+    """The float model the plan quantizes and the plan for QNN's converter and ORT's
+    quantize_static (docs/exports.md). A plan neither format can carry (fp8, pruned weights)
+    skips both files, with the reason recorded in plan.json."""
+    out.write_model("model.float.onnx", res.analysis.graph.model)
+    kept = dict(qm.kept_channels)
+    pruned = sorted(g for g, c in res.plan.items() if c.sparsity is not None)
+    if pruned:  # both files are keyed to the dense float model: they would undo the pruning
+        return ExportFiles(encodings=None, ort_overrides=None, kept_channels=kept,
+                           skipped=f"the plan prunes {len(pruned)} layer(s) (e.g. {pruned[0]}): "
+                                   "encodings and ORT overrides apply to model.float.onnx's "
+                                   "dense weights and would not reproduce the pruning; ship "
+                                   "model.qdq.onnx")
+    try:
+        enc, ov = encodings_document(qm), ort_overrides(qm)
+    except ExportError as e:
+        return ExportFiles(encodings=None, ort_overrides=None, kept_channels=kept,
+                           skipped=e.problem)
+    out.write_json("encodings.json", enc)
+    out.write_json("ort_overrides.json", ov)
+    return ExportFiles(encodings="encodings.json", ort_overrides="ort_overrides.json",
+                       kept_channels=kept)
+
+
+def verify_on_device(out: OutputDir, res: SearchResult, qm: QdqModel, cfg: RunConfig, *,
+                     progress: Progress, note: Callable[[str], None]) -> VerifySummary | None:
+    """On a Qualcomm profile: compile the plan on QNN's HTP (emulated), compare it with the
+    CPU EP, write verify.json (no timings, so the same inputs give the same bytes); None for
+    other profiles or with verification off."""
+    prof = res.profile
+    if prof.runtime != QNN_TARGET or not cfg.verification.enabled:
+        return None
+    if not qnn_available():
+        note("QNN's execution provider is not available here (onnxruntime-qnn: x86-64 "
+             "Linux and Windows): the plan was not compiled for the HTP")
+        return VerifySummary(target=QNN_TARGET, skipped="onnxruntime-qnn is not available here")
+    data = cfg.eval_data or cfg.data
+    samples = cfg.verification.samples
+    with progress(f"verifying on {QNN_TARGET} soc {prof.soc_model} (emulated)",
+                  samples) as advance:
+        result = verify(qm.model, data=data, target=QNN_TARGET, soc_model=prof.soc_model,
+                        input_shapes=dict(cfg.verification.input_shapes) or None,
+                        samples=samples, progress=advance)
+    doc = result.to_dict()
+    doc.pop("seconds", None)
+    doc.pop("compile_seconds", None)
+    doc["model"]["path"] = "model.qdq.onnx"
+    doc["data"] = str(data)
+    out.write_json("verify.json", doc)
+    return VerifySummary(target=QNN_TARGET, soc_model=prof.soc_model, compiled=result.compiled,
+                         fully_on_target=result.fully_on_target,
+                         nodes_on_target=result.nodes.on_target, nodes=result.nodes.total,
+                         sqnr_db=doc["sqnr_db"], samples=result.samples,
+                         shapes_fixed=tuple(doc["shapes_fixed"]),
+                         reasons=tuple(result.reasons))
+
+
+def write_run_folder(res: SearchResult, cfg: RunConfig, out: OutputDir, *, progress: Progress,
+                     note: Callable[[str], None]) -> RunFolder:
+    """Every file of the run into ``out`` (declared with :data:`RUN_OUTPUTS`); the caller
+    rolls ``out`` back if this raises."""
+    qm = res.qdq()
+    out.write_model("model.qdq.onnx", qm.model)
+    exports = write_exports(out, res, qm)
+    verified = verify_on_device(out, res, qm, cfg, progress=progress, note=note)
+    doc = plan_document(res, model=cfg.model, profile=cfg.hw,
+                        extra={"exports": exports.to_dict(),
+                               "verification": verified.to_dict() if verified else None})
+    out.write_json("plan.json", doc)
+    out.write_with("plan.csv", lambda p: plan_frame(res).to_csv(p, index=False))
+    out.write_json("sensitivity.json", sensitivity_document(
+        res.table, model=cfg.model, profile=cfg.hw, data=cfg.data, method=res.method,
+        timings=False))
+    text = to_yaml(cfg, relative_to=out.path)
+    out.write_with("config.yaml", lambda p: Path(p).write_text(text, encoding="utf-8"))
+    write_report(out.path, out)  # also draws pareto.png, allocation.png, sensitivity.png
+    return RunFolder(plan=doc, exports=exports, verification=verified)
