@@ -28,8 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import markdown_table, prepare_example, write_results  # noqa: E402
 
-from mpsearch import InfeasibleBudgetError, open_dataset, search  # noqa: E402
+from mpsearch import (  # noqa: E402
+    InfeasibleBudgetError,
+    SearchConfig,
+    SearchData,
+    open_dataset,
+    search,
+)
 from mpsearch.graph.evaluate import reference_run  # noqa: E402
+from mpsearch.job.config import CacheConfig, MeasureConfig  # noqa: E402
 from mpsearch.job.selection import plan_errors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,9 +80,11 @@ def main() -> None:
             for budget in args.budgets.split(","):
                 t0 = time.perf_counter()
                 try:
-                    res = search(p["model"], profile, p["calib"], eval_data=p["eval"],
-                                 budget=budget, method=method, front_points=0,
-                                 cache_dir=cache, all_uniform=True)
+                    cfg = SearchConfig(
+                        budgets=(budget,), method=method, cache=CacheConfig(dir=cache),
+                        measurement=MeasureConfig(front_points=0, all_uniform=True))
+                    res = search(p["model"], profile, SearchData(calibration=p["calib"],
+                                                                 evaluation=p["eval"]), cfg)
                 except InfeasibleBudgetError as e:  # e.g. latency=0.75 on a compute-bound NPU
                     rows.append([method, budget, f"infeasible: {e.problem}", "-", "-", "-",
                                  "-", "-", "-", "-"])

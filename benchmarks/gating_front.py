@@ -33,8 +33,9 @@ from _common import markdown_table, prepare_example, write_results  # noqa: E402
 from joint_front import ilp_plans  # noqa: E402
 
 from mpsearch import open_dataset  # noqa: E402
+from mpsearch.export.qdq import quantize  # noqa: E402
 from mpsearch.graph.evaluate import evaluate, reference_run  # noqa: E402
-from mpsearch.sensitivity import sqnr  # noqa: E402
+from mpsearch.sensitivity.table import sqnr  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = (
@@ -88,7 +89,7 @@ def main() -> None:
                         continue
                     k = tuple(sorted((g, c.name) for g, c in plan.items()))
                     if k not in measured:
-                        m = evaluate(r.analysis.original, r.analysis.export(plan).model,
+                        m = evaluate(r.analysis.original, quantize(r.analysis, plan).model,
                                      labels=ds.labels, reference_outputs=fp32).primary
                         measured[k] = {"sqnr_db": m.sqnr_db, "top1": m.top1_agreement}
                     gated = r.gating.by_group if r.gating else {}

@@ -36,9 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import markdown_table, prepare_example, write_results  # noqa: E402
 
-from mpsearch import InfeasibleBudgetError, open_dataset, search  # noqa: E402
+from mpsearch import InfeasibleBudgetError, SearchConfig, open_dataset, search  # noqa: E402
+from mpsearch.export.qdq import quantize  # noqa: E402
 from mpsearch.graph.evaluate import evaluate, reference_run  # noqa: E402
-from mpsearch.sensitivity import sqnr  # noqa: E402
+from mpsearch.job.config import (  # noqa: E402
+    CacheConfig,
+    CandidateConfig,
+    MeasureConfig,
+    RefinementConfig,
+)
+from mpsearch.sensitivity.table import sqnr  # noqa: E402
 from mpsearch.solve.allocate import allocate  # noqa: E402
 from mpsearch.solve.budget import parse_budgets  # noqa: E402
 
@@ -68,13 +75,17 @@ DEVICES = (
 
 
 def ilp_plans(p, profile: Path, sparsity: str, metric: str, budgets, at: float, cache: str,
-              **kwargs):
-    """One search (``kwargs``: more of its arguments), then the ILP at every budget on its
-    problem: (the search, budget -> plan or None, seconds, the smallest reachable value)."""
+              gating: str | None = None):
+    """One search (``gating``: its Bayesian-Bits sweeps, if any), then the ILP at every budget
+    on its problem: (the search, budget -> plan or None, seconds, the smallest reachable
+    value)."""
     t0 = time.perf_counter()
-    res = search(p["model"], profile, p["calib"], budget=f"{metric}={at}", sparsity=sparsity,
-                 front_points=0, measure=False, select=False, refine=0, cache_dir=cache,
-                 **kwargs)
+    cfg = SearchConfig(budgets=(f"{metric}={at}",),
+                       candidates=CandidateConfig(sparsity=sparsity, gating=gating),
+                       refinement=RefinementConfig(rounds=0, select=False),
+                       measurement=MeasureConfig(enabled=False, front_points=0),
+                       cache=CacheConfig(dir=cache))
+    res = search(p["model"], profile, p["calib"], cfg)
     out = {}
     for b in budgets:
         try:
@@ -112,7 +123,7 @@ def main() -> None:
                         rec[mode] = None
                         continue
                     cost = r.costs.plan(plan)
-                    m = evaluate(r.analysis.original, r.analysis.export(plan).model,
+                    m = evaluate(r.analysis.original, quantize(r.analysis, plan).model,
                                  labels=ds.labels, reference_outputs=fp32).primary
                     counts: dict[str, int] = {}
                     for c in plan.values():

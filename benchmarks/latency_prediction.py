@@ -6,7 +6,7 @@ For five plans (uniform w8a8, w8a16, fp16, w4a8, and a seeded random mix over th
 the profile allows each layer), the cost model's whole-model latency
 (``CostModel(graph, profile).plan(plan).latency_s``: the profile's measured per-layer table,
 plus the non-layer time ``other_s`` shared by output size, plus format conversions) against the
-wall-clock median of the exported model (``analysis.export(plan)``), batch 1, with the warm-up,
+wall-clock median of the exported model (``quantize(analysis, plan)``), batch 1, with the warm-up,
 repeat and thread policy of ``mpsearch hw measure``.
 
 The machine is shared and its load changes from minute to minute (a table and plans timed a
@@ -40,6 +40,7 @@ from mpsearch.device.latency import (  # noqa: E402
     median_latencies,
     write_latency_table,
 )
+from mpsearch.export.qdq import quantize  # noqa: E402
 from mpsearch.hw.cost import CostModel  # noqa: E402
 from mpsearch.hw.profile import load_profile  # noqa: E402
 
@@ -82,7 +83,7 @@ def main() -> None:
     plans[f"random mix (seed {args.seed})"] = {
         g: choices.candidates(g)[rng.integers(len(choices.candidates(g)))]
         for g in lg.group_names}
-    models = [analysis.export(plan).model for plan in plans.values()]
+    models = [quantize(analysis, plan).model for plan in plans.values()]
     print(f"timing {len(plans)} plans" + ("" if args.shipped_only else " and a latency table")
           + f": {args.rounds} rounds, {args.repeats} timed runs each", flush=True)
     fresh = None

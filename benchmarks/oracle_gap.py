@@ -22,7 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import markdown_table, prepare_example, write_results  # noqa: E402
 
-from mpsearch import evaluate, open_dataset, parse_candidate, search  # noqa: E402
+from mpsearch import (  # noqa: E402
+    SearchConfig,
+    SearchData,
+    evaluate,
+    open_dataset,
+    parse_candidate,
+    search,
+)
+from mpsearch.export.qdq import quantize  # noqa: E402
+from mpsearch.job.config import CacheConfig, CandidateConfig, MeasureConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CANDS = ("w8a8", "w4a8", "w8a16", "w16a16")
@@ -34,9 +43,15 @@ def main() -> None:
     profile = ROOT / "hw_profiles" / "snapdragon_8gen3.yaml"
     rows, payload = [], []
     with tempfile.TemporaryDirectory() as cache:
-        first = search(p["model"], profile, p["calib"], eval_data=p["eval"],
-                       budget=f"bops={BUDGETS[0]}", candidates=list(CANDS), front_points=0,
-                       cache_dir=cache)
+        data = SearchData(calibration=p["calib"], evaluation=p["eval"])
+
+        def config(budget: float) -> SearchConfig:
+            return SearchConfig(budgets=(f"bops={budget}",),
+                                candidates=CandidateConfig(only=CANDS),
+                                measurement=MeasureConfig(front_points=0),
+                                cache=CacheConfig(dir=cache))
+
+        first = search(p["model"], profile, data, config(BUDGETS[0]))
         an, costs = first.analysis, first.costs
         groups = an.graph.group_names
         assert len(groups) <= 6, groups
@@ -45,15 +60,13 @@ def main() -> None:
         every = []
         for combo in itertools.product(cands, repeat=len(groups)):
             plan = dict(zip(groups, combo, strict=True))
-            res = evaluate(an.original, an.export(plan).model, ev.batches(256),
+            res = evaluate(an.original, quantize(an, plan).model, ev.batches(256),
                            labels=ev.labels).primary
             every.append({"plan": plan, "bops": costs.plan(plan).relative["bops"],
                           "sqnr_db": res.sqnr_db, "accuracy": res.accuracy})
         print(f"{len(every)} plans measured", flush=True)
         for b in BUDGETS:
-            res = search(p["model"], profile, p["calib"], eval_data=p["eval"],
-                         budget=f"bops={b}", candidates=list(CANDS), front_points=0,
-                         cache_dir=cache)
+            res = search(p["model"], profile, data, config(b))
             fit = [e for e in every if e["bops"] <= b + 1e-9]
             best = max(fit, key=lambda e: e["sqnr_db"])
             best_acc = max(e["accuracy"] for e in fit)

@@ -35,7 +35,7 @@ from mpsearch.graph.calibrate import run_collectors  # noqa: E402
 from mpsearch.graph.ingest import prepare_model  # noqa: E402
 from mpsearch.graph.layer_graph import build_layer_graph  # noqa: E402
 from mpsearch.graph.layer_hessian import HessianCollector, LayerHessian  # noqa: E402
-from mpsearch.quant.layer import weight_rows  # noqa: E402
+from mpsearch.quant.layout import weight_rows  # noqa: E402
 from mpsearch.quant.prune import PrunedLayer, PruneMethod, prune_layer  # noqa: E402
 from mpsearch.quant.rounding import output_error  # noqa: E402
 

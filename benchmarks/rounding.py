@@ -23,7 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, prepare_example, write_results  # noqa: E402
 
 from mpsearch import analyze, evaluate, load_model, open_dataset, parse_candidate  # noqa: E402
-from mpsearch.export.qdq import uniform_plan  # noqa: E402
+from mpsearch.export.qdq import (
+    quantize,  # noqa: E402
+    uniform_plan,  # noqa: E402
+)
 from mpsearch.graph.layer_graph import LayerGraph  # noqa: E402
 from mpsearch.quant.analysis import Analysis, QuantizeOptions  # noqa: E402
 from mpsearch.quant.layer import Rounding  # noqa: E402
@@ -82,7 +85,7 @@ def run(quick: bool) -> dict:
     def score(mode: Rounding, plan) -> float:
         nonlocal eval_s
         t0 = time.perf_counter()
-        q = analyses[mode].export(plan)
+        q = quantize(analyses[mode], plan)
         t1 = time.perf_counter()
         db = evaluate(model, q.model, ev.batches(16)).primary.sqnr_db
         export_s[mode] += t1 - t0

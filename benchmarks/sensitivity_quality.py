@@ -33,17 +33,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, prepare_example, write_results  # noqa: E402
 
 from mpsearch import analyze, load_model, open_dataset, parse_candidate  # noqa: E402
+from mpsearch.export.qdq import quantize  # noqa: E402
 from mpsearch.graph.calibrate import make_session  # noqa: E402
 from mpsearch.hw.cost import CostModel  # noqa: E402
 from mpsearch.hw.profile import load_profile  # noqa: E402
-from mpsearch.sensitivity import Method, candidates_for, estimate, sqnr  # noqa: E402
+from mpsearch.sensitivity.run import Method, estimate  # noqa: E402
+from mpsearch.sensitivity.table import candidates_for, sqnr  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CANDS = tuple(parse_candidate(c) for c in ("w8a8", "w4a8", "w8a16", "w4a16", "w16a16", "fp16"))
 
 
 def _measure_plan(analysis, plan, batches, ref) -> float:
-    sess = make_session(analysis.export(plan).model)
+    sess = make_session(quantize(analysis, plan).model)
     names = [o.name for o in analysis.graph.model.graph.output]
     noise, count = 0.0, 0
     for b, r in zip(batches, ref, strict=True):

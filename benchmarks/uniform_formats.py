@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, prepare_example, write_results  # noqa: E402
 
 from mpsearch import analyze, evaluate, load_model, open_dataset, parse_candidate  # noqa: E402
+from mpsearch.export.qdq import quantize  # noqa: E402
 
 EXAMPLES = ("efficientnet_lite0", "mnist_cnn", "minilm")
 FORMATS = ("w8a8", "w8a16", "w4a8", "w4a16", "w16a16", "fp16", "fp8")
@@ -42,7 +43,7 @@ def run(quick: bool) -> list[dict]:
               flush=True)
         for fmt in FORMATS:
             t0 = time.perf_counter()
-            q = analysis.export_uniform(parse_candidate(fmt))
+            q = quantize(analysis, parse_candidate(fmt))
             t_ex = time.perf_counter() - t0
             r = evaluate(model, q.model, ev.batches(), labels=ev.labels).primary
             rows.append({"model": name, "format": fmt, "sqnr_db": r.sqnr_db,

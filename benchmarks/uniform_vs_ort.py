@@ -73,6 +73,7 @@ from mpsearch import (  # noqa: E402
     parse_candidate,
 )
 from mpsearch.core.errors import UsageError  # noqa: E402
+from mpsearch.export.qdq import quantize  # noqa: E402
 from mpsearch.graph.equalize import EqualizeMode, equalize  # noqa: E402
 from mpsearch.graph.ingest import prepare_model  # noqa: E402
 from mpsearch.graph.layer_graph import build_layer_graph  # noqa: E402
@@ -245,7 +246,7 @@ def run_all(model_path: Path, cal: Dataset, ev: Dataset, *, ort_preprocess: bool
             continue
         a, analyze_s = done
         start = time.perf_counter()
-        q = a.export_uniform(parse_candidate(r.candidate))
+        q = quantize(a, parse_candidate(r.candidate))
         export_s = time.perf_counter() - start
         rows.append(_row(r.name, model, q.model, ev, quantize_s=analyze_s + export_s,
                          analyze_s=analyze_s, export_s=export_s))
