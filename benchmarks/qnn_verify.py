@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "hw_profiles" / "snapdragon_8gen3.yaml"
 SOC = 57
 TARGET_DB = 25.0
-# The demo's budget for the CNNs; MiniLM needs 16-bit activations (DESIGN.md section 4: w8a8
+# The demo's budget for the CNNs; MiniLM needs 16-bit activations (docs/design.md §4: w8a8
 # reaches 0.84 cosine even on the CPU EP), so it gets room for them.
 BUDGETS = {"efficientnet_lite0": "bops=0.75", "mnist_cnn": "bops=0.75", "minilm": "bops=1.5"}
 

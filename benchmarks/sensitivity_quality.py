@@ -1,4 +1,4 @@
-"""How far the sensitivity estimates can be trusted (DESIGN.md §3, issue "sensitivity").
+"""How far the sensitivity estimates can be trusted (docs/design.md §3, issue "sensitivity").
 
     python benchmarks/sensitivity_quality.py [--models efficientnet_lite0,minilm] [--plans 20]
 

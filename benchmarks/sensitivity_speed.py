@@ -12,7 +12,7 @@ calibration pass, the estimates, writing CSV/JSON/PNG), as a user runs it:
 * ``--method measured --no-cache`` with ``--workers 1`` and ``--workers 2``;
 * a cached re-run (the table is in the cache: no calibration).
 
-For reference (DESIGN.md §6): AIMET's AMP needed 102 s and 172 full evaluations for three
+For reference (docs/design.md §6): AIMET's AMP needed 102 s and 172 full evaluations for three
 candidates on this model here. Writes benchmarks/results/sensitivity_speed.{md,json}.
 """
 

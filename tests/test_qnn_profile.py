@@ -3,7 +3,7 @@
 Every (op type, candidate) the profile allows is exported by mpsearch as a one-layer QDQ model
 and must compile for the profile's soc_model with every node placed on QNN; a sample of what the
 profile forbids must be refused, with the compiler's reason; and the emulated HTP must compute
-what ORT's CPU EP computes from the same QDQ model (DESIGN.md section 4: to about one output
+what ORT's CPU EP computes from the same QDQ model (docs/design.md §4: to about one output
 quantization step for A8 models): for every allowed candidate, SQNR >= 25 dB, and within one
 output step for A8 (measured here: exactly one step at most; A16 and fp16 40-80 dB).
 """

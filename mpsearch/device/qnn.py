@@ -4,7 +4,7 @@
 On x86-64 Linux and Windows that backend runs Qualcomm's real op validator and graph compiler and
 then executes the compiled graph in emulation: it proves that a quantized model compiles for a
 Snapdragon NPU and what it computes there, not how fast (emulation is 100-250x slower than the
-CPU EP). Facts this module relies on (DESIGN.md section 4):
+CPU EP). Facts this module relies on (docs/design.md §4):
 
 - the EP is registered once per process with ``ort.register_execution_provider_library(
   "QnnExecutionProvider", onnxruntime_qnn.get_library_path())`` (a second registration

@@ -10,7 +10,7 @@ to ORT's CPU EP on the same model. Per output, over those samples (as in
 
     SQNR = 10 log10( sum y_cpu^2 / sum (y_cpu - y_htp)^2 )  dB,   cosine = mean_s cos(y_cpu, y_htp)
 
-Facts relied on (DESIGN.md section 4): the HTP needs static shapes, so every dynamic input
+Facts relied on (docs/design.md §4): the HTP needs static shapes, so every dynamic input
 dimension is fixed on a copy of the model (the batch to 1, any other to the first sample's
 size, or to ``input_shapes``; ONNX Runtime's ``make_input_shape_fixed``, which also replaces
 that symbol in every other tensor's shape); emulated A8 outputs match the CPU EP to about one

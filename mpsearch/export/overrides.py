@@ -27,7 +27,7 @@ File format (JSON, written by :func:`ort_overrides`)::
 dict per tensor or one per channel) with JSON values: ``quant_type`` is a ``QuantType`` member
 name, scale and zero point plain numbers. :func:`quantize_static_kwargs` turns the document back
 into ``quantize_static`` keyword arguments. Facts about ORT 1.2x/1.3x it relies on, each seen
-here (DESIGN.md §6):
+here (docs/design.md §6):
 
 - scale/zero-point overrides must be numpy arrays (0-d will do; ``QuantizationParams`` refuses
   numpy scalars, ``calc_quant_params`` calls ``.squeeze()``, scales must be float32), and

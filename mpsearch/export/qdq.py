@@ -22,7 +22,7 @@ Why the Q/DQ nodes are written here rather than by ``onnxruntime.quantization.qu
 with tensor overrides: (1) the weights must be written exactly as scored — the MSE-clipped
 per-channel scales and, later, Hessian-rounded integers — while ``quantize_static`` recomputes
 weight scales from min/max and rounds to nearest; (2) it re-runs its own calibration pass for
-every plan (seconds each, and the search exports many plans); (3) DESIGN.md §6 lists traps
+every plan (seconds each, and the search exports many plans); (3) docs/design.md §6 lists traps
 seen here (an int4 override without ``axis`` silently per tensor; only the first override
 entry type-checked; a shared ``-inferred.onnx`` side file that collides between processes).
 ORT's overrides remain a product output for users who quantize with ORT (export/overrides.py).

@@ -7,7 +7,7 @@
   ``(weight format, activation format)``; the activation format holds for the layer's inputs
   and output, and flows forward through the element-wise and data-movement ops that follow it
   (Clip, Reshape, ...) until the next layer. Every quantized node therefore sees one activation
-  type on all its ports, which Qualcomm's HTP compiler requires (DESIGN.md §4);
+  type on all its ports, which Qualcomm's HTP compiler requires (docs/design.md §4);
 * **ties**: the activation inputs of Add/Sub/Mul/Concat come from groups that must share an
   activation format when the hardware says so (union-find over those groups);
 * **float ops**: ops with float activations that the registry does not know stay in float,

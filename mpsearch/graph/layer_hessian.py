@@ -3,7 +3,7 @@
 For a layer ``y = W x + b`` (a convolution seen through im2col: every output position is a
 matrix product with the ``K = C_in/groups · k_h · k_w`` inputs under the kernel), the expected
 squared output error of a weight change is ``E‖δW x‖² = tr(δW E[x xᵀ] δWᵀ)``, so the second
-moment ``E[x xᵀ]`` per group of input channels is the whole statistic (OBS, GPTQ, DESIGN.md
+moment ``E[x xᵀ]`` per group of input channels is the whole statistic (OBS, GPTQ, docs/design.md
 §3). This module keeps ``E[x xᵀ]`` (shape ``(G, K, K)``, per output position) and the column
 means ``E[x]`` (for the bias terms), averaged over samples and positions. Grouped and depthwise
 convolutions get one ``K×K`` block per group (a depthwise 5×5 conv: ``C`` blocks of 25×25).

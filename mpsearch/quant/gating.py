@@ -22,8 +22,8 @@ calibration pass's :class:`~mpsearch.graph.layer_hessian.LayerHessian`), plus ``
 expected cost relative to the 16-bit layer: channel ``r`` pays level ``b`` iff every gate up to
 ``b`` is nonzero, so ``E[cost] = Σ_r Σ_b Π_(b'≤b) P(z_b' > 0) · (C(b) - C(b/2)) / R`` for a
 per-layer cost table ``C`` (default ``MACs·b``). With increments, a deterministic read-out costs
-exactly ``C(bits)·kept/R``, what the solver is given (DESIGN.md writes ``MAC·b`` per level, which
-would charge a 16-bit layer ``MAC·30``).
+exactly ``C(bits)·kept/R``, what the solver is given (docs/design.md §3 writes ``MAC·b`` per
+level, which would charge a 16-bit layer ``MAC·30``).
 
 Two departures from the paper, both because the weights are frozen. No straight-through
 estimator is needed: the ``q_b`` and ``ε_b`` are constants, the loss depends only on the gates.

@@ -1,6 +1,6 @@
 """Quantizing one layer's weights for the error it causes at the layer's output.
 
-**Output-aware clipping** (the diagonal of the layer Hessian ``H = 2·E[x xᵀ]``, DESIGN.md §3).
+**Output-aware clipping** (the diagonal of the layer Hessian ``H = 2·E[x xᵀ]``, docs/design.md §3).
 For ``y = W x`` the expected output error of a weight error ``δW`` is
 ``E‖δW x‖² = Σ_i δW_i E[x xᵀ] δW_iᵀ``; keeping the diagonal gives ``Σ_ij δW_ij² · E[x_j²]``,
 so a weight counts by the energy of the input it multiplies. The per-channel clipping ratio

@@ -1,4 +1,4 @@
-"""Predicted sensitivity from the layer Hessian (OBS/GPTQ; DESIGN.md §3), for every candidate
+"""Predicted sensitivity from the layer Hessian (OBS/GPTQ; docs/design.md §3), for every candidate
 of every group from the one calibration pass.
 
 For a layer ``y = W x + b`` with input second moment ``H = E[x xᵀ]`` and mean ``μ = E[x]``

@@ -1,6 +1,6 @@
 """Measured sensitivity (Pandey et al. 2023; AIMET AMP phase 1): quantize one group with one
 candidate, everything else float, run the calibration data, score the network output:
-``mse = E[(y - y_c)²]``, ``SQNR = 10·log10(E[y²] / mse)`` (DESIGN.md §3).
+``mse = E[(y - y_c)²]``, ``SQNR = 10·log10(E[y²] / mse)`` (docs/design.md §3).
 
 The model scored is exactly the QDQ model the exporter writes for that single-group plan (same
 ranges, same weight integers, same int32 bias), so a measured error is what shipping that

@@ -1,5 +1,5 @@
 """The :class:`SensitivityTable`: for every quantizer group and legal candidate, the network
-output error when that group alone takes that candidate (DESIGN.md §3).
+output error when that group alone takes that candidate (docs/design.md §3).
 
 Errors are output MSE (mean over every element of every model output), with the output's mean
 square ``signal`` kept alongside, so ``SQNR = 10·log10(signal / mse)``. The measured and the
