@@ -22,7 +22,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("fp32", help="the FP32 reference model")
     s.add_argument("quantized", help="the quantized model")
     s.add_argument("--data", required=True, metavar="EVAL", help="evaluation data")
-    s.add_argument("--batch-size", type=int, default=None, help="samples per call")
+    s.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="samples per ONNX Runtime call (default: the model's static batch, "
+                        "else 32)")
     s.add_argument("--save", metavar="FILE", help="also write the results as JSON to FILE")
     s.set_defaults(func=cmd_eval)
 

@@ -1,4 +1,4 @@
-"""``mpsearch hw ...``: validate, show and measure hardware profiles (thin, like cli.py)."""
+"""``mpsearch hw ...``: validate, show and measure hardware profiles."""
 
 from __future__ import annotations
 
@@ -50,8 +50,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="profile to extend (default: --out if it exists, else "
                         "hw_profiles/ort_cpu.yaml)")
     s.add_argument("--out", required=True, metavar="PROFILE", help="profile file to write")
-    s.add_argument("--warmup", type=int, default=5, help="untimed runs per layer (default 5)")
-    s.add_argument("--repeats", type=int, default=30, help="timed runs per layer (default 30)")
+    s.add_argument("--warmup", type=int, default=5, metavar="N",
+                   help="untimed runs per layer (default 5)")
+    s.add_argument("--repeats", type=int, default=30, metavar="N",
+                   help="timed runs per layer (default 30)")
     s.set_defaults(func=cmd_measure)
 
 
@@ -59,6 +61,7 @@ def cmd_validate(args: argparse.Namespace, ui: Any) -> int:
     from mpsearch.hw.profile import load_profile
 
     p = load_profile(args.profile)
+    dense = sum(c.sparsity is None for c in p.all_pairs)
     info = {"profile": str(args.profile), "name": p.name, "valid": True,
             "candidates": [c.name for c in p.all_pairs],
             "latency_table": p.latency_table is not None}
@@ -67,7 +70,8 @@ def cmd_validate(args: argparse.Namespace, ui: Any) -> int:
     else:
         ui.out.print(f"{args.profile}: valid profile '{p.name}' ({p.runtime}"
                      + (f", soc_model {p.soc_model}" if p.soc_model else "") + f"), "
-                     f"{len(p.all_pairs)} candidates"
+                     f"{len(p.all_pairs)} candidates ({dense} dense, "
+                     f"{len(p.all_pairs) - dense} pruned)"
                      + (", with a measured latency table" if p.latency_table else ""))
     return 0
 

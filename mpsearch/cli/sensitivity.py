@@ -26,7 +26,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                     "network-output error (MSE and SQNR against FP32 on the calibration data) "
                     "when that group alone takes that candidate: measured by running the "
                     "exported single-group model, or predicted from the layer Hessian "
-                    "H = 2 E[x x^T] (plus a scale fitted on 4 measured runs), or both. "
+                    "H = 2 E[x x^T] (plus a scale fitted on 2 measured runs), or both. "
                     "Writes OUT/sensitivity.csv, OUT/sensitivity.json and a heatmap "
                     "OUT/sensitivity.png. Results are cached (--cache-dir): a re-run with the "
                     "same model, data and settings returns at once, and an interrupted run "
@@ -51,9 +51,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="where results are cached (default $XDG_CACHE_HOME/mpsearch or "
                         "~/.cache/mpsearch)")
     s.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    s.add_argument("--batch-size", type=int, default=None,
-                   help="samples per ONNX Runtime call (default: the model's static batch, "
-                        "else 8)")
+    s.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="samples per ONNX Runtime call in calibration and measurement "
+                        "(default 8)")
     s.set_defaults(func=cmd_sensitivity)
 
 

@@ -232,6 +232,8 @@ def _problem(err: Mapping[str, Any], name: str, keys: list[str]) -> tuple[str, s
         if bound == 0:
             return f"{shown} is negative", "pass 0 or more"
         return f"{shown} is below {bound:g}", f"pass {bound:g} or more"
+    if kind == "greater_than":
+        return f"{shown} is not above {ctx.get('gt'):g}", f"pass more than {ctx.get('gt'):g}"
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return f"{shown} is not an integer", "pass a whole number"
     if kind in ("float_type", "float_parsing"):
