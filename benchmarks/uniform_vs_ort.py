@@ -7,8 +7,8 @@ evaluation crops):
 - ORT ``quantize_static``, QDQ, ``per_channel=True``, weights QInt8, activations QUInt8, with
   MinMax and with Percentile (99.99) calibration, plus W8A16 (activations QUInt16) for reference;
 - mpsearch uniform ``w8a8`` and ``w8a16`` through its Python API (``analyze`` then
-  ``export_uniform``) with several ``QuantizeOptions``: activation range mse / minmax /
-  percentile, weight range mse / minmax, empirical bias correction on (the default) / off,
+  ``quantize(analysis, candidate)``) with several ``QuantizeOptions``: activation range mse /
+  minmax / percentile, weight range mse / minmax, empirical bias correction on (the default) / off,
   cross-layer equalization ``off`` (the default), ``exact`` (exact pairs only) and ``relu6``
   (also through ReLU6, which it replaces by ReLU). ``act=minmax w=minmax eq=off bc=off`` is
   ORT's MinMax recipe. ``analyze`` refuses ``relu6`` when the replacement moves the FP32
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
               "per-channel QInt8 weights, "
               f"{'with' if args.ort_preprocess else 'without'} `quant_pre_process`. mpsearch: "
               "`analyze` once per distinct `QuantizeOptions` (its time is in \"quantize s\" of "
-              "every row that uses it), then `export_uniform`.")
+              "every row that uses it), then `quantize(analysis, candidate)`.")
     table = markdown_table(HEADER, [_cells(r) for r in rows])
     print()
     print(table)
