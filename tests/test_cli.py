@@ -226,3 +226,19 @@ def test_same_inputs_give_the_same_bytes(files, capsys):
     umask = os.umask(0)
     os.umask(umask)
     assert (outs[0] / "model.qdq.onnx").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_hw_show_with_a_model_skips_what_a_layer_cannot_take_with_the_reason(files, capsys):
+    """Snapdragon's profile pairs Conv with +channel@d candidates: a depthwise conv cannot prune
+    its output channels alone, nor can a layer whose channels reach a graph output. show lists
+    those pairs with the reason and costs every other one; it never aborts."""
+    profile = Path(__file__).resolve().parent.parent / "hw_profiles" / "snapdragon_8gen3.yaml"
+    assert main(["hw", "show", str(profile), "--model", str(files["model"]), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    dw = doc["not_legal"]["depthwise"]
+    assert "a depthwise conv's output channel is its input channel" in dw["w8a8+channel@0.5"]
+    assert "graph output 'logits'" in doc["not_legal"]["fc"]["w8a8+channel@0.5"]
+    assert not any("+channel" in c for c in doc["layers"]["depthwise"])
+    assert "w8a8+channel@0.5" in doc["layers"]["expand"]  # a dense consumer reads it: legal
+    assert set(doc["layers"]["depthwise"]) | set(dw) == set(doc["layers"]["expand"])
+    assert doc["uniform_plans"]["w8a8"]["relative"]["bops"] == pytest.approx(1.0)

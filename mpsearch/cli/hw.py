@@ -97,6 +97,7 @@ def cmd_show(args: argparse.Namespace, ui: Any) -> int:
     from mpsearch.graph.layer_graph import build_layer_graph, load_model
     from mpsearch.hw.cost import METRICS, CostModel
     from mpsearch.hw.profile import load_profile
+    from mpsearch.sensitivity.table import SparsityChoice, legal_candidates
 
     p = load_profile(args.profile)
     doc: dict[str, Any] = {"profile": _profile_doc(p)}
@@ -104,13 +105,19 @@ def cmd_show(args: argparse.Namespace, ui: Any) -> int:
         lg = build_layer_graph(load_model(args.model),
                                input_shapes=parse_shapes(args.input_shape))
         cm = CostModel(lg, p)
+        # every candidate the profile lists: those a layer cannot take are listed with why
+        legal = legal_candidates(lg, cm, sparsity=SparsityChoice.ALL)
         doc["layers"] = {g: {c.name: {m: getattr(cm.layer(g, c), m) for m in METRICS}
                              | {"latency_from": cm.layer(g, c).latency_from}
-                             for c in cm.candidates(g)} for g in lg.group_names}
+                             for c in legal.by_group[g]} for g in lg.group_names}
+        not_legal: dict[str, dict[str, str]] = {}
+        for r in legal.refused:
+            not_legal.setdefault(r.group, {})[r.candidate.name] = r.reason
+        doc["not_legal"] = not_legal
         uniform = {}
         for name in UNIFORM_FOR_REPORT:
             c = parse_candidate(name)
-            if all(c in cm.candidates(g) for g in lg.group_names):
+            if all(c in legal.by_group[g] for g in lg.group_names):
                 pc = cm.plan({g: c for g in lg.group_names})
                 uniform[name] = {"absolute": pc.as_dict(), "relative": dict(pc.relative)}
         doc["uniform_plans"] = uniform
@@ -158,7 +165,13 @@ def _print_costs(ui: Any, doc: dict[str, Any], model: str) -> None:
                                                    "activation_bytes", "energy_j")),
                   f"{1e3 * a['latency_s']:.3f}")
     ui.out.print(t)
-    ui.out.print(f"{len(doc['layers'])} layers; per-layer costs of every candidate: --json")
+    refused = [(g, c, why) for g, cs in doc["not_legal"].items() for c, why in cs.items()]
+    if refused:
+        g, c, why = refused[0]
+        ui.out.print(f"{len(refused)} (layer, candidate) pairs the profile lists do not apply "
+                     f"to their layer and are left out, e.g. {g} {c}: {why}")
+    ui.out.print(f"{len(doc['layers'])} layers; per-layer costs of every legal candidate and "
+                 "the reasons for the others: --json")
 
 
 def cmd_measure(args: argparse.Namespace, ui: Any) -> int:
