@@ -322,3 +322,22 @@ def test_npz_member_is_streamed(tmp_path: Path, image_model: ModelProto) -> None
     finally:
         tracemalloc.stop()
     assert count == 8192 and peak < 8 << 20
+
+
+@pytest.mark.parametrize("placeholder", ["?", "-1", "None", ""])
+def test_placeholder_dims_are_independent_sizes(tmp_path, placeholder):
+    """PaddlePaddle exports write "?" for every unknown dim: H=48 and W=192 are two sizes, not
+    one symbol. A real symbol still binds: two dims named S must agree."""
+    np.savez(tmp_path / "d.npz", x=np.ones((4, 3, 48, 192), np.float32))
+    m = _model([("x", TensorProto.FLOAT, [placeholder, 3, placeholder, placeholder])])
+    ds = open_dataset(tmp_path / "d.npz", m)
+    assert ds.spec["x"].dim_names == (None, None, None, None)
+    assert next(ds.batches(4))["x"].shape == (4, 3, 48, 192)
+    named = _model([("x", TensorProto.FLOAT, ["N", 3, "S", "S"])])
+    with pytest.raises(DataError, match="dim 'S' is 192 in input 'x' but 48"):
+        open_dataset(tmp_path / "d.npz", named)
+
+
+def test_is_symbol():
+    assert all(data.is_symbol(s) for s in ("N", "batch_size", "unk__12", "seq_len/2"))
+    assert not any(data.is_symbol(s) for s in ("?", "-1", "", "None", "null", "3"))

@@ -169,3 +169,24 @@ def test_bad_model_or_data_exits_2(files, tmp_path, capsys):
         verify(tmp_path / "missing.onnx", data=files["eval"])
     with pytest.raises(UsageError, match="target 'gpu'"):
         verify(files["w8a8"], data=files["eval"], target="gpu")
+
+
+def test_fixing_placeholder_dims_fixes_each_by_its_position():
+    """ORT's shape fixer replaces a dim_param everywhere it appears: a "?" on H and W must not
+    become one size."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mpsearch.device.verify import fix_shapes
+
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("GlobalAveragePool", ["c"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["?", 3, "?", "?"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["?", 4, 1, 1])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    fixed_model, fixed = fix_shapes(model, {"x": (1, 3, 48, 192)})
+    dims = [d.dim_value for d in fixed_model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 48, 192]
+    assert [d.describe() for d in fixed] == ["x:0 ? -> 1", "x:2 ? -> 48", "x:3 ? -> 192"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[2].dim_param == "?"  # input kept

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
@@ -53,7 +54,8 @@ from mpsearch.data.npyio import (
     npz_members,
 )
 
-__all__ = ["DataSpec", "Dataset", "InputSpec", "Split", "input_specs", "open_dataset", "split"]
+__all__ = ["DataSpec", "Dataset", "InputSpec", "Split", "input_specs", "is_symbol",
+           "open_dataset", "split"]
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,19 @@ LABELS = "labels"
 DEFAULT_BATCH_SIZE = 32
 
 
+def is_symbol(dim_param: str) -> bool:
+    """Whether a ``dim_param`` names a size shared by every dim that carries it. Exporters also
+    write placeholders for "unknown" (PaddlePaddle ``?``, others ``-1`` or ``None``): two dims
+    with such a placeholder are two independent sizes, not one symbol."""
+    return bool(_SYMBOL.fullmatch(dim_param)) and dim_param.lower() not in ("none", "null")
+
+
+_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/+*\- ]*")
+
+
 def input_specs(model: ModelProto) -> dict[str, tuple[int, tuple[int | str | None, ...]]]:
-    """Graph inputs (initializers excluded): name -> (ONNX elem type, shape with symbols)."""
+    """Graph inputs (initializers excluded): name -> (ONNX elem type, shape with symbols; None
+    for a dynamic dim without one, :func:`is_symbol`)."""
     inits = {t.name for t in model.graph.initializer}
     out = {}
     for vi in model.graph.input:
@@ -73,7 +86,7 @@ def input_specs(model: ModelProto) -> dict[str, tuple[int, tuple[int | str | Non
         for d in tt.shape.dim:
             if d.HasField("dim_value"):
                 dims.append(d.dim_value)
-            elif d.HasField("dim_param"):
+            elif d.HasField("dim_param") and is_symbol(d.dim_param):
                 dims.append(d.dim_param)
             else:
                 dims.append(None)

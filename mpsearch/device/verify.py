@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from mpsearch.core.errors import DataError, UsageError
-from mpsearch.data.dataset import Dataset, input_specs, open_dataset
+from mpsearch.data.dataset import Dataset, input_specs, is_symbol, open_dataset
 from mpsearch.graph.ingest import load_model
 
 __all__ = ["SCHEMA", "TARGETS", "FixedDim", "NodeCounts", "OutputAgreement", "VerifyResult",
@@ -162,6 +162,12 @@ def fix_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]
     out = copy.deepcopy(model)
     if not fixed:
         return out, ()
+    # A placeholder such as PaddlePaddle's "?" is no symbol: ORT's fixer would give every dim
+    # that carries it, in every tensor, the first size it meets.
+    for vi in (*out.graph.input, *out.graph.output, *out.graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and not is_symbol(d.dim_param):
+                d.ClearField("dim_param")
     for name in specs:
         make_input_shape_fixed(out.graph, name, list(shapes[name]))
     try:
