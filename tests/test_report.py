@@ -6,6 +6,7 @@ folder that is not a run."""
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import re
@@ -196,11 +197,16 @@ def test_without_verify_or_sensitivity_or_profile_the_page_says_so(run_dir, tmp_
     plan = _plan(d)
     plan["profile"]["path"] = str(tmp_path / "gone.yaml")
     (d / "plan.json").write_text(json.dumps(plan))
+    (d / "config.yaml").unlink()  # it names the profile too
     page = build_report(d).read_text()
     assert "not verified" in page and "no verify.json" in page
     assert "No sensitivity.json" in page and not (d / "sensitivity.png").exists()
     assert "is not here any more" in page and plan["profile"]["name"] in page
     assert len(re.findall(r"<img ", page)) == 2
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_failed_verification_shows_its_reasons_at_the_top(run_dir, tmp_path):
@@ -209,7 +215,8 @@ def test_failed_verification_shows_its_reasons_at_the_top(run_dir, tmp_path):
                "2 nodes fell back to the CPU"]
     (d / "verify.json").write_text(json.dumps({
         "schema": "mpsearch.verify/1", "target": "qnn-htp", "soc_model": 57,
-        "model": {"path": "model.qdq.onnx", "sha256": "ab" * 32}, "input_shapes": {"x": [1, 3]},
+        "model": {"path": "model.qdq.onnx", "sha256": _sha(d / "model.qdq.onnx")},
+        "input_shapes": {"x": [1, 3]},
         "shapes_fixed": ["x: N -> 1"], "compiled": False,
         "nodes": {"total": 40, "on_target": 38, "by_ep": {"QNN": 38, "CPU": 2},
                   "by_op": {"Conv": 6}, "not_on_target": [
@@ -227,6 +234,7 @@ def test_passed_verification(run_dir, tmp_path):
     d = _copy(run_dir, tmp_path)
     (d / "verify.json").write_text(json.dumps({
         "target": "qnn-htp", "soc_model": 57, "compiled": True,
+        "model": {"path": "model.qdq.onnx", "sha256": _sha(d / "model.qdq.onnx")},
         "nodes": {"total": 40, "on_target": 40, "by_ep": {"QNN": 40}, "by_op": {},
                   "not_on_target": []},
         "reasons": [], "samples": 4,
@@ -268,3 +276,29 @@ def test_the_runs_own_failed_verification_is_on_the_page(run_dir):
     assert plan["verification"]["fully_on_target"] is False
     page = (run_dir / "report.html").read_text()
     assert "not supported by QNN EP" in page and "stem_act" in page
+
+
+def test_report_from_another_directory_finds_the_profile_and_checks_the_verified_file(
+        tmp_path, monkeypatch):
+    """A run made with relative paths: from elsewhere, plan.json's profile path no longer
+    resolves, config.yaml's (relative to the folder) does. A verify.json of another model is
+    not shown as this run's."""
+    work = tmp_path / "work"
+    (work / "profiles").mkdir(parents=True)
+    shutil.copy(PROFILE, work / "profiles" / "snap.yaml")
+    onnx.save(mbconv(seed=5), str(work / "model.onnx"))
+    np.savez(work / "calib.npz", x=images(16, seed=1))
+    monkeypatch.chdir(work)
+    assert main(["run", "model.onnx", "--hw", "profiles/snap.yaml", "--data", "calib.npz",
+                 "--budget", "bops=0.9", "--candidates", CANDS, "--no-cache", "--refine", "0",
+                 "--front-points", "0", "--verify-samples", "1", "--out", "out", "-q"]) == 0
+    monkeypatch.chdir(tmp_path)
+    page = build_report(work / "out", out=tmp_path / "page.html").read_text()
+    assert "is not here any more" not in page and "snapdragon_8gen3" in page
+    assert "compiled for qnn-htp" in page
+    v = json.loads((work / "out" / "verify.json").read_text())
+    v["model"]["sha256"] = "0" * 64  # as if it had checked another file
+    (work / "out" / "verify.json").write_text(json.dumps(v))
+    page = build_report(work / "out", out=tmp_path / "page2.html").read_text()
+    assert "not verified" in page and "verify.json checked a model with sha256 000000000000" \
+        in page

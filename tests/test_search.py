@@ -4,6 +4,7 @@ exit 2 naming the smallest reachable values."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from pathlib import Path
@@ -189,14 +190,26 @@ def test_same_inputs_and_seed_give_the_same_bytes(files, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert _run(files, a, "--budget", "bops=0.8", "--seed", "3") == 0
     assert _run(files, b, "--budget", "bops=0.8", "--seed", "3") == 0
-    for name in ("plan.json", "plan.csv", "model.qdq.onnx", "model.float.onnx",
+    for name in ("plan.json", "plan.csv", "model.qdq.onnx", "model.qdq.dynamic.onnx",
+                 "model.float.onnx",
                  "encodings.json", "ort_overrides.json", "sensitivity.json", "verify.json",
                  "report.html",
                  "pareto.png", "allocation.png", "sensitivity.png"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     v = json.loads((a / "verify.json").read_text())  # Snapdragon profile: compiled on QNN HTP
-    assert v["fully_on_target"] and v["sqnr_db"] >= 25 and v["shapes_fixed"]
+    assert v["fully_on_target"] and v["sqnr_db"] >= 25
     doc = json.loads((a / "plan.json").read_text())
+    # the HTP needs static shapes: the shipped file has them, and it is the file compiled
+    shipped = a / "model.qdq.onnx"
+    dims = [d.dim_value for d in onnx.load(str(shipped)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 16, 16] and v["shapes_fixed"] == []
+    sha = hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert v["model"]["sha256"] == sha == doc["exports"]["sha256"] == doc["verification"]["sha256"]
+    assert doc["exports"]["static_shapes"] == ["x:0 N -> 1"]
+    assert doc["exports"]["dynamic_model"] == "model.qdq.dynamic.onnx"
+    dyn = onnx.load(str(a / "model.qdq.dynamic.onnx")).graph.input[0].type.tensor_type.shape
+    assert dyn.dim[0].dim_param == "N"
+    assert sha[:16] in (a / "report.html").read_text()
     assert doc["schema"] == "mpsearch.plan/1"
     assert doc["totals"]["bops"]["relative_to_w8a8"] <= 0.8
     assert len(doc["layers"]) == doc["model"]["groups"]

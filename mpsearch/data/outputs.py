@@ -94,6 +94,19 @@ class OutputDir:
         """Write ``name`` with ``write(temporary_path)`` (a plot, a CSV), atomically."""
         return self._atomic(name, write)
 
+    def remove_unwritten(self, *, still_to_come: Iterable[str] = ()) -> list[str]:
+        """Remove the declared files this run has not written (and will not: ``still_to_come``
+        are kept), left by an earlier run into the same folder: a folder holds one run's files,
+        never a mix of two. Returns the names removed."""
+        done = {p.name for p in self.written} | set(still_to_come)
+        removed = []
+        for name in self.names:
+            p = self.path / name
+            if name not in done and p.is_file():
+                p.unlink()
+                removed.append(name)
+        return removed
+
     def rollback(self) -> None:
         """Remove what this run wrote (and the folder if this run created it)."""
         for p in self.written:

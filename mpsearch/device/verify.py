@@ -41,7 +41,7 @@ from mpsearch.data.dataset import Dataset, input_specs, is_symbol, open_dataset
 from mpsearch.graph.ingest import load_model
 
 __all__ = ["SCHEMA", "TARGETS", "FixedDim", "NodeCounts", "OutputAgreement", "VerifyResult",
-           "fix_shapes", "verify"]
+           "fix_shapes", "static_model", "verify"]
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,21 @@ def fix_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]
     return out, tuple(fixed)
 
 
+def static_model(model: onnx.ModelProto, *, data: str | os.PathLike[str],
+                 input_shapes: Mapping[str, tuple[int, ...]] | None = None
+                 ) -> tuple[onnx.ModelProto, tuple[FixedDim, ...]]:
+    """``model`` with every dynamic input dim fixed, as a device that needs static shapes takes
+    it: ``input_shapes``, else batch 1 and the sizes of ``data``'s first sample; and the dims
+    that were fixed (none: the model was static, and the copy is equal to it)."""
+    dataset = open_dataset(data, model, batch_size=1, name="verification")
+    shapes = _target_shapes(model, dataset, input_shapes)
+    try:
+        return fix_shapes(model, shapes)
+    except ValueError as e:  # make_input_shape_fixed: symbols that cannot all take the values
+        raise UsageError(f"cannot fix the input shapes {shapes} ({e})",
+                         fix="give every input that shares a symbolic dim the same size") from e
+
+
 def _target_shapes(model: onnx.ModelProto, data: Dataset,
                    overrides: Mapping[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
     """Every input's static shape: ``overrides``, else batch 1 and the first sample's size."""
@@ -270,13 +285,8 @@ def verify(model: onnx.ModelProto | str | os.PathLike[str], *, data: str | os.Pa
     path = None if isinstance(model, onnx.ModelProto) else Path(model)
     original = load_model(path) if path is not None else model
     sha = _sha256(original, path)
-    dataset = open_dataset(data, original, batch_size=1, name="verification")
-    shapes = _target_shapes(original, dataset, input_shapes)
-    try:
-        fixed_model, fixed = fix_shapes(original, shapes)
-    except ValueError as e:  # make_input_shape_fixed: symbols that cannot all take the values
-        raise UsageError(f"cannot fix the input shapes {shapes} ({e})",
-                         fix="give every input that shares a symbolic dim the same size") from e
+    fixed_model, fixed = static_model(original, data=data, input_shapes=input_shapes)
+    shapes = {name: dims for name, (_, dims) in input_specs(fixed_model).items()}
     for f in fixed:
         log.info("fixed dynamic dim %s", f.describe())
     # Checked again against the static shapes (headers only): data of another size fail here.

@@ -12,6 +12,7 @@ goes through one :class:`~mpsearch.data.outputs.OutputDir`: all are written or n
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from mpsearch.core.errors import ExportError
 from mpsearch.core.frozen import freeze_fields
 from mpsearch.data.outputs import OutputDir
 from mpsearch.device.qnn import qnn_available
-from mpsearch.device.verify import verify
+from mpsearch.device.verify import static_model, verify
 from mpsearch.export.encodings import encodings_document
 from mpsearch.export.overrides import ort_overrides
 from mpsearch.export.qdq import QdqModel
@@ -31,12 +32,28 @@ from mpsearch.job.search import Progress
 from mpsearch.report.html import write_report
 from mpsearch.sensitivity.document import sensitivity_document
 
-__all__ = ["RUN_OUTPUTS", "ExportFiles", "RunFolder", "VerifySummary", "write_run_folder"]
+__all__ = ["RUN_OUTPUTS", "ExportFiles", "RunFolder", "Shipped", "VerifySummary",
+           "write_run_folder"]
 
-RUN_OUTPUTS = ("model.qdq.onnx", "model.float.onnx", "encodings.json", "ort_overrides.json",
+RUN_OUTPUTS = ("model.qdq.onnx", "model.qdq.dynamic.onnx", "model.float.onnx", "encodings.json",
+               "ort_overrides.json",
                "plan.json", "plan.csv", "sensitivity.json", "verify.json", "config.yaml",
                "report.html", "pareto.png", "allocation.png", "sensitivity.png")
+REPORT_FILES = ("report.html", "pareto.png", "allocation.png", "sensitivity.png")
 QNN_TARGET = "qnn-htp"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shipped:
+    """``model.qdq.onnx`` as written: static where the target needs it, and its digest."""
+
+    sha256: str
+    shapes_fixed: tuple[str, ...] = ()  # "input:axis symbol -> size", as the device takes it
+    dynamic: str | None = None  # the same plan with the model's dynamic dims, for ORT CPU
+
+    def to_dict(self) -> dict:
+        return {"sha256": self.sha256, "static_shapes": list(self.shapes_fixed),
+                "dynamic_model": self.dynamic}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,12 +64,15 @@ class ExportFiles:
     ort_overrides: str | None
     skipped: str | None = None
     kept_channels: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # +channel@d
+    shipped: Shipped | None = None
 
     def __post_init__(self) -> None:
         freeze_fields(self, "kept_channels")
 
     def to_dict(self) -> dict:
         doc: dict = {"model": "model.qdq.onnx", "float_model": "model.float.onnx"}
+        if self.shipped is not None:
+            doc |= self.shipped.to_dict()
         if self.kept_channels:  # physically smaller (export/qdq.py, export/channels.py)
             doc["channel_pruning"] = {
                 "exported": "smaller",
@@ -80,7 +100,8 @@ class VerifySummary:
     nodes: int = 0
     sqnr_db: float | None = None  # HTP against the CPU EP, worst output
     samples: int = 0
-    shapes_fixed: tuple = ()
+    shapes_fixed: tuple = ()  # the dims fixed in the shipped file (plan.json exports too)
+    sha256: str | None = None  # of the file compiled: the shipped model.qdq.onnx
     reasons: tuple[str, ...] = ()
 
     @property
@@ -95,7 +116,8 @@ class VerifySummary:
                 "compiled": self.compiled, "fully_on_target": self.fully_on_target,
                 "nodes_on_target": self.nodes_on_target, "nodes": self.nodes,
                 "sqnr_db": self.sqnr_db, "samples": self.samples,
-                "shapes_fixed": list(self.shapes_fixed), "reasons": list(self.reasons)}
+                "shapes_fixed": list(self.shapes_fixed), "sha256": self.sha256,
+                "reasons": list(self.reasons)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,7 +129,32 @@ class RunFolder:
     verification: VerifySummary | None  # None: not a Qualcomm profile, or --no-verify
 
 
-def write_exports(out: OutputDir, res: SearchResult, qm: QdqModel) -> ExportFiles:
+def ship_model(out: OutputDir, res: SearchResult, qm: QdqModel, cfg: RunConfig) -> Shipped:
+    """``model.qdq.onnx``, the file the device runs. A target that needs static shapes (QNN's
+    HTP refuses a dynamic batch with CPU fallback off) gets every dynamic input dim fixed here
+    (``--input-shape``, else batch 1 and the data's sizes), and the verification checks these
+    very bytes; the plan with the model's own dynamic dims goes beside it as
+    ``model.qdq.dynamic.onnx``, for runtimes that take them."""
+    if res.profile.runtime != QNN_TARGET:
+        path = out.write_model("model.qdq.onnx", qm.model)
+        return Shipped(sha256=_sha256(path))
+    model, fixed = static_model(qm.model, data=cfg.eval_data or cfg.data,
+                                input_shapes=dict(cfg.verification.input_shapes) or None)
+    path = out.write_model("model.qdq.onnx", model)
+    dynamic = None
+    if fixed:
+        dynamic = "model.qdq.dynamic.onnx"
+        out.write_model(dynamic, qm.model)
+    return Shipped(sha256=_sha256(path), shapes_fixed=tuple(f.describe() for f in fixed),
+                   dynamic=dynamic)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_exports(out: OutputDir, res: SearchResult, qm: QdqModel, shipped: Shipped
+                  ) -> ExportFiles:
     """The float model the plan quantizes and the plan for QNN's converter and ORT's
     quantize_static (docs/exports.md). A plan neither format can carry (fp8, pruned weights)
     skips both files, with the reason recorded in plan.json."""
@@ -115,27 +162,27 @@ def write_exports(out: OutputDir, res: SearchResult, qm: QdqModel) -> ExportFile
     kept = dict(qm.kept_channels)
     pruned = sorted(g for g, c in res.plan.items() if c.sparsity is not None)
     if pruned:  # both files are keyed to the dense float model: they would undo the pruning
+        why = (f"the plan prunes {len(pruned)} layer(s) (e.g. {pruned[0]}): encodings and ORT "
+               "overrides apply to model.float.onnx's dense weights and would not reproduce "
+               "the pruning; ship model.qdq.onnx")
         return ExportFiles(encodings=None, ort_overrides=None, kept_channels=kept,
-                           skipped=f"the plan prunes {len(pruned)} layer(s) (e.g. {pruned[0]}): "
-                                   "encodings and ORT overrides apply to model.float.onnx's "
-                                   "dense weights and would not reproduce the pruning; ship "
-                                   "model.qdq.onnx")
+                           shipped=shipped, skipped=why)
     try:
         enc, ov = encodings_document(qm), ort_overrides(qm)
     except ExportError as e:
         return ExportFiles(encodings=None, ort_overrides=None, kept_channels=kept,
-                           skipped=e.problem)
+                           shipped=shipped, skipped=e.problem)
     out.write_json("encodings.json", enc)
     out.write_json("ort_overrides.json", ov)
     return ExportFiles(encodings="encodings.json", ort_overrides="ort_overrides.json",
-                       kept_channels=kept)
+                       kept_channels=kept, shipped=shipped)
 
 
-def verify_on_device(out: OutputDir, res: SearchResult, qm: QdqModel, cfg: RunConfig, *,
+def verify_on_device(out: OutputDir, res: SearchResult, shipped: Shipped, cfg: RunConfig, *,
                      progress: Progress, note: Callable[[str], None]) -> VerifySummary | None:
-    """On a Qualcomm profile: compile the plan on QNN's HTP (emulated), compare it with the
-    CPU EP, write verify.json (no timings, so the same inputs give the same bytes); None for
-    other profiles or with verification off."""
+    """On a Qualcomm profile: compile the shipped ``model.qdq.onnx`` itself on QNN's HTP
+    (emulated), compare it with the CPU EP, write verify.json (no timings, so the same inputs
+    give the same bytes); None for other profiles or with verification off."""
     prof = res.profile
     if prof.runtime != QNN_TARGET or not cfg.verification.enabled:
         return None
@@ -147,9 +194,11 @@ def verify_on_device(out: OutputDir, res: SearchResult, qm: QdqModel, cfg: RunCo
     samples = cfg.verification.samples
     with progress(f"verifying on {QNN_TARGET} soc {prof.soc_model} (emulated)",
                   samples) as advance:
-        result = verify(qm.model, data=data, target=QNN_TARGET, soc_model=prof.soc_model,
-                        input_shapes=dict(cfg.verification.input_shapes) or None,
-                        samples=samples, progress=advance)
+        result = verify(out.path / "model.qdq.onnx", data=data, target=QNN_TARGET,
+                        soc_model=prof.soc_model, samples=samples, progress=advance)
+    if result.model_sha256 != shipped.sha256 or result.shapes_fixed:  # pragma: no cover
+        raise RuntimeError("the verification did not check the shipped model.qdq.onnx as it "
+                           "is: this is a bug in mpsearch")
     doc = result.to_dict()
     doc.pop("seconds", None)
     doc.pop("compile_seconds", None)
@@ -160,7 +209,7 @@ def verify_on_device(out: OutputDir, res: SearchResult, qm: QdqModel, cfg: RunCo
                          fully_on_target=result.fully_on_target,
                          nodes_on_target=result.nodes.on_target, nodes=result.nodes.total,
                          sqnr_db=doc["sqnr_db"], samples=result.samples,
-                         shapes_fixed=tuple(doc["shapes_fixed"]),
+                         shapes_fixed=shipped.shapes_fixed, sha256=result.model_sha256,
                          reasons=tuple(result.reasons))
 
 
@@ -169,9 +218,9 @@ def write_run_folder(res: SearchResult, cfg: RunConfig, out: OutputDir, *, progr
     """Every file of the run into ``out`` (declared with :data:`RUN_OUTPUTS`); the caller
     rolls ``out`` back if this raises."""
     qm = res.qdq()
-    out.write_model("model.qdq.onnx", qm.model)
-    exports = write_exports(out, res, qm)
-    verified = verify_on_device(out, res, qm, cfg, progress=progress, note=note)
+    shipped = ship_model(out, res, qm, cfg)
+    exports = write_exports(out, res, qm, shipped)
+    verified = verify_on_device(out, res, shipped, cfg, progress=progress, note=note)
     doc = plan_document(res, model=cfg.model, profile=cfg.hw,
                         extra={"exports": exports.to_dict(),
                                "verification": verified.to_dict() if verified else None})
@@ -182,5 +231,7 @@ def write_run_folder(res: SearchResult, cfg: RunConfig, out: OutputDir, *, progr
         timings=False))
     text = to_yaml(cfg, relative_to=out.path)
     out.write_with("config.yaml", lambda p: Path(p).write_text(text, encoding="utf-8"))
+    # an earlier run's verify.json or dynamic model must not pass for this run's
+    out.remove_unwritten(still_to_come=REPORT_FILES)
     write_report(out.path, out)  # also draws pareto.png, allocation.png, sensitivity.png
     return RunFolder(plan=doc, exports=exports, verification=verified)

@@ -4,6 +4,7 @@ an error), and the one-line state of the verification."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,16 @@ class RunFiles:
     sensitivity: Mapping[str, Any] | None = None
     sensitivity_table: SensitivityTable | None = None
     verify: Mapping[str, Any] | None = None
+    config_hw: str | None = None  # config.yaml's profile path, relative to the folder
     problems: tuple[str, ...] = field(default=())  # optional files that could not be read
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _read_json(path: Path) -> Any:
@@ -79,8 +89,30 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunFiles:
     if verify is not None and not isinstance(verify, dict):
         problems.append("verify.json is not a JSON object")
         verify = None
+    if verify is not None:  # shown only for the very file it checked
+        checked = str((verify.get("model") or {}).get("sha256", ""))
+        shipped = d / "model.qdq.onnx"
+        have = _sha256(shipped) if shipped.is_file() else None
+        if have != checked:
+            problems.append(
+                f"verify.json checked a model with sha256 {checked[:12] or '?'}, not this "
+                f"folder's model.qdq.onnx ({have[:12] if have else 'missing'}): not shown")
+            verify = None
     return RunFiles(path=d, plan=plan, sensitivity=sens, sensitivity_table=table,
-                    verify=verify, problems=tuple(problems))
+                    verify=verify, config_hw=_config_hw(d / "config.yaml"),
+                    problems=tuple(problems))
+
+
+def _config_hw(path: Path) -> str | None:
+    """The profile path a run's ``config.yaml`` names (relative to the folder), if any."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    hw = doc.get("hw") if isinstance(doc, dict) else None
+    return hw if isinstance(hw, str) else None
 
 
 def verify_status(verify: Mapping[str, Any] | None) -> tuple[str, str]:

@@ -228,7 +228,9 @@ def profile_html(run: RunFiles) -> str:
     base = {"name": info.get("name"), "file": path, "reference candidate": info.get("reference")}
     found = None
     if path:
-        for c in (Path(path), run.path / path):
+        # the run's config.yaml holds the path relative to the folder: from any directory
+        for c in (*((run.path / run.config_hw,) if run.config_hw else ()), Path(path),
+                  run.path / path):
             if c.is_file():
                 found = c
                 break
