@@ -179,3 +179,13 @@ def test_a_latency_table_of_another_model_is_not_used():
     cm = CostModel(build_layer_graph(mbconv()), p)
     assert cm.table is None
     assert cm.layer("stem", parse_candidate("w8a8")).latency_from == "roofline"
+
+
+def test_the_device_agreement_threshold_is_a_profile_setting():
+    assert parse_profile(GOOD).verify_min_sqnr_db is None  # the default, 25 dB, applies
+    p = parse_profile(GOOD.replace("target: {runtime: generic}",
+                                   "target: {runtime: generic, verify_min_sqnr_db: 30}"))
+    assert p.verify_min_sqnr_db == 30.0
+    with pytest.raises(ProfileError, match=r"target.verify_min_sqnr_db must be zero or more"):
+        parse_profile(GOOD.replace("target: {runtime: generic}",
+                                   "target: {runtime: generic, verify_min_sqnr_db: -3}"))

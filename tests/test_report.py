@@ -239,9 +239,28 @@ def test_passed_verification(run_dir, tmp_path):
                   "not_on_target": []},
         "reasons": [], "samples": 4,
         "outputs": [{"name": "logits", "sqnr_db": 31.5, "cosine": 0.9996}], "sqnr_db": 31.5,
-        "seconds": 2.0}))
+        "min_sqnr_db": 25.0, "agrees": True, "verified": True, "seconds": 2.0}))
     page = build_report(d).read_text()
     assert 'class="card ok"' in page and "40/40 nodes on target" in page and "31.50 dB" in page
+    assert "verified on qnn-htp" in page
+
+
+def test_compiled_whole_but_disagreeing_is_not_verified(run_dir, tmp_path):
+    """Compiling is not computing: every node on the HTP at 2.5 dB against the CPU is a
+    failure in red, and the page never says verified."""
+    d = _copy(run_dir, tmp_path)
+    (d / "verify.json").write_text(json.dumps({
+        "target": "qnn-htp", "soc_model": 57, "compiled": True,
+        "model": {"path": "model.qdq.onnx", "sha256": _sha(d / "model.qdq.onnx")},
+        "nodes": {"total": 40, "on_target": 40, "by_ep": {"QNN": 40}, "by_op": {},
+                  "not_on_target": []},
+        "reasons": [], "samples": 4,
+        "outputs": [{"name": "logits", "sqnr_db": 2.5, "cosine": 0.4}], "sqnr_db": 2.5,
+        "min_sqnr_db": 25.0, "agrees": False, "verified": False}))
+    page = build_report(d).read_text()
+    top = page.split('id="pareto"')[0]
+    assert 'class="card fail"' in top and "NOT VERIFIED" in top and "2.50 dB" in top
+    assert "verified on" not in page
 
 
 # --------------------------------------------------------------------------- the command
@@ -295,7 +314,7 @@ def test_report_from_another_directory_finds_the_profile_and_checks_the_verified
     monkeypatch.chdir(tmp_path)
     page = build_report(work / "out", out=tmp_path / "page.html").read_text()
     assert "is not here any more" not in page and "snapdragon_8gen3" in page
-    assert "compiled for qnn-htp" in page
+    assert "verified on qnn-htp" in page
     v = json.loads((work / "out" / "verify.json").read_text())
     v["model"]["sha256"] = "0" * 64  # as if it had checked another file
     (work / "out" / "verify.json").write_text(json.dumps(v))

@@ -306,3 +306,24 @@ def test_pin_that_breaks_a_tie_names_it(files):
     with pytest.raises(mpsearch.UsageError, match=f"pin {tie[0]}=w16a16 needs"):
         mpsearch.search(files["model"], PROFILE, files["calib"],
                         _pinned("bops=0.7", {tie[0]: "w16a16"}))
+
+
+def test_an_unreachable_agreement_threshold_fails_loudly(files, tmp_path, capsys):
+    """A plan that compiles whole but agrees with the CPU EP below the threshold is not
+    verified: exit 3, the reason on stderr, every file still written, the report in red."""
+    out = tmp_path / "out"
+    assert _run(files, out, "--budget", "bops=0.8", "--verify-min-db", "200",
+                "--verify-samples", "1") == 3
+    err = capsys.readouterr().err
+    assert "not verified" in err and "below the 200 dB threshold" in err
+    v = json.loads((out / "verify.json").read_text())
+    assert v["fully_on_target"] and not v["agrees"] and not v["verified"]
+    assert v["min_sqnr_db"] == 200.0
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["verification"]["verified"] is False and doc["verification"]["disagreeing"]
+    top = (out / "report.html").read_text().split('id="pareto"')[0]
+    assert "NOT VERIFIED" in top and 'class="card fail"' in top
+    assert main(["verify", str(out / "model.qdq.onnx"), "--data", str(files["calib"]),
+                 "--samples", "1", "--min-sqnr-db", "200", "-q"]) == 3
+    assert main(["verify", str(out / "model.qdq.onnx"), "--data", str(files["calib"]),
+                 "--samples", "1", "-q"]) == 0  # the default 25 dB: verified

@@ -206,6 +206,12 @@ SEARCH_OPTIONS: tuple[Option, ...] = (
                help="samples of the evaluation data run on the emulated HTP (default "
                     f"{_default(VerifyConfig, 'samples')}; emulation is slow: about 0.6 s a "
                     "sample on EfficientNet-Lite0, after a 4 s compile)")),
+    Option(("--verify-min-db",), ("verification", "min_sqnr_db"), commands=frozenset({"run"}),
+           kwargs=dict(
+               type=float, metavar="DB",
+               help="the plan counts as verified only where every node is on the HTP and every "
+                    "output agrees with the CPU EP at DB or better (default: the profile's "
+                    "target.verify_min_sqnr_db, else 25); below it run exits 3")),
     Option(("--input-shape",), ("verification", "input_shapes"), value=parse_shapes,
            commands=frozenset({"run"}), kwargs=dict(
                action="append", metavar="NAME=D,D,...",

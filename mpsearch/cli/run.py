@@ -11,7 +11,10 @@ from typing import Any
 from mpsearch.cli.args import add_options, run_config
 from mpsearch.cli.ui import Ui
 
-__all__ = ["cmd_run", "register"]
+__all__ = ["EXIT_DISAGREES", "EXIT_NOT_ON_TARGET", "cmd_run", "register"]
+
+EXIT_NOT_ON_TARGET = 1  # the device compiler refused part of the plan
+EXIT_DISAGREES = 3  # it compiled whole, but computes something else than the CPU EP
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -29,7 +32,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                     "OUT/plan.json (documented in the README), OUT/plan.csv, "
                     "OUT/sensitivity.json, OUT/verify.json, OUT/config.yaml (the settings, "
                     "to run it again with --config) and the report's PNGs. Exit code 1 "
-                    "when the device compiler refuses part of the plan.")
+                    "when the device compiler refuses part of the plan, 3 when it compiles "
+                    "whole but an output disagrees with the CPU EP below --verify-min-db "
+                    "(everything is still written, for the report).")
     add_options(s, "run")
     s.set_defaults(func=cmd_run)
 
@@ -53,23 +58,41 @@ def cmd_run(args: argparse.Namespace, ui: Ui) -> int:
         out.rollback()
         raise
     verified = folder.verification
-    failed = verified is not None and verified.failed
+    code = _exit_code(verified)
     if ui.as_json:
         print(json.dumps({"out": str(out.path), "seconds": seconds,
+                          "model": {"path": "model.qdq.onnx",
+                                    "sha256": folder.exports.shipped.sha256},
                           "totals": folder.plan["totals"], "quality": folder.plan["quality"],
                           "verification": verified.to_dict() if verified else None,
                           "formats": res.chosen.counts()}, indent=2))
-        return 1 if failed else 0
+        return code
     _summary(ui, res, out.path, seconds, folder.exports)
     if verified is not None:
-        if failed:
+        if verified.failed:
             ui.err.print(f"[bold red]the plan does not run entirely on {verified.target}"
                          f"[/]: " + "; ".join(verified.reasons[:3] or ["see report.html"]))
+        elif verified.disagrees:
+            ui.err.print(f"[bold red]not verified: {verified.target} computes something else "
+                         f"than the CPU EP[/]: output SQNR {verified.sqnr_db} dB, below the "
+                         f"{verified.min_sqnr_db:g} dB threshold (outputs "
+                         f"{', '.join(verified.disagreeing) or 'none ran'}); see report.html")
         elif verified.skipped is None:
             ui.out.print(f"verified on {verified.target} (soc {verified.soc_model}, "
                          f"emulated): every node on the HTP, {verified.sqnr_db} dB against "
-                         f"the CPU EP on {verified.samples} samples")
-    return 1 if failed else 0
+                         f"the CPU EP on {verified.samples} samples (threshold "
+                         f"{verified.min_sqnr_db:g} dB); model.qdq.onnx sha256 "
+                         f"{verified.sha256[:16]}")
+    return code
+
+
+def _exit_code(verified: Any) -> int:
+    """0; 1 when the compiler refused part of the plan; 3 when it compiled whole but its
+    outputs do not agree with the CPU EP (everything is still written, for the report)."""
+    if verified is None:
+        return 0
+    return EXIT_NOT_ON_TARGET if verified.failed else EXIT_DISAGREES if verified.disagrees \
+        else 0
 
 
 def _summary(ui: Ui, res: Any, path: Any, seconds: float, exports: Any) -> None:

@@ -13,8 +13,10 @@ from typing import Any
 
 from mpsearch.cli.args import parse_shapes
 from mpsearch.core.errors import UsageError
+from mpsearch.device.verify import MIN_SQNR_DB
 
 EXIT_NOT_ON_TARGET = 1
+EXIT_DISAGREES = 3
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -27,7 +29,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                     "report which nodes it took and the compiler's reasons for any it refused, "
                     "then run the first --samples samples on the HTP and on ORT's CPU EP and "
                     "report per output SQNR (dB) and cosine. Exit 0 when every node runs on the "
-                    "target, 1 when the model does not fully compile, 2 on bad input.")
+                    "target and every output agrees at --min-sqnr-db or better (verified), 1 "
+                    "when the model does not fully compile, 3 when an output disagrees, 2 on "
+                    "bad input.")
     s.add_argument("model", help="quantized (QDQ) ONNX model, e.g. OUT/model.qdq.onnx "
                                  "(not modified)")
     s.add_argument("--target", choices=["qnn-htp"], default="qnn-htp",
@@ -43,6 +47,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--samples", type=int, default=8, metavar="N",
                    help="samples run on both (default 8; emulation is 100-250x slower than "
                         "the CPU EP)")
+    s.add_argument("--min-sqnr-db", type=float, default=MIN_SQNR_DB, metavar="DB",
+                   help="every output must agree with the CPU EP at DB or better to count as "
+                        f"verified (default {MIN_SQNR_DB:g})")
     s.add_argument("--out", metavar="FILE", help="also write the document as JSON to FILE "
                                                   "(e.g. verify.json)")
     s.set_defaults(func=cmd_verify)
@@ -67,12 +74,14 @@ def cmd_verify(args: argparse.Namespace, ui: Any) -> int:
     with ui.progress(f"running on {args.target} (emulated) and the CPU EP",
                      args.samples) as advance:
         result = verify(args.model, data=args.data, target=args.target, soc_model=args.soc,
-                        input_shapes=shapes, samples=args.samples, progress=advance)
+                        input_shapes=shapes, samples=args.samples,
+                        min_sqnr_db=args.min_sqnr_db, progress=advance)
     doc = result.to_dict()
     doc["seconds"] = round(time.perf_counter() - t0, 2)
     if od is not None:
         od.write_json(Path(args.out).name, doc)
-    code = 0 if result.fully_on_target else EXIT_NOT_ON_TARGET
+    code = 0 if result.verified else EXIT_NOT_ON_TARGET if not result.fully_on_target \
+        else EXIT_DISAGREES
     if ui.as_json:
         print(json.dumps(doc, indent=2))
         return code
@@ -119,6 +128,12 @@ def _print(ui: Any, result, doc: dict, args: argparse.Namespace) -> None:
     ops = ", ".join(f"{k} x{v}" for k, v in n.by_op.items())
     state = ("every node on QNN" if result.fully_on_target
              else "[bold red]not every node on QNN[/]")
+    if result.fully_on_target and not result.agrees:
+        names = ", ".join(o.name for o in result.disagreeing) or "none ran"
+        state += (f", [bold red]but not verified[/]: outputs below {result.min_sqnr_db:g} dB "
+                  f"against the CPU EP: {names}")
+    elif result.verified:
+        state = f"verified (every output at {result.min_sqnr_db:g} dB or better): " + state
     ui.out.print(f"{state}: {n.on_target}/{n.total} nodes of the compiled graph ({ops})")
     for r in n.not_on_target:
         ui.out.print(f"not on QNN: {r['node']} ({r['op_type']}): {r['reason']}")

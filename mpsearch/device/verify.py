@@ -40,12 +40,16 @@ from mpsearch.core.errors import DataError, UsageError
 from mpsearch.data.dataset import Dataset, input_specs, is_symbol, open_dataset
 from mpsearch.graph.ingest import load_model
 
-__all__ = ["SCHEMA", "TARGETS", "FixedDim", "NodeCounts", "OutputAgreement", "VerifyResult",
-           "fix_shapes", "static_model", "verify"]
+__all__ = ["MIN_SQNR_DB", "SCHEMA", "TARGETS", "FixedDim", "NodeCounts", "OutputAgreement",
+           "VerifyResult", "fix_shapes", "static_model", "verify"]
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "mpsearch.verify/1"
+# HTP against the CPU EP, every output: an A8 plan agrees to about one output quantization step
+# (EfficientNet-Lite0 26.7 dB, MiniLM w8a16 27.5 dB); a text-detection export that compiled whole
+# agreed at 2.5 dB (docs/design.md §4)
+MIN_SQNR_DB = 25.0
 TARGETS = ("qnn-htp",)
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -102,6 +106,7 @@ class VerifyResult:
     model_summary: Mapping[str, Any] = field(default_factory=dict)
     compile_seconds: float = 0.0
     seconds: float = 0.0
+    min_sqnr_db: float = MIN_SQNR_DB  # every output must agree with the CPU EP at least this
 
     @property
     def sqnr_db(self) -> float | None:
@@ -112,6 +117,21 @@ class VerifyResult:
     def fully_on_target(self) -> bool:
         return self.compiled and self.nodes.total > 0 and self.nodes.on_target == self.nodes.total
 
+    @property
+    def agrees(self) -> bool:
+        """Every output of the target agrees with the CPU EP at ``min_sqnr_db`` or better
+        (compiling is not computing: a graph can compile whole and compute something else)."""
+        return bool(self.outputs) and all(o.sqnr_db >= self.min_sqnr_db for o in self.outputs)
+
+    @property
+    def disagreeing(self) -> tuple[OutputAgreement, ...]:
+        return tuple(o for o in self.outputs if not o.sqnr_db >= self.min_sqnr_db)
+
+    @property
+    def verified(self) -> bool:
+        """What "verified" means: every node on the target and every output in agreement."""
+        return self.fully_on_target and self.agrees
+
     def to_dict(self) -> dict[str, Any]:
         """The ``verify.json`` document (non-finite numbers as strings "inf"/"-inf")."""
         return {
@@ -121,6 +141,7 @@ class VerifyResult:
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "shapes_fixed": [d.describe() for d in self.shapes_fixed],
             "compiled": self.compiled, "fully_on_target": self.fully_on_target,
+            "min_sqnr_db": self.min_sqnr_db, "agrees": self.agrees, "verified": self.verified,
             "nodes": {"counted_in": self.nodes.counted_in, "total": self.nodes.total,
                       "on_target": self.nodes.on_target, "by_ep": dict(self.nodes.by_ep),
                       "by_op": dict(self.nodes.by_op),
@@ -265,9 +286,12 @@ def _sha256(model: onnx.ModelProto, path: Path | None) -> str:
 def verify(model: onnx.ModelProto | str | os.PathLike[str], *, data: str | os.PathLike[str],
            target: str = "qnn-htp", soc_model: int = 57,
            input_shapes: Mapping[str, tuple[int, ...]] | None = None, samples: int = 8,
+           min_sqnr_db: float = MIN_SQNR_DB,
            progress: Callable[[int], None] | None = None) -> VerifyResult:
     """Compile ``model`` for ``target`` with CPU fallback disabled and compare its outputs on the
-    first ``samples`` samples of ``data`` with ORT's CPU EP. The input file is not modified.
+    first ``samples`` samples of ``data`` with ORT's CPU EP; ``verified`` only where every node
+    is on the target and every output agrees at ``min_sqnr_db`` or better. The input file is
+    not modified.
 
     Raises :class:`~mpsearch.core.errors.UsageError` for an unknown target, a bad ``samples`` or
     ``input_shapes`` or when the QNN EP is unavailable, :class:`ModelError` for a missing or
@@ -282,6 +306,9 @@ def verify(model: onnx.ModelProto | str | os.PathLike[str], *, data: str | os.Pa
         raise UsageError(f"target '{target}' is not supported", fix=f"use {', '.join(TARGETS)}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise UsageError(f"samples must be a positive integer, got {samples!r}")
+    if not math.isfinite(min_sqnr_db):
+        raise UsageError(f"min_sqnr_db {min_sqnr_db} is not a finite number",
+                         fix="pass a threshold in dB, e.g. 25")
     path = None if isinstance(model, onnx.ModelProto) else Path(model)
     original = load_model(path) if path is not None else model
     sha = _sha256(original, path)
@@ -302,6 +329,7 @@ def verify(model: onnx.ModelProto | str | os.PathLike[str], *, data: str | os.Pa
         return VerifyResult(
             target=target, soc_model=soc_model, model_path=str(path) if path else None,
             model_sha256=sha, data_path=str(data), input_shapes=shapes, shapes_fixed=fixed,
+            min_sqnr_db=float(min_sqnr_db),
             compiled=False, nodes=counts, reasons=result.messages, samples=0, outputs=(),
             model_summary=summary, compile_seconds=result.seconds,
             seconds=time.perf_counter() - t0)
@@ -339,5 +367,6 @@ def verify(model: onnx.ModelProto | str | os.PathLike[str], *, data: str | os.Pa
     return VerifyResult(
         target=target, soc_model=soc_model, model_path=str(path) if path else None,
         model_sha256=sha, data_path=str(data), input_shapes=shapes, shapes_fixed=fixed,
+        min_sqnr_db=float(min_sqnr_db),
         compiled=True, nodes=counts, reasons=result.messages, samples=seen, outputs=outputs,
         model_summary=summary, compile_seconds=result.seconds, seconds=time.perf_counter() - t0)

@@ -115,6 +115,8 @@ class HardwareProfile:
     sparsity: Mapping[str, SparsityPattern] = field(default_factory=dict)
     tie_ops: frozenset[str] = frozenset()
     pins: Mapping[str, Candidate] = field(default_factory=dict)
+    # the device's outputs must agree with the CPU EP at least this (None: the default, 25 dB)
+    verify_min_sqnr_db: float | None = None
 
     def __post_init__(self) -> None:
         freeze_fields(self, "op_pairs", "sparsity", "pins")
@@ -283,7 +285,7 @@ def parse_profile(text: str, *, where: str = "<profile>",
                                      f"{SCHEMA_VERSION}", "update the profile or mpsearch")
     name = _get(doc, d, (), "name", "str")
     description = _get(doc, d, (), "description", "str", required=False, default="")
-    runtime, soc = _target(doc, d)
+    runtime, soc, threshold = _target(doc, d)
     fm = _get(doc, d, (), "formats", "mapping")
     _keys(doc, fm, ("formats",), {"weights", "activations"})
     weights = _formats(doc, fm, ("formats",), "weights")
@@ -312,18 +314,22 @@ def parse_profile(text: str, *, where: str = "<profile>",
         name=name, description=description, path=path, runtime=runtime, soc_model=soc,
         weight_formats=weights, activation_formats=acts, default_pairs=default_pairs,
         op_pairs=op_pairs, **costs, latency_table=table, sparsity=sparsity, tie_ops=tie_ops,
-        pins=pins)
+        pins=pins, verify_min_sqnr_db=threshold)
 
 
-def _target(doc: _Doc, d: Mapping[str, Any]) -> tuple[str, int | None]:
+def _target(doc: _Doc, d: Mapping[str, Any]) -> tuple[str, int | None, float | None]:
     target = _get(doc, d, (), "target", "mapping")
-    _keys(doc, target, ("target",), {"runtime", "soc_model"})
+    _keys(doc, target, ("target",), {"runtime", "soc_model", "verify_min_sqnr_db"})
     runtime = _get(doc, target, ("target",), "runtime", "str")
     if runtime not in RUNTIMES:
         raise doc.error(("target", "runtime"), f"'{runtime}' is not a known runtime",
                         f"use one of: {', '.join(RUNTIMES)}")
-    return runtime, _get(doc, target, ("target",), "soc_model", "int",
-                         required=runtime == "qnn-htp")
+    soc = _get(doc, target, ("target",), "soc_model", "int", required=runtime == "qnn-htp")
+    threshold = None
+    if "verify_min_sqnr_db" in target:
+        threshold = _number(doc, _get(doc, target, ("target",), "verify_min_sqnr_db", "number"),
+                            ("target", "verify_min_sqnr_db"), positive=False)
+    return runtime, soc, threshold
 
 
 def _ops(doc: _Doc, d: Mapping[str, Any], weights, acts

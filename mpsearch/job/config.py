@@ -185,6 +185,9 @@ class VerifyConfig:
 
     enabled: bool = True
     samples: Positive = 4  # emulation is slow: about 0.6 s a sample on EfficientNet-Lite0
+    # every output of the device must agree with the CPU EP at least this (None: the profile's
+    # target.verify_min_sqnr_db, else 25 dB)
+    min_sqnr_db: Finite | None = None
     input_shapes: Shapes = Field(default_factory=dict)  # input -> static shape for the device
 
 

@@ -21,7 +21,7 @@ from mpsearch.core.errors import ExportError
 from mpsearch.core.frozen import freeze_fields
 from mpsearch.data.outputs import OutputDir
 from mpsearch.device.qnn import qnn_available
-from mpsearch.device.verify import static_model, verify
+from mpsearch.device.verify import MIN_SQNR_DB, static_model, verify
 from mpsearch.export.encodings import encodings_document
 from mpsearch.export.overrides import ort_overrides
 from mpsearch.export.qdq import QdqModel
@@ -99,6 +99,8 @@ class VerifySummary:
     nodes_on_target: int = 0
     nodes: int = 0
     sqnr_db: float | None = None  # HTP against the CPU EP, worst output
+    min_sqnr_db: float = MIN_SQNR_DB  # what every output had to reach
+    disagreeing: tuple[str, ...] = ()  # the outputs below it
     samples: int = 0
     shapes_fixed: tuple = ()  # the dims fixed in the shipped file (plan.json exports too)
     sha256: str | None = None  # of the file compiled: the shipped model.qdq.onnx
@@ -109,13 +111,25 @@ class VerifySummary:
         """The compiler refused part of the plan (a skipped check did not fail)."""
         return self.skipped is None and not self.fully_on_target
 
+    @property
+    def disagrees(self) -> bool:
+        """It compiled whole, but the device computes something else than the CPU EP."""
+        return self.skipped is None and self.fully_on_target and bool(self.disagreeing or
+                                                                      self.sqnr_db is None)
+
+    @property
+    def verified(self) -> bool:
+        return self.skipped is None and not self.failed and not self.disagrees
+
     def to_dict(self) -> dict:
         if self.skipped is not None:
             return {"target": self.target, "skipped": self.skipped}
         return {"file": "verify.json", "target": self.target, "soc_model": self.soc_model,
                 "compiled": self.compiled, "fully_on_target": self.fully_on_target,
                 "nodes_on_target": self.nodes_on_target, "nodes": self.nodes,
-                "sqnr_db": self.sqnr_db, "samples": self.samples,
+                "sqnr_db": self.sqnr_db, "min_sqnr_db": self.min_sqnr_db,
+                "verified": self.verified, "disagreeing": list(self.disagreeing),
+                "samples": self.samples,
                 "shapes_fixed": list(self.shapes_fixed), "sha256": self.sha256,
                 "reasons": list(self.reasons)}
 
@@ -194,8 +208,13 @@ def verify_on_device(out: OutputDir, res: SearchResult, shipped: Shipped, cfg: R
     samples = cfg.verification.samples
     with progress(f"verifying on {QNN_TARGET} soc {prof.soc_model} (emulated)",
                   samples) as advance:
+        threshold = cfg.verification.min_sqnr_db
+        if threshold is None:
+            threshold = prof.verify_min_sqnr_db if prof.verify_min_sqnr_db is not None \
+                else MIN_SQNR_DB
         result = verify(out.path / "model.qdq.onnx", data=data, target=QNN_TARGET,
-                        soc_model=prof.soc_model, samples=samples, progress=advance)
+                        soc_model=prof.soc_model, samples=samples, min_sqnr_db=threshold,
+                        progress=advance)
     if result.model_sha256 != shipped.sha256 or result.shapes_fixed:  # pragma: no cover
         raise RuntimeError("the verification did not check the shipped model.qdq.onnx as it "
                            "is: this is a bug in mpsearch")
@@ -209,6 +228,8 @@ def verify_on_device(out: OutputDir, res: SearchResult, shipped: Shipped, cfg: R
                          fully_on_target=result.fully_on_target,
                          nodes_on_target=result.nodes.on_target, nodes=result.nodes.total,
                          sqnr_db=doc["sqnr_db"], samples=result.samples,
+                         min_sqnr_db=result.min_sqnr_db,
+                         disagreeing=tuple(o.name for o in result.disagreeing),
                          shapes_fixed=shipped.shapes_fixed, sha256=result.model_sha256,
                          reasons=tuple(result.reasons))
 

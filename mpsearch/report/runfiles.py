@@ -128,7 +128,17 @@ def verify_status(verify: Mapping[str, Any] | None) -> tuple[str, str]:
     if off:
         return "warn", f"compiled for {target}, but {len(off)} node(s) fall back off target"
     sq = verify.get("sqnr_db")
-    return "ok", (f"compiled for {target}: {on}/{total} nodes on target"
-                  + (f", {sq:.2f} dB output SQNR against the CPU"
-                     if isinstance(sq, (int, float)) and math.isfinite(sq) else ""))
+    shown = f"{sq:.2f} dB" if isinstance(sq, (int, float)) and math.isfinite(sq) else str(sq)
+    threshold = verify.get("min_sqnr_db")
+    if threshold is not None and not verify.get("agrees", False):
+        return "fail", (f"NOT VERIFIED: compiled for {target} ({on}/{total} nodes on target), "
+                        f"but its outputs agree with the CPU at only {shown}, below the "
+                        f"{threshold:g} dB threshold")
+    against = (f", {shown} output SQNR against the CPU"
+               if isinstance(sq, (int, float)) and math.isfinite(sq) else "")
+    if threshold is None:  # a verify.json from before the agreement gate: no claim made
+        return "warn", (f"compiled for {target}: {on}/{total} nodes on target{against} (no "
+                        "agreement threshold was checked)")
+    return "ok", (f"verified on {target}: {on}/{total} nodes on target{against} (threshold "
+                  f"{threshold:g} dB)")
 
