@@ -1,6 +1,7 @@
 """Command line: parses arguments, calls the library, prints. Errors from the MpsearchError
 family exit with code 2 and one line on stderr (a traceback only with --debug); Ctrl-C exits
-with 130; any other exception is a bug in mpsearch (code 1, with its traceback)."""
+with 130; an InternalError (a check of mpsearch's own output failed) exits 1 with one line
+saying it is a bug; any other exception is a bug too (code 1, with its traceback)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from mpsearch.cli import eval as eval_cmd
 from mpsearch.cli import hw, inspect, pareto, quantize, report, run, sensitivity, verify
 from mpsearch.cli.args import common_parser
 from mpsearch.cli.ui import Ui
-from mpsearch.core.errors import MpsearchError
+from mpsearch.core.errors import InternalError, MpsearchError
 from mpsearch.core.version import __version__
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "main"]
+__all__ = ["EXIT_BUG", "EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "main"]
 
 log = logging.getLogger("mpsearch")
 
+EXIT_BUG = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 COMMANDS = (inspect, quantize, eval_cmd, hw, sensitivity, run, pareto, report, verify)
@@ -79,6 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"mpsearch: error: {e.one_line()}", file=sys.stderr)
         return EXIT_USAGE
+    except InternalError as e:
+        if args.debug:
+            raise
+        print(f"mpsearch: internal error: {e.problem} (--debug shows the traceback)",
+              file=sys.stderr)
+        return EXIT_BUG
     except KeyboardInterrupt:
         print("mpsearch: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -3,13 +3,15 @@
 Every error raised on user input is an :class:`MpsearchError`. Its message is one line that
 says what was wrong, where (file, node, input name, YAML key path) and what to do about it.
 The CLI maps the family to exit code 2 and prints the message without a traceback (unless
-``--debug``); any other exception is a bug in mpsearch.
+``--debug``); any other exception is a bug in mpsearch, and :class:`InternalError` is the one
+mpsearch raises itself when a check of its own output fails (exit code 1, "this is a bug").
 """
 
 from __future__ import annotations
 
 __all__ = [
     "DataError",
+    "InternalError",
     "ExportError",
     "InfeasibleBudgetError",
     "ModelError",
@@ -52,6 +54,15 @@ class InfeasibleBudgetError(MpsearchError):
 
 class ExportError(MpsearchError):
     """A quantized model or a side file cannot be written."""
+
+
+class InternalError(Exception):
+    """mpsearch broke its own contract (a model it wrote fails the checker): a bug to report,
+    never the user's input. Deliberately not an :class:`MpsearchError`."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = " ".join(problem.split())
+        super().__init__(self.problem)
 
 
 class UsageError(MpsearchError):

@@ -13,15 +13,37 @@ from pathlib import Path
 
 import onnx
 
-from mpsearch.core.errors import ExportError, UsageError
+from mpsearch.core.errors import ExportError, InternalError, UsageError
 
-__all__ = ["OutputDir"]
+__all__ = ["OutputDir", "check_model_file"]
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_model_file(path: str | os.PathLike[str], *, name: str) -> None:
+    """Raise :class:`InternalError` unless the model at ``path`` passes the full checker and
+    opens in an ONNX Runtime CPU session."""
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise InternalError(f"mpsearch wrote {name}, which fails onnx.checker "
+                            f"({str(e).splitlines()[0][:300]}): this is a bug in mpsearch; "
+                            "please report it with the input model's name") from e
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    try:
+        ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types for graphs it cannot load
+        raise InternalError(f"mpsearch wrote {name}, which ONNX Runtime cannot load "
+                            f"({str(e).splitlines()[0][:300]}): this is a bug in mpsearch; "
+                            "please report it with the input model's name") from e
 
 
 class OutputDir:
@@ -80,7 +102,16 @@ class OutputDir:
         return target
 
     def write_model(self, name: str, model: onnx.ModelProto) -> Path:
-        return self._atomic(name, lambda p: onnx.save(model, p))
+        """Write a model that is valid, or nothing: before it is renamed into place it must pass
+        ``onnx.checker`` with ``full_check`` (nodes topologically sorted, types and shapes
+        consistent, every subgraph too) and load in ONNX Runtime; a failure is mpsearch's bug
+        (:class:`InternalError`), never a silently written file."""
+
+        def write(p: str) -> None:
+            onnx.save(model, p)
+            check_model_file(p, name=name)
+
+        return self._atomic(name, write)
 
     def write_json(self, name: str, obj: object) -> Path:
         def w(p: str) -> None:
