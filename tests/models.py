@@ -116,6 +116,33 @@ def conv_transpose(seed: int = 0) -> onnx.ModelProto:
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 11, 11])], inits)
 
 
+def runtime_pad(seed: int = 0) -> onnx.ModelProto:
+    """Same-padding built at run time from ``Shape``/``Slice`` (as TF and Paddle exports write
+    it): shape inference cannot tell the padded size, so neither the Conv's output shape nor its
+    MACs, nor the Gemm's input after it. x [N,3,16,16] -> Pad(1) -> Conv 3x3 -> Relu -> pool ->
+    Gemm."""
+    rng = np.random.default_rng(seed)
+    inits = [_init("w", (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)),
+             _init("fw", (rng.standard_normal((4, 8)) * 0.3).astype(np.float32)),
+             _init("fb", np.zeros(4, np.float32)), _init("z2", np.zeros(2, np.int64)),
+             _init("s0", np.array([2], np.int64)), _init("s1", np.array([3], np.int64))]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Slice", ["xs", "s0", "s1"], ["h"]),
+        helper.make_node("Div", ["h", "h"], ["p"]),  # 1, known only at run time
+        helper.make_node("Concat", ["z2", "p", "p", "z2", "p", "p"], ["pads"], axis=0),
+        helper.make_node("Pad", ["x", "pads"], ["xp"]),
+        helper.make_node("Conv", ["xp", "w"], ["c"], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1, name="fc"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits,
+                  opset=17)
+
+
 def images(n: int, seed: int = 0, shape: tuple[int, ...] = (3, 16, 16)) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from models import attention, conv_transpose, images, mbconv
+from models import attention, conv_transpose, images, mbconv, runtime_pad
 from onnx import helper
 
 from mpsearch.core.errors import ModelError
@@ -139,3 +139,29 @@ def test_contrib_op_stays_float_and_the_layers_after_it_are_found():
     assert [(f.node, f.op_type) for f in lg.float_ops] == [("gelu", "Gelu")]
     assert "com.microsoft" in lg.float_ops[0].reason
     assert list(lg.layers) == ["stem", "expand", "depthwise", "project", "grouped", "fc"]
+
+
+def test_macs_shape_inference_cannot_tell_come_from_the_calibration_pass(tmp_path):
+    """Run-time same-padding: shape inference leaves the Conv's output (and so its MACs, and the
+    Gemm's after it) unknown; the calibration pass sees the real shapes and the MACs are the
+    hand counts: 16x16 outputs x 8 channels x 3x3x3 and 8 x 4."""
+    from mpsearch import analyze, open_dataset
+
+    model = runtime_pad()
+    lg = build_layer_graph(model)
+    assert lg.layers["conv"].macs is None and lg.layers["fc"].macs is None
+    np.savez(tmp_path / "c.npz", x=images(8, seed=1))
+    a = analyze(model, open_dataset(tmp_path / "c.npz", model))
+    assert a.graph.layers["conv"].macs == 16 * 16 * 8 * 27
+    assert a.graph.layers["fc"].macs == 8 * 4
+    assert a.graph.activations["xp"].shape == (1, 3, 18, 18)
+    assert a.graph.activations["c"].shape == (1, 8, 16, 16)
+
+
+def test_a_relative_budget_on_a_quantity_that_is_zero_says_so():
+    from mpsearch.core.errors import UsageError
+    from mpsearch.solve.budget import parse_budget
+
+    with pytest.raises(UsageError, match=r"budget bops=0.9 is relative to the all-w8a8 plan's "
+                                         r"bops, which is 0 on this model"):
+        parse_budget("bops=0.9").limit({"bops": 0.0})

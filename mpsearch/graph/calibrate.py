@@ -57,6 +57,9 @@ class TensorStats:
     hist_lo: float
     hist_hi: float
     count: int  # number of values seen
+    # one sample's shape as the pass saw it (batch axis 1): what shape inference could not
+    # always tell (run-time padding, recurrent stacks), for the MAC counts
+    sample_shape: tuple[int, ...] | None = None
 
     @property
     def edges(self) -> np.ndarray:
@@ -141,14 +144,17 @@ class Collector(Protocol):
 
 
 class _Histogram:
-    __slots__ = ("lo", "hi", "counts", "vmin", "vmax", "n")
+    __slots__ = ("lo", "hi", "counts", "vmin", "vmax", "n", "shape")
 
     def __init__(self) -> None:
         self.lo = self.hi = 0.0
         self.counts: np.ndarray | None = None
         self.vmin, self.vmax, self.n = np.inf, -np.inf, 0
+        self.shape: tuple[int, ...] | None = None
 
     def update(self, x: np.ndarray) -> None:
+        if self.shape is None and np.ndim(x) >= 1:
+            self.shape = (1, *(int(d) for d in np.shape(x)[1:]))
         x = np.asarray(x, dtype=np.float32).ravel()
         if x.size == 0:
             return
@@ -192,7 +198,8 @@ class _Histogram:
     def result(self, name: str) -> TensorStats:
         counts = self.counts if self.counts is not None else np.zeros(HIST_BINS)
         return TensorStats(name=name, min=float(self.vmin), max=float(self.vmax), hist=counts,
-                           hist_lo=self.lo, hist_hi=self.hi, count=self.n)
+                           hist_lo=self.lo, hist_hi=self.hi, count=self.n,
+                           sample_shape=self.shape)
 
 
 class RangeCollector:

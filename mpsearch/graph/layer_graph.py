@@ -19,6 +19,7 @@ fixed (by default from the data, else 1).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -140,6 +141,30 @@ class LayerGraph:
     def tie_classes(self) -> tuple[frozenset[str], ...]:
         """Sets of groups that must share an activation format (only sets of two or more)."""
         return self._tie_classes
+
+    def with_observed_shapes(self, observed: Mapping[str, tuple[int, ...]]) -> LayerGraph:
+        """This graph with what shape inference left unknown taken from shapes seen at run time
+        (``observed``: tensor -> one sample's shape, batch 1): the activation shapes that had
+        an unknown dim, and the MACs of layers that had none (run-time padding built from
+        Shape/Slice, recurrent stacks). Nothing else changes."""
+        acts = dict(self.activations)
+        for t, a in self.activations.items():
+            seen = observed.get(t)
+            if seen is not None and (a.shape is None or None in a.shape) \
+                    and (a.shape is None or len(a.shape) == len(seen)):
+                acts[t] = dataclasses.replace(a, shape=tuple(seen))
+        missing = [n for n, layer in self.layers.items() if layer.macs is None]
+        if not missing and acts == dict(self.activations):
+            return self
+        shapes, _ = _shapes_and_types(self.model)
+        shapes = {**shapes, **{t: tuple(s) for t, s in observed.items()}}
+        layers = dict(self.layers)
+        for name in missing:
+            node, info = self.nodes[name], self.op_info(name)
+            macs = info.macs(node, shapes) if info is not None and info.macs else None
+            if macs is not None:
+                layers[name] = dataclasses.replace(layers[name], macs=macs)
+        return dataclasses.replace(self, layers=layers, activations=acts)
 
     def op_info(self, node_name: str) -> OpInfo | None:
         n = self.nodes[node_name]

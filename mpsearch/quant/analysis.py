@@ -135,6 +135,13 @@ def analyze(model: onnx.ModelProto, data: Dataset, *,
     hessians = hessians or opts.rounding is Rounding.HESSIAN
     cal = calibrate(graph, data.batches(opts.batch_size), hessians=hessians, progress=progress)
     timings["calibrate"] = time.perf_counter() - t0
+    graph = graph.with_observed_shapes(
+        {t: st.sample_shape for t, st in cal.stats.items() if st.sample_shape is not None})
+    unknown = sorted(n for n, layer in graph.layers.items() if layer.macs is None)
+    if unknown:
+        log.warning("the MACs of %d layer(s) are unknown even after calibration (e.g. %s): "
+                    "they count as 0 in bit-operations and compute time", len(unknown),
+                    unknown[0])
     ranges = RangeSetter(cal.stats, _float_weights(graph.model), moments=cal.moments,
                          activation_method=opts.activation_range, settings=opts.weights,
                          hessians=cal.hessians)

@@ -68,6 +68,12 @@ class Budget:
     def limit(self, reference: Mapping[str, float]) -> float:
         """The limit in the metric's unit; ``reference``: the all-w8a8 plan's totals."""
         k = BUDGET_KEYS[self.key]
+        if k.relative and not reference[k.metric] > 0:
+            raise UsageError(f"budget {self} is relative to the all-w8a8 plan's {k.metric}, "
+                             f"which is {reference[k.metric]:g} on this model (no layer's cost "
+                             "in it could be counted)",
+                             fix="give a budget of another quantity, or an absolute one "
+                                 "(latency_ms=, size_mb=, energy_mj=)")
         return self.value * (reference[k.metric] if k.relative else k.unit)
 
     def in_user_units(self, metric_value: float, reference: Mapping[str, float]) -> float:
