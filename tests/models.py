@@ -143,6 +143,21 @@ def runtime_pad(seed: int = 0) -> onnx.ModelProto:
                   opset=17)
 
 
+def fp16_overflow(seed: int = 0) -> onnx.ModelProto:
+    """Two MatMuls; the first has one weight of 1e5, beyond fp16's 65504 (an audio front end's
+    filterbank at int16 scale): fp16 overflows on its weights, and on the second's input."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((16, 32)) * 0.2).astype(np.float32)
+    w1[0, 0] = 1.0e5
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="big"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="out")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                  [_init("w1", w1), _init("w2", (rng.standard_normal((32, 8)) * 0.2)
+                                                .astype(np.float32))], opset=17)
+
+
 def images(n: int, seed: int = 0, shape: tuple[int, ...] = (3, 16, 16)) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 

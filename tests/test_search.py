@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import yaml
-from models import images, mbconv
+from models import fp16_overflow, images, mbconv
 
 import mpsearch
 from mpsearch.cli.main import main
@@ -327,3 +327,25 @@ def test_an_unreachable_agreement_threshold_fails_loudly(files, tmp_path, capsys
                  "--samples", "1", "--min-sqnr-db", "200", "-q"]) == 3
     assert main(["verify", str(out / "model.qdq.onnx"), "--data", str(files["calib"]),
                  "--samples", "1", "-q"]) == 0  # the default 25 dB: verified
+
+
+def test_a_candidate_that_overflows_is_dropped_for_that_layer_with_the_reason(tmp_path):
+    """fp16 overflows on a layer (its weights, or its input beyond 65504): that candidate is
+    taken off that layer with the reason, the run goes on, and the next run, served from the
+    sensitivity cache, gives the same plan and the same reasons."""
+    onnx.save(fp16_overflow(), str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((32, 16)).astype(np.float32))
+    cfg = SearchConfig(budgets=["bops=1.5"], cache=CacheConfig(dir=str(tmp_path / "cache")),
+                       candidates=CandidateConfig(only=["w8a8", "w8a16", "fp16"]),
+                       measurement=MeasureConfig(front_points=0))
+    profile = ROOT / "hw_profiles" / "ort_cpu.yaml"
+    first = mpsearch.search(tmp_path / "m.onnx", profile, tmp_path / "c.npz", cfg)
+    dropped = {(r.group, r.candidate.name): r.reason for r in first.dropped}
+    assert set(dropped) == {("big", "fp16"), ("out", "fp16")}
+    assert all("overflows" in why for why in dropped.values())
+    assert all(c.name != "fp16" for c in first.plan.values())
+    assert first.chosen.fits and first.chosen.measured.sqnr_db > 30
+    again = mpsearch.search(tmp_path / "m.onnx", profile, tmp_path / "c.npz", cfg)
+    assert {(r.group, r.candidate.name): r.reason for r in again.dropped} == dropped
+    assert again.plan == first.plan

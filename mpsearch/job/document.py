@@ -152,6 +152,8 @@ def plan_document(res: SearchResult, *, model: str, profile: str,
                   "measured": [_plan_summary(p) for p in res.front_plans]},
         "float_ops": [{"node": f.node, "op": f.op_type, "reason": f.reason}
                       for f in lg.float_ops],
+        "candidates_dropped": [{"group": r.group, "candidate": r.candidate.name,
+                                "reason": r.reason} for r in res.dropped],
     }
     if extra:
         doc.update(extra)

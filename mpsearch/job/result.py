@@ -25,7 +25,7 @@ from mpsearch.job.selection import Selection
 from mpsearch.quant.analysis import Analysis
 from mpsearch.sensitivity.gated import GatedCandidates
 from mpsearch.sensitivity.run import Method
-from mpsearch.sensitivity.table import SensitivityTable
+from mpsearch.sensitivity.table import Refusal, SensitivityTable
 from mpsearch.solve.allocate import Allocation, Built
 from mpsearch.solve.budget import Budget
 from mpsearch.solve.pareto import Front
@@ -113,6 +113,8 @@ class SearchResult:
     selection: Selection | None = None  # the shortlist measured on the calibration data
     polish: Polish | None = None  # the local search from the shortlist's best, if run
     gating: GatedCandidates | None = field(default=None, repr=False)  # --gating's candidates
+    # (group, candidate) pairs taken off because their sensitivity is not finite, with why
+    dropped: tuple[Refusal, ...] = ()
     chosen_model: QdqModel | None = field(default=None, repr=False)  # chosen's export, if made
     seconds: Mapping[str, float] = field(default_factory=dict)  # per stage
 

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import onnx
 
-from mpsearch.core.errors import InfeasibleBudgetError
-from mpsearch.core.formats import Candidate
+from mpsearch.core.errors import InfeasibleBudgetError, UsageError
+from mpsearch.core.formats import Candidate, parse_candidate
 from mpsearch.data.dataset import Dataset, open_dataset
 from mpsearch.export.qdq import QdqModel, quantize
 from mpsearch.graph.evaluate import evaluate, reference_run
@@ -62,7 +62,7 @@ from mpsearch.sensitivity.cache import SensitivityCache
 from mpsearch.sensitivity.gated import gated_candidates
 from mpsearch.sensitivity.run import estimate, measure_pairs, table_variant
 from mpsearch.sensitivity.suffix import reference_outputs
-from mpsearch.sensitivity.table import SensitivityTable, candidates_for, sqnr
+from mpsearch.sensitivity.table import Refusal, SensitivityTable, candidates_for, sqnr
 from mpsearch.solve.allocate import Allocation, Built, allocate, build_problem
 from mpsearch.solve.greedy import greedy
 from mpsearch.solve.pareto import Front, front
@@ -161,6 +161,7 @@ class _Job:
             front=self.front, front_plans=self.front_plans, model_sha256=self.sha256,
             selection=self.selection, polish=self.polished,
             chosen_model=self.exported.get(plan_key(self.chosen.plan)), gating=self.gated,
+            dropped=self.dropped,
             seconds=self.seconds)
 
     # -- 1. analysis, candidates, pins
@@ -211,15 +212,38 @@ class _Job:
             variant = table_variant(cfg.method, self.cands)
             cached = self.cache.table(variant) if self.cache is not None else None
             if cached is not None:
-                self.table = SensitivityTable.from_dict(cached)
-                return
-            with self.progress(f"sensitivity ({cfg.method.value})",
-                               sum(len(v) for v in self.cands.values())) as advance:
-                self.table = estimate(self.analysis, self.calib, self.cands, method=cfg.method,
-                                      workers=cfg.workers, cache=self.cache, progress=advance,
-                                      seed=cfg.seed, predict=True)
-            if self.cache is not None:
-                self.cache.save_table(variant, self.table.to_dict())
+                table = SensitivityTable.from_dict(cached)
+                dropped = tuple(Refusal(group=g, candidate=parse_candidate(c), reason=why)
+                                for g, c, why in cached.get("dropped", []))
+            else:
+                with self.progress(f"sensitivity ({cfg.method.value})",
+                                   sum(len(v) for v in self.cands.values())) as advance:
+                    table = estimate(self.analysis, self.calib, self.cands, method=cfg.method,
+                                     workers=cfg.workers, cache=self.cache, progress=advance,
+                                     seed=cfg.seed, predict=True)
+                table, dropped = table.finite()
+                if self.cache is not None:
+                    self.cache.save_table(variant, table.to_dict() | {"dropped": [
+                        [r.group, r.candidate.name, r.reason] for r in dropped]})
+            self.table, more = table.finite()  # an older cache may lack a pair
+            self.dropped = (*dropped, *more)
+            self._drop_candidates()
+
+    def _drop_candidates(self) -> None:
+        """Take the pairs the sensitivity stage could not score off the groups' candidates;
+        a group left with none cannot be planned."""
+        if not self.dropped:
+            return
+        for r in self.dropped[:3]:
+            log.warning("%s is not offered to %s: %s", r.candidate, r.group, r.reason)
+        gone = {(r.group, r.candidate) for r in self.dropped}
+        self.cands = {g: tuple(c for c in cs if (g, c) not in gone) for g, cs in
+                      self.cands.items()}
+        empty = [g for g, cs in self.cands.items() if not cs]
+        if empty:
+            why = next(r.reason for r in self.dropped if r.group == empty[0])
+            raise UsageError(f"no candidate of group '{empty[0]}' has a finite sensitivity "
+                             f"({why})", fix="allow another format for it, or --keep-float it")
 
     # -- 3. solve, measure what the plan rests on, solve again
 

@@ -213,6 +213,11 @@ def float_ops_html(p: Mapping[str, Any]) -> str:
                          [{"node": r.get("group"), "op": r.get("op_type"),
                            "reason": "kept in float by the user (--keep-float or a pin)"}
                           for r in kept]), left=0))
+    dropped = list(p.get("candidates_dropped", []))
+    if dropped:
+        parts.append(f"<p>{len(dropped)} candidate(s) not offered to a layer, because their "
+                     "sensitivity is not a finite number:</p>" + html_table(pd.DataFrame(
+                         dropped, columns=["group", "candidate", "reason"]), left=0))
     if not parts:
         parts.append("<p>None: every op mpsearch knows is quantized as the plan says; no op "
                      "was left in float.</p>")

@@ -68,7 +68,8 @@ def _act_error(stats: TensorStats, ranges: RangeSetter, t: str, fmt: Format) -> 
     else:
         qp = ranges.activation(t, fmt)
         d = fake_quant(c, fmt, qp.scale, qp.zero_point) - c
-    return float((n * d.astype(np.float64) ** 2).sum() / total)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing format: not finite
+        return float((n * d.astype(np.float64) ** 2).sum() / total)
 
 
 def _power(stats: TensorStats) -> float:
@@ -168,8 +169,9 @@ class _Predictor:
         if fmt is Format.FLOAT:
             err = 0.0
         elif fmt is Format.FP16:
-            err = self._quad(layer, self.cal.hessians.get(layer.name),
-                             w.astype(np.float16).astype(np.float64) - w, None)
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow: inf, then dropped
+                err = self._quad(layer, self.cal.hessians.get(layer.name),
+                                 w.astype(np.float16).astype(np.float64) - w, None)
         else:
             lw = self.ranges.layer(layer, fmt, sparsity=sparsity, input_scale=input_scale)
             db = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -169,7 +170,9 @@ def estimate(analysis: Analysis, data: Dataset,
                    + gains[k[0]].input * e.input
                    for k, e in errs.items()}
             fit_on = runs if method is Method.HESSIAN else list(measured)  # both: every pair
-            fit = fit_scale(raw, {k: measured[k] for k in fit_on if k in measured})
+            usable = [k for k in fit_on if k in measured and math.isfinite(measured[k])
+                      and math.isfinite(raw.get(k, 0.0))]  # an overflowing format: no fit
+            fit = fit_scale(raw, {k: measured[k] for k in usable})
             predicted = {k: fit.alpha * r for k, r in raw.items()}
             for (g, c), e in errs.items():
                 if c.activation.is_quantized and e.input > 0:

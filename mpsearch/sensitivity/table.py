@@ -16,6 +16,7 @@ sparse candidate costs sensitivity time like any other.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import math
@@ -42,10 +43,14 @@ def unchanged(c: Candidate) -> bool:
 
 
 def sqnr(signal: float, mse: float) -> float:
-    """SQNR in dB (inf for an exact result)."""
+    """SQNR in dB (inf for an exact result, -inf for an infinite error, nan for a nan one)."""
+    if math.isnan(mse):
+        return math.nan
     if mse <= 0:
         return math.inf
-    return 10.0 * math.log10(signal / mse) if signal > 0 else -math.inf
+    if math.isinf(mse) or not signal > 0:
+        return -math.inf
+    return 10.0 * math.log10(signal / mse)
 
 
 class SparsityChoice(enum.Enum):
@@ -164,6 +169,38 @@ class SensitivityTable:
 
     def pairs(self) -> list[Key]:
         return [(g, c) for g in self.groups for c in self.candidates[g]]
+
+    def finite(self) -> tuple[SensitivityTable, tuple[Refusal, ...]]:
+        """This table without the (group, candidate) pairs whose error is not a finite number
+        (a format that overflows on the layer's values: fp16 on raw int16-scale audio), and
+        those pairs with the reason. A solver cannot weigh them; the other candidates of the
+        group stay. A pair the table has no entry for (an older cache) goes too."""
+        dropped: list[Refusal] = []
+        keep: dict[str, tuple[Candidate, ...]] = {}
+        for g in self.groups:
+            kept = []
+            for c in self.candidates[g]:
+                try:
+                    e = self.error(g, c)
+                except KeyError:
+                    dropped.append(Refusal(group=g, candidate=c,
+                                           reason="no sensitivity was recorded for it"))
+                    continue
+                if math.isfinite(e):
+                    kept.append(c)
+                else:
+                    dropped.append(Refusal(group=g, candidate=c, reason=(
+                        f"its output error is {e} (the format overflows or saturates on this "
+                        "layer's values)")))
+            keep[g] = tuple(kept)
+        if not dropped:
+            return self, ()
+        gone = {(r.group, r.candidate) for r in dropped}
+        return dataclasses.replace(
+            self, candidates=keep,
+            measured={k: v for k, v in self.measured.items() if k not in gone},
+            predicted={k: v for k, v in self.predicted.items() if k not in gone},
+            relative={k: v for k, v in self.relative.items() if k not in gone}), tuple(dropped)
 
     def error(self, group: str, cand: Candidate) -> float:
         """The output MSE the solver uses: measured where available, else predicted."""
