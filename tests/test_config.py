@@ -44,6 +44,7 @@ def _everything(tmp_path) -> RunConfig:
         seed=7, workers=2, cache=CacheConfig(enabled=False, dir=str(tmp_path / "cache")))
     return RunConfig(model=str(tmp_path / "in" / "model.onnx"), hw=str(tmp_path / "hw.yaml"),
                      data=str(tmp_path / "in" / "calib.npz"), eval_data=None,
+                     sample_axes={"state": 1, "sr": "none"},
                      out=str(tmp_path / "out"), search=search,
                      verification=VerifyConfig(samples=2, input_shapes={"x": "1,3,32,32"}))
 
@@ -62,6 +63,7 @@ def test_a_config_survives_yaml_unchanged(tmp_path):
     assert back.search.candidates.gating is GateSearch.EXACT
     assert back.search.candidates.pin["conv_0"] == parse_candidate("w8a16")
     assert back.verification.input_shapes["x"] == (1, 3, 32, 32)
+    assert dict(back.sample_axes) == {"state": 1, "sr": None}
     assert [b.metric for b in back.search.budgets] == ["latency_s", "weight_bytes"]
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from onnx import ModelProto, TensorProto, helper
 
-from mpsearch.core.errors import DataError
+from mpsearch.core.errors import DataError, UsageError
 from mpsearch.data import dataset as data
 from mpsearch.data import npyio
 from mpsearch.data.dataset import DataSpec, open_dataset, split
@@ -366,3 +366,72 @@ def test_a_model_that_fails_the_checker_is_never_written(tmp_path):
     out.write_model("ok.onnx", helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert (tmp_path / "out" / "ok.onnx").is_file()
+
+
+def _stateful(state_shape: list, audio_shape: list) -> ModelProto:
+    """A wake-word-like model: audio frames, a recurrent state, a scalar sample rate."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((576, 128)) * 0.05).astype(np.float32), "w")
+    zero = numpy_helper.from_array(np.array(0, np.int64), "zero")
+    k = numpy_helper.from_array(np.array(1 / 16000, np.float32), "k")
+    axis = 1 if state_shape[0] == 2 else 0
+    nodes = [helper.make_node("MatMul", ["audio", "w"], ["h"]),
+             helper.make_node("Gather", ["state", "zero"], ["s0"], axis=0),
+             helper.make_node("Add", ["h", "s0"], ["hs"]),
+             helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["srf", "k"], ["scale"]),
+             helper.make_node("Mul", ["hs", "scale"], ["y"])]
+    del axis
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, audio_shape),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, state_shape),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [audio_shape[0], 128])],
+        [w, zero, k])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_state_and_a_sample_rate_are_given_once(tmp_path):
+    """A static state [2, 1, 128] beside audio [1, 576]: the state is not a batch of 2 (the
+    model's batch is 1), it is given once, as the sample rate (a scalar) is; every batch feeds
+    ONNX Runtime what the model takes."""
+    import onnxruntime as ort
+
+    model = _stateful([2, 1, 128], [1, 576])
+    state = np.full((2, 1, 128), 0.5, np.float32)
+    np.savez(tmp_path / "d.npz", audio=np.ones((5, 576), np.float32), state=state,
+             sr=np.array(16000, np.int64))
+    ds = open_dataset(tmp_path / "d.npz", model)
+    assert len(ds) == 5 and ds.batch_size == 1
+    assert ds.spec["state"].sample_axis is None and ds.spec["sr"].sample_axis is None
+    sess = ort.InferenceSession(model.SerializeToString())
+    batches = list(ds.batches())
+    assert len(batches) == 5
+    for b in batches:
+        assert b["audio"].shape == (1, 576) and b["state"].shape == (2, 1, 128)
+        assert b["sr"].shape == () and b["sr"].dtype == np.int64
+        assert sess.run(None, b)[0].shape == (1, 128)
+
+
+def test_a_state_with_its_batch_on_axis_1_takes_samples_there(tmp_path):
+    """[2, N, 128]: axis 0 is static, so the samples go to the first dynamic axis; the stored
+    array keeps them on its axis 0. A sequence-first input declares its axis."""
+    model = _stateful([2, "N", 128], ["N", 576])
+    rng = np.random.default_rng(3)
+    states = rng.standard_normal((6, 2, 128)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", audio=np.ones((6, 576), np.float32), state=states,
+             sr=np.array(8000, np.int64))
+    ds = open_dataset(tmp_path / "d.npz", model, batch_size=4)
+    assert ds.spec["state"].sample_axis == 1
+    b = next(ds.batches())
+    assert b["state"].shape == (2, 4, 128) and b["audio"].shape == (4, 576)
+    assert np.array_equal(b["state"][:, 3], states[3])  # sample 3 is at index 3 of axis 1
+    with pytest.raises(DataError, match=r"input 'state' has shape \(6, 2, 128\) but the model "
+                                        r"wants \(2, N, 128\) \(given once.*store arrays of "
+                                        r"shape \(2, N, 128\)"):
+        open_dataset(tmp_path / "d.npz", model, sample_axes={"state": None})
+    with pytest.raises(UsageError, match="--sample-axis names nope, not an input"):
+        open_dataset(tmp_path / "d.npz", model, sample_axes={"nope": 0})

@@ -349,3 +349,30 @@ def test_a_candidate_that_overflows_is_dropped_for_that_layer_with_the_reason(tm
     again = mpsearch.search(tmp_path / "m.onnx", profile, tmp_path / "c.npz", cfg)
     assert {(r.group, r.candidate.name): r.reason for r in again.dropped} == dropped
     assert again.plan == first.plan
+
+
+def test_a_model_with_a_state_and_a_sample_rate_runs_end_to_end(tmp_path):
+    """A static recurrent state [2, 1, 128] and a scalar sample rate beside [1, 576] audio: both
+    given once, batches of one sample, and the plan compiled and verified on the HTP."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_data import _stateful
+
+    onnx.save(_stateful([2, 1, 128], [1, 576]), str(tmp_path / "m.onnx"))
+    for name, seed in (("c", 0), ("e", 1)):
+        audio = np.random.default_rng(seed).standard_normal((12, 576)).astype(np.float32)
+        np.savez(tmp_path / f"{name}.npz", audio=audio, sr=np.array(16000, np.int64),
+                 state=np.full((2, 1, 128), 0.5, np.float32))
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "m.onnx"), "--hw", str(PROFILE), "--data",
+                 str(tmp_path / "c.npz"), "--eval-data", str(tmp_path / "e.npz"), "--budget",
+                 "bops=0.9", "--no-cache", "--verify-samples", "2", "--out", str(out),
+                 "-q"]) == 0
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["quality"]["measured"]["sqnr_db"] > 15  # w4a8 on the one layer, at bops 0.9
+    assert doc["verification"]["verified"] is True
+    shipped = onnx.load(str(out / "model.qdq.onnx"))
+    dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in shipped.graph.input}
+    assert dims == {"audio": [1, 576], "state": [2, 1, 128], "sr": []}

@@ -31,7 +31,7 @@ from mpsearch.job.polish import EVALUATIONS
 from mpsearch.quant.analysis import QuantizeOptions
 
 __all__ = ["DATA_HELP", "SEARCH_OPTIONS", "add_options", "common_parser", "parse_pins",
-           "parse_shapes", "run_config", "search_config"]
+           "parse_sample_axes", "parse_shapes", "run_config", "search_config"]
 
 DATA_HELP = ".npz (keys = input names, axis 0 = samples), or a folder of .npz/.npy"
 
@@ -63,6 +63,18 @@ def parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]] | No
         if not name or any(d <= 0 for d in out[name]):
             raise UsageError(f"cannot read --input-shape '{item}'",
                              fix="write NAME=1,3,224,224 with positive dims")
+    return out
+
+
+def parse_sample_axes(items: Sequence[str]) -> dict[str, str]:
+    """``NAME=K`` / ``NAME=none`` flags -> input -> axis text (checked with the config)."""
+    out = {}
+    for item in items:
+        name, sep, axis = item.partition("=")
+        if not sep or not name or not axis:
+            raise UsageError(f"--sample-axis {item} is not NAME=K",
+                             fix="write e.g. --sample-axis state=1, or state=none")
+        out[name] = axis
     return out
 
 
@@ -110,6 +122,14 @@ SEARCH_OPTIONS: tuple[Option, ...] = (
              "(bit-operations x w8a8), size=0.6 (weight bytes x w8a8), size_mb=4 (10^6 "
              "bytes), energy=0.8 (x w8a8), energy_mj=0.5. An impossible budget exits 2 and "
              "names, per budget, the smallest value any plan reaches")),
+    Option(("--sample-axis",), ("sample_axes",), value=lambda items: parse_sample_axes(items),
+           commands=frozenset({"run"}), kwargs=dict(
+               action="append", metavar="NAME=K",
+               help="the model axis an input's samples go to (its stored arrays keep them on "
+                    "axis 0), e.g. a sequence-first LSTM input x=1; NAME=none for an input "
+                    "given once, the same for every sample (repeatable; default: axis 0, or "
+                    "the first dynamic axis where axis 0 is static; a fully static input whose "
+                    "array has exactly its shape, and a scalar, are given once)")),
     Option(("--eval-data",), ("eval_data",), kwargs=dict(
         metavar="EVAL", help="where plans are measured, same layout as --data (default: the "
                              "calibration data)")),

@@ -50,7 +50,8 @@ def cmd_run(args: argparse.Namespace, ui: Ui) -> int:
     try:
         t0 = time.perf_counter()
         res = search(cfg.model, cfg.hw, SearchData(calibration=cfg.data,
-                                                   evaluation=cfg.eval_data),
+                                                   evaluation=cfg.eval_data,
+                                                   sample_axes=cfg.sample_axes),
                      cfg.search, progress=ui.progress)
         folder = write_run_folder(res, cfg, out, progress=ui.progress, note=ui.note)
         seconds = round(time.perf_counter() - t0, 2)

@@ -95,7 +95,7 @@ def cmd_sensitivity(args: argparse.Namespace, ui: Any) -> int:
         calib = open_dataset(args.data, model, batch_size=args.batch_size, name="calibration")
         opts = _options(args)
         first = next(calib.batches(1), None)
-        shapes = {k: (1, *v.shape[1:]) for k, v in first.items()} if first else None
+        shapes = {k: v.shape for k, v in first.items()} if first else None  # batch 1
         lg = build_layer_graph(prepare_model(model), input_shapes=shapes, prepared=True)
         cands = candidates_for(lg, CostModel(lg, profile), only)
         if only is not None and not any(cands.values()):

@@ -1,7 +1,11 @@
 """Calibration and evaluation data: ``.npz``/``.npy`` files checked against the model, streamed.
 
-Axis 0 of every stored array is the sample axis and maps to the model's batch axis: an input
-of shape ``(N, 3, 8, 8)`` takes arrays of shape ``(S, 3, 8, 8)``. ``--data`` may be
+Axis 0 of every stored array is the sample axis and maps to the input's sample axis in the
+model: an input of shape ``(N, 3, 8, 8)`` takes arrays of shape ``(S, 3, 8, 8)``. An input's
+sample axis is axis 0, or the first dynamic axis where axis 0 is static (a state ``[2, N, 128]``
+takes ``(S, 2, 128)``, its samples moved to axis 1 in each batch), or as declared
+(``sample_axes``). An input given once (a scalar; a fully static input stored with exactly its
+shape; one declared with axis None) is the same array in every batch. ``--data`` may be
 
 * **a .npz file**: one key per model input, plus an optional ``labels`` key (1-D integers, one
   per sample). Other keys are ignored with a warning.
@@ -29,11 +33,12 @@ batch dim is static (say 1), every batch has that size and a short one is droppe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,17 +101,33 @@ def input_specs(model: ModelProto) -> dict[str, tuple[int, tuple[int | str | Non
 
 @dataclass(frozen=True, kw_only=True)
 class InputSpec:
-    """One model input; ``shape`` has None for dynamic dims."""
+    """One model input; ``shape`` has None for dynamic dims. ``sample_axis``: the model axis the
+    samples go to (the stored arrays keep them on their axis 0); None for an input given once,
+    the same for every sample (a recurrent state, a sample rate)."""
 
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...]
     dim_names: tuple[str | None, ...] = ()  # the symbol of each named dynamic dim
+    sample_axis: int | None = 0
 
     def describe(self, start: int = 0) -> str:
         dims = [str(d) if d is not None else n or "?"
                 for d, n in zip(self.shape, self.dim_names, strict=True)]
         return f"({', '.join(dims[start:])})"
+
+    @property
+    def per_sample(self) -> tuple[int, ...]:
+        """The model axes one stored sample fills, in order: every axis but the sample axis."""
+        return tuple(i for i in range(len(self.shape)) if i != self.sample_axis)
+
+    def stored(self) -> str:
+        """How the stored arrays must look, for messages."""
+        if self.sample_axis is None:
+            return self.describe()
+        dims = [str(self.shape[i]) if self.shape[i] is not None else self.dim_names[i] or "?"
+                for i in self.per_sample]
+        return f"(samples, {', '.join(dims)})"
 
 
 @dataclass(frozen=True)
@@ -116,22 +137,46 @@ class DataSpec:
     inputs: tuple[InputSpec, ...]
 
     @classmethod
-    def from_model(cls, model: ModelProto) -> DataSpec:
+    def from_model(cls, model: ModelProto,
+                   sample_axes: Mapping[str, int | None] | None = None) -> DataSpec:
+        """``sample_axes``: input -> the model axis its samples go to, or None for an input
+        given once; by default axis 0, or for an input whose axis 0 is static the first
+        dynamic axis (a state ``[2, batch, 128]``: axis 1); a scalar input is given once."""
+        declared = dict(sample_axes or {})
+        specs = input_specs(model)
+        unknown = sorted(set(declared) - set(specs))
+        if unknown:
+            raise UsageError(f"--sample-axis names {', '.join(unknown)}, not an input of the "
+                             "model", fix=f"the model's inputs are {', '.join(specs)}")
         out = []
-        for name, (elem, dims) in input_specs(model).items():
+        for name, (elem, dims) in specs.items():
             try:
                 dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
             except (KeyError, TypeError) as e:
                 raise DataError(f"model input '{name}' has ONNX element type {elem}, which has "
                                 "no numpy dtype", fix="export it with a standard type") from e
-            if not dims:
-                raise DataError(f"model input '{name}' has no sample axis (a scalar, or no "
-                                "shape)", fix="export the model with a batch axis on every input")
+            shape = tuple(d if isinstance(d, int) and d > 0 else None for d in dims)
+            if name in declared:
+                axis = declared[name]
+                if axis is not None and not 0 <= axis < len(shape):
+                    raise UsageError(f"--sample-axis {name}={axis}: the input has {len(shape)} "
+                                     "axes", fix=f"give an axis from 0 to {len(shape) - 1}, or "
+                                                 "none for an input given once")
+            elif not shape:
+                axis = None  # a scalar: given once
+            else:
+                axis = next((i for i, d in enumerate(shape) if d is None), 0) \
+                    if shape[0] is not None else 0
             out.append(InputSpec(
-                name=name, dtype=dtype,
-                shape=tuple(d if isinstance(d, int) and d > 0 else None for d in dims),
+                name=name, dtype=dtype, shape=shape, sample_axis=axis,
                 dim_names=tuple(d if isinstance(d, str) and d else None for d in dims)))
         return cls(tuple(out))
+
+    def given_once(self, names: Iterable[str]) -> DataSpec:
+        """The same inputs, those of ``names`` given once (no sample axis)."""
+        names = set(names)
+        return DataSpec(tuple(dataclasses.replace(s, sample_axis=None) if s.name in names
+                              else s for s in self.inputs))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -142,8 +187,10 @@ class DataSpec:
 
     @property
     def static_batch(self) -> int | None:
-        """The model's batch size if axis 0 is static, else None."""
-        return max((s.shape[0] for s in self.inputs if s.shape[0] is not None), default=None)
+        """The model's batch size where an input's sample axis is static, else None."""
+        sizes = {s.shape[s.sample_axis] for s in self.inputs
+                 if s.sample_axis is not None and s.shape[s.sample_axis] is not None}
+        return min(sizes, default=None)
 
 
 @dataclass(frozen=True)
@@ -204,18 +251,23 @@ class Dataset:
                 local = self._indices[lo:hi] - src.offset
             if local.size == 0:
                 continue
-            src_shapes = [a.shape[1:] for a in src.arrays.values()]
+            src_shapes = [a.shape[1:] if self.spec[n].sample_axis is not None else a.shape
+                          for n, a in src.arrays.items()]
             if count and src_shapes != shapes:
                 yield from self._emit(pending, count, bs)
                 pending, count = [], 0
             shapes = src_shapes
             with ExitStack() as stack:
-                readers = {n: self._reader(a, stack) for n, a in src.arrays.items()}
+                readers = {n: self._reader(a, stack) for n, a in src.arrays.items()
+                           if self.spec[n].sample_axis is not None}
+                once = {n: self._given_once(a, src) for n, a in src.arrays.items()
+                        if self.spec[n].sample_axis is None}
                 pos = 0
                 while pos < local.size:
                     idx = local[pos:pos + bs - count]
                     pending.append({n: self._convert(n, self._read(read, src.arrays[n], idx),
-                                                     src, idx) for n, read in readers.items()})
+                                                     src, idx) for n, read in readers.items()}
+                                   | once)
                     count, pos = count + idx.size, pos + idx.size
                     if count == bs:
                         yield from self._emit(pending, count, bs)
@@ -234,8 +286,29 @@ class Dataset:
             log.warning("%s data: dropping a batch of %d samples; the model takes batches of "
                         "exactly %d", self.name, count, bs)
             return
-        yield parts[0] if len(parts) == 1 else {
-            n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+        out = {}
+        for n in parts[0]:
+            axis = self.spec[n].sample_axis
+            if axis is None:  # given once: the same array in every batch
+                out[n] = parts[0][n]
+                continue
+            a = parts[0][n] if len(parts) == 1 else np.concatenate([p[n] for p in parts])
+            out[n] = a if axis == 0 else np.ascontiguousarray(np.moveaxis(a, 0, axis))
+        yield out
+
+    def _given_once(self, arr: StoredArray, src: _Source) -> np.ndarray:
+        """An input given once, read whole and checked like a batch."""
+        try:
+            if arr.key is None:
+                a = np.load(arr.path, allow_pickle=False)
+            else:
+                with zipfile.ZipFile(arr.path) as zf, zf.open(f"{arr.key}.npy") as f:
+                    a = np.lib.format.read_array(f, allow_pickle=False)
+        except READ_ERRORS as e:
+            raise DataError(f"{self.name} data {arr.path} cannot be read ({e})",
+                            fix="re-save the data") from e
+        name = next(n for n, x in src.arrays.items() if x is arr)
+        return self._convert(name, a[None], src, np.zeros(1, np.int64))[0, ...]
 
     def _reader(self, arr: StoredArray, stack: ExitStack) -> Reader:
         try:
@@ -309,17 +382,21 @@ def split(ds: Dataset, fraction: float, *, seed: int) -> Split:
 
 
 def open_dataset(path: str | os.PathLike[str], model: ModelProto | DataSpec, *,
-                 batch_size: int | None = None, name: str = "calibration") -> Dataset:
+                 batch_size: int | None = None, name: str = "calibration",
+                 sample_axes: Mapping[str, int | None] | None = None) -> Dataset:
     """Find the files at ``path`` and check them against the model's inputs (headers only).
-    ``batch_size`` defaults to the model's static batch size, else 32."""
-    spec = model if isinstance(model, DataSpec) else DataSpec.from_model(model)
-    bs = _batch_size(spec.static_batch or DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
-                     spec.static_batch)
+    ``batch_size`` defaults to the model's static batch size, else 32. ``sample_axes``: see
+    :meth:`DataSpec.from_model`; an input not named there whose every dim is static and whose
+    stored array has exactly the model's shape is given once (the same for every sample)."""
+    spec = model if isinstance(model, DataSpec) else DataSpec.from_model(model, sample_axes)
     p = Path(path)
     if not p.exists():
         raise DataError(f"{name} data {p} does not exist",
                         fix="pass an existing .npz or .npy file, or a folder of them")
     groups, label_arrays = _layout(p, spec, name)
+    spec = _given_once(spec, groups, set(sample_axes or {}))
+    bs = _batch_size(spec.static_batch or DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
+                     spec.static_batch)
     sources, casts, total = [], set(), 0
     for arrays in groups:
         sources.append(_check_source(arrays, spec, name, total, casts))
@@ -387,29 +464,58 @@ def _layout(p: Path, spec: DataSpec,
                     fix="name one .npy file per input (<input name>.npy), or use .npz files")
 
 
+def _given_once(spec: DataSpec, groups: list[dict[str, StoredArray]],
+                declared: set[str]) -> DataSpec:
+    """``spec`` with the inputs the data give once: a fully static input (not declared) whose
+    stored array is exactly its shape in every file, beside an input that carries samples."""
+    once = [s.name for s in spec.inputs if s.name not in declared and s.sample_axis is not None
+            and None not in s.shape and all(g[s.name].shape == s.shape for g in groups)]
+    if once and len(once) == sum(s.sample_axis is not None for s in spec.inputs):
+        return spec  # every input would be: they are one sample, as before
+    if once:
+        log.info("inputs given once, the same for every sample: %s", ", ".join(once))
+    spec = spec.given_once(once)
+    sizes = {s.name: s.shape[s.sample_axis] for s in spec.inputs
+             if s.sample_axis is not None and s.shape[s.sample_axis] is not None}
+    if len(set(sizes.values())) > 1:
+        (a, na), (b, nb) = sorted(sizes.items(), key=lambda kv: kv[1])[:1] + \
+            sorted(sizes.items(), key=lambda kv: -kv[1])[:1]
+        raise DataError(f"the model's inputs fix their sample axes at different sizes ('{a}' "
+                        f"{na}, '{b}' {nb})", fix="declare the sample axis of each input "
+                        "(--sample-axis NAME=K, or NAME=none for an input given once)")
+    return spec
+
+
 def _check_source(arrays: dict[str, StoredArray], spec: DataSpec, name: str, offset: int,
                   casts: set[tuple[str, np.dtype]]) -> _Source:
     bound: dict[str, tuple[int, str]] = {}  # named dim -> (size, the input that set it)
     for input_name, arr in arrays.items():
         s, where = spec[input_name], f"{name} data {arr.path}"
-        if len(arr.shape) != len(s.shape) or any(
-                d not in (None, a) for d, a in zip(s.shape[1:], arr.shape[1:], strict=True)):
+        # stored axis -> model axis: axis 0 holds the samples, the rest fill per_sample
+        axes = list(range(len(s.shape))) if s.sample_axis is None else [None, *s.per_sample]
+        if len(arr.shape) != len(axes) or any(
+                m is not None and s.shape[m] not in (None, a)
+                for m, a in zip(axes, arr.shape, strict=True)):
+            how = ("given once, exactly the model's shape" if s.sample_axis is None
+                   else f"samples on axis 0, the model's axis {s.sample_axis}")
             raise DataError(f"{where}: input '{input_name}' has shape {arr.shape} but the model "
-                            f"wants {s.describe()} (axis 0 is the sample axis)",
-                            fix=f"store arrays of shape (samples, {s.describe(1)[1:]}")
-        for axis, sym in enumerate(s.dim_names[1:], start=1):
-            if sym and bound.setdefault(sym, (arr.shape[axis], input_name))[0] != arr.shape[axis]:
-                raise DataError(f"{where}: dim '{sym}' is {arr.shape[axis]} in input "
+                            f"wants {s.describe()} ({how})",
+                            fix=f"store arrays of shape {s.stored()}")
+        for stored_axis, m in enumerate(axes):
+            sym = s.dim_names[m] if m is not None else None
+            size = arr.shape[stored_axis]
+            if sym and bound.setdefault(sym, (size, input_name))[0] != size:
+                raise DataError(f"{where}: dim '{sym}' is {size} in input "
                                 f"'{input_name}' but {bound[sym][0]} in input '{bound[sym][1]}'",
                                 fix=f"give every input the same '{sym}' within a file")
         _check_dtype(input_name, arr.dtype, s.dtype, where, casts)
-    counts = {n: a.shape[0] for n, a in arrays.items()}
+    counts = {n: a.shape[0] for n, a in arrays.items() if spec[n].sample_axis is not None}
     if len(set(counts.values())) > 1:
         paths = ", ".join(sorted({str(a.path) for a in arrays.values()}))
         desc = ", ".join(f"'{k}' {v}" for k, v in counts.items())
         raise DataError(f"{name} data {paths}: the inputs have different numbers of samples "
                         f"({desc})", fix="store the same number of samples for every input")
-    return _Source(arrays=arrays, n=next(iter(counts.values())), offset=offset)
+    return _Source(arrays=arrays, n=next(iter(counts.values()), 1), offset=offset)
 
 
 def _check_dtype(input_name: str, have: np.dtype, want: np.dtype, where: str,

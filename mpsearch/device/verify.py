@@ -199,12 +199,14 @@ def fix_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]
 
 
 def static_model(model: onnx.ModelProto, *, data: str | os.PathLike[str],
-                 input_shapes: Mapping[str, tuple[int, ...]] | None = None
+                 input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                 sample_axes: Mapping[str, int | None] | None = None
                  ) -> tuple[onnx.ModelProto, tuple[FixedDim, ...]]:
     """``model`` with every dynamic input dim fixed, as a device that needs static shapes takes
     it: ``input_shapes``, else batch 1 and the sizes of ``data``'s first sample; and the dims
     that were fixed (none: the model was static, and the copy is equal to it)."""
-    dataset = open_dataset(data, model, batch_size=1, name="verification")
+    dataset = open_dataset(data, model, batch_size=1, name="verification",
+                           sample_axes=sample_axes)
     shapes = _target_shapes(model, dataset, input_shapes)
     try:
         return fix_shapes(model, shapes)
@@ -239,8 +241,9 @@ def _target_shapes(model: onnx.ModelProto, data: Dataset,
             out[name] = want
             continue
         sample = first[name].shape if first is not None else (1,) * len(dims)
-        out[name] = tuple(d if isinstance(d, int) and d > 0 else 1 if axis == 0
-                          else int(sample[axis]) for axis, d in enumerate(dims))
+        # a batch of one sample: 1 on the sample axis, the data's sizes elsewhere
+        out[name] = tuple(d if isinstance(d, int) and d > 0 else int(sample[axis])
+                          for axis, d in enumerate(dims))
     return out
 
 
@@ -287,6 +290,7 @@ def verify(model: onnx.ModelProto | str | os.PathLike[str], *, data: str | os.Pa
            target: str = "qnn-htp", soc_model: int = 57,
            input_shapes: Mapping[str, tuple[int, ...]] | None = None, samples: int = 8,
            min_sqnr_db: float = MIN_SQNR_DB,
+           sample_axes: Mapping[str, int | None] | None = None,
            progress: Callable[[int], None] | None = None) -> VerifyResult:
     """Compile ``model`` for ``target`` with CPU fallback disabled and compare its outputs on the
     first ``samples`` samples of ``data`` with ORT's CPU EP; ``verified`` only where every node
@@ -312,12 +316,14 @@ def verify(model: onnx.ModelProto | str | os.PathLike[str], *, data: str | os.Pa
     path = None if isinstance(model, onnx.ModelProto) else Path(model)
     original = load_model(path) if path is not None else model
     sha = _sha256(original, path)
-    fixed_model, fixed = static_model(original, data=data, input_shapes=input_shapes)
+    fixed_model, fixed = static_model(original, data=data, input_shapes=input_shapes,
+                                      sample_axes=sample_axes)
     shapes = {name: dims for name, (_, dims) in input_specs(fixed_model).items()}
     for f in fixed:
         log.info("fixed dynamic dim %s", f.describe())
     # Checked again against the static shapes (headers only): data of another size fail here.
-    dataset = open_dataset(data, fixed_model, batch_size=None, name="verification")
+    dataset = open_dataset(data, fixed_model, batch_size=None, name="verification",
+                           sample_axes=sample_axes)
 
     result, htp = open_on_htp(fixed_model, soc_model=soc_model)
     summary = _model_summary(fixed_model)

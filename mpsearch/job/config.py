@@ -88,6 +88,24 @@ Pins = Annotated[Mapping[str, CandidateField], AfterValidator(freeze)]
 Shapes = Annotated[Mapping[str, Annotated[tuple[int, ...], BeforeValidator(_shape)]],
                    AfterValidator(freeze)]
 PathText = Annotated[str, BeforeValidator(os.fspath)]  # a path as the user wrote it
+
+
+def _axis(v: Any) -> int | None:
+    if v is None or (isinstance(v, str) and v.strip().lower() in ("none", "null", "once")):
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise ValueError(f"'{v}' is not an axis")
+    try:
+        axis = int(v)
+    except ValueError:
+        raise ValueError(f"'{v}' is not an axis (an integer, or none)") from None
+    if axis < 0:
+        raise ValueError(f"axis {axis} is negative")
+    return axis
+
+
+SampleAxes = Annotated[Mapping[str, Annotated[int | None, BeforeValidator(_axis)]],
+                       AfterValidator(freeze)]
 Count = Annotated[int, Field(ge=0, strict=True)]
 Positive = Annotated[int, Field(ge=1, strict=True)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -199,6 +217,8 @@ class RunConfig:
     hw: PathText  # the hardware profile
     data: PathText  # calibration data
     eval_data: PathText | None = None  # where plans are measured (None: the calibration data)
+    # input -> the model axis its samples go to, or None: given once (inferred where not named)
+    sample_axes: SampleAxes = Field(default_factory=dict)
     out: PathText
     search: SearchConfig
     verification: VerifyConfig = Field(default_factory=VerifyConfig)

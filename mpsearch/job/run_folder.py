@@ -153,7 +153,8 @@ def ship_model(out: OutputDir, res: SearchResult, qm: QdqModel, cfg: RunConfig) 
         path = out.write_model("model.qdq.onnx", qm.model)
         return Shipped(sha256=_sha256(path))
     model, fixed = static_model(qm.model, data=cfg.eval_data or cfg.data,
-                                input_shapes=dict(cfg.verification.input_shapes) or None)
+                                input_shapes=dict(cfg.verification.input_shapes) or None,
+                                sample_axes=dict(cfg.sample_axes))
     path = out.write_model("model.qdq.onnx", model)
     dynamic = None
     if fixed:
@@ -214,7 +215,7 @@ def verify_on_device(out: OutputDir, res: SearchResult, shipped: Shipped, cfg: R
                 else MIN_SQNR_DB
         result = verify(out.path / "model.qdq.onnx", data=data, target=QNN_TARGET,
                         soc_model=prof.soc_model, samples=samples, min_sqnr_db=threshold,
-                        progress=advance)
+                        sample_axes=dict(cfg.sample_axes), progress=advance)
     if result.model_sha256 != shipped.sha256 or result.shapes_fixed:  # pragma: no cover
         raise RuntimeError("the verification did not check the shipped model.qdq.onnx as it "
                            "is: this is a bug in mpsearch")

@@ -88,6 +88,9 @@ class SearchData:
 
     calibration: DataLike
     evaluation: DataLike | None = None
+    # input -> the model axis its samples go to, or None for an input given once (a state, a
+    # sample rate); inputs not named: inferred (mpsearch.data.dataset.DataSpec.from_model)
+    sample_axes: Mapping[str, int | None] = dataclasses.field(default_factory=dict)
 
 
 def _no_progress(label: str, total: int | None):
@@ -122,6 +125,7 @@ class _Job:
         self.sha256 = hashlib.sha256(self.model.SerializeToString(deterministic=True)).hexdigest()
         self.profile = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
         data = data if isinstance(data, SearchData) else SearchData(calibration=data)
+        self.sample_axes = dict(data.sample_axes)
         self.calib = self._dataset(data.calibration, "calibration")
         self.evald = (None if data.evaluation is None
                       else self._dataset(data.evaluation, "evaluation"))
@@ -129,7 +133,8 @@ class _Job:
         self._reference: Sequence[Mapping] | None = None
 
     def _dataset(self, d: DataLike, name: str) -> Dataset:
-        return d if isinstance(d, Dataset) else open_dataset(d, self.model, name=name)
+        return d if isinstance(d, Dataset) else open_dataset(d, self.model, name=name,
+                                                             sample_axes=self.sample_axes)
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:

@@ -121,7 +121,7 @@ def analyze(model: onnx.ModelProto, data: Dataset, *,
     prepared = prepare_model(model)
     # Dynamic dims (batch, sequence) are taken from the data: the first sample's shapes.
     first = next(data.batches(1), None)
-    shapes = {k: (1, *v.shape[1:]) for k, v in first.items()} if first else None
+    shapes = {k: v.shape for k, v in first.items()} if first else None  # batch 1
     graph = build_layer_graph(prepared, input_shapes=shapes, prepared=True)
     report = None
     if opts.equalize is not EqualizeMode.OFF:
