@@ -158,6 +158,30 @@ def fp16_overflow(seed: int = 0) -> onnx.ModelProto:
                                                 .astype(np.float32))], opset=17)
 
 
+def with_if(seed: int = 0) -> onnx.ModelProto:
+    """A Gemm, then an ``If`` whose branches read outer-scope tensors: a ``Constant`` node of
+    the main graph (ingestion makes it an initializer) and the Gemm's output, as speech
+    exports' voice-activity branches do."""
+    rng = np.random.default_rng(seed)
+    then = helper.make_graph([helper.make_node("Mul", ["h", "k"], ["t_out"])], "then", [],
+                             [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Neg", ["h"], ["e_out"])], "else", [],
+                              [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
+    nodes = [
+        helper.make_node("Constant", [], ["k"], value=helper.make_tensor(
+            "k", TensorProto.FLOAT, [1, 8], (rng.standard_normal(8) + 2).tolist())),
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1, name="fc"),
+        helper.make_node("ReduceMax", ["h"], ["m"], keepdims=0),
+        helper.make_node("Greater", ["m", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other, name="gate"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                  [_init("w", (rng.standard_normal((8, 16)) * 0.3).astype(np.float32)),
+                   _init("b", np.zeros(8, np.float32)), _init("zero", np.array(0, np.float32))],
+                  opset=17)
+
+
 def images(n: int, seed: int = 0, shape: tuple[int, ...] = (3, 16, 16)) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from models import attention, images, mbconv
+from models import attention, images, mbconv, with_if
 from onnx import helper
 
 from mpsearch import analyze, open_dataset, parse_candidate
@@ -198,3 +198,20 @@ def test_fp8_relu_is_not_dropped_by_ort(tmp_path):
     q = quantize(a, parse_candidate("fp8"))
     assert not any(n.op_type == "Relu" for n in q.model.graph.node)
     assert _sqnr(m, q.model, FEED) > BOUNDS["fp8"]
+
+
+def test_weights_read_inside_if_branches_survive_the_export(tmp_path):
+    """The If's branches read a main-graph Constant (an initializer after ingestion) and the
+    Gemm's output from the outer scope: the export keeps the initializer, the model passes the
+    full checker and loads, and computes what the float model does."""
+    model = with_if()
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((16, 16))
+             .astype(np.float32))
+    a = analyze(model, open_dataset(tmp_path / "c.npz", model))
+    q = quantize(a, parse_candidate("w8a8")).model
+    onnx.checker.check_model(q, full_check=True)
+    assert "k" in {t.name for t in q.graph.initializer}
+    x = np.random.default_rng(1).standard_normal((1, 16)).astype(np.float32)
+    ref = make_session(model).run(None, {"x": x})[0]
+    got = make_session(q).run(None, {"x": x})[0]
+    assert sqnr_db(float(np.mean(ref ** 2)), float(np.mean((ref - got) ** 2))) > 30

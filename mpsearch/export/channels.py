@@ -35,6 +35,7 @@ from mpsearch.graph.flow import (
     const_axis,
     in_axis,
 )
+from mpsearch.graph.ingest import names_used
 from mpsearch.graph.layer_graph import LayerGraph
 
 __all__ = ["ShrunkModel", "check_disjoint", "mask_channels", "masked_constants",
@@ -127,7 +128,7 @@ class _Editor:
 
     def finish(self) -> ModelProto:
         g = self.model.graph
-        used = {i for n in g.node for i in n.input}
+        used = names_used(g)
         keep = [t for t in g.initializer if t.name in used and t.name not in self.owned]
         del g.initializer[:]
         g.initializer.extend(keep)

@@ -53,6 +53,7 @@ from mpsearch.export.fp8 import fp8_safe_clips
 from mpsearch.export.legal import check_plan
 from mpsearch.export.opset import model_opset, required_opset, with_opset
 from mpsearch.graph.flow import channel_route, node_formats
+from mpsearch.graph.ingest import names_used
 from mpsearch.graph.layer_graph import Layer, LayerGraph
 from mpsearch.graph.ranges import QParams, constant_qparams, qparams_from_range
 from mpsearch.quant.analysis import Analysis
@@ -420,7 +421,7 @@ class _Export:
         del g.node[:]
         g.node.extend(new_nodes)
         g.initializer.extend(w.inits)
-        still_used = {i for n in g.node for i in n.input}
+        still_used = names_used(g)  # subgraphs' reads of outer initializers count
         keep = [t for t in g.initializer if t.name in still_used]
         del g.initializer[:]
         g.initializer.extend(keep)

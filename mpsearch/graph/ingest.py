@@ -23,8 +23,8 @@ from onnx import ModelProto, NodeProto, numpy_helper
 from mpsearch.core.errors import ModelError
 from mpsearch.data.dataset import input_specs
 
-__all__ = ["GraphIndex", "default_input_shapes", "graph_index", "load_model",
-           "prepare_model", "strip_debug_metadata", "with_input_shapes"]
+__all__ = ["GraphIndex", "default_input_shapes", "graph_index", "load_model", "names_used",
+           "outer_references", "prepare_model", "strip_debug_metadata", "with_input_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _fold_batchnorm(graph: onnx.GraphProto) -> int:
         keep = [n for n in graph.node if id(n) not in removed]
         del graph.node[:]
         graph.node.extend(keep)
-        used = {i for n in graph.node for i in n.input}
+        used = names_used(graph)
         keep_init = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
         graph.initializer.extend(keep_init)
@@ -210,6 +210,31 @@ def strip_debug_metadata(model: ModelProto) -> ModelProto:
     return m
 
 
+def outer_references(node: NodeProto) -> set[str]:
+    """The names a node's subgraphs (``If`` branches, ``Loop``/``Scan`` bodies, nested) read
+    from the enclosing scopes: inputs they use but do not define themselves."""
+    out: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else \
+            list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
+        for g in graphs:
+            defined = {t.name for t in g.initializer} | {i.name for i in g.input} | \
+                {o for n in g.node for o in n.output}
+            for n in g.node:
+                out |= {i for i in n.input if i and i not in defined}
+                out |= outer_references(n) - defined
+    return out
+
+
+def names_used(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name the graph's nodes read, their subgraphs' outer-scope reads included:
+    what must stay when unused initializers are dropped."""
+    used = {i for n in graph.node for i in n.input}
+    for n in graph.node:
+        used |= outer_references(n)
+    return used | {o.name for o in graph.output}
+
+
 @dataclass(frozen=True)
 class GraphIndex:
     """Look-ups over one graph: initializers by name, the node producing each tensor, and the
@@ -223,7 +248,7 @@ class GraphIndex:
 def graph_index(graph: onnx.GraphProto) -> GraphIndex:
     consumers: dict[str, list[NodeProto]] = {}
     for n in graph.node:
-        for i in n.input:
+        for i in (*n.input, *sorted(outer_references(n) - set(n.input))):
             consumers.setdefault(i, []).append(n)
     return GraphIndex(inits={t.name: t for t in graph.initializer},
                       producer={o: n for n in graph.node for o in n.output},
