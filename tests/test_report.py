@@ -321,3 +321,15 @@ def test_report_from_another_directory_finds_the_profile_and_checks_the_verified
     page = build_report(work / "out", out=tmp_path / "page2.html").read_text()
     assert "not verified" in page and "verify.json checked a model with sha256 000000000000" \
         in page
+
+
+def test_a_plan_far_below_its_prediction_is_flagged_at_the_top(run_dir, tmp_path):
+    d = _copy(run_dir, tmp_path)
+    plan = _plan(d)
+    plan["quality"]["prediction_check"] = {
+        "short_by_db": 15.6, "threshold_db": 3.0, "data": "evaluation", "note": "compounding",
+        "layers": [{"group": "expand", "candidate": "w4a8", "measured_over_predicted_db": 6.2}]}
+    (d / "plan.json").write_text(json.dumps(plan))
+    top = build_report(d).read_text().split('id="pareto"')[0]
+    assert "measured 15.6 dB below its prediction" in top
+    assert "expand (w4a8): measured 6.2 dB above its prediction" in top

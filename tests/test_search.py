@@ -376,3 +376,25 @@ def test_a_model_with_a_state_and_a_sample_rate_runs_end_to_end(tmp_path):
     dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
             for i in shipped.graph.input}
     assert dims == {"audio": [1, 576], "state": [2, 1, 128], "sr": []}
+
+
+def test_a_plan_that_measures_far_below_its_prediction_is_flagged(result):
+    """More than 3 dB short: plan.json says by how much and lists the layers whose measured
+    single-layer error departs most from its prediction; within 3 dB nothing is flagged."""
+    import dataclasses
+
+    from mpsearch.job.document import plan_document
+
+    doc = plan_document(result, model="m.onnx", profile="p.yaml")
+    measured = result.chosen.measured.sqnr_db
+    assert result.chosen.predicted_sqnr_db - measured <= 3
+    assert doc["quality"]["prediction_check"] is None
+    optimistic = dataclasses.replace(result.chosen, predicted_sqnr_db=measured + 5.0)
+    doc = plan_document(dataclasses.replace(result, chosen=optimistic), model="m.onnx",
+                        profile="p.yaml")
+    check = doc["quality"]["prediction_check"]
+    assert check["short_by_db"] == pytest.approx(5.0) and check["threshold_db"] == 3.0
+    assert check["data"] == "evaluation"
+    ratios = [r["measured_over_predicted_db"] for r in check["layers"]]
+    assert ratios and ratios == sorted(ratios, reverse=True)
+    assert {r["group"] for r in check["layers"]} <= set(result.plan)

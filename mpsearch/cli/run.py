@@ -69,6 +69,14 @@ def cmd_run(args: argparse.Namespace, ui: Ui) -> int:
                           "formats": res.chosen.counts()}, indent=2))
         return code
     _summary(ui, res, out.path, seconds, folder.exports)
+    check = folder.plan["quality"].get("prediction_check")
+    if check:
+        layers = ", ".join(
+            f"{r['group']} ({r['candidate']}, {r['measured_over_predicted_db']:+} dB)"
+            for r in check["layers"][:3]) or "no single-layer measurements"
+        ui.err.print(f"[bold yellow]the plan measured {check['short_by_db']} dB below its "
+                     f"prediction[/] on the {check['data']} data; layers whose measured error "
+                     f"exceeds its prediction most: {layers}")
     if verified is not None:
         if verified.failed:
             ui.err.print(f"[bold red]the plan does not run entirely on {verified.target}"
@@ -99,15 +107,16 @@ def _exit_code(verified: Any) -> int:
 def _summary(ui: Ui, res: Any, path: Any, seconds: float, exports: Any) -> None:
     from rich.table import Table
 
-    metric = res.budgets[0].metric
+    # the budgets' quantities, then bit-operations (once), relative to w8a8
+    metrics = list(dict.fromkeys([*(b.metric for b in res.budgets), "bops"]))
     t = Table(title=f"{', '.join(str(b) for b in res.budgets)} on {res.profile.name}")
-    for col in ("plan", f"{metric} x w8a8", "bops x w8a8", "predicted dB", "measured dB",
+    for col in ("plan", *(f"{m} x w8a8" for m in metrics), "predicted dB", "measured dB",
                 "top-1 agree", "fits"):
         t.add_column(col, justify="left" if col == "plan" else "right")
 
     def row(pr: Any, style: str | None = None) -> None:
         m = pr.measured
-        t.add_row(pr.name, f"{pr.cost.relative[metric]:.3f}", f"{pr.cost.relative['bops']:.3f}",
+        t.add_row(pr.name, *(f"{pr.cost.relative[k]:.3f}" for k in metrics),
                   f"{pr.predicted_sqnr_db:.2f}", f"{m.sqnr_db:.2f}" if m else "-",
                   f"{100 * m.top1_agreement:.1f}%" if m and m.top1_agreement is not None
                   else "-", "yes" if pr.fits else "no", style=style)

@@ -19,6 +19,8 @@ from mpsearch.sensitivity.table import sqnr
 __all__ = ["SCHEMA", "plan_document", "plan_frame"]
 
 SCHEMA = "mpsearch.plan/1"
+# a plan that measures this far below its prediction is flagged, with the layers behind it
+PREDICTION_SLACK_DB = 3.0
 
 
 def _num(v: float | None, digits: int = 6) -> float | None:
@@ -51,6 +53,29 @@ def _measured(pr: PlanResult) -> dict | None:
         return None
     d = pr.measured.to_dict()
     return {k: (_num(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def _prediction_check(res: SearchResult) -> dict | None:
+    """Where the chosen plan measured more than :data:`PREDICTION_SLACK_DB` below its
+    prediction: by how much, and the layers whose own measured error departs most from its
+    prediction (single-group runs, where the search measured them); None otherwise."""
+    m = res.chosen.measured
+    short = res.chosen.predicted_sqnr_db - m.sqnr_db if m is not None else math.nan
+    if not (math.isfinite(short) and short > PREDICTION_SLACK_DB):
+        return None
+    rows = []
+    for g, c in res.plan.items():
+        meas = res.table.measured.get((g, c), res.refinement.measured.get((g, c)))
+        pred = res.table.predicted.get((g, c))
+        if meas and pred and meas > 0 and pred > 0:
+            rows.append((10 * math.log10(meas / pred), g, c))
+    rows.sort(key=lambda r: (-r[0], r[1]))
+    return {"short_by_db": _num(short, 3), "threshold_db": PREDICTION_SLACK_DB,
+            "data": m.data.value,
+            "layers": [{"group": g, "candidate": c.name, "measured_over_predicted_db": _num(d, 3)}
+                       for d, g, c in rows[:5]],
+            "note": "errors that compound within the plan, or data unlike the calibration data, "
+                    "the sum of single-layer errors does not see"}
 
 
 def _selection(res: SearchResult) -> dict | None:
@@ -130,7 +155,8 @@ def plan_document(res: SearchResult, *, model: str, profile: str,
         "totals": _totals(res.chosen.cost),
         "quality": {"predicted_sqnr_db": _num(res.chosen.predicted_sqnr_db, 4),
                     "predicted_mse": _num(res.chosen.predicted_mse),
-                    "measured": _measured(res.chosen)},
+                    "measured": _measured(res.chosen),
+                    "prediction_check": _prediction_check(res)},
         "gating": None if res.gating is None else {
             "search": res.gating.search.value, "seconds": _num(res.gating.seconds, 3),
             "candidates": {g: [c.name for c in cs] for g, cs in res.gating.by_group.items()},

@@ -29,7 +29,7 @@ from mpsearch.job.config import RunConfig, to_yaml
 from mpsearch.job.document import plan_document, plan_frame
 from mpsearch.job.result import SearchResult
 from mpsearch.job.search import Progress
-from mpsearch.report.html import write_report
+from mpsearch.report.html import REPORT_OUTPUTS, write_report
 from mpsearch.sensitivity.document import sensitivity_document
 
 __all__ = ["RUN_OUTPUTS", "ExportFiles", "RunFolder", "Shipped", "VerifySummary",
@@ -39,7 +39,6 @@ RUN_OUTPUTS = ("model.qdq.onnx", "model.qdq.dynamic.onnx", "model.float.onnx", "
                "ort_overrides.json",
                "plan.json", "plan.csv", "sensitivity.json", "verify.json", "config.yaml",
                "report.html", "pareto.png", "allocation.png", "sensitivity.png")
-REPORT_FILES = ("report.html", "pareto.png", "allocation.png", "sensitivity.png")
 QNN_TARGET = "qnn-htp"
 
 
@@ -254,6 +253,6 @@ def write_run_folder(res: SearchResult, cfg: RunConfig, out: OutputDir, *, progr
     text = to_yaml(cfg, relative_to=out.path)
     out.write_with("config.yaml", lambda p: Path(p).write_text(text, encoding="utf-8"))
     # an earlier run's verify.json or dynamic model must not pass for this run's
-    out.remove_unwritten(still_to_come=REPORT_FILES)
+    out.remove_unwritten(still_to_come=REPORT_OUTPUTS)
     write_report(out.path, out)  # also draws pareto.png, allocation.png, sensitivity.png
     return RunFolder(plan=doc, exports=exports, verification=verified)

@@ -67,6 +67,20 @@ def _banner(run: RunFiles) -> str:
             '<a href="#verification">details</a></div>')
 
 
+def _prediction_box(run: RunFiles) -> str:
+    """A plan that measured well below its prediction says so, with the layers behind it."""
+    check = (run.plan.get("quality") or {}).get("prediction_check")
+    if not check:
+        return ""
+    layers = "".join(f"<li>{esc(r.get('group'))} ({esc(r.get('candidate'))}): measured "
+                     f"{esc(r.get('measured_over_predicted_db'))} dB above its prediction</li>"
+                     for r in check.get("layers", []))
+    return (f'<div class="box warn banner"><b>The plan measured {esc(check.get("short_by_db"))}'
+            f' dB below its prediction</b> on the {esc(check.get("data"))} data (more than '
+            f'{esc(check.get("threshold_db"))} dB): {esc(check.get("note"))}.'
+            + (f"<ul>{layers}</ul>" if layers else "") + "</div>")
+
+
 def _cos(v: Any) -> str:
     return f"{v:.5f}" if ok(v) else "-"
 
@@ -288,7 +302,7 @@ def render_report(run: RunFiles, images: Mapping[str, bytes]) -> str:
         f" &middot; {esc(model.get('groups'))} quantizer groups &middot; model sha256 "
         f"{esc(str(model.get('sha256', ''))[:12])} &middot; {esc(p.get('schema'))}</div>{nav}"
         "</header>",
-        problems, _banner(run), _headline(run), _glance(run),
+        problems, _banner(run), _prediction_box(run), _headline(run), _glance(run),
         section("pareto", "Pareto front: predicted and measured",
                  img_tag("pareto.png", images["pareto.png"], "Pareto front")),
         section("plans", "The plan against the baselines and the front",
