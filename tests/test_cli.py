@@ -242,3 +242,17 @@ def test_hw_show_with_a_model_skips_what_a_layer_cannot_take_with_the_reason(fil
     assert "w8a8+channel@0.5" in doc["layers"]["expand"]  # a dense consumer reads it: legal
     assert set(doc["layers"]["depthwise"]) | set(dw) == set(doc["layers"]["expand"])
     assert doc["uniform_plans"]["w8a8"]["relative"]["bops"] == pytest.approx(1.0)
+
+
+def test_json_stdout_holds_the_document_alone(files, tmp_path):
+    """QNN's HTP libraries print a line to file descriptor 1 when they load: with --json it
+    goes to stderr, and stdout parses as one JSON document."""
+    q = tmp_path / "q"
+    assert main(["quantize", str(files["model"]), "--uniform", "w8a8", "--data",
+                 str(files["calib"]), "--out", str(q), "-q"]) == 0
+    r = subprocess.run([sys.executable, "-m", "mpsearch", "verify", str(q / "model.qdq.onnx"),
+                        "--data", str(files["eval"]), "--samples", "1", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)  # nothing else on stdout
+    assert doc["schema"] == "mpsearch.verify/1" and doc["verified"] is True

@@ -6,10 +6,12 @@ saying it is a bug; any other exception is a bug too (code 1, with its traceback
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from mpsearch.cli import eval as eval_cmd
 from mpsearch.cli import hw, inspect, pareto, quantize, report, run, sensitivity, verify
@@ -66,6 +68,35 @@ def _quiet_solver_banner() -> None:
         os.close(saved)
 
 
+@contextlib.contextmanager
+def _stdout_for_the_document(enabled: bool) -> Iterator[None]:
+    """With ``--json``, stdout carries the JSON document alone: native libraries that print to
+    file descriptor 1 (QNN's HTP libraries announce themselves there) are pointed at stderr
+    for the command's duration, and Python's ``print`` writes to the real stdout. Only when
+    stdout is the process's own (a caller that captured ``sys.stdout`` keeps it)."""
+    if not enabled or sys.stdout is not sys.__stdout__:
+        yield
+        return
+    try:
+        fd = sys.stdout.fileno()
+        sys.stdout.flush()
+        saved = os.dup(fd)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    os.dup2(2, fd)
+    doc = io.TextIOWrapper(io.FileIO(saved, "w", closefd=False), encoding="utf-8",
+                           line_buffering=True)
+    real, sys.stdout = sys.stdout, doc
+    try:
+        yield
+    finally:
+        doc.flush()
+        sys.stdout = real
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -75,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr, force=True)
     ui = Ui(quiet=args.quiet, as_json=args.json)
     try:
-        return args.func(args, ui)
+        with _stdout_for_the_document(args.json):
+            return args.func(args, ui)
     except MpsearchError as e:
         if args.debug:
             raise
