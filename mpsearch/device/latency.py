@@ -80,7 +80,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from mpsearch.core.errors import DataError, ExportError, ProfileError, UsageError
+from mpsearch.core.errors import DataError, InternalError, ProfileError, UsageError
 from mpsearch.core.formats import Candidate, Format, FormatKind
 from mpsearch.data.dataset import Dataset
 from mpsearch.device.timing import (
@@ -142,8 +142,8 @@ def one_layer_model(qdq: onnx.ModelProto, layer: Layer,
     inits, producer, consumers = ix.inits, ix.producer, ix.consumers
     node = next((n for n in g.node if n.name == layer.name), None)
     if node is None:
-        raise ExportError(f"layer {layer.name} is not in the exported model",
-                          fix="report this as a bug with the model")
+        raise InternalError(f"layer {layer.name} is not in the exported model: this is a bug "
+                            "in mpsearch; please report it with the model")
     nodes: list[onnx.NodeProto] = []
     inputs: dict[str, int] = {}
     for i in node.input:

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, numpy_helper
 
-from mpsearch.core.errors import UsageError
+from mpsearch.core.errors import InternalError, UsageError
 from mpsearch.core.ops import ChannelFlow, ZeroRule, lookup
 from mpsearch.graph.flow import (
     ChannelRefusal,
@@ -270,8 +270,9 @@ def shrink_channels(lg: LayerGraph, keep: Mapping[str, Sequence[int]], *,
             if n is None:  # rewritten by an exporter (a Clip made fp8-safe): nothing to cut
                 if node in route.depthwise or lg.nodes[node].op_type == "Reshape" or \
                         _route_constants(lg, route, node, _float_constants(lg, node)):
-                    raise UsageError(f"node '{node}' on the route of '{layer}' is not in the "
-                                     "model to shrink", fix="report this as a bug")
+                    raise InternalError(f"node '{node}' on the route of '{layer}' is not in the "
+                                        "model to shrink: this is a bug in mpsearch; please "
+                                        "report it with the model")
                 continue
             if node in route.depthwise:
                 ed.take(node, 1, k, 0)

@@ -45,7 +45,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mpsearch.core import formats
-from mpsearch.core.errors import ExportError
+from mpsearch.core.errors import InternalError
 from mpsearch.core.formats import Candidate, Format, FormatKind
 from mpsearch.core.ops import OpRole
 from mpsearch.export.channels import check_disjoint, masked_constants, shrink_channels
@@ -266,9 +266,9 @@ class _Export:
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as e:
-            raise ExportError(f"the exported model fails the ONNX checker: "
-                              f"{str(e).splitlines()[0]}",
-                              fix="report this as a bug with the model") from e
+            raise InternalError(f"the exported model of {self.lg.model.graph.name or 'the model'}"
+                                f" fails the ONNX checker ({str(e).splitlines()[0]}): this is "
+                                "a bug in mpsearch; please report it with the model") from e
         return QdqModel(model=model, plan=dict(self.plan), node_formats=self.fmt,
                         tensor_formats=self.tensor_fmt, conversions=tuple(self.conversions),
                         opset=model_opset(model), kept_channels=dict(self.kept))

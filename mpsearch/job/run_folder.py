@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mpsearch.core.errors import ExportError
+from mpsearch.core.errors import ExportError, InternalError
 from mpsearch.core.frozen import freeze_fields
 from mpsearch.data.outputs import OutputDir
 from mpsearch.device.qnn import qnn_available
@@ -216,8 +216,8 @@ def verify_on_device(out: OutputDir, res: SearchResult, shipped: Shipped, cfg: R
                         soc_model=prof.soc_model, samples=samples, min_sqnr_db=threshold,
                         sample_axes=dict(cfg.sample_axes), progress=advance)
     if result.model_sha256 != shipped.sha256 or result.shapes_fixed:  # pragma: no cover
-        raise RuntimeError("the verification did not check the shipped model.qdq.onnx as it "
-                           "is: this is a bug in mpsearch")
+        raise InternalError("the verification did not check the shipped model.qdq.onnx as it "
+                            "is: this is a bug in mpsearch")
     doc = result.to_dict()
     doc.pop("seconds", None)
     doc.pop("compile_seconds", None)
