@@ -14,7 +14,8 @@ from onnx import ModelProto, TensorProto, helper
 from mpsearch.core.errors import DataError, UsageError
 from mpsearch.data import dataset as data
 from mpsearch.data import npyio
-from mpsearch.data.dataset import DataSpec, open_dataset, split
+from mpsearch.data.dataset import open_dataset, split
+from mpsearch.data.spec import DataSpec, is_symbol
 
 
 def _model(inputs: list[tuple[str, int, list[int | str]]]) -> ModelProto:
@@ -339,8 +340,8 @@ def test_placeholder_dims_are_independent_sizes(tmp_path, placeholder):
 
 
 def test_is_symbol():
-    assert all(data.is_symbol(s) for s in ("N", "batch_size", "unk__12", "seq_len/2"))
-    assert not any(data.is_symbol(s) for s in ("?", "-1", "", "None", "null", "3"))
+    assert all(is_symbol(s) for s in ("N", "batch_size", "unk__12", "seq_len/2"))
+    assert not any(is_symbol(s) for s in ("?", "-1", "", "None", "null", "3"))
 
 
 def test_a_model_that_fails_the_checker_is_never_written(tmp_path):

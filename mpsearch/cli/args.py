@@ -66,28 +66,25 @@ def parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]] | No
     return out
 
 
-def parse_sample_axes(items: Sequence[str]) -> dict[str, str]:
-    """``NAME=K`` / ``NAME=none`` flags -> input -> axis text (checked with the config)."""
+def _name_value(items: Sequence[str], flag: str, example: str) -> dict[str, str]:
+    """``NAME=VALUE`` flags -> name -> value text (checked when the config is built)."""
     out = {}
     for item in items:
-        name, sep, axis = item.partition("=")
-        if not sep or not name or not axis:
-            raise UsageError(f"--sample-axis {item} is not NAME=K",
-                             fix="write e.g. --sample-axis state=1, or state=none")
-        out[name] = axis
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise UsageError(f"{flag} {item} is not NAME=VALUE", fix=f"write e.g. {example}")
+        out[name] = value
     return out
+
+
+def parse_sample_axes(items: Sequence[str]) -> dict[str, str]:
+    """``NAME=K`` / ``NAME=none`` flags -> input -> axis text."""
+    return _name_value(items, "--sample-axis", "--sample-axis state=1, or state=none")
 
 
 def parse_pins(items: Sequence[str]) -> dict[str, str]:
-    """``NODE=CANDIDATE`` flags -> node -> candidate name (checked when the config is built)."""
-    out = {}
-    for item in items:
-        node, sep, cand = item.partition("=")
-        if not sep or not node or not cand:
-            raise UsageError(f"--pin {item} is not NODE=CANDIDATE",
-                             fix="write e.g. --pin node_Conv_0=w8a16")
-        out[node] = cand
-    return out
+    """``NODE=CANDIDATE`` flags -> node -> candidate name."""
+    return _name_value(items, "--pin", "--pin node_Conv_0=w8a16")
 
 
 def _default(cls: type, name: str) -> Any:

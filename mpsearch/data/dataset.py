@@ -33,19 +33,16 @@ batch dim is static (say 1), every batch has that size and a short one is droppe
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import re
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import onnx
 from onnx import ModelProto
 
 from mpsearch.core.errors import DataError, UsageError
@@ -58,139 +55,14 @@ from mpsearch.data.npyio import (
     npy_rows,
     npz_members,
 )
+from mpsearch.data.spec import DataSpec
 
-__all__ = ["DataSpec", "Dataset", "InputSpec", "Split", "input_specs", "is_symbol",
-           "open_dataset", "split"]
+__all__ = ["Dataset", "Split", "open_dataset", "split"]
 
 log = logging.getLogger(__name__)
 
 LABELS = "labels"
 DEFAULT_BATCH_SIZE = 32
-
-
-def is_symbol(dim_param: str) -> bool:
-    """Whether a ``dim_param`` names a size shared by every dim that carries it. Exporters also
-    write placeholders for "unknown" (PaddlePaddle ``?``, others ``-1`` or ``None``): two dims
-    with such a placeholder are two independent sizes, not one symbol."""
-    return bool(_SYMBOL.fullmatch(dim_param)) and dim_param.lower() not in ("none", "null")
-
-
-_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/+*\- ]*")
-
-
-def input_specs(model: ModelProto) -> dict[str, tuple[int, tuple[int | str | None, ...]]]:
-    """Graph inputs (initializers excluded): name -> (ONNX elem type, shape with symbols; None
-    for a dynamic dim without one, :func:`is_symbol`)."""
-    inits = {t.name for t in model.graph.initializer}
-    out = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims: list[int | str | None] = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(d.dim_value)
-            elif d.HasField("dim_param") and is_symbol(d.dim_param):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        out[vi.name] = (tt.elem_type, tuple(dims))
-    return out
-
-
-@dataclass(frozen=True, kw_only=True)
-class InputSpec:
-    """One model input; ``shape`` has None for dynamic dims. ``sample_axis``: the model axis the
-    samples go to (the stored arrays keep them on their axis 0); None for an input given once,
-    the same for every sample (a recurrent state, a sample rate)."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | None, ...]
-    dim_names: tuple[str | None, ...] = ()  # the symbol of each named dynamic dim
-    sample_axis: int | None = 0
-
-    def describe(self, start: int = 0) -> str:
-        dims = [str(d) if d is not None else n or "?"
-                for d, n in zip(self.shape, self.dim_names, strict=True)]
-        return f"({', '.join(dims[start:])})"
-
-    @property
-    def per_sample(self) -> tuple[int, ...]:
-        """The model axes one stored sample fills, in order: every axis but the sample axis."""
-        return tuple(i for i in range(len(self.shape)) if i != self.sample_axis)
-
-    def stored(self) -> str:
-        """How the stored arrays must look, for messages."""
-        if self.sample_axis is None:
-            return self.describe()
-        dims = [str(self.shape[i]) if self.shape[i] is not None else self.dim_names[i] or "?"
-                for i in self.per_sample]
-        return f"(samples, {', '.join(dims)})"
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What the data must look like: the model's graph inputs, in graph order."""
-
-    inputs: tuple[InputSpec, ...]
-
-    @classmethod
-    def from_model(cls, model: ModelProto,
-                   sample_axes: Mapping[str, int | None] | None = None) -> DataSpec:
-        """``sample_axes``: input -> the model axis its samples go to, or None for an input
-        given once; by default axis 0, or for an input whose axis 0 is static the first
-        dynamic axis (a state ``[2, batch, 128]``: axis 1); a scalar input is given once."""
-        declared = dict(sample_axes or {})
-        specs = input_specs(model)
-        unknown = sorted(set(declared) - set(specs))
-        if unknown:
-            raise UsageError(f"--sample-axis names {', '.join(unknown)}, not an input of the "
-                             "model", fix=f"the model's inputs are {', '.join(specs)}")
-        out = []
-        for name, (elem, dims) in specs.items():
-            try:
-                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
-            except (KeyError, TypeError) as e:
-                raise DataError(f"model input '{name}' has ONNX element type {elem}, which has "
-                                "no numpy dtype", fix="export it with a standard type") from e
-            shape = tuple(d if isinstance(d, int) and d > 0 else None for d in dims)
-            if name in declared:
-                axis = declared[name]
-                if axis is not None and not 0 <= axis < len(shape):
-                    raise UsageError(f"--sample-axis {name}={axis}: the input has {len(shape)} "
-                                     "axes", fix=f"give an axis from 0 to {len(shape) - 1}, or "
-                                                 "none for an input given once")
-            elif not shape:
-                axis = None  # a scalar: given once
-            else:
-                axis = next((i for i, d in enumerate(shape) if d is None), 0) \
-                    if shape[0] is not None else 0
-            out.append(InputSpec(
-                name=name, dtype=dtype, shape=shape, sample_axis=axis,
-                dim_names=tuple(d if isinstance(d, str) and d else None for d in dims)))
-        return cls(tuple(out))
-
-    def given_once(self, names: Iterable[str]) -> DataSpec:
-        """The same inputs, those of ``names`` given once (no sample axis)."""
-        names = set(names)
-        return DataSpec(tuple(dataclasses.replace(s, sample_axis=None) if s.name in names
-                              else s for s in self.inputs))
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.inputs)
-
-    def __getitem__(self, name: str) -> InputSpec:
-        return {s.name: s for s in self.inputs}[name]
-
-    @property
-    def static_batch(self) -> int | None:
-        """The model's batch size where an input's sample axis is static, else None."""
-        sizes = {s.shape[s.sample_axis] for s in self.inputs
-                 if s.sample_axis is not None and s.shape[s.sample_axis] is not None}
-        return min(sizes, default=None)
 
 
 @dataclass(frozen=True)
@@ -298,15 +170,7 @@ class Dataset:
 
     def _given_once(self, arr: StoredArray, src: _Source) -> np.ndarray:
         """An input given once, read whole and checked like a batch."""
-        try:
-            if arr.key is None:
-                a = np.load(arr.path, allow_pickle=False)
-            else:
-                with zipfile.ZipFile(arr.path) as zf, zf.open(f"{arr.key}.npy") as f:
-                    a = np.lib.format.read_array(f, allow_pickle=False)
-        except READ_ERRORS as e:
-            raise DataError(f"{self.name} data {arr.path} cannot be read ({e})",
-                            fix="re-save the data") from e
+        a = _read_whole(arr, f"{self.name} data {arr.path}", "it")
         name = next(n for n, x in src.arrays.items() if x is arr)
         return self._convert(name, a[None], src, np.zeros(1, np.int64))[0, ...]
 
@@ -530,18 +394,22 @@ def _check_dtype(input_name: str, have: np.dtype, want: np.dtype, where: str,
     raise DataError(f"{where}: input '{input_name}' is {have} but the model wants {want}", fix=fix)
 
 
+def _read_whole(arr: StoredArray, where: str, what: str) -> np.ndarray:
+    """A small stored array read at once (labels, an input given once)."""
+    try:
+        if arr.key is None:
+            return np.load(arr.path, allow_pickle=False)
+        with zipfile.ZipFile(arr.path) as zf, zf.open(f"{arr.key}.npy") as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except READ_ERRORS as e:
+        raise DataError(f"{where}: {what} cannot be read ({e})", fix="re-save it") from e
+
+
 def _labels(arrays: list[StoredArray], total: int, name: str, p: Path) -> np.ndarray:
     parts = []
     for arr in arrays:
         where = f"{name} data {arr.path}"
-        try:
-            if arr.key is None:
-                a = np.load(arr.path, allow_pickle=False)
-            else:
-                with zipfile.ZipFile(arr.path) as zf, zf.open(f"{arr.key}.npy") as f:
-                    a = np.lib.format.read_array(f, allow_pickle=False)
-        except READ_ERRORS as e:
-            raise DataError(f"{where}: '{LABELS}' cannot be read ({e})", fix="re-save it") from e
+        a = _read_whole(arr, where, f"'{LABELS}'")
         if a.ndim != 1 or a.dtype.kind not in "iu":
             raise DataError(f"{where}: '{LABELS}' is {a.dtype} of shape {a.shape}, not a 1-D "
                             "integer array", fix="store one integer class index per sample")

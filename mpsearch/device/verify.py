@@ -37,7 +37,8 @@ import numpy as np
 import onnx
 
 from mpsearch.core.errors import DataError, UsageError
-from mpsearch.data.dataset import Dataset, input_specs, is_symbol, open_dataset
+from mpsearch.data.dataset import Dataset, open_dataset
+from mpsearch.data.spec import input_specs, is_symbol
 from mpsearch.graph.ingest import load_model
 
 __all__ = ["MIN_SQNR_DB", "SCHEMA", "TARGETS", "FixedDim", "NodeCounts", "OutputAgreement",

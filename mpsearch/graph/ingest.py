@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from onnx import ModelProto, NodeProto, numpy_helper
 
 from mpsearch.core.errors import ModelError
-from mpsearch.data.dataset import input_specs
+from mpsearch.data.spec import input_specs
 
 __all__ = ["GraphIndex", "default_input_shapes", "graph_index", "load_model", "names_used",
            "outer_references", "prepare_model", "strip_debug_metadata", "with_input_shapes"]

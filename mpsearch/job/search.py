@@ -89,7 +89,7 @@ class SearchData:
     calibration: DataLike
     evaluation: DataLike | None = None
     # input -> the model axis its samples go to, or None for an input given once (a state, a
-    # sample rate); inputs not named: inferred (mpsearch.data.dataset.DataSpec.from_model)
+    # sample rate); inputs not named: inferred (mpsearch.data.spec.DataSpec.from_model)
     sample_axes: Mapping[str, int | None] = dataclasses.field(default_factory=dict)
 
 
