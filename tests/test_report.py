@@ -230,16 +230,22 @@ def test_failed_verification_shows_its_reasons_at_the_top(run_dir, tmp_path):
     assert "node_Conv_3" in page.split('id="verification"')[1]
 
 
-def test_passed_verification(run_dir, tmp_path):
-    d = _copy(run_dir, tmp_path)
+def _compiled_whole(d: Path, sqnr: float, cosine: float) -> None:
+    """A verify.json of this folder's model: every node on the HTP, one output at ``sqnr``."""
+    agrees = sqnr >= 25.0
     (d / "verify.json").write_text(json.dumps({
         "target": "qnn-htp", "soc_model": 57, "compiled": True,
         "model": {"path": "model.qdq.onnx", "sha256": _sha(d / "model.qdq.onnx")},
         "nodes": {"total": 40, "on_target": 40, "by_ep": {"QNN": 40}, "by_op": {},
                   "not_on_target": []},
         "reasons": [], "samples": 4,
-        "outputs": [{"name": "logits", "sqnr_db": 31.5, "cosine": 0.9996}], "sqnr_db": 31.5,
-        "min_sqnr_db": 25.0, "agrees": True, "verified": True, "seconds": 2.0}))
+        "outputs": [{"name": "logits", "sqnr_db": sqnr, "cosine": cosine}], "sqnr_db": sqnr,
+        "min_sqnr_db": 25.0, "agrees": agrees, "verified": agrees, "seconds": 2.0}))
+
+
+def test_passed_verification(run_dir, tmp_path):
+    d = _copy(run_dir, tmp_path)
+    _compiled_whole(d, 31.5, 0.9996)
     page = build_report(d).read_text()
     assert 'class="card ok"' in page and "40/40 nodes on target" in page and "31.50 dB" in page
     assert "verified on qnn-htp" in page
@@ -249,14 +255,7 @@ def test_compiled_whole_but_disagreeing_is_not_verified(run_dir, tmp_path):
     """Compiling is not computing: every node on the HTP at 2.5 dB against the CPU is a
     failure in red, and the page never says verified."""
     d = _copy(run_dir, tmp_path)
-    (d / "verify.json").write_text(json.dumps({
-        "target": "qnn-htp", "soc_model": 57, "compiled": True,
-        "model": {"path": "model.qdq.onnx", "sha256": _sha(d / "model.qdq.onnx")},
-        "nodes": {"total": 40, "on_target": 40, "by_ep": {"QNN": 40}, "by_op": {},
-                  "not_on_target": []},
-        "reasons": [], "samples": 4,
-        "outputs": [{"name": "logits", "sqnr_db": 2.5, "cosine": 0.4}], "sqnr_db": 2.5,
-        "min_sqnr_db": 25.0, "agrees": False, "verified": False}))
+    _compiled_whole(d, 2.5, 0.4)
     page = build_report(d).read_text()
     top = page.split('id="pareto"')[0]
     assert 'class="card fail"' in top and "NOT VERIFIED" in top and "2.50 dB" in top
