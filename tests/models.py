@@ -182,6 +182,21 @@ def with_if(seed: int = 0) -> onnx.ModelProto:
                   opset=17)
 
 
+def softmax_opset11(seed: int = 0) -> onnx.ModelProto:
+    """A Paddle-style classifier head at opset 11: Conv, then Softmax over axis 1 of a 4-D
+    tensor, then Identity to the output. Raising it to opset 13 for int8 makes ONNX's converter
+    wrap the Softmax in inserted Shape/Flatten/Reshape nodes, so the Softmax's output tensor
+    is produced by a node the layer graph never saw."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Softmax", ["c"], ["p"], axis=1, name="softmax"),
+             helper.make_node("Identity", ["p"], ["y"], name="out")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                  [_init("w", (rng.standard_normal((4, 3, 1, 1)) * 0.5).astype(np.float32))],
+                  opset=11)
+
+
 def images(n: int, seed: int = 0, shape: tuple[int, ...] = (3, 16, 16)) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from models import attention, images, mbconv, with_if
+from models import attention, images, mbconv, softmax_opset11, with_if
 from onnx import helper
 
 from mpsearch import analyze, open_dataset, parse_candidate
@@ -215,3 +215,21 @@ def test_weights_read_inside_if_branches_survive_the_export(tmp_path):
     ref = make_session(model).run(None, {"x": x})[0]
     got = make_session(q).run(None, {"x": x})[0]
     assert sqnr_db(float(np.mean(ref ** 2)), float(np.mean((ref - got) ** 2))) > 30
+
+
+def test_quantizers_follow_the_tensor_when_the_opset_converter_inserts_nodes(tmp_path):
+    """Raising opset 11 to 13 wraps the Softmax in new nodes; the quantizer of the Softmax's
+    output goes after the node that now produces it, so the model stays topologically sorted
+    (a PaddleOCR direction classifier failed here: 'softmax_0.tmp_0_prequant')."""
+    model = softmax_opset11()
+    np.savez(tmp_path / "c.npz", x=images(8, seed=1, shape=(3, 8, 8)))
+    a = analyze(model, open_dataset(tmp_path / "c.npz", model))
+    x = images(2, seed=2, shape=(3, 8, 8))
+    ref = make_session(model).run(None, {"x": x})[0]
+    for cand, opset, floor_db in (("w8a8", 13, 10), ("w16a16", 21, 40)):  # 16 bits: the same
+        q = quantize(a, parse_candidate(cand)).model                     # function, so ~exact
+        onnx.checker.check_model(q, full_check=True)
+        assert q.opset_import[0].version == opset
+        assert any(n.op_type == "Reshape" for n in q.graph.node)  # the converter's wrapping
+        got = make_session(q).run(None, {"x": x})[0]
+        assert sqnr_db(float(np.mean(ref ** 2)), float(np.mean((ref - got) ** 2))) > floor_db

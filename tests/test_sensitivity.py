@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from models import images, mbconv
+from models import images, mbconv, with_if
 from onnx import helper, numpy_helper
 
 from mpsearch.cli.main import main
 from mpsearch.core.formats import Candidate, Format, parse_candidate
 from mpsearch.data.dataset import open_dataset
-from mpsearch.export.qdq import export_qdq
+from mpsearch.export.qdq import export_qdq, quantize
 from mpsearch.graph.calibrate import make_session, run_collectors
 from mpsearch.quant.analysis import analyze
 from mpsearch.sensitivity.hessian import layer_output_error
@@ -334,3 +334,21 @@ def test_suffix_with_weights_left_out_runs_like_the_whole_model(tiny):
     got = suffix_session(outside, a.ranges.weights).run(None, feed)
     for w, g in zip(want, got, strict=True):
         assert np.array_equal(w, g)
+
+
+def test_measured_sensitivity_runs_the_if_whose_branch_reads_the_outer_scope(tmp_path):
+    """The part of the model after the Gemm holds an If whose branch reads a main-graph
+    initializer: the cut model keeps it, and the measured error is what the full quantized
+    model gives (one group, so the two are the same run)."""
+    model = with_if()
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((16, 16))
+             .astype(np.float32))
+    ds = open_dataset(tmp_path / "c.npz", model)
+    a = analyze(model, ds)
+    cand = parse_candidate("w8a8")
+    table = estimate(a, ds, {"fc": (cand,)}, method=Method.MEASURED)
+    q = quantize(a, {"fc": cand}).model
+    ref = np.concatenate([make_session(model).run(None, b)[0] for b in ds.batches()])
+    got = np.concatenate([make_session(q).run(None, b)[0] for b in ds.batches()])
+    assert table.measured[("fc", cand)] == pytest.approx(float(np.mean((ref - got) ** 2)),
+                                                         rel=1e-4)

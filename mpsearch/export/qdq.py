@@ -98,7 +98,10 @@ class _Writer:
         self.names = {n.name for n in graph.node} | {t.name for t in graph.initializer}
         self.names |= {o for n in graph.node for o in n.output}
         self.names |= {i.name for i in graph.input}
-        self.nodes_after: dict[str, list[onnx.NodeProto]] = {}  # producer node -> new nodes
+        # tensor -> the new nodes that read it, placed right after whatever node produces it in
+        # the exported graph (the opset converter may have put another node there than in the
+        # layer graph: Paddle's Softmax, raised from opset 11, ends in an inserted node)
+        self.nodes_after: dict[str, list[onnx.NodeProto]] = {}
         self.front: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.types: set[int] = set()
@@ -119,7 +122,8 @@ class _Writer:
         return s, z
 
     def qdq(self, src: str, dst: str, qp: QParams, after: str | None) -> None:
-        """src -Q-> -DQ-> dst, placed after node ``after`` (None: at the front)."""
+        """src -Q-> -DQ-> dst, placed after the node that produces tensor ``after`` (None: at
+        the front, for a graph input)."""
         s, z = self.params(dst, qp)
         q_out = self.unique(f"{dst}_{qp.fmt}")
         axis = [] if qp.axis is None else [("axis", qp.axis)]
@@ -320,13 +324,13 @@ class _Export:
         if pf is not None and pf.is_quantized:
             pre = w.unique(f"{t}_prequant")
             self.renames[t] = pre
-            w.qdq(pre, t, self._params(t, pf), after=producer)
+            w.qdq(pre, t, self._params(t, pf), after=pre)
             self.tensor_fmt[t] = pf
         for f, consumers in needs.items():
             if f is pf:
                 continue
             dst = w.unique(f"{t}_{f}")
-            w.qdq(t, dst, self._params(t, f), after=producer)
+            w.qdq(t, dst, self._params(t, f), after=t if producer else None)
             if pf is not None and pf.is_quantized:
                 self.conversions.append((t, pf, f))
             else:
@@ -407,7 +411,16 @@ class _Export:
 
     def _rewrite(self) -> None:
         g, w = self.model.graph, self.w
-        new_nodes: list[onnx.NodeProto] = list(w.front)
+        new_nodes: list[onnx.NodeProto] = []
+
+        def emit(node: onnx.NodeProto) -> None:  # the node, then what reads its outputs
+            new_nodes.append(node)
+            for out in node.output:
+                for n in w.nodes_after.pop(out, []):
+                    emit(n)
+
+        for node in w.front:
+            emit(node)
         for node in g.node:
             for k, out in enumerate(node.output):
                 if out in self.renames:
@@ -415,8 +428,11 @@ class _Export:
             for k, inp in enumerate(node.input):
                 if (node.name, inp) in self.rewires:
                     node.input[k] = self.rewires[(node.name, inp)]
-            new_nodes.append(node)
-            new_nodes.extend(w.nodes_after.pop(node.name, []))
+            emit(node)
+        if w.nodes_after:
+            raise InternalError(f"no node of the exported model produces {sorted(w.nodes_after)[0]}"
+                                ", which a quantizer reads: this is a bug in mpsearch; please "
+                                "report it with the model")
         new_nodes = fp8_safe_clips(new_nodes, w)
         del g.node[:]
         g.node.extend(new_nodes)

@@ -20,6 +20,7 @@ import onnx
 from onnx import helper
 
 from mpsearch.graph.calibrate import make_session, run_collectors
+from mpsearch.graph.ingest import outer_references
 from mpsearch.graph.layer_graph import LayerGraph
 
 __all__ = ["EXTERNAL_MIN_BYTES", "FEED_BYTES", "Suffix", "TensorStore", "bytes_per_sample",
@@ -58,7 +59,8 @@ def suffix_model(float_model: onnx.ModelProto, qdq: onnx.ModelProto, *,
     dirty: list[onnx.NodeProto] = []
     for n in qdq.graph.node:  # topological order
         same = orig.get(n.name) == (n.op_type, tuple(n.input), tuple(n.output))
-        if same and all(not i or i in clean for i in n.input):
+        reads = (*n.input, *outer_references(n))  # an If/Loop body reads the outer scope too
+        if same and all(not i or i in clean for i in reads):
             clean.update(n.output)
         else:
             dirty.append(n)
@@ -92,7 +94,7 @@ def cut(model: onnx.ModelProto, dirty: list[onnx.NodeProto], types: Mapping[str,
     produced = {o for n in dirty for o in n.output}
     feeds, used = [], set()
     for n in dirty:
-        for i in n.input:
+        for i in (*n.input, *sorted(outer_references(n))):
             if not i or i in produced or i in used:
                 continue
             used.add(i)
