@@ -370,7 +370,8 @@ def test_a_model_that_fails_the_checker_is_never_written(tmp_path):
 
 
 def _stateful(state_shape: list, audio_shape: list) -> ModelProto:
-    """A wake-word-like model: audio frames, a recurrent state, a scalar sample rate."""
+    """A wake-word-like model: audio frames, a recurrent state, a scalar sample rate; outputs
+    the score and the next state (samples on its axis 1, as Silero VAD's)."""
     from onnx import numpy_helper
 
     rng = np.random.default_rng(0)
@@ -383,14 +384,16 @@ def _stateful(state_shape: list, audio_shape: list) -> ModelProto:
              helper.make_node("Add", ["h", "s0"], ["hs"]),
              helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
              helper.make_node("Mul", ["srf", "k"], ["scale"]),
-             helper.make_node("Mul", ["hs", "scale"], ["y"])]
+             helper.make_node("Mul", ["hs", "scale"], ["y"]),
+             helper.make_node("Add", ["state", "state"], ["state_out"])]
     del axis
     graph = helper.make_graph(
         nodes, "g",
         [helper.make_tensor_value_info("audio", TensorProto.FLOAT, audio_shape),
          helper.make_tensor_value_info("state", TensorProto.FLOAT, state_shape),
          helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [audio_shape[0], 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [audio_shape[0], 128]),
+         helper.make_tensor_value_info("state_out", TensorProto.FLOAT, state_shape)],
         [w, zero, k])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -415,6 +418,7 @@ def test_a_state_and_a_sample_rate_are_given_once(tmp_path):
         assert b["audio"].shape == (1, 576) and b["state"].shape == (2, 1, 128)
         assert b["sr"].shape == () and b["sr"].dtype == np.int64
         assert sess.run(None, b)[0].shape == (1, 128)
+        assert sess.run(None, b)[1].shape == (2, 1, 128)
 
 
 def test_a_state_with_its_batch_on_axis_1_takes_samples_there(tmp_path):
@@ -436,3 +440,14 @@ def test_a_state_with_its_batch_on_axis_1_takes_samples_there(tmp_path):
         open_dataset(tmp_path / "d.npz", model, sample_axes={"state": None})
     with pytest.raises(UsageError, match="--sample-axis names nope, not an input"):
         open_dataset(tmp_path / "d.npz", model, sample_axes={"nope": 0})
+
+
+@pytest.mark.parametrize("dims, axis", [
+    (["batch", 576], 0),
+    ([1, 1, 64, "W"], 0),  # a batch fixed at 1 with a dynamic width: batch-first
+    ([2, "N", 128], 1),  # a static leading 2 is no batch: the first dynamic axis
+    ([1, "batch", 64], 1),  # the symbol another input has on axis 0
+])
+def test_inferred_sample_axes(dims, axis):
+    model = _model([("x", TensorProto.FLOAT, ["batch", 8]), ("s", TensorProto.FLOAT, dims)])
+    assert DataSpec.from_model(model)["s"].sample_axis == axis

@@ -165,3 +165,48 @@ def test_a_relative_budget_on_a_quantity_that_is_zero_says_so():
     with pytest.raises(UsageError, match=r"budget bops=0.9 is relative to the all-w8a8 plan's "
                                          r"bops, which is 0 on this model"):
         parse_budget("bops=0.9").limit({"bops": 0.0})
+
+
+def _refused(model, tmp_path):
+    from mpsearch import analyze, open_dataset
+
+    np.savez(tmp_path / "c.npz", x=np.ones((2, 4), np.float32))
+    with pytest.raises(ModelError) as e:
+        analyze(model, open_dataset(tmp_path / "c.npz", model))
+    return str(e.value)
+
+
+def test_an_already_quantized_model_is_refused_saying_so(tmp_path):
+    """ddddocr ships ConvInteger/DynamicQuantizeLinear models: nothing float to plan."""
+    from onnx import TensorProto, numpy_helper
+
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "s", "z"]),
+             helper.make_node("MatMulInteger", ["xq", "w", "z", "wz"], ["yi"]),
+             helper.make_node("Cast", ["yi"], ["y"], to=TensorProto.FLOAT)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(np.ones((4, 3), np.uint8), "w"),
+                           numpy_helper.from_array(np.array(0, np.uint8), "wz")])
+    text = _refused(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path)
+    assert text.startswith("the model is already quantized (1 DynamicQuantizeLinear, "
+                           "1 MatMulInteger)") and "FP32 model" in text
+
+
+def test_layers_only_inside_an_if_are_refused_saying_where(tmp_path):
+    """Silero VAD's layers all sit in the branches of an If on the sample rate."""
+    from onnx import TensorProto, numpy_helper
+
+    body = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["b_out"])], "body", [],
+                             [helper.make_tensor_value_info("b_out", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+             helper.make_node("Greater", ["m", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=body,
+                              name="sr_switch")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(np.ones((4, 3), np.float32), "w"),
+                           numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    text = _refused(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path)
+    assert "inside the bodies of sr_switch (If/Loop)" in text

@@ -95,14 +95,19 @@ class DataSpec:
     def from_model(cls, model: ModelProto,
                    sample_axes: Mapping[str, int | None] | None = None) -> DataSpec:
         """``sample_axes``: input -> the model axis its samples go to, or None for an input
-        given once; by default axis 0, or for an input whose axis 0 is static the first
-        dynamic axis (a state ``[2, batch, 128]``: axis 1); a scalar input is given once."""
+        given once. By default: the axis whose symbol is another input's axis-0 symbol (a
+        state ``[2, batch, 128]`` beside ``x [batch, 576]``: axis 1); else, where axis 0 is
+        static and more than 1, the first dynamic axis (``[2, N, 128]``); else axis 0 (a batch
+        fixed at 1 with a dynamic width, ``[1, 1, 64, W]``, is batch-first). A scalar is given
+        once."""
         declared = dict(sample_axes or {})
         specs = input_specs(model)
         unknown = sorted(set(declared) - set(specs))
         if unknown:
             raise UsageError(f"--sample-axis names {', '.join(unknown)}, not an input of the "
                              "model", fix=f"the model's inputs are {', '.join(specs)}")
+        # the symbols other inputs carry on axis 0: a batch they share with this one
+        batch_symbols = {d[0] for _, d in specs.values() if d and isinstance(d[0], str)}
         out = []
         for name, (elem, dims) in specs.items():
             try:
@@ -120,8 +125,7 @@ class DataSpec:
             elif not shape:
                 axis = None  # a scalar: given once
             else:
-                axis = next((i for i, d in enumerate(shape) if d is None), 0) \
-                    if shape[0] is not None else 0
+                axis = _inferred_axis(shape, dims, batch_symbols - {dims[0]})
             out.append(InputSpec(
                 name=name, dtype=dtype, shape=shape, sample_axis=axis,
                 dim_names=tuple(d if isinstance(d, str) and d else None for d in dims)))
@@ -146,3 +150,14 @@ class DataSpec:
         sizes = {s.shape[s.sample_axis] for s in self.inputs
                  if s.sample_axis is not None and s.shape[s.sample_axis] is not None}
         return min(sizes, default=None)
+
+
+def _inferred_axis(shape: tuple[int | None, ...], dims: tuple[int | str | None, ...],
+                   batch_symbols: set) -> int:
+    """The sample axis of an input nobody declared (see :meth:`DataSpec.from_model`)."""
+    shared = next((i for i, d in enumerate(dims) if i and d in batch_symbols), None)
+    if shared is not None and shape[0] is not None:
+        return shared
+    if shape[0] is not None and shape[0] > 1:
+        return next((i for i, d in enumerate(shape) if d is None), 0)
+    return 0

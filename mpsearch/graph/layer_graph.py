@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
+import onnx
 from onnx import ModelProto, NodeProto, TensorProto
 
 from mpsearch.core.errors import ModelError
@@ -98,6 +100,17 @@ class Tie:
     groups: tuple[str, ...]
 
 
+# ops of a model that was quantized already: there is nothing left for mpsearch to plan
+_ALREADY_QUANTIZED = frozenset({"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul",
+                                "DynamicQuantizeLinear", "MatMulNBits", "DequantizeLinear"})
+
+
+def has_subgraphs(node: NodeProto) -> bool:
+    """Whether a node carries subgraphs (If branches, Loop/Scan bodies)."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in node.attribute)
+
+
 @dataclass(frozen=True, kw_only=True)
 class FloatOp:
     """A node left in float, and why."""
@@ -165,6 +178,25 @@ class LayerGraph:
             if macs is not None:
                 layers[name] = dataclasses.replace(layers[name], macs=macs)
         return dataclasses.replace(self, layers=layers, activations=acts)
+
+    def require_layers(self, name: str = "the model") -> None:
+        """Refuse a graph with nothing to quantize, saying why (a ModelError, exit 2)."""
+        if self.layers:
+            return
+        ops = Counter(n.op_type for n in self.nodes.values())
+        done = {op: k for op, k in ops.items() if op in _ALREADY_QUANTIZED}
+        if done:
+            what = ", ".join(f"{k} {op}" for op, k in sorted(done.items()))
+            raise ModelError(f"{name} is already quantized ({what}): it has no float layer to "
+                             "plan", fix="give mpsearch the FP32 model it was made from")
+        bodies = [n.name or n.op_type for n in self.nodes.values() if has_subgraphs(n)]
+        if bodies:
+            raise ModelError(f"{name} has no quantizable layer in its main graph: its layers "
+                             f"are inside the bodies of {', '.join(bodies[:3])} (If/Loop), "
+                             "which mpsearch leaves in float",
+                             fix="export the model without control flow (e.g. one branch)")
+        raise ModelError(f"{name} has no quantizable layer (Conv, ConvTranspose, Gemm, or a "
+                         "MatMul with a constant weight)", fix="nothing to quantize here")
 
     def op_info(self, node_name: str) -> OpInfo | None:
         n = self.nodes[node_name]

@@ -85,16 +85,29 @@ def plan_errors(analysis: Analysis, plan: Mapping[str, Candidate],
     for ref, batch in zip(reference, batches, strict=True):
         got = sess.run(names, {k: v for k, v in batch.items() if k in feeds})
         rows = None
+        b = min((y.shape[0] for y in got if y.ndim), default=1)  # the samples in this batch
         for name, y in zip(names, got, strict=True):
             if name not in ref:
                 continue
             d = ref[name].astype(np.float64) - y
-            sq = (d.reshape(len(d), -1) ** 2).sum(axis=1)  # axis 0: the samples
-            rows = sq if rows is None else rows + sq
             count += d.size
+            sq = (_samples_first(d, b).reshape(b, -1) ** 2).sum(axis=1)
+            rows = sq if rows is None else rows + sq
         if rows is not None:
             per.append(rows)
     return (np.concatenate(per) if per else np.zeros(0)), count
+
+
+def _samples_first(d: np.ndarray, b: int) -> np.ndarray:
+    """``d`` with its sample axis first: axis 0 when it has the batch's ``b`` samples, else the
+    first axis that does (a recurrent state output ``[layers, batch, hidden]``); an output
+    without one (a scalar) is shared evenly among the samples."""
+    if d.ndim and d.shape[0] == b:
+        return d
+    axis = next((i for i, n in enumerate(d.shape) if n == b), None)
+    if axis is None:
+        return np.broadcast_to(np.sqrt(np.sum(d ** 2) / b), (b,))
+    return np.moveaxis(d, axis, 0)
 
 
 def plan_mse(analysis: Analysis, plan: Mapping[str, Candidate],

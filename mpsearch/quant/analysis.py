@@ -123,6 +123,7 @@ def analyze(model: onnx.ModelProto, data: Dataset, *,
     first = next(data.batches(1), None)
     shapes = {k: v.shape for k, v in first.items()} if first else None  # batch 1
     graph = build_layer_graph(prepared, input_shapes=shapes, prepared=True)
+    graph.require_layers()
     report = None
     if opts.equalize is not EqualizeMode.OFF:
         eq_model, report = equalize(graph, mode=opts.equalize)
