@@ -190,3 +190,21 @@ def test_fixing_placeholder_dims_fixes_each_by_its_position():
     assert dims == [1, 3, 48, 192]
     assert [d.describe() for d in fixed] == ["x:0 ? -> 1", "x:2 ? -> 48", "x:3 ? -> 192"]
     assert model.graph.input[0].type.tensor_type.shape.dim[2].dim_param == "?"  # input kept
+
+
+def test_localize_compares_every_quantized_tensor_on_both_targets(files):
+    """Every activation Q/DQ of the shipped model is a probe. The w8a8 net agrees on all of
+    them at 25 dB, so there is no culprit; with a threshold no probe can reach, the culprit is
+    the first quantized tensor, made by the stem conv, and it names its format."""
+    from mpsearch.device.localize import localize, probe_tensors
+    from mpsearch.device.verify import static_model
+
+    model, _ = static_model(onnx.load(str(files["w8a8"])), data=files["eval"])
+    probes = probe_tensors(model)
+    quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert 0 < len(probes) == len(quantizers)
+    assert localize(model, data=files["eval"], soc_model=57, min_sqnr_db=25.0) is None
+    c = localize(model, data=files["eval"], soc_model=57, min_sqnr_db=1000.0)
+    assert c is not None and c.tensor == probes[0] and c.probes == len(probes)
+    assert c.node is None or c.op_type in ("Conv", "Relu", "Clip")
+    assert c.activation_format == "uint8" and c.sqnr_db < 1000

@@ -85,7 +85,9 @@ def cmd_run(args: argparse.Namespace, ui: Ui) -> int:
             ui.err.print(f"[bold red]not verified: {verified.target} computes something else "
                          f"than the CPU EP[/]: output SQNR {verified.sqnr_db} dB, below the "
                          f"{verified.min_sqnr_db:g} dB threshold (outputs "
-                         f"{', '.join(verified.disagreeing) or 'none ran'}); see report.html")
+                         f"{', '.join(verified.disagreeing) or 'none ran'})"
+                         + (f"; {verified.culprit}" if verified.culprit else "")
+                         + "; see report.html")
         elif verified.skipped is None:
             ui.out.print(f"verified on {verified.target} (soc {verified.soc_model}, "
                          f"emulated): every node on the HTP, {verified.sqnr_db} dB against "

@@ -77,6 +77,18 @@ def cmd_verify(args: argparse.Namespace, ui: Any) -> int:
                         input_shapes=shapes, samples=args.samples,
                         min_sqnr_db=args.min_sqnr_db, progress=advance)
     doc = result.to_dict()
+    culprit = None
+    if result.fully_on_target and not result.agrees:
+        from mpsearch.device.localize import localize
+        from mpsearch.device.verify import static_model
+        from mpsearch.graph.ingest import load_model
+
+        with ui.progress("finding where the HTP departs from the CPU", None):
+            device_model, _ = static_model(load_model(args.model), data=args.data,
+                                           input_shapes=shapes)
+            culprit = localize(device_model, data=args.data, soc_model=args.soc,
+                               min_sqnr_db=result.min_sqnr_db)
+    doc["culprit"] = culprit.to_dict() if culprit is not None else None
     doc["seconds"] = round(time.perf_counter() - t0, 2)
     if od is not None:
         od.write_json(Path(args.out).name, doc)
@@ -132,9 +144,12 @@ def _print(ui: Any, result, doc: dict, args: argparse.Namespace) -> None:
         names = ", ".join(o.name for o in result.disagreeing) or "none ran"
         state += (f", [bold red]but not verified[/]: outputs below {result.min_sqnr_db:g} dB "
                   f"against the CPU EP: {names}")
+
     elif result.verified:
         state = f"verified (every output at {result.min_sqnr_db:g} dB or better): " + state
     ui.out.print(f"{state}: {n.on_target}/{n.total} nodes of the compiled graph ({ops})")
+    if doc.get("culprit"):
+        ui.out.print(f"where: {doc['culprit']['description']}", markup=False)
     for r in n.not_on_target:
         ui.out.print(f"not on QNN: {r['node']} ({r['op_type']}): {r['reason']}")
     ui.out.print(f"compiled in {result.compile_seconds:.1f} s; worst output "

@@ -20,6 +20,7 @@ from pathlib import Path
 from mpsearch.core.errors import ExportError, InternalError
 from mpsearch.core.frozen import freeze_fields
 from mpsearch.data.outputs import OutputDir
+from mpsearch.device.localize import localize
 from mpsearch.device.qnn import qnn_available
 from mpsearch.device.verify import MIN_SQNR_DB, static_model, verify
 from mpsearch.export.encodings import encodings_document
@@ -100,6 +101,7 @@ class VerifySummary:
     sqnr_db: float | None = None  # HTP against the CPU EP, worst output
     min_sqnr_db: float = MIN_SQNR_DB  # what every output had to reach
     disagreeing: tuple[str, ...] = ()  # the outputs below it
+    culprit: str | None = None  # where the disagreement enters (mpsearch.device.localize)
     samples: int = 0
     shapes_fixed: tuple = ()  # the dims fixed in the shipped file (plan.json exports too)
     sha256: str | None = None  # of the file compiled: the shipped model.qdq.onnx
@@ -128,6 +130,7 @@ class VerifySummary:
                 "nodes_on_target": self.nodes_on_target, "nodes": self.nodes,
                 "sqnr_db": self.sqnr_db, "min_sqnr_db": self.min_sqnr_db,
                 "verified": self.verified, "disagreeing": list(self.disagreeing),
+                "culprit": self.culprit,
                 "samples": self.samples,
                 "shapes_fixed": list(self.shapes_fixed), "sha256": self.sha256,
                 "reasons": list(self.reasons)}
@@ -218,7 +221,14 @@ def verify_on_device(out: OutputDir, res: SearchResult, shipped: Shipped, cfg: R
     if result.model_sha256 != shipped.sha256 or result.shapes_fixed:  # pragma: no cover
         raise InternalError("the verification did not check the shipped model.qdq.onnx as it "
                             "is: this is a bug in mpsearch")
+    culprit = None
+    if result.fully_on_target and not result.agrees:
+        with progress("finding where the HTP departs from the CPU", None):
+            culprit = localize(out.path / "model.qdq.onnx", data=data,
+                               soc_model=prof.soc_model, min_sqnr_db=result.min_sqnr_db,
+                               sample_axes=dict(cfg.sample_axes))
     doc = result.to_dict()
+    doc["culprit"] = culprit.to_dict() if culprit is not None else None
     doc.pop("seconds", None)
     doc.pop("compile_seconds", None)
     doc["model"]["path"] = "model.qdq.onnx"
@@ -230,6 +240,7 @@ def verify_on_device(out: OutputDir, res: SearchResult, shipped: Shipped, cfg: R
                          sqnr_db=doc["sqnr_db"], samples=result.samples,
                          min_sqnr_db=result.min_sqnr_db,
                          disagreeing=tuple(o.name for o in result.disagreeing),
+                         culprit=culprit.describe() if culprit is not None else None,
                          shapes_fixed=shipped.shapes_fixed, sha256=result.model_sha256,
                          reasons=tuple(result.reasons))
 

@@ -131,9 +131,10 @@ def verify_status(verify: Mapping[str, Any] | None) -> tuple[str, str]:
     shown = f"{sq:.2f} dB" if isinstance(sq, (int, float)) and math.isfinite(sq) else str(sq)
     threshold = verify.get("min_sqnr_db")
     if threshold is not None and not verify.get("agrees", False):
+        culprit = (verify.get("culprit") or {}).get("description")
         return "fail", (f"NOT VERIFIED: compiled for {target} ({on}/{total} nodes on target), "
                         f"but its outputs agree with the CPU at only {shown}, below the "
-                        f"{threshold:g} dB threshold")
+                        f"{threshold:g} dB threshold" + (f"; {culprit}" if culprit else ""))
     against = (f", {shown} output SQNR against the CPU"
                if isinstance(sq, (int, float)) and math.isfinite(sq) else "")
     if threshold is None:  # a verify.json from before the agreement gate: no claim made
