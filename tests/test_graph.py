@@ -167,9 +167,17 @@ def test_a_relative_budget_on_a_quantity_that_is_zero_says_so():
         parse_budget("bops=0.9").limit({"bops": 0.0})
 
 
-def _refused(model, tmp_path):
+def _refused(nodes, inits, tmp_path) -> str:
+    """The one-line refusal of a graph x [N, 4] -> y [N, 3] made of ``nodes``."""
+    from onnx import TensorProto, numpy_helper
+
     from mpsearch import analyze, open_dataset
 
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     np.savez(tmp_path / "c.npz", x=np.ones((2, 4), np.float32))
     with pytest.raises(ModelError) as e:
         analyze(model, open_dataset(tmp_path / "c.npz", model))
@@ -178,24 +186,20 @@ def _refused(model, tmp_path):
 
 def test_an_already_quantized_model_is_refused_saying_so(tmp_path):
     """ddddocr ships ConvInteger/DynamicQuantizeLinear models: nothing float to plan."""
-    from onnx import TensorProto, numpy_helper
+    from onnx import TensorProto
 
     nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "s", "z"]),
              helper.make_node("MatMulInteger", ["xq", "w", "z", "wz"], ["yi"]),
              helper.make_node("Cast", ["yi"], ["y"], to=TensorProto.FLOAT)]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                     ["N", 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-                          [numpy_helper.from_array(np.ones((4, 3), np.uint8), "w"),
-                           numpy_helper.from_array(np.array(0, np.uint8), "wz")])
-    text = _refused(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path)
+    text = _refused(nodes, {"w": np.ones((4, 3), np.uint8), "wz": np.array(0, np.uint8)},
+                    tmp_path)
     assert text.startswith("the model is already quantized (1 DynamicQuantizeLinear, "
                            "1 MatMulInteger)") and "FP32 model" in text
 
 
 def test_layers_only_inside_an_if_are_refused_saying_where(tmp_path):
     """Silero VAD's layers all sit in the branches of an If on the sample rate."""
-    from onnx import TensorProto, numpy_helper
+    from onnx import TensorProto
 
     body = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["b_out"])], "body", [],
                              [helper.make_tensor_value_info("b_out", TensorProto.FLOAT, None)])
@@ -203,10 +207,6 @@ def test_layers_only_inside_an_if_are_refused_saying_where(tmp_path):
              helper.make_node("Greater", ["m", "zero"], ["c"]),
              helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=body,
                               name="sr_switch")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                     ["N", 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-                          [numpy_helper.from_array(np.ones((4, 3), np.float32), "w"),
-                           numpy_helper.from_array(np.array(0, np.float32), "zero")])
-    text = _refused(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path)
+    text = _refused(nodes, {"w": np.ones((4, 3), np.float32), "zero": np.array(0, np.float32)},
+                    tmp_path)
     assert "inside the bodies of sr_switch (If/Loop)" in text

@@ -66,10 +66,10 @@ class InputSpec:
     dim_names: tuple[str | None, ...] = ()  # the symbol of each named dynamic dim
     sample_axis: int | None = 0
 
-    def describe(self, start: int = 0) -> str:
+    def describe(self) -> str:
         dims = [str(d) if d is not None else n or "?"
                 for d, n in zip(self.shape, self.dim_names, strict=True)]
-        return f"({', '.join(dims[start:])})"
+        return f"({', '.join(dims)})"
 
     @property
     def per_sample(self) -> tuple[int, ...]:
