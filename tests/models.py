@@ -197,6 +197,69 @@ def softmax_opset11(seed: int = 0) -> onnx.ModelProto:
                   opset=11)
 
 
+def hardswish(seed: int = 0) -> onnx.ModelProto:
+    """PaddleOCR's hard-swish as Paddle exports it: conv, ``x * Clip(x + 3, 0, 6) * (1/6)``,
+    conv. In 16-bit activations, the Clip's limit 6 lies inside the range the observed
+    values would get with headroom ([0, 9]); QNN's HTP clamps such a Clip to its output
+    encoding, not to 6."""
+    rng = np.random.default_rng(seed)
+
+    def conv(name, x, y, cin, cout):
+        return ([helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [y], name=name,
+                                  pads=[1, 1, 1, 1])],
+                [_init(f"{name}_w", (rng.standard_normal((cout, cin, 3, 3))
+                                     * 1.5 / np.sqrt(cin * 9)).astype(np.float32)),
+                 _init(f"{name}_b", (rng.standard_normal(cout) * 0.5).astype(np.float32))])
+
+    n0, i0 = conv("conv0", "x", "c0", 3, 8)
+    n1, i1 = conv("conv1", "hs", "y", 8, 4)
+    nodes = [*n0, helper.make_node("Add", ["c0", "three"], ["a"], name="add3"),
+             helper.make_node("Clip", ["a", "zero", "six"], ["k"], name="clip"),
+             helper.make_node("Mul", ["c0", "k"], ["m"], name="mul"),
+             helper.make_node("Mul", ["m", "sixth"], ["hs"], name="div6"), *n1]
+    consts = [_init("three", np.float32(3)), _init("zero", np.float32(0)),
+              _init("six", np.float32(6)), _init("sixth", np.float32(1 / 6))]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])],
+                  [*i0, *i1, *consts], opset=13)
+
+
+def misdeclared_output(seed: int = 0) -> onnx.ModelProto:
+    """An opset-12 export whose graph output is declared ``[1, seqlen]`` although it is
+    ``[N, 1, 6]`` (a Reshape to a shape built at run time from Shape/Gather/Concat; ddddocr's
+    recognizer). ONNX's checker accepts it at opset 12, where shape inference cannot see
+    through the run-time shape; ONNX Runtime warns and computes rank 3."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"], name="fc", transB=1),
+             helper.make_node("Shape", ["x"], ["sx"], name="shape"),
+             helper.make_node("Gather", ["sx", "zero"], ["n"], name="gather", axis=0),
+             helper.make_node("Unsqueeze", ["n"], ["n1"], name="unsqueeze", axes=[0]),
+             helper.make_node("Concat", ["n1", "one_six"], ["dims"], name="concat", axis=0),
+             helper.make_node("Reshape", ["g", "dims"], ["y"], name="reshape")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "seqlen"])],
+                  [_init("w", rng.standard_normal((6, 4)).astype(np.float32)),
+                   _init("b", np.zeros(6, np.float32)), _init("zero", np.int64(0)),
+                   _init("one_six", np.array([1, 6], np.int64))], opset=12)
+
+
+def dead_channels(seed: int = 0) -> onnx.ModelProto:
+    """A conv, then a depthwise 5x5 conv three of whose channels batch-norm folding left
+    nearly dead (weights ~1e-9 beside ~0.1, biases ~0.01), as in PaddleOCR's detector."""
+    rng = np.random.default_rng(seed)
+    w0 = (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32)
+    w1 = (rng.standard_normal((16, 1, 5, 5)) * 0.1).astype(np.float32)
+    w1[:3] *= 1e-8
+    b1 = (rng.standard_normal(16) * 0.3).astype(np.float32)
+    b1[:3] = 0.01
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c", "w1", "b1"], ["y"], name="depthwise", group=16,
+                              pads=[2, 2, 2, 2])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16])],
+                  [_init("w0", w0), _init("w1", w1), _init("b1", b1)], opset=13)
+
+
 def images(n: int, seed: int = 0, shape: tuple[int, ...] = (3, 16, 16)) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 

@@ -117,3 +117,21 @@ def test_mse_weight_scales_never_lose_to_minmax_per_channel(fmt):
     assert np.all(e_mse <= e_mm * (1 + 1e-6))
     if fmt is Format.INT4:
         assert e_mse.sum() < 0.85 * e_mm.sum()
+
+
+def test_a_clip_output_range_never_passes_its_limits(tmp_path):
+    """16-bit ranges get 50% headroom, but not past what the op can output: the hard-swish's
+    Clip(0, 6) gets [0, 6] in uint16 and int16, not [0, 9] (the HTP clamps a Clip to its
+    output encoding: tests/test_verify.py); a range from the statistics alone would pass 6."""
+    from models import hardswish, images
+
+    from mpsearch import analyze, open_dataset
+    from mpsearch.graph.ranges import activation_qparams
+
+    model = hardswish()
+    np.savez(tmp_path / "c.npz", x=2 * images(16, seed=1))
+    a = analyze(model, open_dataset(tmp_path / "c.npz", model))
+    assert a.ranges.bounds["k"] == (0.0, 6.0)
+    for fmt in (Format.UINT16, Format.INT16, Format.UINT8):
+        assert a.ranges.activation("k", fmt).rmax <= 6.0 + 1e-6
+    assert activation_qparams(a.ranges.stats["k"], Format.UINT16).rmax > 6.0 + 1e-3

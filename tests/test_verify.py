@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from models import images, mbconv
+from models import dead_channels, hardswish, images, mbconv
 from onnx import TensorProto, helper, numpy_helper
 
 from mpsearch import analyze, open_dataset, parse_candidate
@@ -208,3 +208,66 @@ def test_localize_compares_every_quantized_tensor_on_both_targets(files):
     assert c is not None and c.tensor == probes[0] and c.probes == len(probes)
     assert c.node is None or c.op_type in ("Conv", "Relu", "Clip")
     assert c.activation_format == "uint8" and c.sqnr_db < 1000
+
+
+def test_a_uint16_hard_swish_agrees_and_the_old_encoding_is_found_by_name(tmp_path):
+    """PaddleOCR's hard-swish, cut down (tests/models.py): exported w8a16, the Clip's output
+    range stays within its limits [0, 6] and the HTP agrees with the CPU EP. With the range
+    the 16-bit headroom used to give it ([0, 9], 6 x 1.5: the zoo's PaddleOCR detector at
+    3.2 dB, its recognizer at 0.1 dB), the HTP clamps the Clip to its encoding, not to 6: the
+    output falls below 25 dB and the localisation names the Clip and its format."""
+    from mpsearch.device.localize import localize
+
+    fp32 = hardswish()
+    np.savez(tmp_path / "calib.npz", x=2 * images(16, seed=1))
+    np.savez(tmp_path / "eval.npz", x=2 * images(4, seed=2))
+    analysis = analyze(fp32, open_dataset(tmp_path / "calib.npz", fp32))
+    qm = quantize(analysis, parse_candidate("w8a16")).model
+    scale = {t.name: numpy_helper.to_array(t) for t in qm.graph.initializer}["k_scale"]
+    assert float(scale) * 65535 <= 6.0 + 1e-4  # the Clip's output range ends at its limit
+    good = verify(qm, data=tmp_path / "eval.npz", samples=2)
+    assert good.verified and good.sqnr_db > 40
+
+    wide = onnx.ModelProto.FromString(qm.SerializeToString())
+    for t in wide.graph.initializer:
+        if t.name in ("k_scale", "a_scale"):  # the Clip's input and output: [0, 9] in uint16
+            t.CopyFrom(numpy_helper.from_array(np.array(9.0 / 65535, np.float32), t.name))
+    bad = verify(wide, data=tmp_path / "eval.npz", samples=2)
+    assert bad.fully_on_target and not bad.verified and bad.sqnr_db < 25
+    c = localize(wide, data=tmp_path / "eval.npz", soc_model=57, min_sqnr_db=25.0)
+    assert c is not None and (c.node, c.op_type, c.activation_format) == ("clip", "Clip",
+                                                                           "uint16")
+    assert c.sqnr_db < 25 and all(p.sqnr_db > 40 for p in c.inputs)
+
+
+def test_nearly_dead_channels_get_a_scale_the_htp_computes(tmp_path, monkeypatch):
+    """A depthwise conv with three channels left nearly dead by batch-norm folding (tests/
+    models.py; the zoo's PaddleOCR detector), exported w8a16: no weight scale is below 2^-16
+    of the layer's largest, and the HTP agrees with the CPU EP. With the floor off, those
+    channels' scales are ~1e-8 (~1e-11 in the detector), the HTP computes them wrongly, and
+    the localisation names the depthwise conv."""
+    from mpsearch.device.localize import localize
+    from mpsearch.graph import ranges
+
+    fp32 = dead_channels()
+    np.savez(tmp_path / "calib.npz", x=images(16, seed=1))
+    np.savez(tmp_path / "eval.npz", x=images(4, seed=2))
+
+    def export() -> onnx.ModelProto:
+        a = analyze(fp32, open_dataset(tmp_path / "calib.npz", fp32))
+        return quantize(a, parse_candidate("w8a16")).model
+
+    qm = export()
+    scales = {t.name: numpy_helper.to_array(t) for t in qm.graph.initializer}["w1_scale"]
+    assert scales.min() >= scales.max() * 2.0**-16 * (1 - 1e-6)
+    good = verify(qm, data=tmp_path / "eval.npz", samples=2)
+    assert good.verified and good.sqnr_db > 40
+
+    monkeypatch.setattr(ranges, "WEIGHT_SCALE_FLOOR", 0.0)
+    old = export()
+    assert {t.name: numpy_helper.to_array(t) for t in old.graph.initializer}["w1_scale"].min() \
+        < scales.max() * 2.0**-16 / 2
+    bad = verify(old, data=tmp_path / "eval.npz", samples=2)
+    assert bad.fully_on_target and not bad.verified and bad.sqnr_db < 25
+    c = localize(old, data=tmp_path / "eval.npz", soc_model=57, min_sqnr_db=25.0)
+    assert c is not None and (c.node, c.op_type) == ("depthwise", "Conv")

@@ -132,6 +132,41 @@ class Activation:
     source_groups: frozenset[str] = frozenset()
 
 
+def _declared_outputs_fixed(model: ModelProto, observed: Mapping[str, tuple[int, ...]]
+                            ) -> ModelProto:
+    """``model`` with the shape of every graph output that its export declared wrongly (a
+    rank, or a fixed dim past the sample axis, that the calibration run did not see) replaced
+    by its rank, so that a written model states nothing false (an exporter that wrote
+    ``[1, seqlen]`` for a ``[T, 1, C]`` output: ONNX Runtime only warns, but onnx's checker
+    refuses the quantized model once its opset lets shape inference see through the
+    Reshape). The same model when every declaration holds."""
+    wrong = []
+    for o in model.graph.output:
+        seen = observed.get(o.name)
+        tt = o.type.tensor_type
+        if seen is None or not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if len(dims) != len(seen) or any(d is not None and d != s
+                                         for d, s in list(zip(dims, seen, strict=True))[1:]):
+            wrong.append((o.name, dims, seen))
+    if not wrong:
+        return model
+    m = ModelProto()
+    m.CopyFrom(model)
+    for name, dims, seen in wrong:
+        log.warning("the model declares output '%s' as %s but computes %s (one sample): the "
+                    "written models declare its rank, not its dims", name,
+                    [d if d is not None else "?" for d in dims], list(seen))
+        for o in m.graph.output:
+            if o.name == name:
+                shape = o.type.tensor_type.shape
+                del shape.dim[:]
+                for _ in seen:
+                    shape.dim.add()
+    return m
+
+
 @dataclass(frozen=True, kw_only=True)
 class LayerGraph:
     model: ModelProto  # the prepared model (normalised, shapes inferred)
@@ -166,8 +201,9 @@ class LayerGraph:
             if seen is not None and (a.shape is None or None in a.shape) \
                     and (a.shape is None or len(a.shape) == len(seen)):
                 acts[t] = dataclasses.replace(a, shape=tuple(seen))
+        model = _declared_outputs_fixed(self.model, observed)
         missing = [n for n, layer in self.layers.items() if layer.macs is None]
-        if not missing and acts == dict(self.activations):
+        if not missing and acts == dict(self.activations) and model is self.model:
             return self
         shapes, _ = _shapes_and_types(self.model)
         shapes = {**shapes, **{t: tuple(s) for t, s in observed.items()}}
@@ -177,7 +213,7 @@ class LayerGraph:
             macs = info.macs(node, shapes) if info is not None and info.macs else None
             if macs is not None:
                 layers[name] = dataclasses.replace(layers[name], macs=macs)
-        return dataclasses.replace(self, layers=layers, activations=acts)
+        return dataclasses.replace(self, model=model, layers=layers, activations=acts)
 
     def require_layers(self, name: str = "the model") -> None:
         """Refuse a graph with nothing to quantize, saying why (a ModelError, exit 2)."""

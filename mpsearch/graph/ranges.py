@@ -17,19 +17,28 @@ the only error that matters. Measured on held-out data (w16a16): EfficientNet-Li
 Weights are symmetric per output channel. ``mse`` picks, per channel, the clipping ratio
 ``r ∈ [0.3, 1]`` of ``max|w|`` that minimises ``‖w - Q(w)‖²`` with round-to-nearest, searched
 coarse to fine (to 0.01); 16-bit grids use ``r = 1`` (rounding noise is negligible there).
+No channel's scale is below ``2^-16`` of the layer's largest (``WEIGHT_SCALE_FLOOR``): a channel
+left nearly dead by batch-norm folding (weights ~1e-9 beside ~1e-2) would otherwise get a scale
+near 1e-11, which QNN's HTP does not compute (its output there is tens, where the CPU EP gives
+the bias, ~0). Measured on the zoo's PaddleOCR detector, its depthwise 5x5 conv with three such
+channels, w8a16 HTP against the CPU EP: 11.8 dB as exported, 78.0 dB with the floor (and with
+a floor of 2^-20, still 11.8 dB). Its weights round to zero either way on the CPU.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from onnx import numpy_helper
 
 from mpsearch.core.formats import Format, FormatKind, fp8_max, quantize
 from mpsearch.graph.calibrate import TensorStats
+from mpsearch.graph.layer_graph import LayerGraph
 
-__all__ = ["QParams", "RangeMethod", "activation_qparams", "constant_qparams",
+__all__ = ["QParams", "RangeMethod", "activation_qparams", "constant_qparams", "output_bounds",
            "qparams_from_range", "range_from_stats", "weight_qparams"]
 
 
@@ -105,6 +114,7 @@ def _expected_error(centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi:
 
 
 HEADROOM_16BIT = 1.5
+WEIGHT_SCALE_FLOOR = 2.0**-16  # x the layer's largest channel scale
 _SEARCH_BINS = 512
 
 # Clipping ratios of the observed range: geometric below 0.2 for very heavy tails, linear above.
@@ -145,10 +155,45 @@ def range_from_stats(st: TensorStats, fmt: Format,
     return float(los[k]), float(his[k])
 
 
-def activation_qparams(st: TensorStats, fmt: Format,
-                       method: RangeMethod = RangeMethod.MSE) -> QParams:
+def activation_qparams(st: TensorStats, fmt: Format, method: RangeMethod = RangeMethod.MSE,
+                       bounds: tuple[float, float] | None = None) -> QParams:
+    """``st``'s range in ``fmt``, kept within ``bounds`` (the interval the producing op's
+    values lie in, :func:`output_bounds`; zero stays inside)."""
     lo, hi = range_from_stats(st, fmt, method)
+    if bounds is not None:
+        lo, hi = max(lo, min(bounds[0], 0.0)), min(hi, max(bounds[1], 0.0))
     return qparams_from_range(lo, hi, fmt)
+
+
+def output_bounds(lg: LayerGraph) -> dict[str, tuple[float, float]]:
+    """Tensor -> the interval its producer's values lie in, where the op itself bounds them: a
+    Clip with constant limits, HardSigmoid's [0, 1]. An activation range is never wider than
+    this: the 16-bit headroom (module docstring) would otherwise take a ReLU6 to [0, 9], and
+    a Clip whose output encoding reaches past its limit is not computed alike everywhere (QNN's
+    HTP clamps a uint16 Clip to its output encoding, not to 6: a hard-swish loses 15-25 dB
+    against the CPU EP; tests/test_verify.py)."""
+    values = {t.name: t for t in lg.model.graph.initializer}
+
+    def scalar(name: str) -> float | None:
+        t = values.get(name)
+        if t is None:
+            return None
+        v = numpy_helper.to_array(t)
+        return float(v.reshape(-1)[0]) if v.size == 1 else None
+
+    out: dict[str, tuple[float, float]] = {}
+    for name in lg.order:
+        n = lg.nodes[name]
+        if n.op_type == "Clip":
+            attrs = {a.name: a.f for a in n.attribute if a.name in ("min", "max")}
+            lo = scalar(n.input[1]) if len(n.input) > 1 and n.input[1] else attrs.get("min")
+            hi = scalar(n.input[2]) if len(n.input) > 2 and n.input[2] else attrs.get("max")
+            if lo is not None or hi is not None:
+                out[n.output[0]] = (-math.inf if lo is None else lo,
+                                    math.inf if hi is None else hi)
+        elif n.op_type == "HardSigmoid":
+            out[n.output[0]] = (0.0, 1.0)
+    return out
 
 
 _COARSE_RATIOS = np.linspace(0.3, 1.0, 15)
@@ -198,6 +243,8 @@ def weight_qparams(w: np.ndarray, fmt: Format, axis: int,
                 best_err = np.where(better, err, best_err)
                 best = np.where(better, ratio, best)
     scale = (amax * best / top).astype(np.float32)
+    if np.any(scale > 0):  # nearly dead channels: no scale below the floor (module docstring)
+        scale = np.maximum(scale, np.float32(scale.max() * WEIGHT_SCALE_FLOOR))
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     zdt = np.float32 if spec.kind is FormatKind.FP8 else np.int64
     return QParams(fmt=fmt, scale=scale, zero_point=np.zeros(scale.shape, zdt), axis=axis,

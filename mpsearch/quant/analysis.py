@@ -26,7 +26,7 @@ from mpsearch.graph.equalize import EqualizeMode, EqualizeReport, equalize
 from mpsearch.graph.evaluate import sqnr_db
 from mpsearch.graph.ingest import prepare_model
 from mpsearch.graph.layer_graph import LayerGraph, build_layer_graph
-from mpsearch.graph.ranges import RangeMethod
+from mpsearch.graph.ranges import RangeMethod, output_bounds
 from mpsearch.quant.layer import Rounding, WeightSettings
 from mpsearch.quant.parameters import RangeSetter
 
@@ -145,6 +145,6 @@ def analyze(model: onnx.ModelProto, data: Dataset, *,
                     unknown[0])
     ranges = RangeSetter(cal.stats, _float_weights(graph.model), moments=cal.moments,
                          activation_method=opts.activation_range, settings=opts.weights,
-                         hessians=cal.hessians)
+                         hessians=cal.hessians, bounds=output_bounds(graph))
     return Analysis(original=model, graph=graph, calibration=cal, ranges=ranges, options=opts,
                     equalization=report, timings=timings)

@@ -38,10 +38,14 @@ class RangeSetter:
                  moments: Mapping[str, ChannelMoments] | None = None,
                  activation_method: RangeMethod = RangeMethod.MSE,
                  settings: WeightSettings = WeightSettings(),  # noqa: B008 - frozen
-                 hessians: Mapping[str, LayerHessian] | None = None) -> None:
+                 hessians: Mapping[str, LayerHessian] | None = None,
+                 bounds: Mapping[str, tuple[float, float]] | None = None) -> None:
         """``settings``: how weights are quantized (``Rounding.HESSIAN`` rounds with
-        ``hessians``, layer name -> its Hessian; layers without one are rounded to nearest)."""
+        ``hessians``, layer name -> its Hessian; layers without one are rounded to nearest).
+        ``bounds``: tensor -> the interval its producer's values lie in
+        (:func:`mpsearch.graph.ranges.output_bounds`), which its range never leaves."""
         self.stats = stats
+        self.bounds = bounds or {}
         self.weights = weights
         self.moments = moments or {}
         self.activation_method = activation_method
@@ -60,13 +64,13 @@ class RangeSetter:
         and Hessian factors (which do not depend on them) are shared."""
         other = RangeSetter(self.stats, self.weights, moments=self.moments,
                             activation_method=self.activation_method, settings=settings,
-                            hessians=self.hessians)
+                            hessians=self.hessians, bounds=self.bounds)
         other._act, other._factors = self._act, self._factors
         return other
 
     def activation(self, tensor: str, fmt: Format) -> QParams:
         return self._act.get((tensor, fmt), lambda: activation_qparams(
-            self.stats[tensor], fmt, self.activation_method))
+            self.stats[tensor], fmt, self.activation_method, self.bounds.get(tensor)))
 
     def layer(self, layer: Layer, fmt: Format, *, sparsity: Sparsity | None = None,
               input_scale: float | None = None) -> LayerWeights:
