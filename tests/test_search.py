@@ -398,3 +398,30 @@ def test_a_plan_that_measures_far_below_its_prediction_is_flagged(result):
     ratios = [r["measured_over_predicted_db"] for r in check["layers"]]
     assert ratios and ratios == sorted(ratios, reverse=True)
     assert {r["group"] for r in check["layers"]} <= set(result.plan)
+
+
+def test_a_disagreement_is_re_planned_around_its_culprit_and_verified_again(files, tmp_path,
+                                                                            capsys):
+    """At a 45 dB agreement threshold the first plan (bops=1.6) agrees with the CPU EP at
+    about 42 dB; the culprit is the stem's uint8 input quantizer. The run takes uint8 off the
+    stem, searches again, and the new plan verifies: exit 0, the re-plan recorded in
+    verify.json and plan.json with the dB before, config.yaml holding what was avoided, and
+    ``--config`` repeating the final plan with no re-plan."""
+    out = tmp_path / "out"
+    assert _run(files, out, "--budget", "bops=1.6", "--verify-min-db", "45",
+                "--verify-samples", "1") == 0
+    assert "re-plan 1: the plan before agreed at" in capsys.readouterr().err
+    v = json.loads((out / "verify.json").read_text())
+    assert v["verified"] and v["sqnr_db"] >= 45
+    [r] = v["replans"]
+    assert r["avoided"] == {"stem": "uint8"} and r["sqnr_db"] < 45 and r["outcome"] is None
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["verification"]["replans"] == v["replans"]
+    stem = next(layer for layer in doc["layers"] if layer["group"] == "stem")
+    assert not stem["candidate"].endswith("a8")
+    assert ["stem", "uint8"] in [[g, f] for g, fs in yaml.safe_load(
+        (out / "config.yaml").read_text())["search"]["candidates"]["avoid"].items() for f in fs]
+    again = tmp_path / "again"
+    assert main(["run", "--config", str(out / "config.yaml"), "--out", str(again), "-q"]) == 0
+    assert json.loads((again / "verify.json").read_text())["replans"] == []
+    assert (again / "model.qdq.onnx").read_bytes() == (out / "model.qdq.onnx").read_bytes()

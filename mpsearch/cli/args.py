@@ -229,6 +229,13 @@ SEARCH_OPTIONS: tuple[Option, ...] = (
                help="the plan counts as verified only where every node is on the HTP and every "
                     "output agrees with the CPU EP at DB or better (default: the profile's "
                     "target.verify_min_sqnr_db, else 25); below it run exits 3")),
+    Option(("--replans",), ("verification", "replans"), commands=frozenset({"run"}),
+           kwargs=dict(
+               type=int, metavar="N",
+               help="when the HTP disagrees with the CPU EP, find the first tensor it computes "
+                    "differently, take that activation format off the layers that set it, "
+                    "search again and verify again, at most N times (default "
+                    f"{_default(VerifyConfig, 'replans')}; 0: report the disagreement only)")),
     Option(("--input-shape",), ("verification", "input_shapes"), value=parse_shapes,
            commands=frozenset({"run"}), kwargs=dict(
                action="append", metavar="NAME=D,D,...",

@@ -41,19 +41,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace, ui: Ui) -> int:
     from mpsearch.data.outputs import OutputDir
-    from mpsearch.job.run_folder import RUN_OUTPUTS, write_run_folder
-    from mpsearch.job.search import SearchData, search
+    from mpsearch.job.run_folder import RUN_OUTPUTS, run_job
 
     cfg = run_config(args)  # every setting checked before the long work
     inputs = [cfg.model, cfg.data, cfg.hw] + ([cfg.eval_data] if cfg.eval_data else [])
     out = OutputDir(cfg.out, inputs=inputs, names=list(RUN_OUTPUTS), flag="--out")
     try:
         t0 = time.perf_counter()
-        res = search(cfg.model, cfg.hw, SearchData(calibration=cfg.data,
-                                                   evaluation=cfg.eval_data,
-                                                   sample_axes=cfg.sample_axes),
-                     cfg.search, progress=ui.progress)
-        folder = write_run_folder(res, cfg, out, progress=ui.progress, note=ui.note)
+        res, folder, _ = run_job(cfg, out, progress=ui.progress, note=ui.note)
         seconds = round(time.perf_counter() - t0, 2)
     except BaseException:
         out.rollback()
@@ -78,6 +73,11 @@ def cmd_run(args: argparse.Namespace, ui: Ui) -> int:
                      f"prediction[/] on the {check['data']} data; layers whose measured error "
                      f"exceeds its prediction most: {layers}")
     if verified is not None:
+        for i, r in enumerate(verified.replans, 1):
+            ui.err.print(f"re-plan {i}: the plan before agreed at {r.sqnr_db} dB; {r.culprit}; "
+                         f"took {', '.join(sorted(set(r.avoided.values())))} activations off "
+                         f"{len(r.avoided)} layer(s)"
+                         + (f" ({r.outcome}: kept the plan before)" if r.outcome else ""))
         if verified.failed:
             ui.err.print(f"[bold red]the plan does not run entirely on {verified.target}"
                          f"[/]: " + "; ".join(verified.reasons[:3] or ["see report.html"]))

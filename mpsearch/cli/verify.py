@@ -59,7 +59,7 @@ def cmd_verify(args: argparse.Namespace, ui: Any) -> int:
     from pathlib import Path
 
     from mpsearch.data.outputs import OutputDir
-    from mpsearch.device.verify import verify
+    from mpsearch.device.verify import ChildCrashed, in_child, verify_in_child
 
     if args.samples < 1:
         raise UsageError(f"--samples {args.samples} is not a positive number",
@@ -71,11 +71,11 @@ def cmd_verify(args: argparse.Namespace, ui: Any) -> int:
         od = OutputDir(out.parent, inputs=[args.model, args.data], names=[out.name],
                        flag="--out")
     t0 = time.perf_counter()
-    with ui.progress(f"running on {args.target} (emulated) and the CPU EP",
-                     args.samples) as advance:
-        result = verify(args.model, data=args.data, target=args.target, soc_model=args.soc,
-                        input_shapes=shapes, samples=args.samples,
-                        min_sqnr_db=args.min_sqnr_db, progress=advance)
+    with ui.progress(f"running {args.samples} samples on {args.target} (emulated) and the "
+                     "CPU EP", None):
+        result = verify_in_child(args.model, data=args.data, target=args.target,
+                                 soc_model=args.soc, input_shapes=shapes, samples=args.samples,
+                                 min_sqnr_db=args.min_sqnr_db)
     doc = result.to_dict()
     culprit = None
     if result.fully_on_target and not result.agrees:
@@ -86,8 +86,11 @@ def cmd_verify(args: argparse.Namespace, ui: Any) -> int:
         with ui.progress("finding where the HTP departs from the CPU", None):
             device_model, _ = static_model(load_model(args.model), data=args.data,
                                            input_shapes=shapes)
-            culprit = localize(device_model, data=args.data, soc_model=args.soc,
-                               min_sqnr_db=result.min_sqnr_db)
+            try:
+                culprit = in_child(localize, device_model, data=args.data, soc_model=args.soc,
+                                   min_sqnr_db=result.min_sqnr_db)
+            except ChildCrashed:
+                ui.note("the QNN EP crashed compiling the probe model: no culprit named")
     doc["culprit"] = culprit.to_dict() if culprit is not None else None
     doc["seconds"] = round(time.perf_counter() - t0, 2)
     if od is not None:

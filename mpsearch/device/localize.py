@@ -45,7 +45,8 @@ class ProbeAgreement:
 class Culprit:
     """The first quantized tensor the device gets wrong, and the op that makes it."""
 
-    tensor: str
+    tensor: str  # the dequantized tensor compared (a probe)
+    source: str  # the float tensor its QuantizeLinear reads
     sqnr_db: float
     node: str | None  # None: a graph input's quantizer
     op_type: str | None
@@ -60,7 +61,8 @@ class Culprit:
                 f"{self.sqnr_db:.1f} dB against the CPU, where its inputs agree")
 
     def to_dict(self) -> dict:
-        return {"tensor": self.tensor, "sqnr_db": round(self.sqnr_db, 3), "node": self.node,
+        return {"tensor": self.tensor, "source": self.source,
+                "sqnr_db": round(self.sqnr_db, 3), "node": self.node,
                 "op_type": self.op_type, "activation_format": self.activation_format,
                 "inputs": [{"tensor": p.tensor, "sqnr_db": round(p.sqnr_db, 3)}
                            for p in self.inputs],
@@ -130,7 +132,8 @@ def localize(model: onnx.ModelProto | str | os.PathLike[str], *,
                     reads.append(ProbeAgreement(tensor=src, sqnr_db=scores[src]))
         zp = next((t for t in m.graph.initializer if len(q.input) > 2 and t.name == q.input[2]),
                   None)
-        return Culprit(tensor=p, sqnr_db=scores[p], node=op.name if op is not None else None,
+        return Culprit(tensor=p, source=q.input[0], sqnr_db=scores[p],
+                       node=op.name if op is not None else None,
                        op_type=op.op_type if op is not None else None,
                        activation_format=_ZP_FORMAT.get(zp.data_type) if zp else None,
                        inputs=tuple(reads), probes=len(probes))

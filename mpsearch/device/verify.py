@@ -17,6 +17,11 @@ that symbol in every other tensor's shape); emulated A8 outputs match the CPU EP
 output quantization step, so a correct compilation shows 25 dB or more; emulation is
 100-250x slower than the CPU EP, so a few samples suffice. A model that does not compile is a
 result (``compiled=False`` with the compiler's reasons and the nodes it refused), not an error.
+
+:func:`verify_in_child` runs the same in a fresh process: the QNN EP's op builders can abort
+the whole process on a graph they do not expect (an assertion in its C++, seen on Silero VAD),
+which no Python code can catch; the parent then returns a result that says the compiler
+crashed, and exits as for any plan the device cannot run.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from mpsearch.data.spec import input_specs, is_symbol
 from mpsearch.graph.ingest import load_model
 
 __all__ = ["MIN_SQNR_DB", "SCHEMA", "TARGETS", "FixedDim", "NodeCounts", "OutputAgreement",
-           "VerifyResult", "fix_shapes", "static_model", "verify"]
+           "ChildCrashed", "VerifyResult", "fix_shapes", "in_child", "static_model", "verify",
+           "verify_in_child"]
 
 log = logging.getLogger(__name__)
 
@@ -377,3 +383,54 @@ def verify(model: onnx.ModelProto | str | os.PathLike[str], *, data: str | os.Pa
         min_sqnr_db=float(min_sqnr_db),
         compiled=True, nodes=counts, reasons=result.messages, samples=seen, outputs=outputs,
         model_summary=summary, compile_seconds=result.seconds, seconds=time.perf_counter() - t0)
+
+
+class ChildCrashed(Exception):
+    """The child process died without a result (a native abort or a signal)."""
+
+
+def in_child(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a fresh process, its result or its exception returned as if
+    called here; :class:`ChildCrashed` when the process dies instead. The process is forked
+    from a clean server process that has this module imported (``forkserver``): no copy of
+    this process's ONNX Runtime threads, and no second import of onnxruntime per call."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__, "mpsearch.device.localize"])
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        try:
+            return pool.submit(fn, *args, **kwargs).result()
+        except BrokenProcessPool as e:
+            raise ChildCrashed(str(e)) from None
+
+
+def verify_in_child(model: str | os.PathLike[str], *, data: str | os.PathLike[str],
+                    target: str = "qnn-htp", soc_model: int = 57,
+                    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                    samples: int = 8, min_sqnr_db: float = MIN_SQNR_DB,
+                    sample_axes: Mapping[str, int | None] | None = None) -> VerifyResult:
+    """:func:`verify` in a fresh process (module docstring): a compiler that crashes gives a
+    result with ``compiled=False`` and that reason."""
+    kwargs = dict(data=data, target=target, soc_model=soc_model, input_shapes=input_shapes,
+                  samples=samples, min_sqnr_db=min_sqnr_db, sample_axes=sample_axes)
+    try:
+        return in_child(verify, os.fspath(model), **kwargs)
+    except ChildCrashed:
+        log.warning("the QNN EP crashed compiling %s", model)
+    original = load_model(model)
+    fixed_model, fixed = static_model(original, data=data, input_shapes=input_shapes,
+                                      sample_axes=sample_axes)
+    summary = _model_summary(fixed_model)
+    reason = ("ONNX Runtime's QNN EP crashed while compiling the model for the HTP (its process "
+              "aborted, which is a bug in onnxruntime-qnn): nothing of it was placed on the HTP")
+    counts = NodeCounts(counted_in="model", total=summary["nodes"], on_target=0, by_ep={},
+                        by_op={}, not_on_target=())
+    return VerifyResult(
+        target=target, soc_model=soc_model, model_path=os.fspath(model),
+        model_sha256=_sha256(original, Path(model)), data_path=str(data),
+        input_shapes={n: d for n, (_, d) in input_specs(fixed_model).items()},
+        shapes_fixed=fixed, min_sqnr_db=float(min_sqnr_db), compiled=False, nodes=counts,
+        reasons=(reason,), samples=0, outputs=(), model_summary=summary)

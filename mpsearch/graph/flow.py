@@ -47,7 +47,7 @@ from mpsearch.core.ops import ChannelFlow, OpRole, ZeroRule, lookup
 from mpsearch.graph.layer_graph import LayerGraph
 
 __all__ = ["ChannelRefusal", "ChannelRoute", "attr", "channel_route", "const_axis", "in_axis",
-           "node_formats", "widest"]
+           "format_setters", "node_formats", "widest"]
 
 # Precision order of the activation formats: a node fed by several takes the widest.
 RANK = {Format.FLOAT: 100, Format.FP16: 90, Format.INT16: 16, Format.UINT16: 16,
@@ -62,6 +62,33 @@ def widest(fmts: list[Format]) -> Format:
         if RANK[f] > RANK[best]:
             best = f
     return best
+
+
+def format_setters(lg: LayerGraph, tensor: str) -> tuple[str, ...]:
+    """The groups whose activation format ``tensor`` is stored in (:func:`node_formats`): its
+    producer if that is a layer; else the layers whose formats reach it forward; else (a graph
+    input, or an op fed by none) the layers it reaches, whose widest format it takes. Empty
+    for a tensor this graph does not quantize."""
+    act = lg.activations.get(tensor)
+    if act is None:
+        return ()
+    if act.producer in lg.layers:
+        return (act.producer,)
+    if act.source_groups:
+        return tuple(sorted(act.source_groups))
+    found: set[str] = set()
+    todo, seen = list(act.consumers), set()
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in lg.layers:
+            found.add(node)
+            continue
+        todo += [c for o in lg.nodes[node].output if o in lg.activations
+                 for c in lg.activations[o].consumers]
+    return tuple(sorted(found))
 
 
 def node_formats(lg: LayerGraph, plan: Mapping[str, Candidate]) -> dict[str, Format]:

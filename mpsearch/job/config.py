@@ -37,7 +37,7 @@ from pydantic import (
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from mpsearch.core.errors import UsageError
-from mpsearch.core.formats import Candidate, parse_candidate
+from mpsearch.core.formats import Candidate, Format, parse_candidate
 from mpsearch.core.frozen import freeze
 from mpsearch.job.polish import EVALUATIONS
 from mpsearch.job.refinement import EXPLORE
@@ -90,6 +90,20 @@ Shapes = Annotated[Mapping[str, Annotated[tuple[int, ...], BeforeValidator(_shap
 PathText = Annotated[str, BeforeValidator(os.fspath)]  # a path as the user wrote it
 
 
+def _format(v: Any) -> Format:
+    return v if isinstance(v, Format) else Format.from_name(str(v))
+
+
+def _formats(v: Any) -> Any:
+    return v.split(",") if isinstance(v, str) else v  # "uint16,int16", as on a command line
+
+
+FormatField = Annotated[Format, BeforeValidator(_format),
+                        PlainSerializer(lambda f: f.value.name, return_type=str)]
+Avoid = Annotated[Mapping[str, Annotated[tuple[FormatField, ...], BeforeValidator(_formats)]],
+                  AfterValidator(freeze)]
+
+
 def _axis(v: Any) -> int | None:
     if v is None or (isinstance(v, str) and v.strip().lower() in ("none", "null", "once")):
         return None
@@ -140,6 +154,9 @@ class CandidateConfig:
     gating: GateSearch | None = None  # Bayesian-Bits gate sweeps as extra candidates
     pin: Pins = Field(default_factory=dict)  # layer -> the candidate it must take
     keep_float: tuple[str, ...] = ()  # layers left in float
+    # layer -> activation formats it must not take: the device computed them wrongly there (a
+    # run that re-planned around a verification culprit writes this, so --config repeats it)
+    avoid: Avoid = Field(default_factory=dict)
 
 
 @_config
@@ -207,6 +224,9 @@ class VerifyConfig:
     # target.verify_min_sqnr_db, else 25 dB)
     min_sqnr_db: Finite | None = None
     input_shapes: Shapes = Field(default_factory=dict)  # input -> static shape for the device
+    # when the device disagrees, how many times to re-plan with the culprit's layers in
+    # another activation format and verify again (search.candidates.avoid)
+    replans: Count = 2
 
 
 @_config

@@ -12,29 +12,40 @@ goes through one :class:`~mpsearch.data.outputs.OutputDir`: all are written or n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mpsearch.core.errors import ExportError, InternalError
+from mpsearch.core.errors import ExportError, InfeasibleBudgetError, InternalError, UsageError
+from mpsearch.core.formats import Format
 from mpsearch.core.frozen import freeze_fields
+from mpsearch.data.dataset import open_dataset
 from mpsearch.data.outputs import OutputDir
 from mpsearch.device.localize import localize
 from mpsearch.device.qnn import qnn_available
-from mpsearch.device.verify import MIN_SQNR_DB, static_model, verify
+from mpsearch.device.verify import (
+    MIN_SQNR_DB,
+    ChildCrashed,
+    in_child,
+    static_model,
+    verify_in_child,
+)
 from mpsearch.export.encodings import encodings_document
 from mpsearch.export.overrides import ort_overrides
 from mpsearch.export.qdq import QdqModel
+from mpsearch.graph.flow import format_setters
 from mpsearch.job.config import RunConfig, to_yaml
 from mpsearch.job.document import plan_document, plan_frame
 from mpsearch.job.result import SearchResult
-from mpsearch.job.search import Progress
+from mpsearch.job.search import Progress, SearchData, search
 from mpsearch.report.html import REPORT_OUTPUTS, write_report
 from mpsearch.sensitivity.document import sensitivity_document
 
-__all__ = ["RUN_OUTPUTS", "ExportFiles", "RunFolder", "Shipped", "VerifySummary",
-           "write_run_folder"]
+__all__ = ["RUN_OUTPUTS", "ExportFiles", "Replan", "RunFolder", "Shipped", "VerifySummary",
+           "run_job", "write_run_folder"]
 
 RUN_OUTPUTS = ("model.qdq.onnx", "model.qdq.dynamic.onnx", "model.float.onnx", "encodings.json",
                "ort_overrides.json",
@@ -88,6 +99,25 @@ class ExportFiles:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Replan:
+    """One search done again because the device disagreed with the CPU EP: the culprit the
+    earlier plan's verification named, its worst output, and the activation format taken off
+    the layers that set the culprit's format (``search.candidates.avoid``)."""
+
+    culprit: str
+    sqnr_db: float | None  # the earlier plan's worst output, HTP against the CPU EP
+    avoided: Mapping[str, str]  # layer -> the activation format it may no longer take
+    outcome: str | None = None  # why the search again did not give a plan (None: it did)
+
+    def __post_init__(self) -> None:
+        freeze_fields(self, "avoided")
+
+    def to_dict(self) -> dict:
+        return {"culprit": self.culprit, "sqnr_db": self.sqnr_db,
+                "avoided": dict(self.avoided), "outcome": self.outcome}
+
+
+@dataclass(frozen=True, kw_only=True)
 class VerifySummary:
     """The device check of the shipped model (``plan.json`` ``verification``)."""
 
@@ -102,6 +132,10 @@ class VerifySummary:
     min_sqnr_db: float = MIN_SQNR_DB  # what every output had to reach
     disagreeing: tuple[str, ...] = ()  # the outputs below it
     culprit: str | None = None  # where the disagreement enters (mpsearch.device.localize)
+    # the tensors it names (the probe, the float tensor quantized) and its activation format
+    culprit_tensors: tuple[str, ...] = ()
+    culprit_format: str | None = None
+    replans: tuple[Replan, ...] = ()  # the runs before this one, and what each changed
     samples: int = 0
     shapes_fixed: tuple = ()  # the dims fixed in the shipped file (plan.json exports too)
     sha256: str | None = None  # of the file compiled: the shipped model.qdq.onnx
@@ -130,7 +164,7 @@ class VerifySummary:
                 "nodes_on_target": self.nodes_on_target, "nodes": self.nodes,
                 "sqnr_db": self.sqnr_db, "min_sqnr_db": self.min_sqnr_db,
                 "verified": self.verified, "disagreeing": list(self.disagreeing),
-                "culprit": self.culprit,
+                "culprit": self.culprit, "replans": [r.to_dict() for r in self.replans],
                 "samples": self.samples,
                 "shapes_fixed": list(self.shapes_fixed), "sha256": self.sha256,
                 "reasons": list(self.reasons)}
@@ -156,7 +190,7 @@ def ship_model(out: OutputDir, res: SearchResult, qm: QdqModel, cfg: RunConfig) 
         return Shipped(sha256=_sha256(path))
     model, fixed = static_model(qm.model, data=cfg.eval_data or cfg.data,
                                 input_shapes=dict(cfg.verification.input_shapes) or None,
-                                sample_axes=dict(cfg.sample_axes))
+                                sample_axes=sample_axes(res, cfg))
     path = out.write_model("model.qdq.onnx", model)
     dynamic = None
     if fixed:
@@ -164,6 +198,16 @@ def ship_model(out: OutputDir, res: SearchResult, qm: QdqModel, cfg: RunConfig) 
         out.write_model(dynamic, qm.model)
     return Shipped(sha256=_sha256(path), shapes_fixed=tuple(f.describe() for f in fixed),
                    dynamic=dynamic)
+
+
+def sample_axes(res: SearchResult, cfg: RunConfig) -> dict[str, int | None]:
+    """Every input's sample axis as the search resolved it on the model as given (declared,
+    else inferred from its dynamic dims): the static device model has no dynamic dim left to
+    infer them from (Silero VAD's state ``[2, batch, 128]`` beside its audio ``[batch, 576]``
+    would both read as axis 0)."""
+    ds = open_dataset(cfg.eval_data or cfg.data, res.analysis.original, name="evaluation",
+                      sample_axes=dict(cfg.sample_axes))
+    return {i.name: i.sample_axis for i in ds.spec.inputs}
 
 
 def _sha256(path: Path) -> str:
@@ -196,7 +240,8 @@ def write_exports(out: OutputDir, res: SearchResult, qm: QdqModel, shipped: Ship
 
 
 def verify_on_device(out: OutputDir, res: SearchResult, shipped: Shipped, cfg: RunConfig, *,
-                     progress: Progress, note: Callable[[str], None]) -> VerifySummary | None:
+                     progress: Progress, note: Callable[[str], None],
+                     replans: tuple[Replan, ...] = ()) -> VerifySummary | None:
     """On a Qualcomm profile: compile the shipped ``model.qdq.onnx`` itself on QNN's HTP
     (emulated), compare it with the CPU EP, write verify.json (no timings, so the same inputs
     give the same bytes); None for other profiles or with verification off."""
@@ -209,26 +254,31 @@ def verify_on_device(out: OutputDir, res: SearchResult, shipped: Shipped, cfg: R
         return VerifySummary(target=QNN_TARGET, skipped="onnxruntime-qnn is not available here")
     data = cfg.eval_data or cfg.data
     samples = cfg.verification.samples
-    with progress(f"verifying on {QNN_TARGET} soc {prof.soc_model} (emulated)",
-                  samples) as advance:
+    axes = sample_axes(res, cfg)
+    with progress(f"verifying on {QNN_TARGET} soc {prof.soc_model} (emulated, {samples} "
+                  "samples)", None):
         threshold = cfg.verification.min_sqnr_db
         if threshold is None:
             threshold = prof.verify_min_sqnr_db if prof.verify_min_sqnr_db is not None \
                 else MIN_SQNR_DB
-        result = verify(out.path / "model.qdq.onnx", data=data, target=QNN_TARGET,
-                        soc_model=prof.soc_model, samples=samples, min_sqnr_db=threshold,
-                        sample_axes=dict(cfg.sample_axes), progress=advance)
+        result = verify_in_child(out.path / "model.qdq.onnx", data=data, target=QNN_TARGET,
+                                 soc_model=prof.soc_model, samples=samples,
+                                 min_sqnr_db=threshold, sample_axes=axes)
     if result.model_sha256 != shipped.sha256 or result.shapes_fixed:  # pragma: no cover
         raise InternalError("the verification did not check the shipped model.qdq.onnx as it "
                             "is: this is a bug in mpsearch")
     culprit = None
     if result.fully_on_target and not result.agrees:
         with progress("finding where the HTP departs from the CPU", None):
-            culprit = localize(out.path / "model.qdq.onnx", data=data,
-                               soc_model=prof.soc_model, min_sqnr_db=result.min_sqnr_db,
-                               sample_axes=dict(cfg.sample_axes))
+            try:
+                culprit = in_child(localize, out.path / "model.qdq.onnx", data=data,
+                                   soc_model=prof.soc_model, min_sqnr_db=result.min_sqnr_db,
+                                   sample_axes=axes)
+            except ChildCrashed:
+                note("the QNN EP crashed compiling the probe model: no culprit named")
     doc = result.to_dict()
     doc["culprit"] = culprit.to_dict() if culprit is not None else None
+    doc["replans"] = [r.to_dict() for r in replans]
     doc.pop("seconds", None)
     doc.pop("compile_seconds", None)
     doc["model"]["path"] = "model.qdq.onnx"
@@ -241,18 +291,90 @@ def verify_on_device(out: OutputDir, res: SearchResult, shipped: Shipped, cfg: R
                          min_sqnr_db=result.min_sqnr_db,
                          disagreeing=tuple(o.name for o in result.disagreeing),
                          culprit=culprit.describe() if culprit is not None else None,
+                         culprit_tensors=(culprit.tensor, culprit.source) if culprit else (),
+                         culprit_format=culprit.activation_format if culprit else None,
                          shapes_fixed=shipped.shapes_fixed, sha256=result.model_sha256,
-                         reasons=tuple(result.reasons))
+                         reasons=tuple(result.reasons), replans=replans)
 
 
-def write_run_folder(res: SearchResult, cfg: RunConfig, out: OutputDir, *, progress: Progress,
-                     note: Callable[[str], None]) -> RunFolder:
-    """Every file of the run into ``out`` (declared with :data:`RUN_OUTPUTS`); the caller
-    rolls ``out`` back if this raises."""
-    qm = res.qdq()
-    shipped = ship_model(out, res, qm, cfg)
+def run_job(cfg: RunConfig, out: OutputDir, *, progress: Progress,
+            note: Callable[[str], None]) -> tuple[SearchResult, RunFolder, RunConfig]:
+    """``mpsearch run``: the search, the shipped model and its verification, and, while the
+    device disagrees with the CPU EP and ``cfg.verification.replans`` allows, the search again
+    with the culprit's activation format taken off the layers that set it (a format the
+    device computes wrongly there), verified again; then every other file, for the last
+    plan. Returns the last search, the folder, and the config that reproduces it (its
+    ``search.candidates.avoid`` holds what the re-plans took off, and goes to config.yaml)."""
+    replans: list[Replan] = []
+    res = _search(cfg, progress)
+    while True:
+        qm = res.qdq()
+        shipped = ship_model(out, res, qm, cfg)
+        verified = verify_on_device(out, res, shipped, cfg, progress=progress, note=note,
+                                    replans=tuple(replans))
+        step = _replan_step(res, cfg, verified, len(replans))
+        if step is None:
+            break
+        nxt, replan = step
+        note(f"re-planning ({len(replans) + 1} of {cfg.verification.replans}): "
+             f"{verified.culprit}; {len(replan.avoided)} layer(s) no longer take "
+             f"{verified.culprit_format} activations ({', '.join(list(replan.avoided)[:3])})")
+        try:
+            again = _search(nxt, progress)
+        except (UsageError, InfeasibleBudgetError) as e:
+            replans.append(dataclasses.replace(replan, outcome=e.problem))
+            note(f"no plan without those formats: {e.problem}; the earlier plan stays")
+            verified = dataclasses.replace(verified, replans=tuple(replans))
+            doc = json.loads((out.path / "verify.json").read_text(encoding="utf-8"))
+            out.write_json("verify.json", doc | {"replans": [r.to_dict() for r in replans]})
+            break
+        replans.append(replan)
+        res, cfg = again, nxt
+    return res, write_run_folder(res, cfg, out, qm=qm, shipped=shipped, verified=verified), cfg
+
+
+def _search(cfg: RunConfig, progress: Progress) -> SearchResult:
+    return search(cfg.model, cfg.hw, SearchData(calibration=cfg.data, evaluation=cfg.eval_data,
+                                                sample_axes=cfg.sample_axes),
+                  cfg.search, progress=progress)
+
+
+def _replan_step(res: SearchResult, cfg: RunConfig, verified: VerifySummary | None,
+                 done: int) -> tuple[RunConfig, Replan] | None:
+    """The config of the next search, and what it changes, when the device disagreed, its
+    culprit is a quantized tensor of this graph in a format some of its setters could give
+    up, and re-plans are left; None otherwise."""
+    if (verified is None or not verified.disagrees or done >= cfg.verification.replans
+            or not verified.culprit_tensors or verified.culprit_format is None):
+        return None
+    lg = res.analysis.graph
+    names = [*verified.culprit_tensors,
+             *(t.removesuffix("_prequant") for t in verified.culprit_tensors)]
+    tensor = next((t for t in names if t in lg.activations), None)
+    if tensor is None:  # a conversion the exporter added: no layer sets it alone
+        return None
+    fmt = Format.from_name(verified.culprit_format)
+    cc = cfg.search.candidates
+    avoid = {g: tuple(fs) for g, fs in cc.avoid.items()}
+    changed = {}
+    for g in format_setters(lg, tensor):
+        if res.chosen.plan[g].activation is fmt and fmt not in avoid.get(g, ()):
+            avoid[g] = (*avoid.get(g, ()), fmt)
+            changed[g] = str(fmt)
+    if not changed:
+        return None
+    search_cfg = dataclasses.replace(cfg.search, candidates=dataclasses.replace(cc, avoid=avoid))
+    return (dataclasses.replace(cfg, search=search_cfg),
+            Replan(culprit=verified.culprit or tensor,
+                   sqnr_db=verified.sqnr_db, avoided=changed))
+
+
+def write_run_folder(res: SearchResult, cfg: RunConfig, out: OutputDir, *, qm: QdqModel,
+                     shipped: Shipped, verified: VerifySummary | None) -> RunFolder:
+    """Every file of the run besides the shipped model and verify.json (written by
+    :func:`run_job`) into ``out`` (declared with :data:`RUN_OUTPUTS`); the caller rolls
+    ``out`` back if this raises."""
     exports = write_exports(out, res, qm, shipped)
-    verified = verify_on_device(out, res, shipped, cfg, progress=progress, note=note)
     doc = plan_document(res, model=cfg.model, profile=cfg.hw,
                         extra={"exports": exports.to_dict(),
                                "verification": verified.to_dict() if verified else None})

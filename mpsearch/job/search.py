@@ -231,15 +231,29 @@ class _Job:
                     self.cache.save_table(variant, table.to_dict() | {"dropped": [
                         [r.group, r.candidate.name, r.reason] for r in dropped]})
             self.table, more = table.finite()  # an older cache may lack a pair
-            self.dropped = (*dropped, *more)
+            self.dropped = (*dropped, *more, *self._avoided())
             self._drop_candidates()
+
+    def _avoided(self) -> tuple[Refusal, ...]:
+        """The candidates ``candidates.avoid`` takes off (activation formats the device computed
+        wrongly on that layer), as refusals with the reason; a pinned layer keeps its pin."""
+        out = []
+        for g, fmts in self.config.candidates.avoid.items():
+            if g not in self.cands:
+                raise UsageError(f"search.candidates.avoid names '{g}', which is no quantizable "
+                                 "layer of this model",
+                                 fix="see 'mpsearch inspect MODEL' for the layer names")
+            out += [Refusal(group=g, candidate=c, reason=f"the device computed {c.activation} "
+                            "activations of this layer wrongly (search.candidates.avoid)")
+                    for c in self.cands[g] if c.activation in fmts and g not in self.pins]
+        return tuple(out)
 
     def _drop_candidates(self) -> None:
         """Take the pairs the sensitivity stage could not score off the groups' candidates;
         a group left with none cannot be planned."""
         if not self.dropped:
             return
-        for r in self.dropped[:3]:
+        for r in [r for r in self.dropped if "candidates.avoid" not in r.reason][:3]:
             log.warning("%s is not offered to %s: %s", r.candidate, r.group, r.reason)
         gone = {(r.group, r.candidate) for r in self.dropped}
         self.cands = {g: tuple(c for c in cs if (g, c) not in gone) for g, cs in

@@ -130,6 +130,15 @@ def verify_status(verify: Mapping[str, Any] | None) -> tuple[str, str]:
     sq = verify.get("sqnr_db")
     shown = f"{sq:.2f} dB" if isinstance(sq, (int, float)) and math.isfinite(sq) else str(sq)
     threshold = verify.get("min_sqnr_db")
+    replans = verify.get("replans") or []
+    if replans:
+        first = replans[0].get("sqnr_db")
+        shown += (f" after {len(replans)} re-plan(s) around what the HTP computed wrongly (the "
+                  f"first plan: {first} dB; "
+                  + "; ".join(f"{', '.join(sorted(set(r.get('avoided', {}).values())))} off "
+                              f"{len(r.get('avoided', {}))} layer(s)"
+                              + (f", no plan: {r['outcome']}" if r.get("outcome") else "")
+                              for r in replans) + ")")
     if threshold is not None and not verify.get("agrees", False):
         culprit = (verify.get("culprit") or {}).get("description")
         return "fail", (f"NOT VERIFIED: compiled for {target} ({on}/{total} nodes on target), "
