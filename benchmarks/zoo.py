@@ -18,7 +18,8 @@ the HTP, worst output SQNR, verified or not). The error line of every run that d
 
     python benchmarks/zoo.py [--only NAME,...] [--work DIR] [--timeout S]
 
-Needs espeak-ng (Debian package) for the audio models' recordings. About 20 minutes on 2 cores.
+Needs espeak-ng, fonts-dejavu-core and fonts-liberation (Debian packages) for the recordings
+and the text images. About 20 minutes on 2 cores.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@
 run alone, this file rebuilds ``data/<model>_{calib,eval}.npz`` beside ``models/`` in its own
 folder. Needs the project's test extras (numpy, PIL, scikit-image, scikit-learn, scipy,
 onnxruntime).
-Needs espeak-ng (Debian package) for the audio models.  Calibration and evaluation come from
-DIFFERENT sources: different photos, different words / fonts, different sentences / voices.
+Needs espeak-ng, fonts-dejavu-core and fonts-liberation (Debian packages) for the audio and the
+text models.  Calibration and evaluation come from DIFFERENT sources: different photos, different words / fonts, different sentences / voices.
 Each model's preprocessing follows the package that ships it (benchmarks/zoo/models.json, "preprocessing").
 """
 from __future__ import annotations
