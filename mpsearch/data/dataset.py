@@ -57,7 +57,7 @@ from mpsearch.data.npyio import (
 )
 from mpsearch.data.spec import DataSpec
 
-__all__ = ["Dataset", "Split", "open_dataset", "split"]
+__all__ = ["Batch", "Dataset", "Split", "batch_samples", "open_dataset", "split"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,30 @@ class _Source:
     arrays: Mapping[str, StoredArray]
     n: int
     offset: int
+
+
+class Batch(dict):
+    """Input name -> array, as a session takes it, knowing how many samples it holds and on
+    which axis of each input (None: given once, the same array for every sample)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], *, samples: int,
+                 axes: Mapping[str, int | None]) -> None:
+        super().__init__(arrays)
+        self.samples, self.axes = samples, dict(axes)
+
+    def head(self, k: int) -> Batch:
+        """The first ``k`` samples (inputs given once stay whole)."""
+        return Batch({n: v if self.axes.get(n) is None else
+                      np.ascontiguousarray(np.take(v, np.arange(k), axis=self.axes[n]))
+                      for n, v in self.items()}, samples=min(k, self.samples), axes=self.axes)
+
+
+def batch_samples(batch: Mapping[str, np.ndarray]) -> int:
+    """How many samples ``batch`` holds: its own count (a :class:`Batch`), else the length of
+    its first array's axis 0."""
+    if isinstance(batch, Batch):
+        return batch.samples
+    return len(next(iter(batch.values())))
 
 
 class Dataset:
@@ -166,7 +190,7 @@ class Dataset:
                 continue
             a = parts[0][n] if len(parts) == 1 else np.concatenate([p[n] for p in parts])
             out[n] = a if axis == 0 else np.ascontiguousarray(np.moveaxis(a, 0, axis))
-        yield out
+        yield Batch(out, samples=count, axes={n: self.spec[n].sample_axis for n in out})
 
     def _given_once(self, arr: StoredArray, src: _Source) -> np.ndarray:
         """An input given once, read whole and checked like a batch."""

@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 
 from mpsearch.core.errors import DataError, UsageError
-from mpsearch.data.dataset import Dataset, open_dataset
+from mpsearch.data.dataset import Dataset, batch_samples, open_dataset
 from mpsearch.data.spec import input_specs, is_symbol
 from mpsearch.graph.ingest import load_model
 
@@ -371,7 +371,7 @@ def verify(model: onnx.ModelProto | str | os.PathLike[str], *, data: str | os.Pa
                             fix="check the data against the model's inputs") from e
         for name, r, g in zip(names, ref, got, strict=True):
             acc[name].update(np.asarray(r), np.asarray(g), None)
-        count = len(next(iter(feeds.values())))
+        count = batch_samples(batch)
         seen += count
         if progress:
             progress(count)

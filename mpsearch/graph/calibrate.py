@@ -33,6 +33,7 @@ import onnxruntime as ort
 
 from mpsearch.core.errors import DataError
 from mpsearch.core.threads import one_blas_thread
+from mpsearch.data.dataset import batch_samples
 from mpsearch.graph.layer_graph import LayerGraph
 from mpsearch.graph.layer_hessian import HessianCollector, LayerHessian
 
@@ -321,7 +322,7 @@ def run_collectors(lg: LayerGraph, batches: Iterable[Mapping[str, np.ndarray]],
         feed = {k: v for k, v in batch.items() if k in feed_names}
         values = dict(zip(out_names, sess.run(out_names, feed), strict=True))
         values.update({k: v for k, v in feed.items() if k in inputs})
-        return values, len(next(iter(feed.values())))
+        return values, batch_samples(batch)
 
     # ONNX Runtime computes the next batch while the collectors (numpy, mostly outside the
     # GIL) digest this one, two batches of exposed tensors in memory at most: 5% faster on

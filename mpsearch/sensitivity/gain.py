@@ -34,6 +34,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from mpsearch.data.dataset import Batch, batch_samples
 from mpsearch.graph.calibrate import Calibration
 from mpsearch.graph.layer_graph import Layer, LayerGraph
 from mpsearch.quant.layout import input_channel_view
@@ -113,10 +114,14 @@ def layer_gains(lg: LayerGraph, cal: Calibration, weights: Mapping[str, np.ndarr
     for b, r in zip(batches, reference, strict=True):
         if n >= samples:
             break
-        k = len(next(iter(b.values())))
-        if not static and n + k > samples:  # the first ``samples`` samples, not a whole batch
+        k = batch_samples(b)
+        # the first ``samples`` samples, not a whole batch, where the samples are on axis 0 of
+        # every input and output (a state or a sample rate given once: whole batches)
+        if not static and n + k > samples and isinstance(b, Batch) and all(
+                a == 0 for a in b.axes.values()) and all(
+                np.ndim(v) and len(v) == k for v in r.values()):
             k = samples - n
-            b = {name: v[:k] for name, v in b.items()}
+            b = b.head(k)
             r = {name: v[:k] for name, v in r.items()}
         use.append(b)
         ref.append(r)

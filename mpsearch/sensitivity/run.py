@@ -26,7 +26,7 @@ import numpy as np
 
 from mpsearch.core.formats import Candidate
 from mpsearch.core.threads import one_blas_thread
-from mpsearch.data.dataset import Dataset
+from mpsearch.data.dataset import Dataset, batch_samples
 from mpsearch.quant.analysis import Analysis
 from mpsearch.sensitivity.cache import SensitivityCache
 from mpsearch.sensitivity.gain import layer_gains
@@ -135,7 +135,7 @@ def estimate(analysis: Analysis, data: Dataset,
     count = sum(sum(int(v.size) for v in r.values()) for r in ref)
     signal = sum(float(np.vdot(v.ravel().astype(np.float64), v.ravel().astype(np.float64)))
                  for r in ref for v in r.values()) / max(count, 1)
-    samples = sum(len(next(iter(b.values()))) for b in batches)
+    samples = sum(batch_samples(b) for b in batches)
     seconds["reference"] = time.perf_counter() - t0
 
     runs = fit_runs(lg, cands, count=FIT_RUNS) if method is not Method.MEASURED else []

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from mpsearch.data.dataset import batch_samples
 from mpsearch.graph.calibrate import make_session, run_collectors
 from mpsearch.graph.ingest import outer_references
 from mpsearch.graph.layer_graph import LayerGraph
@@ -159,7 +160,7 @@ def in_passes(lg: LayerGraph, batches: Sequence[Mapping[str, np.ndarray]], items
     """``items`` (taken lazily) in groups whose float tensors ``feeds_of`` fit in
     :data:`FEED_BYTES` over ``batches`` (and at most ``per_pass`` items), each group with those
     tensors per batch, stored from one float pass."""
-    n = sum(len(next(iter(b.values()))) for b in batches)
+    n = sum(batch_samples(b) for b in batches)
     inputs = {i.name for i in lg.model.graph.input}
 
     def stored(names: set[str]) -> list[dict[str, np.ndarray]]:
