@@ -182,6 +182,34 @@ def with_if(seed: int = 0) -> onnx.ModelProto:
                   opset=17)
 
 
+def if_sample_rate(seed: int = 0) -> onnx.ModelProto:
+    """Silero VAD's layout: every layer inside the branches of an ``If`` on a scalar ``sr``
+    input (16 kHz: two Gemms with a Relu; else one Gemm), the branches reading the main graph's
+    weights from the outer scope."""
+    rng = np.random.default_rng(seed)
+
+    def w(name, rows, cols):
+        return _init(name, (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32))
+
+    fast = helper.make_graph([
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1, name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["y16"], transB=1, name="fc2")],
+        "sr16k", [], [helper.make_tensor_value_info("y16", TensorProto.FLOAT, None)])
+    slow = helper.make_graph([
+        helper.make_node("Gemm", ["x", "w3", "b2"], ["y8"], transB=1, name="fc8")],
+        "sr8k", [], [helper.make_tensor_value_info("y8", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Equal", ["sr", "k16000"], ["is16k"], name="is16k"),
+             helper.make_node("If", ["is16k"], ["y"], then_branch=fast, else_branch=slow,
+                              name="by_rate")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+                          helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                  [w("w1", 32, 16), _init("b1", np.zeros(32, np.float32)), w("w2", 4, 32),
+                   _init("b2", np.zeros(4, np.float32)), w("w3", 4, 16),
+                   _init("k16000", np.array(16000, np.int64))], opset=17)
+
+
 def softmax_opset11(seed: int = 0) -> onnx.ModelProto:
     """A Paddle-style classifier head at opset 11: Conv, then Softmax over axis 1 of a 4-D
     tensor, then Identity to the output. Raising it to opset 13 for int8 makes ONNX's converter

@@ -18,6 +18,7 @@ from models import fp16_overflow, images, mbconv
 import mpsearch
 from mpsearch.cli.main import main
 from mpsearch.export.readback import read_formats
+from mpsearch.graph.calibrate import make_session
 from mpsearch.job.config import (
     CacheConfig,
     CandidateConfig,
@@ -410,11 +411,14 @@ def test_a_disagreement_is_re_planned_around_its_culprit_and_verified_again(file
     out = tmp_path / "out"
     assert _run(files, out, "--budget", "bops=1.6", "--verify-min-db", "45",
                 "--verify-samples", "1") == 0
-    assert "re-plan 1: the plan before agreed at" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "re-plan 1: a graph input computes 'x_uint8' in uint8" in err
+    assert "shipped the plan of round 2 of 2" in err
     v = json.loads((out / "verify.json").read_text())
-    assert v["verified"] and v["sqnr_db"] >= 45
+    assert v["verified"] and v["sqnr_db"] >= 45 and v["shipped_round"] == 2
     [r] = v["replans"]
     assert r["avoided"] == {"stem": "uint8"} and r["sqnr_db"] < 45 and r["outcome"] is None
+    assert r["after_db"] == v["sqnr_db"]
     doc = json.loads((out / "plan.json").read_text())
     assert doc["verification"]["replans"] == v["replans"]
     stem = next(layer for layer in doc["layers"] if layer["group"] == "stem")
@@ -425,3 +429,43 @@ def test_a_disagreement_is_re_planned_around_its_culprit_and_verified_again(file
     assert main(["run", "--config", str(out / "config.yaml"), "--out", str(again), "-q"]) == 0
     assert json.loads((again / "verify.json").read_text())["replans"] == []
     assert (again / "model.qdq.onnx").read_bytes() == (out / "model.qdq.onnx").read_bytes()
+
+
+def test_specialize_if_plans_the_branch_the_data_takes(tmp_path, capsys):
+    """Silero VAD's layout (tests/models.py): every layer inside an If on a sample rate given
+    once. Without --specialize-if the run refuses it naming the flag (exit 2); with it, the
+    If becomes the 16 kHz branch, its two Gemms are planned, the shipped model has no If,
+    keeps the 'sr' input and agrees with the original model; evaluation data at 8 kHz, which
+    the specialised model cannot serve, exit 2 naming the branch."""
+    from models import if_sample_rate
+
+    onnx.save(if_sample_rate(), str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((48, 16)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x[:32], sr=np.array(16000))
+    np.savez(tmp_path / "e.npz", x=x[32:], sr=np.array(16000))
+    np.savez(tmp_path / "e8.npz", x=x[32:], sr=np.array(8000))
+
+    def run(out: str, *extra: str) -> int:
+        return main(["run", str(tmp_path / "m.onnx"), "--hw", str(ROOT / "hw_profiles" /
+                     "ort_cpu.yaml"), "--data", str(tmp_path / "c.npz"), "--out",
+                     str(tmp_path / out), "-q", "--no-cache", "--budget", "bops=0.9", *extra])
+
+    assert run("plain", "--eval-data", str(tmp_path / "e.npz")) == 2
+    assert "pass --specialize-if" in capsys.readouterr().err
+    assert run("out", "--eval-data", str(tmp_path / "e.npz"), "--specialize-if") == 0
+    assert "replaced by its then branch" in capsys.readouterr().err
+    doc = json.loads((tmp_path / "out" / "plan.json").read_text())
+    [s] = doc["specialized"]
+    assert (s["node"], s["value"], s["branch"]) == ("by_rate", True, "then_branch")
+    assert sorted(layer["group"] for layer in doc["layers"]) == ["fc1", "fc2"]
+    shipped = onnx.load(str(tmp_path / "out" / "model.qdq.onnx"))
+    assert not any(n.op_type == "If" for n in shipped.graph.node)
+    assert [i.name for i in shipped.graph.input] == ["x", "sr"]
+    feed = {"x": x[32:], "sr": np.array(16000)}
+    ref = make_session(if_sample_rate()).run(None, feed)[0]
+    got = make_session(shipped).run(None, feed)[0]
+    assert 10 * np.log10(np.mean(ref ** 2) / np.mean((ref - got) ** 2)) > 15
+    assert run("e8", "--eval-data", str(tmp_path / "e8.npz"), "--specialize-if") == 2
+    err = capsys.readouterr().err
+    assert "takes the else branch of If 'by_rate'" in err and not (tmp_path / "e8").exists()

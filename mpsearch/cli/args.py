@@ -242,6 +242,13 @@ SEARCH_OPTIONS: tuple[Option, ...] = (
                help="static input shape for the device compiler, e.g. input=1,3,224,224 "
                     "(repeatable; default: dynamic dimensions fixed to batch 1 and the "
                     "data's sizes; the report says which)")),
+    Option(("--specialize-if",), ("search", "specialize_if"), kwargs=dict(
+        action="store_true",
+        help="replace each If node whose condition is the same on every calibration sample "
+             "(a sample rate given once, say) by the branch taken, so that layers inside it "
+             "are planned and the HTP can run it; the shipped model then computes only that "
+             "branch (plan.json 'specialized', the report and stderr say which). Evaluation "
+             "data that would take the other branch exit 2")),
     Option(("--seed",), ("search", "seed"), kwargs=dict(
         type=int, metavar="N",
         help="seeds everything random; same inputs and seed give byte-identical outputs "

@@ -74,10 +74,14 @@ def cmd_run(args: argparse.Namespace, ui: Ui) -> int:
                      f"exceeds its prediction most: {layers}")
     if verified is not None:
         for i, r in enumerate(verified.replans, 1):
-            ui.err.print(f"re-plan {i}: the plan before agreed at {r.sqnr_db} dB; {r.culprit}; "
-                         f"took {', '.join(sorted(set(r.avoided.values())))} activations off "
-                         f"{len(r.avoided)} layer(s)"
-                         + (f" ({r.outcome}: kept the plan before)" if r.outcome else ""))
+            ui.err.print(f"re-plan {i}: {r.culprit}; took "
+                         f"{', '.join(sorted(set(r.avoided.values())))} activations off "
+                         f"{len(r.avoided)} layer(s): "
+                         + (f"no plan ({r.outcome})" if r.outcome
+                            else f"{r.sqnr_db} -> {r.after_db} dB"))
+        if verified.replans:
+            ui.err.print(f"shipped the plan of round {verified.shipped_round} of "
+                         f"{len(verified.replans) + 1}")
         if verified.failed:
             ui.err.print(f"[bold red]the plan does not run entirely on {verified.target}"
                          f"[/]: " + "; ".join(verified.reasons[:3] or ["see report.html"]))

@@ -230,7 +230,9 @@ class LayerGraph:
             raise ModelError(f"{name} has no quantizable layer in its main graph: its layers "
                              f"are inside the bodies of {', '.join(bodies[:3])} (If/Loop), "
                              "which mpsearch leaves in float",
-                             fix="export the model without control flow (e.g. one branch)")
+                             fix="pass --specialize-if to plan the branch the data takes (where "
+                                 "its condition is the same on every sample), or export the "
+                                 "model without control flow")
         raise ModelError(f"{name} has no quantizable layer (Conv, ConvTranspose, Gemm, or a "
                          "MatMul with a constant weight)", fix="nothing to quantize here")
 

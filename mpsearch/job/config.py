@@ -200,6 +200,9 @@ class SearchConfig:
     refinement: RefinementConfig = Field(default_factory=RefinementConfig)
     measurement: MeasureConfig = Field(default_factory=MeasureConfig)
     quantize: QuantizeOptions = Field(default_factory=QuantizeOptions)
+    # replace each If whose condition is the same on every calibration sample by the branch
+    # taken (mpsearch.graph.control): the shipped model computes only that branch
+    specialize_if: bool = False
     seed: int = 0  # seeds everything random: same inputs and seed, same bytes
     workers: Positive = 1  # processes for measured sensitivities
     cache: CacheConfig = Field(default_factory=CacheConfig)

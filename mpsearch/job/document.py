@@ -180,6 +180,7 @@ def plan_document(res: SearchResult, *, model: str, profile: str,
                       for f in lg.float_ops],
         "candidates_dropped": [{"group": r.group, "candidate": r.candidate.name,
                                 "reason": r.reason} for r in res.dropped],
+        "specialized": [s.to_dict() for s in res.specialized],
     }
     if extra:
         doc.update(extra)

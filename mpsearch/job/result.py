@@ -15,6 +15,7 @@ import onnx
 from mpsearch.core.formats import Candidate
 from mpsearch.core.frozen import freeze_fields
 from mpsearch.export.qdq import QdqModel, quantize
+from mpsearch.graph.control import Specialized
 from mpsearch.graph.evaluate import EvalResult
 from mpsearch.hw.cost import CostModel, PlanCost
 from mpsearch.hw.profile import HardwareProfile
@@ -115,6 +116,7 @@ class SearchResult:
     gating: GatedCandidates | None = field(default=None, repr=False)  # --gating's candidates
     # (group, candidate) pairs taken off because their sensitivity is not finite, with why
     dropped: tuple[Refusal, ...] = ()
+    specialized: tuple[Specialized, ...] = ()  # If nodes replaced by their branch (--specialize-if)
     chosen_model: QdqModel | None = field(default=None, repr=False)  # chosen's export, if made
     seconds: Mapping[str, float] = field(default_factory=dict)  # per stage
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,13 +108,15 @@ class Replan:
     sqnr_db: float | None  # the earlier plan's worst output, HTP against the CPU EP
     avoided: Mapping[str, str]  # layer -> the activation format it may no longer take
     outcome: str | None = None  # why the search again did not give a plan (None: it did)
+    after_db: float | None = None  # the re-planned plan's worst output, HTP against the CPU EP
 
     def __post_init__(self) -> None:
         freeze_fields(self, "avoided")
 
     def to_dict(self) -> dict:
         return {"culprit": self.culprit, "sqnr_db": self.sqnr_db,
-                "avoided": dict(self.avoided), "outcome": self.outcome}
+                "avoided": dict(self.avoided), "outcome": self.outcome,
+                "after_db": self.after_db}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +137,8 @@ class VerifySummary:
     # the tensors it names (the probe, the float tensor quantized) and its activation format
     culprit_tensors: tuple[str, ...] = ()
     culprit_format: str | None = None
-    replans: tuple[Replan, ...] = ()  # the runs before this one, and what each changed
+    replans: tuple[Replan, ...] = ()  # the re-plans tried, and what each changed
+    shipped_round: int = 1  # which plan was shipped (1: the first search's)
     samples: int = 0
     shapes_fixed: tuple = ()  # the dims fixed in the shipped file (plan.json exports too)
     sha256: str | None = None  # of the file compiled: the shipped model.qdq.onnx
@@ -165,6 +168,7 @@ class VerifySummary:
                 "sqnr_db": self.sqnr_db, "min_sqnr_db": self.min_sqnr_db,
                 "verified": self.verified, "disagreeing": list(self.disagreeing),
                 "culprit": self.culprit, "replans": [r.to_dict() for r in self.replans],
+                "shipped_round": self.shipped_round,
                 "samples": self.samples,
                 "shapes_fixed": list(self.shapes_fixed), "sha256": self.sha256,
                 "reasons": list(self.reasons)}
@@ -240,18 +244,20 @@ def write_exports(out: OutputDir, res: SearchResult, qm: QdqModel, shipped: Ship
 
 
 def verify_on_device(out: OutputDir, res: SearchResult, shipped: Shipped, cfg: RunConfig, *,
-                     progress: Progress, note: Callable[[str], None],
-                     replans: tuple[Replan, ...] = ()) -> VerifySummary | None:
+                     progress: Progress, note: Callable[[str], None]
+                     ) -> tuple[VerifySummary | None, dict | None]:
     """On a Qualcomm profile: compile the shipped ``model.qdq.onnx`` itself on QNN's HTP
-    (emulated), compare it with the CPU EP, write verify.json (no timings, so the same inputs
-    give the same bytes); None for other profiles or with verification off."""
+    (emulated) and compare it with the CPU EP; the summary and verify.json's document (no
+    timings, so the same inputs give the same bytes; the caller writes it). (None, None) for
+    other profiles or with verification off."""
     prof = res.profile
     if prof.runtime != QNN_TARGET or not cfg.verification.enabled:
-        return None
+        return None, None
     if not qnn_available():
         note("QNN's execution provider is not available here (onnxruntime-qnn: x86-64 "
              "Linux and Windows): the plan was not compiled for the HTP")
-        return VerifySummary(target=QNN_TARGET, skipped="onnxruntime-qnn is not available here")
+        return VerifySummary(target=QNN_TARGET,
+                             skipped="onnxruntime-qnn is not available here"), None
     data = cfg.eval_data or cfg.data
     samples = cfg.verification.samples
     axes = sample_axes(res, cfg)
@@ -278,12 +284,10 @@ def verify_on_device(out: OutputDir, res: SearchResult, shipped: Shipped, cfg: R
                 note("the QNN EP crashed compiling the probe model: no culprit named")
     doc = result.to_dict()
     doc["culprit"] = culprit.to_dict() if culprit is not None else None
-    doc["replans"] = [r.to_dict() for r in replans]
     doc.pop("seconds", None)
     doc.pop("compile_seconds", None)
     doc["model"]["path"] = "model.qdq.onnx"
     doc["data"] = str(data)
-    out.write_json("verify.json", doc)
     return VerifySummary(target=QNN_TARGET, soc_model=prof.soc_model, compiled=result.compiled,
                          fully_on_target=result.fully_on_target,
                          nodes_on_target=result.nodes.on_target, nodes=result.nodes.total,
@@ -294,7 +298,29 @@ def verify_on_device(out: OutputDir, res: SearchResult, shipped: Shipped, cfg: R
                          culprit_tensors=(culprit.tensor, culprit.source) if culprit else (),
                          culprit_format=culprit.activation_format if culprit else None,
                          shapes_fixed=shipped.shapes_fixed, sha256=result.model_sha256,
-                         reasons=tuple(result.reasons), replans=replans)
+                         reasons=tuple(result.reasons)), doc
+
+
+# a re-plan that does not raise the worst output's agreement by this much ends the re-plans:
+# the disagreement is then not the format's (rounding differences spread over many ops)
+REPLAN_GAIN_DB = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Round:
+    res: SearchResult
+    cfg: RunConfig
+    qm: QdqModel
+    shipped: Shipped
+    verified: VerifySummary | None
+    doc: dict | None
+
+    @property
+    def agreement(self) -> tuple[bool, float]:
+        v = self.verified
+        if v is None or v.skipped is not None:
+            return True, math.inf
+        return v.verified, v.sqnr_db if v.sqnr_db is not None else -math.inf
 
 
 def run_job(cfg: RunConfig, out: OutputDir, *, progress: Progress,
@@ -302,16 +328,26 @@ def run_job(cfg: RunConfig, out: OutputDir, *, progress: Progress,
     """``mpsearch run``: the search, the shipped model and its verification, and, while the
     device disagrees with the CPU EP and ``cfg.verification.replans`` allows, the search again
     with the culprit's activation format taken off the layers that set it (a format the
-    device computes wrongly there), verified again; then every other file, for the last
-    plan. Returns the last search, the folder, and the config that reproduces it (its
+    device computes wrongly there), verified again, for as long as each re-plan raises the
+    agreement by ``REPLAN_GAIN_DB``. The plan that agrees best is shipped, with every other
+    file. Returns its search, the folder, and the config that reproduces it (its
     ``search.candidates.avoid`` holds what the re-plans took off, and goes to config.yaml)."""
     replans: list[Replan] = []
+    rounds: list[_Round] = []
     res = _search(cfg, progress)
     while True:
         qm = res.qdq()
         shipped = ship_model(out, res, qm, cfg)
-        verified = verify_on_device(out, res, shipped, cfg, progress=progress, note=note,
-                                    replans=tuple(replans))
+        verified, doc = verify_on_device(out, res, shipped, cfg, progress=progress, note=note)
+        rounds.append(_Round(res=res, cfg=cfg, qm=qm, shipped=shipped, verified=verified,
+                             doc=doc))
+        if replans:
+            replans[-1] = dataclasses.replace(replans[-1], after_db=verified.sqnr_db)
+            before = rounds[-2].agreement[1]
+            if not verified.verified and not rounds[-1].agreement[1] >= before + REPLAN_GAIN_DB:
+                note(f"the re-plan did not raise the agreement by {REPLAN_GAIN_DB:g} dB "
+                     f"({before} -> {verified.sqnr_db} dB): no more re-plans")
+                break
         step = _replan_step(res, cfg, verified, len(replans))
         if step is None:
             break
@@ -324,13 +360,24 @@ def run_job(cfg: RunConfig, out: OutputDir, *, progress: Progress,
         except (UsageError, InfeasibleBudgetError) as e:
             replans.append(dataclasses.replace(replan, outcome=e.problem))
             note(f"no plan without those formats: {e.problem}; the earlier plan stays")
-            verified = dataclasses.replace(verified, replans=tuple(replans))
-            doc = json.loads((out.path / "verify.json").read_text(encoding="utf-8"))
-            out.write_json("verify.json", doc | {"replans": [r.to_dict() for r in replans]})
             break
         replans.append(replan)
         res, cfg = again, nxt
-    return res, write_run_folder(res, cfg, out, qm=qm, shipped=shipped, verified=verified), cfg
+    best = max(rounds, key=lambda r: r.agreement)  # the first of equals: fewest changes
+    if best is not rounds[-1]:
+        note(f"shipping the plan of round {rounds.index(best) + 1}, which agrees best "
+             f"({best.agreement[1]} dB)")
+        ship_model(out, best.res, best.qm, best.cfg)  # the same bytes as when it was verified
+    verified = best.verified
+    if best.doc is not None:
+        if replans:
+            verified = dataclasses.replace(verified, replans=tuple(replans),
+                                           shipped_round=rounds.index(best) + 1)
+        out.write_json("verify.json", best.doc | {
+            "replans": [r.to_dict() for r in replans],
+            "shipped_round": rounds.index(best) + 1, "rounds": len(rounds)})
+    return best.res, write_run_folder(best.res, best.cfg, out, qm=best.qm,
+                                      shipped=best.shipped, verified=verified), best.cfg
 
 
 def _search(cfg: RunConfig, progress: Progress) -> SearchResult:

@@ -41,6 +41,7 @@ from mpsearch.core.errors import InfeasibleBudgetError, UsageError
 from mpsearch.core.formats import Candidate, parse_candidate
 from mpsearch.data.dataset import Dataset, open_dataset
 from mpsearch.export.qdq import QdqModel, quantize
+from mpsearch.graph.control import Specialized, require_one_branch, specialize_ifs
 from mpsearch.graph.evaluate import evaluate, reference_run
 from mpsearch.graph.ingest import load_model
 from mpsearch.hw.cost import CostModel
@@ -129,8 +130,28 @@ class _Job:
         self.calib = self._dataset(data.calibration, "calibration")
         self.evald = (None if data.evaluation is None
                       else self._dataset(data.evaluation, "evaluation"))
+        self.specialized: tuple[Specialized, ...] = ()
+        if config.specialize_if:
+            self._specialize()
         self.exported: dict[tuple, QdqModel] = {}  # each plan exported once
         self._reference: Sequence[Mapping] | None = None
+
+    def _specialize(self) -> None:
+        """Each If the calibration data decides once replaced by its branch
+        (:mod:`mpsearch.graph.control`); evaluation data must take the same branches."""
+        original = self.model
+        self.model, self.specialized = specialize_ifs(
+            original, self.calib.batches(self.config.quantize.batch_size),
+            name="the calibration data")
+        if self.evald is not None:
+            require_one_branch(self.specialized, original,
+                               self.evald.batches(self.config.quantize.batch_size),
+                               name="the evaluation data")
+        if self.specialized:
+            first = self.specialized[0]
+            log.warning("%s%s", first.describe(), "" if len(self.specialized) == 1 else
+                        f"; and {len(self.specialized) - 1} more If node(s) likewise "
+                        "(plan.json 'specialized')")
 
     def _dataset(self, d: DataLike, name: str) -> Dataset:
         return d if isinstance(d, Dataset) else open_dataset(d, self.model, name=name,
@@ -166,7 +187,7 @@ class _Job:
             front=self.front, front_plans=self.front_plans, model_sha256=self.sha256,
             selection=self.selection, polish=self.polished,
             chosen_model=self.exported.get(plan_key(self.chosen.plan)), gating=self.gated,
-            dropped=self.dropped,
+            dropped=self.dropped, specialized=self.specialized,
             seconds=self.seconds)
 
     # -- 1. analysis, candidates, pins

@@ -132,13 +132,13 @@ def verify_status(verify: Mapping[str, Any] | None) -> tuple[str, str]:
     threshold = verify.get("min_sqnr_db")
     replans = verify.get("replans") or []
     if replans:
-        first = replans[0].get("sqnr_db")
-        shown += (f" after {len(replans)} re-plan(s) around what the HTP computed wrongly (the "
-                  f"first plan: {first} dB; "
-                  + "; ".join(f"{', '.join(sorted(set(r.get('avoided', {}).values())))} off "
-                              f"{len(r.get('avoided', {}))} layer(s)"
-                              + (f", no plan: {r['outcome']}" if r.get("outcome") else "")
-                              for r in replans) + ")")
+        tried = "; ".join(
+            f"{', '.join(sorted(set(r.get('avoided', {}).values())))} off "
+            f"{len(r.get('avoided', {}))} layer(s): "
+            + (f"no plan ({r['outcome']})" if r.get("outcome")
+               else f"{r.get('sqnr_db')} -> {r.get('after_db')} dB") for r in replans)
+        shown += (f" ({len(replans)} re-plan(s) around what the HTP computed differently: "
+                  f"{tried}; shipped: the plan of round {verify.get('shipped_round', 1)})")
     if threshold is not None and not verify.get("agrees", False):
         culprit = (verify.get("culprit") or {}).get("description")
         return "fail", (f"NOT VERIFIED: compiled for {target} ({on}/{total} nodes on target), "
