@@ -133,7 +133,7 @@ def _inline(m: ModelProto, fixed: Mapping[str, bool]) -> list[Specialized]:
 
 def _drop_dead(g: onnx.GraphProto) -> None:
     """Remove the nodes no graph output depends on, and the initializers no node reads."""
-    from mpsearch.graph.ingest import names_used
+    from mpsearch.graph.ingest import keep_nodes, names_used
 
     needed = {o.name for o in g.output}
     keep = []
@@ -142,15 +142,8 @@ def _drop_dead(g: onnx.GraphProto) -> None:
             keep.append(n)
             needed |= set(n.input)
             needed |= names_used(helper.make_graph([n], "n", [], []))
-    if len(keep) == len(g.node):
-        return
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
-    used = names_used(g)
-    inits = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(inits)
+    if len(keep) < len(g.node):
+        keep_nodes(g, keep[::-1])
 
 
 def require_one_branch(specialized: tuple[Specialized, ...], model: ModelProto,

@@ -23,7 +23,8 @@ from onnx import ModelProto, NodeProto, numpy_helper
 from mpsearch.core.errors import ModelError
 from mpsearch.data.spec import input_specs
 
-__all__ = ["GraphIndex", "default_input_shapes", "graph_index", "load_model", "names_used",
+__all__ = ["GraphIndex", "default_input_shapes", "graph_index", "keep_nodes", "load_model",
+           "names_used",
            "outer_references", "prepare_model", "strip_debug_metadata", "with_input_shapes"]
 
 log = logging.getLogger(__name__)
@@ -136,14 +137,18 @@ def _fold_batchnorm(graph: onnx.GraphProto) -> int:
         removed.add(id(bn))
         folded += 1
     if removed:
-        keep = [n for n in graph.node if id(n) not in removed]
-        del graph.node[:]
-        graph.node.extend(keep)
-        used = names_used(graph)
-        keep_init = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep_init)
+        keep_nodes(graph, [n for n in graph.node if id(n) not in removed])
     return folded
+
+
+def keep_nodes(graph: onnx.GraphProto, nodes: list[NodeProto]) -> None:
+    """Make ``nodes`` the graph's nodes, and drop the initializers none of them reads."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = names_used(graph)
+    keep_init = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep_init)
 
 
 def prepare_model(model: ModelProto) -> ModelProto:
