@@ -458,6 +458,7 @@ def test_specialize_if_plans_the_branch_the_data_takes(tmp_path, capsys):
     doc = json.loads((tmp_path / "out" / "plan.json").read_text())
     [s] = doc["specialized"]
     assert (s["node"], s["value"], s["branch"]) == ("by_rate", True, "then_branch")
+    assert "1 If node(s) replaced by the branch" in (tmp_path / "out" / "report.html").read_text()
     assert sorted(layer["group"] for layer in doc["layers"]) == ["fc1", "fc2"]
     shipped = onnx.load(str(tmp_path / "out" / "model.qdq.onnx"))
     assert not any(n.op_type == "If" for n in shipped.graph.node)

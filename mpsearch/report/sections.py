@@ -215,9 +215,17 @@ def float_ops_html(p: Mapping[str, Any]) -> str:
                           for r in kept]), left=0))
     dropped = list(p.get("candidates_dropped", []))
     if dropped:
-        parts.append(f"<p>{len(dropped)} candidate(s) not offered to a layer, because their "
-                     "sensitivity is not a finite number:</p>" + html_table(pd.DataFrame(
+        parts.append(f"<p>{len(dropped)} candidate(s) not offered to a layer (a sensitivity "
+                     "that is not a finite number, or a format the device computed wrongly "
+                     "there):</p>" + html_table(pd.DataFrame(
                          dropped, columns=["group", "candidate", "reason"]), left=0))
+    specialized = list(p.get("specialized", []))
+    if specialized:
+        parts.append(f"<p><b>{len(specialized)} If node(s) replaced by the branch the "
+                     "calibration data takes (--specialize-if): the shipped model computes "
+                     "only that branch.</b></p>" + html_table(pd.DataFrame(
+                         specialized, columns=["node", "condition", "value", "branch",
+                                               "nodes"]), left=0))
     if not parts:
         parts.append("<p>None: every op mpsearch knows is quantized as the plan says; no op "
                      "was left in float.</p>")
