@@ -288,6 +288,20 @@ def dead_channels(seed: int = 0) -> onnx.ModelProto:
                   [_init("w0", w0), _init("w1", w1), _init("b1", b1)], opset=13)
 
 
+def heavy_tailed(seed: int = 0) -> onnx.ModelProto:
+    """Two 3x3 convs whose weights are heavy-tailed (Student t, 2 degrees of freedom), so
+    that the clipping search cuts each channel's tails: many weights sit at the grid's ends."""
+    rng = np.random.default_rng(seed)
+    w0 = (rng.standard_t(2, (16, 3, 3, 3)) * 0.2).astype(np.float32)
+    w1 = (rng.standard_t(2, (8, 16, 3, 3)) * 0.05).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w1"], ["y"], name="conv1", pads=[1, 1, 1, 1])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])],
+                  [_init("w0", w0), _init("w1", w1)], opset=13)
+
+
 def images(n: int, seed: int = 0, shape: tuple[int, ...] = (3, 16, 16)) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 

@@ -27,7 +27,7 @@ def _rtn(rows: np.ndarray, fmt: Format, scale: np.ndarray,
          zp: np.ndarray | None = None) -> np.ndarray:
     z = 0.0 if zp is None else zp[..., None].astype(np.float32)
     q = np.clip(np.rint(rows.astype(np.float32) / scale[..., None]) + z,
-                fmt.spec.qmin, fmt.spec.qmax)
+                fmt.spec.weight_qmin, fmt.spec.qmax)  # the symmetric weight grid
     return q.astype(numpy_storage_dtype(fmt))
 
 
@@ -100,7 +100,7 @@ def test_diagonal_hessian_is_round_to_nearest(fmt: Format) -> None:
     np.testing.assert_array_equal(q, _rtn(rows, fmt, scale, zp))
     # the same as formats.quantize, per row (axis 0 of a 2-D weight)
     flat = quantize(rows.reshape(g * r, k), fmt, scale.reshape(-1),
-                    0 if zp is None else zp.reshape(-1), axis=0)
+                    0 if zp is None else zp.reshape(-1), axis=0, weight=True)
     np.testing.assert_array_equal(q.reshape(g * r, k), flat)
 
 

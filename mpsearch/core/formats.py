@@ -63,6 +63,13 @@ class FormatSpec:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
     @property
+    def weight_qmin(self) -> int:
+        """The lowest value of a symmetric weight grid: ``-qmax`` for signed formats (int8
+        weights in [-127, 127], as ONNX Runtime's and Qualcomm's quantizers write them: QNN's
+        HTP computes a weight of -128 wrongly, tests/test_verify.py), else ``qmin``."""
+        return -self.qmax if self.signed else self.qmin
+
+    @property
     def levels(self) -> int:
         return 2**self.bits
 
@@ -149,15 +156,17 @@ def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
 
 
 def quantize(x: np.ndarray, fmt: Format, scale: np.ndarray, zero_point: np.ndarray | int = 0,
-             *, axis: int | None = None) -> np.ndarray:
-    """Quantize ``x`` to the storage values of ``fmt`` (integers, or fp8 values)."""
+             *, axis: int | None = None, weight: bool = False) -> np.ndarray:
+    """Quantize ``x`` to the storage values of ``fmt`` (integers, or fp8 values). ``weight``:
+    onto the symmetric weight grid (``FormatSpec.weight_qmin`` to ``qmax``)."""
     x = np.asarray(x, dtype=np.float32)
     s = _broadcast(scale, x.ndim, axis)
     spec = fmt.spec
     if spec.kind is FormatKind.INT:
         z = _broadcast(np.asarray(zero_point), x.ndim, axis)
         q = np.rint(x / s) + z  # np.rint rounds half to even, as QuantizeLinear does
-        return np.clip(q, spec.qmin, spec.qmax).astype(numpy_storage_dtype(fmt))
+        low = spec.weight_qmin if weight else spec.qmin
+        return np.clip(q, low, spec.qmax).astype(numpy_storage_dtype(fmt))
     if spec.kind is FormatKind.FP8:
         m = fp8_max(fmt)
         return np.clip(x / s, -m, m).astype(_FP8_DTYPES[fmt])
@@ -174,8 +183,10 @@ def dequantize(q: np.ndarray, fmt: Format, scale: np.ndarray, zero_point: np.nda
 
 
 def fake_quant(x: np.ndarray, fmt: Format, scale: np.ndarray | None = None,
-               zero_point: np.ndarray | int = 0, *, axis: int | None = None) -> np.ndarray:
-    """Quantize and dequantize ``x``: what the model computes with after Q/DQ."""
+               zero_point: np.ndarray | int = 0, *, axis: int | None = None,
+               weight: bool = False) -> np.ndarray:
+    """Quantize and dequantize ``x``: what the model computes with after Q/DQ (``weight``: on
+    the symmetric weight grid, as :func:`quantize`)."""
     if fmt is Format.FLOAT:
         return np.asarray(x, dtype=np.float32)
     if fmt is Format.FP16:
@@ -183,8 +194,8 @@ def fake_quant(x: np.ndarray, fmt: Format, scale: np.ndarray | None = None,
             return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
     if scale is None:
         raise ValueError(f"{fmt} needs a scale")
-    return dequantize(quantize(x, fmt, scale, zero_point, axis=axis), fmt, scale, zero_point,
-                      axis=axis)
+    return dequantize(quantize(x, fmt, scale, zero_point, axis=axis, weight=weight), fmt,
+                      scale, zero_point, axis=axis)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -206,7 +206,7 @@ def _channel_errors(wc: np.ndarray, fmt: Format, amax: np.ndarray, ratio: np.nda
     spec = fmt.spec
     if spec.kind is FormatKind.INT:  # what quantize() computes, without its integer casts
         q = np.rint(wc / s.astype(np.float32)[:, None])
-        np.clip(q, spec.qmin, spec.qmax, out=q)
+        np.clip(q, spec.weight_qmin, spec.qmax, out=q)
     else:
         q = quantize(wc, fmt, s, axis=0).astype(np.float32)
     err = (q * s[:, None] - wc) ** 2

@@ -175,7 +175,8 @@ def _round(layer: Layer, w: np.ndarray, fmt: Format, qp: QParams,
            hf: tuple[np.ndarray, HessianFactor] | None) -> np.ndarray:
     """``w`` on the grid of ``qp``: to nearest, or (``hf`` given) by GPTQ where, channel by
     channel, that gives the lower ``δw H δwᵀ``."""
-    values = quantize(w, fmt, qp.scale, qp.zero_point, axis=layer.channel_axis)
+    values = quantize(w, fmt, qp.scale, qp.zero_point, axis=layer.channel_axis,
+                    weight=True)
     if hf is None:
         return values
     h, factor = hf
@@ -207,7 +208,8 @@ def _patch(layer: Layer, w: np.ndarray, fmt: Format, old: QParams, new: QParams,
     round independently (also in GPTQ), so the other channels stay as they are; the raised ones
     are nearly dead channels (weights ~0 next to a large bias), where rounding hardly matters."""
     changed = np.asarray(new.scale) != np.asarray(old.scale)
-    nearest = quantize(w, fmt, new.scale, new.zero_point, axis=layer.channel_axis)
+    nearest = quantize(w, fmt, new.scale, new.zero_point, axis=layer.channel_axis,
+                    weight=True)
     shape = [-1 if i == layer.channel_axis else 1 for i in range(w.ndim)]
     return np.where(changed.reshape(shape), nearest, values)
 
@@ -230,7 +232,8 @@ def _pruned_values(li: LayerInputs, fmt: Format, sparsity: Sparsity, qp: QParams
     cut = () if pr.channels is None else tuple(int(c) for c in pr.channels)
     if joint:
         return pr.values, cut
-    return quantize(pr.weight, fmt, qp.scale, qp.zero_point, axis=layer.channel_axis), cut
+    return quantize(pr.weight, fmt, qp.scale, qp.zero_point, axis=layer.channel_axis,
+                    weight=True), cut
 
 
 def _requantize(li: LayerInputs, fmt: Format, sparsity: Sparsity | None, old: QParams,

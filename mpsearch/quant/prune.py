@@ -391,7 +391,7 @@ def prune_layer(layer: Layer, w: np.ndarray, sparsity: Sparsity | None, *,
             raise ValueError(f"joint pruning and quantization needs an integer format and its "
                              f"qparams, got {fmt} and {qparams}")
         s, z = _scales(qparams, g, r)
-        quant = (s, z, float(fmt.spec.qmin), float(fmt.spec.qmax))
+        quant = (s, z, float(fmt.spec.weight_qmin), float(fmt.spec.qmax))
     h, diag, why = _statistic(hessian, g, k, centered=centered)
     used, fallback = method, None
     if used is PruneMethod.OBS and why is not None:

@@ -253,7 +253,7 @@ def hessian_round(rows: np.ndarray, h: np.ndarray | None, fmt: Format, scale: np
            else np.asarray(zero_point).astype(np.float32))
     _check(w, factor.u, s32, None if zero_point is None else np.asarray(zero_point))
     g, r, k = w.shape
-    qmin, qmax = float(spec.qmin), float(spec.qmax)
+    qmin, qmax = float(spec.weight_qmin), float(spec.qmax)
     perm, u = factor.perm, factor.u
     if perm is not None:
         w = np.take_along_axis(w, perm[:, None, :], axis=2)

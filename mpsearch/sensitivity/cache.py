@@ -36,7 +36,7 @@ __all__ = ["CACHE_VERSION", "SensitivityCache", "data_digest", "default_cache_di
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 5  # 5: activation ranges kept within a Clip's limits
+CACHE_VERSION = 6  # 6: symmetric weight grids [-qmax, qmax]
 
 
 def default_cache_dir() -> Path:
