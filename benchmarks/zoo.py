@@ -96,7 +96,7 @@ def run_one(m: dict, profile: str, work: Path, timeout: float) -> dict:
         code, err = r.returncode, r.stderr
     except subprocess.TimeoutExpired:
         code, err = "timeout", ""
-    rec = {"model": name, "profile": profile, "exit": code,
+    rec = {"model": name, "args": " ".join(m.get("args", [])), "profile": profile, "exit": code,
            "seconds": round(time.perf_counter() - t0, 1), "error": _last_line(err)}
     plan = out / "plan.json"
     if plan.is_file():
@@ -145,7 +145,8 @@ def _cells(r: dict) -> list[str]:
                f"{db if db is not None else '-'} dB, {state}")
     db = r.get("sqnr_db")
     top1 = r.get("top1")
-    return [r["model"], r["profile"], str(r["exit"]), f"{r['seconds']:.0f}", r["checker"],
+    model = f"{r['model']} ({r['args']})" if r.get("args") else r["model"]
+    return [model, r["profile"], str(r["exit"]), f"{r['seconds']:.0f}", r["checker"],
             f"{db:.2f}" if isinstance(db, (int, float)) else "-",
             f"{100 * top1:.1f}%" if isinstance(top1, (int, float)) else "-", htp,
             (r.get("error") or "").replace("|", "/")[:160]]

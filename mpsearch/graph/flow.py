@@ -47,7 +47,7 @@ from mpsearch.core.ops import ChannelFlow, OpRole, ZeroRule, lookup
 from mpsearch.graph.layer_graph import LayerGraph
 
 __all__ = ["ChannelRefusal", "ChannelRoute", "attr", "channel_route", "const_axis", "in_axis",
-           "format_setters", "node_formats", "widest"]
+           "format_setters", "layers_reached", "node_formats", "widest"]
 
 # Precision order of the activation formats: a node fed by several takes the widest.
 RANK = {Format.FLOAT: 100, Format.FP16: 90, Format.INT16: 16, Format.UINT16: 16,
@@ -76,6 +76,15 @@ def format_setters(lg: LayerGraph, tensor: str) -> tuple[str, ...]:
         return (act.producer,)
     if act.source_groups:
         return tuple(sorted(act.source_groups))
+    return layers_reached(lg, tensor)
+
+
+def layers_reached(lg: LayerGraph, tensor: str) -> tuple[str, ...]:
+    """The layers ``tensor`` reaches through ops that are no layer (where a consumer's format
+    differs from the producer's, the consumers' formats set the converted copy)."""
+    act = lg.activations.get(tensor)
+    if act is None:
+        return ()
     found: set[str] = set()
     todo, seen = list(act.consumers), set()
     while todo:

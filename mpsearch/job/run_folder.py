@@ -36,7 +36,7 @@ from mpsearch.device.verify import (
 from mpsearch.export.encodings import encodings_document
 from mpsearch.export.overrides import ort_overrides
 from mpsearch.export.qdq import QdqModel
-from mpsearch.graph.flow import format_setters
+from mpsearch.graph.flow import format_setters, layers_reached
 from mpsearch.job.config import RunConfig, to_yaml
 from mpsearch.job.document import plan_document, plan_frame
 from mpsearch.job.result import SearchResult
@@ -404,8 +404,11 @@ def _replan_step(res: SearchResult, cfg: RunConfig, verified: VerifySummary | No
     cc = cfg.search.candidates
     avoid = {g: tuple(fs) for g, fs in cc.avoid.items()}
     changed = {}
-    for g in format_setters(lg, tensor):
-        if res.chosen.plan[g].activation is fmt and fmt not in avoid.get(g, ()):
+    setters = [g for g in format_setters(lg, tensor) if res.chosen.plan[g].activation is fmt]
+    if not setters:  # a conversion: the consumers that take the tensor in ``fmt`` set it
+        setters = [g for g in layers_reached(lg, tensor) if res.chosen.plan[g].activation is fmt]
+    for g in setters:
+        if fmt not in avoid.get(g, ()):
             avoid[g] = (*avoid.get(g, ()), fmt)
             changed[g] = str(fmt)
     if not changed:
