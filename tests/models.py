@@ -302,6 +302,26 @@ def heavy_tailed(seed: int = 0) -> onnx.ModelProto:
                   [_init("w0", w0), _init("w1", w1)], opset=13)
 
 
+def erf_gelu(seed: int = 0, *, opset: int = 11) -> onnx.ModelProto:
+    """A Gemm, the exact GELU as PaddlePaddle exports it (``x / √2 -> Erf -> + 1 -> · x ->
+    · 0.5``), a Gemm: the Erf is an op QNN's HTP does not have."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Gemm", ["x", "w0", "b0"], ["h"], transB=1, name="fc0"),
+             helper.make_node("Div", ["h", "sqrt2"], ["hs"], name="div"),
+             helper.make_node("Erf", ["hs"], ["e"], name="erf"),
+             helper.make_node("Add", ["e", "one"], ["e1"], name="add"),
+             helper.make_node("Mul", ["h", "e1"], ["he"], name="mul"),
+             helper.make_node("Mul", ["he", "half"], ["g"], name="half_mul"),
+             helper.make_node("Gemm", ["g", "w1", "b1"], ["y"], transB=1, name="fc1")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                  [_init("w0", (rng.standard_normal((32, 16)) / 4).astype(np.float32)),
+                   _init("b0", np.zeros(32, np.float32)),
+                   _init("w1", (rng.standard_normal((8, 32)) / 6).astype(np.float32)),
+                   _init("b1", np.zeros(8, np.float32)), _init("sqrt2", np.float32(2 ** 0.5)),
+                   _init("one", np.float32(1)), _init("half", np.float32(0.5))], opset=opset)
+
+
 def images(n: int, seed: int = 0, shape: tuple[int, ...] = (3, 16, 16)) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 

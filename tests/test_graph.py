@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from models import attention, conv_transpose, images, mbconv, runtime_pad
+from models import attention, conv_transpose, erf_gelu, images, mbconv, runtime_pad
 from onnx import helper
 
 from mpsearch.core.errors import ModelError
@@ -23,6 +23,24 @@ def test_batchnorm_is_folded_and_outputs_unchanged():
     ref = make_session(m).run(None, {"x": x})[0]
     got = make_session(pm).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("opset", "domain"), [(11, "com.microsoft"), (20, "")])
+def test_an_erf_gelu_becomes_one_gelu_node_computing_the_same(opset, domain):
+    """PaddlePaddle's written-out GELU (tests/models.py) becomes one Gelu node (ONNX Runtime's
+    contrib op below opset 20, ONNX's from 20): no Erf left for the HTP to refuse, the same
+    outputs, and the checker passes; the Gelu is an element-wise op between the two layers."""
+    m = erf_gelu(opset=opset)
+    pm = prepare_model(m)
+    ops = [(n.op_type, n.domain) for n in pm.graph.node]
+    assert ops == [("Gemm", ""), ("Gelu", domain), ("Gemm", "")]
+    onnx.checker.check_model(pm, full_check=True)
+    x = np.random.default_rng(3).standard_normal((1, 16)).astype(np.float32) * 3
+    ref = make_session(m).run(None, {"x": x})[0]
+    np.testing.assert_allclose(make_session(pm).run(None, {"x": x})[0], ref, rtol=1e-5,
+                               atol=1e-6)
+    lg = build_layer_graph(m)
+    assert set(lg.layers) == {"fc0", "fc1"} and not lg.float_ops
 
 
 def test_layers_macs_and_params_match_hand_counts():

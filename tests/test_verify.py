@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from models import dead_channels, hardswish, heavy_tailed, images, mbconv
+from models import dead_channels, erf_gelu, hardswish, heavy_tailed, images, mbconv
 from onnx import TensorProto, helper, numpy_helper
 
 from mpsearch import analyze, open_dataset, parse_candidate
@@ -293,3 +293,19 @@ def test_int8_weights_stay_on_the_symmetric_grid_the_htp_computes(tmp_path):
     qm = quantize(a, parse_candidate("w8a8")).model
     good = verify(qm, data=tmp_path / "eval.npz", samples=2)
     assert good.verified and good.sqnr_db > 30
+
+
+def test_a_gelu_written_with_erf_compiles_whole_on_the_htp(tmp_path):
+    """The HTP has no Erf (the zoo's PaddleOCR v5 recognizer and detector were refused for 13
+    of them); ingestion makes the written-out GELU one Gelu node, so a w8a8 export of it
+    (opset 11 raised to 13, the contrib Gelu kept) compiles whole and agrees with the CPU."""
+    fp32 = erf_gelu()
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 16)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((4, 16)).astype(np.float32))
+    a = analyze(fp32, open_dataset(tmp_path / "calib.npz", fp32))
+    qm = quantize(a, parse_candidate("w8a8")).model
+    onnx.checker.check_model(qm, full_check=True)
+    assert "Erf" not in {n.op_type for n in qm.graph.node}
+    r = verify(qm, data=tmp_path / "eval.npz", samples=2)
+    assert r.fully_on_target and r.verified, r.reasons

@@ -119,8 +119,14 @@ def _add(op_type: str, role: OpRole, **facts: object) -> None:
     OP_REGISTRY[op_type] = OpInfo(op_type=op_type, role=role, **facts)  # type: ignore[arg-type]
 
 
+# ONNX Runtime's contrib ops mpsearch itself writes (ingestion's GELU fusion), as the ONNX op
+# of the same name
+_CONTRIB = frozenset({"Gelu"})
+
+
 def lookup(op_type: str, domain: str = "") -> OpInfo | None:
-    if domain not in ("", "ai.onnx"):
+    if domain not in ("", "ai.onnx") and not (domain == "com.microsoft"
+                                              and op_type in _CONTRIB):
         return None
     return OP_REGISTRY.get(op_type)
 

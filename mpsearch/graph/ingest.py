@@ -2,7 +2,11 @@
 
 Normalisation: node names made unique, ``Constant`` nodes turned into initializers,
 initializers removed from the graph inputs, ``BatchNormalization`` after a ``Conv`` folded into
-it: ``W' = W·γ/√(σ²+ε)`` per output channel, ``b' = (b - μ)·γ/√(σ²+ε) + β``; then ONNX shape
+it: ``W' = W·γ/√(σ²+ε)`` per output channel, ``b' = (b - μ)·γ/√(σ²+ε) + β``; the exact GELU
+written out as ``x·(1 + erf(x/√2))·0.5`` (PaddlePaddle's and older PyTorch exports, in any order
+of the products) replaced by one ``Gelu`` node (ONNX's from opset 20, else ONNX Runtime's
+``com.microsoft.Gelu``), the same function: QNN's HTP has no ``Erf`` but runs ``Gelu`` (the
+zoo's PaddleOCR v5/v6 networks were refused whole for their 13 ``Erf`` nodes); then ONNX shape
 inference. Every function returns a new model; the argument is never modified.
 """
 
@@ -99,6 +103,93 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
         graph.node.extend(keep)
 
 
+MS_DOMAIN = "com.microsoft"
+
+
+def _scalar(inits: Mapping[str, onnx.TensorProto], name: str) -> float | None:
+    t = inits.get(name)
+    if t is None:
+        return None
+    v = numpy_helper.to_array(t)
+    return float(v.reshape(-1)[0]) if v.size == 1 else None
+
+
+def _fuse_gelu(model: ModelProto) -> int:
+    """Replace each ``Mul(Mul(x, Add(Erf(x / √2), 1)), 0.5)`` (the products in any order, the
+    division also as a product by 1/√2) whose inner tensors feed nothing else by one ``Gelu``
+    node; how many were fused (module docstring)."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, list[NodeProto]] = {}
+    for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    producer = {o: n for n in g.node for o in n.output}
+    outputs = {o.name for o in g.output}
+
+    def const_is(name: str, value: float) -> bool:
+        v = _scalar(inits, name)
+        return v is not None and abs(v - value) <= 1e-4 * abs(value)
+
+    def other(node: NodeProto, name: str) -> str | None:
+        rest = [i for i in node.input if i != name]
+        return rest[0] if len(node.input) == 2 and len(rest) == 1 else None
+
+    def only_use(t: str, node: NodeProto) -> bool:
+        return t not in outputs and [c.name for c in consumers.get(t, [])] == [node.name]
+
+    fused, removed, replace = 0, set(), {}
+    for erf in g.node:
+        if erf.op_type != "Erf" or erf.domain not in ("", "ai.onnx"):
+            continue
+        scale = producer.get(erf.input[0])
+        if scale is None or not only_use(scale.output[0], erf):
+            continue
+        if scale.op_type == "Div" and const_is(scale.input[1], 2 ** 0.5):
+            x = scale.input[0]
+        elif scale.op_type == "Mul" and (c := next((i for i in scale.input
+                                                    if const_is(i, 2 ** -0.5)), None)):
+            x = other(scale, c)
+        else:
+            continue
+        chain = [scale, erf]
+        add = (consumers.get(erf.output[0]) or [None])[0]
+        if add is None or add.op_type != "Add" or not only_use(erf.output[0], add) or \
+                not const_is(other(add, erf.output[0]) or "", 1.0):
+            continue
+        chain.append(add)
+        # the two products, x·(…) and ·0.5, in either order
+        t, have_x, have_half = add.output[0], False, False
+        while not (have_x and have_half):
+            cons = consumers.get(t, [])
+            if len(cons) != 1 or cons[0].op_type != "Mul" or t in outputs:
+                break
+            mul = cons[0]
+            o = other(mul, t)
+            if o == x and not have_x:
+                have_x = True
+            elif o is not None and const_is(o, 0.5) and not have_half:
+                have_half = True
+            else:
+                break
+            chain.append(mul)
+            t = mul.output[0]
+        if not (have_x and have_half) or x is None:
+            continue
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        gelu = onnx.helper.make_node("Gelu", [x], [t], name=f"{erf.name}/Gelu",
+                                     domain="" if opset >= 20 else MS_DOMAIN)
+        replace[id(chain[0])] = gelu
+        removed |= {id(n) for n in chain[1:]}
+        fused += 1
+    if fused:
+        keep_nodes(g, [replace.get(id(n), n) for n in g.node if id(n) not in removed])
+        if any(n.domain == MS_DOMAIN for n in g.node) and \
+                not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    return fused
+
+
 def _fold_batchnorm(graph: onnx.GraphProto) -> int:
     inits = {t.name: t for t in graph.initializer}
     consumers: dict[str, list[NodeProto]] = {}
@@ -166,6 +257,9 @@ def prepare_model(model: ModelProto) -> ModelProto:
     folded = _fold_batchnorm(g)
     if folded:
         log.info("folded %d BatchNormalization nodes into their Conv", folded)
+    fused = _fuse_gelu(m)
+    if fused:
+        log.info("fused %d GELUs written with Erf into Gelu nodes", fused)
     return _infer_shapes(m)
 
 
