@@ -36,7 +36,7 @@ __all__ = ["CACHE_VERSION", "SensitivityCache", "data_digest", "default_cache_di
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 6  # 6: symmetric weight grids [-qmax, qmax]
+CACHE_VERSION = 7  # 7: written-out GELUs fused at ingestion
 
 
 def default_cache_dir() -> Path:
