@@ -169,7 +169,7 @@ def test_attention_with_activation_matmuls_and_float_op(tmp_path):
 
 def test_contrib_op_is_left_float_and_the_model_still_runs(tmp_path):
     m = mbconv()
-    m.graph.node.insert(5, helper.make_node("Gelu", ["e_act"], ["e_gelu"], name="gelu",
+    m.graph.node.insert(5, helper.make_node("FastGelu", ["e_act"], ["e_gelu"], name="gelu",
                                             domain="com.microsoft"))
     for n in m.graph.node:
         if n.name == "depthwise":
