@@ -32,9 +32,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                     "OUT/plan.json (documented in the README), OUT/plan.csv, "
                     "OUT/sensitivity.json, OUT/verify.json, OUT/config.yaml (the settings, "
                     "to run it again with --config) and the report's PNGs. Exit code 1 "
-                    "when the device compiler refuses part of the plan, 3 when it compiles "
-                    "whole but an output disagrees with the CPU EP below --verify-min-db "
-                    "(everything is still written, for the report).")
+                    "when the device compiler refuses part of the plan (or crashes on it), 3 "
+                    "when it compiles whole but an output disagrees with the CPU EP below "
+                    "--verify-min-db after the re-plans (--replans) around the first tensor it "
+                    "computes differently (everything is still written, for the report).")
     add_options(s, "run")
     s.set_defaults(func=cmd_run)
 
