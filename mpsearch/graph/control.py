@@ -133,15 +133,14 @@ def _inline(m: ModelProto, fixed: Mapping[str, bool]) -> list[Specialized]:
 
 def _drop_dead(g: onnx.GraphProto) -> None:
     """Remove the nodes no graph output depends on, and the initializers no node reads."""
-    from mpsearch.graph.ingest import keep_nodes, names_used
+    from mpsearch.graph.ingest import keep_nodes, outer_references
 
     needed = {o.name for o in g.output}
     keep = []
     for n in reversed(g.node):
         if any(o in needed for o in n.output):
             keep.append(n)
-            needed |= set(n.input)
-            needed |= names_used(helper.make_graph([n], "n", [], []))
+            needed |= set(n.input) | outer_references(n)
     if len(keep) < len(g.node):
         keep_nodes(g, keep[::-1])
 

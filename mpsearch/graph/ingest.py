@@ -28,8 +28,8 @@ from mpsearch.core.errors import ModelError
 from mpsearch.data.spec import input_specs
 
 __all__ = ["GraphIndex", "default_input_shapes", "graph_index", "keep_nodes", "load_model",
-           "names_used",
-           "outer_references", "prepare_model", "strip_debug_metadata", "with_input_shapes"]
+           "names_used", "outer_references", "prepare_model", "scalar_value",
+           "strip_debug_metadata", "with_input_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
 MS_DOMAIN = "com.microsoft"
 
 
-def _scalar(inits: Mapping[str, onnx.TensorProto], name: str) -> float | None:
+def scalar_value(inits: Mapping[str, onnx.TensorProto], name: str) -> float | None:
+    """The value of a one-element initializer, None for anything else."""
     t = inits.get(name)
     if t is None:
         return None
@@ -128,7 +129,7 @@ def _fuse_gelu(model: ModelProto) -> int:
     outputs = {o.name for o in g.output}
 
     def const_is(name: str, value: float) -> bool:
-        v = _scalar(inits, name)
+        v = scalar_value(inits, name)
         return v is not None and abs(v - value) <= 1e-4 * abs(value)
 
     def other(node: NodeProto, name: str) -> str | None:

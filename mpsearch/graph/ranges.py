@@ -32,10 +32,10 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import numpy_helper
 
 from mpsearch.core.formats import Format, FormatKind, fp8_max, quantize
 from mpsearch.graph.calibrate import TensorStats
+from mpsearch.graph.ingest import scalar_value
 from mpsearch.graph.layer_graph import LayerGraph
 
 __all__ = ["QParams", "RangeMethod", "activation_qparams", "constant_qparams", "output_bounds",
@@ -175,11 +175,7 @@ def output_bounds(lg: LayerGraph) -> dict[str, tuple[float, float]]:
     values = {t.name: t for t in lg.model.graph.initializer}
 
     def scalar(name: str) -> float | None:
-        t = values.get(name)
-        if t is None:
-            return None
-        v = numpy_helper.to_array(t)
-        return float(v.reshape(-1)[0]) if v.size == 1 else None
+        return scalar_value(values, name)
 
     out: dict[str, tuple[float, float]] = {}
     for name in lg.order:

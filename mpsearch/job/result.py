@@ -117,11 +117,14 @@ class SearchResult:
     # (group, candidate) pairs taken off because their sensitivity is not finite, with why
     dropped: tuple[Refusal, ...] = ()
     specialized: tuple[Specialized, ...] = ()  # If nodes replaced by their branch (--specialize-if)
+    # every input's sample axis as the search resolved it on the evaluation (else calibration)
+    # data (None: given once); the static device model has no dynamic dim left to infer it from
+    sample_axes: Mapping[str, int | None] = field(default_factory=dict)
     chosen_model: QdqModel | None = field(default=None, repr=False)  # chosen's export, if made
     seconds: Mapping[str, float] = field(default_factory=dict)  # per stage
 
     def __post_init__(self) -> None:
-        freeze_fields(self, "errors", "limits", "seconds")
+        freeze_fields(self, "errors", "limits", "seconds", "sample_axes")
 
     @property
     def method(self) -> Method:

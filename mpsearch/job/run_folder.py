@@ -22,7 +22,6 @@ from pathlib import Path
 from mpsearch.core.errors import ExportError, InfeasibleBudgetError, InternalError, UsageError
 from mpsearch.core.formats import Format
 from mpsearch.core.frozen import freeze_fields
-from mpsearch.data.dataset import open_dataset
 from mpsearch.data.outputs import OutputDir
 from mpsearch.device.localize import localize
 from mpsearch.device.qnn import qnn_available
@@ -194,7 +193,7 @@ def ship_model(out: OutputDir, res: SearchResult, qm: QdqModel, cfg: RunConfig) 
         return Shipped(sha256=_sha256(path))
     model, fixed = static_model(qm.model, data=cfg.eval_data or cfg.data,
                                 input_shapes=dict(cfg.verification.input_shapes) or None,
-                                sample_axes=sample_axes(res, cfg))
+                                sample_axes=dict(res.sample_axes))
     path = out.write_model("model.qdq.onnx", model)
     dynamic = None
     if fixed:
@@ -202,16 +201,6 @@ def ship_model(out: OutputDir, res: SearchResult, qm: QdqModel, cfg: RunConfig) 
         out.write_model(dynamic, qm.model)
     return Shipped(sha256=_sha256(path), shapes_fixed=tuple(f.describe() for f in fixed),
                    dynamic=dynamic)
-
-
-def sample_axes(res: SearchResult, cfg: RunConfig) -> dict[str, int | None]:
-    """Every input's sample axis as the search resolved it on the model as given (declared,
-    else inferred from its dynamic dims): the static device model has no dynamic dim left to
-    infer them from (Silero VAD's state ``[2, batch, 128]`` beside its audio ``[batch, 576]``
-    would both read as axis 0)."""
-    ds = open_dataset(cfg.eval_data or cfg.data, res.analysis.original, name="evaluation",
-                      sample_axes=dict(cfg.sample_axes))
-    return {i.name: i.sample_axis for i in ds.spec.inputs}
 
 
 def _sha256(path: Path) -> str:
@@ -260,7 +249,7 @@ def verify_on_device(out: OutputDir, res: SearchResult, shipped: Shipped, cfg: R
                              skipped="onnxruntime-qnn is not available here"), None
     data = cfg.eval_data or cfg.data
     samples = cfg.verification.samples
-    axes = sample_axes(res, cfg)
+    axes = dict(res.sample_axes)
     with progress(f"verifying on {QNN_TARGET} soc {prof.soc_model} (emulated, {samples} "
                   "samples)", None):
         threshold = cfg.verification.min_sqnr_db
@@ -395,10 +384,10 @@ def _replan_step(res: SearchResult, cfg: RunConfig, verified: VerifySummary | No
             or not verified.culprit_tensors or verified.culprit_format is None):
         return None
     lg = res.analysis.graph
-    names = [*verified.culprit_tensors,
-             *(t.removesuffix("_prequant") for t in verified.culprit_tensors)]
-    tensor = next((t for t in names if t in lg.activations), None)
-    if tensor is None:  # a conversion the exporter added: no layer sets it alone
+    # the probe keeps the model's name for a tensor its producer quantizes; for a graph input
+    # or a conversion, the tensor its QuantizeLinear reads does
+    tensor = next((t for t in verified.culprit_tensors if t in lg.activations), None)
+    if tensor is None:
         return None
     fmt = Format.from_name(verified.culprit_format)
     cc = cfg.search.candidates

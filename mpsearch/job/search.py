@@ -188,6 +188,7 @@ class _Job:
             selection=self.selection, polish=self.polished,
             chosen_model=self.exported.get(plan_key(self.chosen.plan)), gating=self.gated,
             dropped=self.dropped, specialized=self.specialized,
+            sample_axes={i.name: i.sample_axis for i in (self.evald or self.calib).spec.inputs},
             seconds=self.seconds)
 
     # -- 1. analysis, candidates, pins
@@ -252,8 +253,7 @@ class _Job:
                     self.cache.save_table(variant, table.to_dict() | {"dropped": [
                         [r.group, r.candidate.name, r.reason] for r in dropped]})
             self.table, more = table.finite()  # an older cache may lack a pair
-            self.dropped = (*dropped, *more, *self._avoided())
-            self._drop_candidates()
+            self._drop_candidates((*dropped, *more), self._avoided())
 
     def _avoided(self) -> tuple[Refusal, ...]:
         """The candidates ``candidates.avoid`` takes off (activation formats the device computed
@@ -269,12 +269,15 @@ class _Job:
                     for c in self.cands[g] if c.activation in fmts and g not in self.pins]
         return tuple(out)
 
-    def _drop_candidates(self) -> None:
-        """Take the pairs the sensitivity stage could not score off the groups' candidates;
-        a group left with none cannot be planned."""
+    def _drop_candidates(self, unscored: tuple[Refusal, ...],
+                         avoided: tuple[Refusal, ...]) -> None:
+        """Take the pairs the sensitivity stage could not score (each warned of) and those
+        ``candidates.avoid`` names off the groups' candidates; a group left with none cannot
+        be planned."""
+        self.dropped = (*unscored, *avoided)
         if not self.dropped:
             return
-        for r in [r for r in self.dropped if "candidates.avoid" not in r.reason][:3]:
+        for r in unscored[:3]:
             log.warning("%s is not offered to %s: %s", r.candidate, r.group, r.reason)
         gone = {(r.group, r.candidate) for r in self.dropped}
         self.cands = {g: tuple(c for c in cs if (g, c) not in gone) for g, cs in
