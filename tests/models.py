@@ -322,6 +322,23 @@ def erf_gelu(seed: int = 0, *, opset: int = 11) -> onnx.ModelProto:
                    _init("one", np.float32(1)), _init("half", np.float32(0.5))], opset=opset)
 
 
+def sigmoid_head(seed: int = 0) -> onnx.ModelProto:
+    """A wake-word head in miniature (openWakeWord's "hey mycroft"): a Gemm whose logits sit
+    near -9, then a Sigmoid, so every output is below 1e-3; and a Tanh beside it."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["z"], transB=1, name="fc"),
+             helper.make_node("Sigmoid", ["z"], ["p"], name="sigmoid"),
+             helper.make_node("Gemm", ["x", "w2", "b2"], ["u"], transB=1, name="fc2"),
+             helper.make_node("Tanh", ["u"], ["t"], name="tanh")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                  [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 2]),
+                   helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 4])],
+                  [_init("w", (rng.standard_normal((2, 16)) * 0.1).astype(np.float32)),
+                   _init("b", np.full(2, -9.0, np.float32)),
+                   _init("w2", (rng.standard_normal((4, 16)) * 0.3).astype(np.float32)),
+                   _init("b2", np.zeros(4, np.float32))], opset=13)
+
+
 def images(n: int, seed: int = 0, shape: tuple[int, ...] = (3, 16, 16)) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 

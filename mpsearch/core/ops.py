@@ -13,7 +13,14 @@ Roles, after how ONNX Runtime's QDQ format treats each op:
   quantized inputs and a freshly calibrated output quantizer, in the format of its producer.
 * ``PASSTHROUGH``: data movement (Reshape, Transpose, MaxPool, ...): the output reuses the
   input's quantization parameters, as ORT's QDQ quantizer does.
-* ``FIXED_RANGE``: output range known in advance (Softmax and Sigmoid in [0, 1]).
+
+Some element-wise ops bound their output (``bounds``: Sigmoid, Softmax and HardSigmoid in
+[0, 1], Tanh in [-1, 1]): the output range is calibrated, as ORT's QDQ quantizer does, and
+never leaves the bounds. It is not *fixed* to them: a wake-word detector's Sigmoid whose
+outputs stay below 1e-3 on a uint8 grid over [0, 1] (step 1/255) rounds every output to 0
+(SQNR 0 dB; openWakeWord's "hey mycroft"). ``u16_encoding`` is the (scale, zero point) QNN's
+HTP requires of the op's uint16 output (Sigmoid 1/65536 and 0, Tanh 1/32768 and 32768, as
+ORT's QNN quantization config writes them); 8-bit outputs are calibrated.
 
 Relu and Clip are *fused* into their producer's output quantizer as ONNX Runtime's QDQ
 quantizer does: a tensor whose only consumer is one of them is quantized with the activation's
@@ -50,7 +57,6 @@ class OpRole(enum.Enum):
     ACT_MATMUL = "act_matmul"
     ELEMENTWISE = "elementwise"
     PASSTHROUGH = "passthrough"
-    FIXED_RANGE = "fixed_range"
 
 
 class ChannelFlow(enum.Enum):
@@ -81,7 +87,10 @@ class OpInfo:
     macs: MacFn | None = None
     # Whether the op's activation inputs must share one format when the profile ties them.
     tieable: bool = False
-    fixed_range: tuple[float, float] | None = None
+    # The interval the op's output lies in, and the uint16 encoding QNN's HTP requires of it
+    # (module docstring).
+    bounds: tuple[float, float] | None = None
+    u16_encoding: tuple[float, int] | None = None
     # Constant float inputs that are quantized like weights (per tensor, 8-bit), e.g. LN gamma.
     const_inputs: tuple[int, ...] = ()
     # A clipping activation (Relu, Clip): the producer's output quantizer takes this op's
@@ -188,14 +197,16 @@ for _op in ("Add", "Sub", "Mul", "Div"):
 _add("Concat", OpRole.ELEMENTWISE, act_inputs=None, tieable=True)
 _add("Relu", OpRole.ELEMENTWISE, fuses_into_producer=True)
 _add("Clip", OpRole.ELEMENTWISE, fuses_into_producer=True)
-for _op in ("LeakyRelu", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Gelu",
+for _op in ("LeakyRelu", "HardSwish", "Elu", "Gelu",
             "Erf", "Sqrt", "Neg", "Abs", "ReduceMean", "ReduceSum", "GlobalAveragePool",
             "AveragePool", "Resize", "Pow", "PRelu"):
     _add(_op, OpRole.ELEMENTWISE)
 _add("LayerNormalization", OpRole.ELEMENTWISE, const_inputs=(1,))
 _add("InstanceNormalization", OpRole.ELEMENTWISE, const_inputs=(1,))
-_add("Softmax", OpRole.FIXED_RANGE, fixed_range=(0.0, 1.0))
-_add("Sigmoid", OpRole.FIXED_RANGE, fixed_range=(0.0, 1.0))
+_add("Softmax", OpRole.ELEMENTWISE, bounds=(0.0, 1.0))
+_add("HardSigmoid", OpRole.ELEMENTWISE, bounds=(0.0, 1.0))
+_add("Sigmoid", OpRole.ELEMENTWISE, bounds=(0.0, 1.0), u16_encoding=(1.0 / 65536.0, 0))
+_add("Tanh", OpRole.ELEMENTWISE, bounds=(-1.0, 1.0), u16_encoding=(1.0 / 32768.0, 32768))
 # Data movement: output keeps the input's quantization parameters.
 for _op in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Slice",
             "Gather", "Split", "Expand", "Identity", "Pad", "DepthToSpace", "SpaceToDepth",

@@ -55,7 +55,7 @@ from mpsearch.export.opset import model_opset, required_opset, with_opset
 from mpsearch.graph.flow import channel_route, node_formats
 from mpsearch.graph.ingest import names_used
 from mpsearch.graph.layer_graph import Layer, LayerGraph
-from mpsearch.graph.ranges import QParams, constant_qparams, qparams_from_range
+from mpsearch.graph.ranges import QParams, constant_qparams
 from mpsearch.quant.analysis import Analysis
 from mpsearch.quant.layer import INT32_BIAS_LIMIT, LayerWeights
 from mpsearch.quant.parameters import RangeSetter
@@ -293,8 +293,11 @@ class _Export:
             qp = None
             if info is not None and producer not in lg.layers:
                 src = lg.activation_inputs(producer)
-                if info.role is OpRole.FIXED_RANGE and info.fixed_range:
-                    qp = qparams_from_range(*info.fixed_range, f)
+                if info.u16_encoding is not None and f is Format.UINT16:
+                    scale, zp = info.u16_encoding
+                    qp = QParams(fmt=f, scale=np.float32(scale),
+                                 zero_point=np.asarray(zp, np.int64),
+                                 rmin=-zp * scale, rmax=(65535 - zp) * scale)
                 elif ((info.role is OpRole.PASSTHROUGH or info.fuses_into_producer)
                       and src and (src[0], f) in self.qparams):
                     qp = self.qparams[(src[0], f)]

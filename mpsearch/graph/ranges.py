@@ -167,7 +167,8 @@ def activation_qparams(st: TensorStats, fmt: Format, method: RangeMethod = Range
 
 def output_bounds(lg: LayerGraph) -> dict[str, tuple[float, float]]:
     """Tensor -> the interval its producer's values lie in, where the op itself bounds them: a
-    Clip with constant limits, HardSigmoid's [0, 1]. An activation range is never wider than
+    Clip with constant limits, the registry's ``bounds`` (Sigmoid's [0, 1], Tanh's [-1, 1],
+    :mod:`mpsearch.core.ops`). An activation range is never wider than
     this: the 16-bit headroom (module docstring) would otherwise take a ReLU6 to [0, 9], and
     a Clip whose output encoding reaches past its limit is not computed alike everywhere (QNN's
     HTP clamps a uint16 Clip to its output encoding, not to 6: a hard-swish loses 15-25 dB
@@ -187,8 +188,8 @@ def output_bounds(lg: LayerGraph) -> dict[str, tuple[float, float]]:
             if lo is not None or hi is not None:
                 out[n.output[0]] = (-math.inf if lo is None else lo,
                                     math.inf if hi is None else hi)
-        elif n.op_type == "HardSigmoid":
-            out[n.output[0]] = (0.0, 1.0)
+        elif (info := lg.op_info(name)) is not None and info.bounds is not None:
+            out[n.output[0]] = info.bounds
     return out
 
 
