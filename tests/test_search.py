@@ -381,7 +381,8 @@ def test_a_model_with_a_state_and_a_sample_rate_runs_end_to_end(tmp_path):
 
 def test_a_plan_that_measures_far_below_its_prediction_is_flagged(result):
     """More than 3 dB short: plan.json says by how much and lists the layers whose measured
-    single-layer error departs most from its prediction; within 3 dB nothing is flagged."""
+    single-layer error departs most from its prediction (0.5 dB or more: a layer that measured
+    as predicted is not named); within 3 dB nothing is flagged."""
     import dataclasses
 
     from mpsearch.job.document import plan_document
@@ -397,7 +398,7 @@ def test_a_plan_that_measures_far_below_its_prediction_is_flagged(result):
     assert check["short_by_db"] == pytest.approx(5.0) and check["threshold_db"] == 3.0
     assert check["data"] == "evaluation"
     ratios = [r["measured_over_predicted_db"] for r in check["layers"]]
-    assert ratios and ratios == sorted(ratios, reverse=True)
+    assert ratios == sorted(ratios, reverse=True) and all(r >= 0.5 for r in ratios)
     assert {r["group"] for r in check["layers"]} <= set(result.plan)
 
 

@@ -69,10 +69,12 @@ def cmd_run(args: argparse.Namespace, ui: Ui) -> int:
     if check:
         layers = ", ".join(
             f"{r['group']} ({r['candidate']}, {r['measured_over_predicted_db']:+} dB)"
-            for r in check["layers"][:3]) or "no single-layer measurements"
+            for r in check["layers"][:3])
+        why = (f"layers whose measured error exceeds its prediction most: {layers}" if layers
+               else "no layer measured alone departs from its prediction: "
+                    f"{check['note']}")
         ui.err.print(f"[bold yellow]the plan measured {check['short_by_db']} dB below its "
-                     f"prediction[/] on the {check['data']} data; layers whose measured error "
-                     f"exceeds its prediction most: {layers}")
+                     f"prediction[/] on the {check['data']} data; {why}")
     if verified is not None:
         for i, r in enumerate(verified.replans, 1):
             ui.err.print(f"re-plan {i}: {r.culprit}; took "

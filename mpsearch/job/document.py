@@ -21,6 +21,8 @@ __all__ = ["SCHEMA", "plan_document", "plan_frame"]
 SCHEMA = "mpsearch.plan/1"
 # a plan that measures this far below its prediction is flagged, with the layers behind it
 PREDICTION_SLACK_DB = 3.0
+# a layer whose single-layer error measured this far above its prediction is named behind it
+DEPARTURE_DB = 0.5
 
 
 def _num(v: float | None, digits: int = 6) -> float | None:
@@ -58,7 +60,8 @@ def _measured(pr: PlanResult) -> dict | None:
 def _prediction_check(res: SearchResult) -> dict | None:
     """Where the chosen plan measured more than :data:`PREDICTION_SLACK_DB` below its
     prediction: by how much, and the layers whose own measured error departs most from its
-    prediction (single-group runs, where the search measured them); None otherwise."""
+    prediction by :data:`DEPARTURE_DB` or more (single-group runs, where the search measured
+    them); None otherwise."""
     m = res.chosen.measured
     short = res.chosen.predicted_sqnr_db - m.sqnr_db if m is not None else math.nan
     if not (math.isfinite(short) and short > PREDICTION_SLACK_DB):
@@ -68,7 +71,9 @@ def _prediction_check(res: SearchResult) -> dict | None:
         meas = res.table.measured.get((g, c), res.refinement.measured.get((g, c)))
         pred = res.table.predicted.get((g, c))
         if meas and pred and meas > 0 and pred > 0:
-            rows.append((10 * math.log10(meas / pred), g, c))
+            d = 10 * math.log10(meas / pred)
+            if d >= DEPARTURE_DB:  # a layer that measured as predicted is not behind it
+                rows.append((d, g, c))
     rows.sort(key=lambda r: (-r[0], r[1]))
     return {"short_by_db": _num(short, 3), "threshold_db": PREDICTION_SLACK_DB,
             "data": m.data.value,
