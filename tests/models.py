@@ -339,6 +339,45 @@ def sigmoid_head(seed: int = 0) -> onnx.ModelProto:
                    _init("b2", np.zeros(4, np.float32))], opset=13)
 
 
+def dynamic_clip(seed: int = 0) -> onnx.ModelProto:
+    """A dB spectrogram's top-dB floor as openWakeWord's mel front end computes it: a Gemm,
+    then ``Clip(y, ReduceMax(y) - 8)``, a Clip whose lower limit is computed at run time
+    (QNN refuses it), then a Gemm."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Gemm", ["x", "w0", "b0"], ["y"], transB=1, name="fc0"),
+             helper.make_node("ReduceMax", ["y"], ["m"], keepdims=0, name="reducemax"),
+             helper.make_node("Sub", ["m", "eight"], ["lo"], name="sub"),
+             helper.make_node("Clip", ["y", "lo"], ["c"], name="clip"),
+             helper.make_node("Gemm", ["c", "w1", "b1"], ["z"], transB=1, name="fc1")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                  [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 8])],
+                  [_init("w0", (rng.standard_normal((32, 16)) * 2).astype(np.float32)),
+                   _init("b0", np.zeros(32, np.float32)),
+                   _init("w1", (rng.standard_normal((8, 32)) / 6).astype(np.float32)),
+                   _init("b1", np.zeros(8, np.float32)), _init("eight", np.float32(8))],
+                  opset=13)
+
+
+def square(seed: int = 0) -> onnx.ModelProto:
+    """A power spectrum as openWakeWord's mel front end computes it: two Gemms (real and
+    imaginary parts, of both signs), each squared with ``Pow(·, 2)``, added, then a Gemm."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Gemm", ["x", "wr", "b"], ["re"], transB=1, name="real"),
+             helper.make_node("Gemm", ["x", "wi", "b"], ["im"], transB=1, name="imag"),
+             helper.make_node("Pow", ["re", "two"], ["re2"], name="pow_re"),
+             helper.make_node("Pow", ["im", "two"], ["im2"], name="pow_im"),
+             helper.make_node("Add", ["re2", "im2"], ["p"], name="add"),
+             helper.make_node("Gemm", ["p", "w1", "b1"], ["z"], transB=1, name="mel")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                  [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 8])],
+                  [_init("wr", (rng.standard_normal((32, 16)) / 4).astype(np.float32)),
+                   _init("wi", (rng.standard_normal((32, 16)) / 4).astype(np.float32)),
+                   _init("b", np.zeros(32, np.float32)),
+                   _init("w1", np.abs(rng.standard_normal((8, 32)) / 6).astype(np.float32)),
+                   _init("b1", np.zeros(8, np.float32)), _init("two", np.float32(2))],
+                  opset=13)
+
+
 def images(n: int, seed: int = 0, shape: tuple[int, ...] = (3, 16, 16)) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from models import attention, conv_transpose, erf_gelu, images, mbconv, runtime_pad
+from models import attention, conv_transpose, dynamic_clip, erf_gelu, images, mbconv, runtime_pad
 from onnx import helper
 
 from mpsearch.core.errors import ModelError
@@ -41,6 +41,23 @@ def test_an_erf_gelu_becomes_one_gelu_node_computing_the_same(opset, domain):
                                atol=1e-6)
     lg = build_layer_graph(m)
     assert set(lg.layers) == {"fc0", "fc1"} and not lg.float_ops
+
+
+def test_a_clip_with_a_run_time_limit_becomes_max_computing_the_same():
+    """A top-dB floor ``Clip(y, ReduceMax(y) - 8)`` (tests/models.py): QNN refuses dynamic
+    Clip limits, so ingestion writes it ``Max(y, lo)``, with the same outputs; a Clip with
+    constant limits stays."""
+    m = dynamic_clip()
+    pm = prepare_model(m)
+    ops = [n.op_type for n in pm.graph.node]
+    assert ops == ["Gemm", "ReduceMax", "Sub", "Max", "Gemm"]
+    onnx.checker.check_model(pm, full_check=True)
+    x = np.random.default_rng(3).standard_normal((4, 1, 16)).astype(np.float32)
+    for xi in x:
+        ref = make_session(m).run(None, {"x": xi})[0]
+        np.testing.assert_array_equal(make_session(pm).run(None, {"x": xi})[0], ref)
+    assert [n.op_type for n in prepare_model(mbconv()).graph.node].count("Clip") == \
+        [n.op_type for n in mbconv().graph.node].count("Clip")
 
 
 def test_layers_macs_and_params_match_hand_counts():

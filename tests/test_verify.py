@@ -16,7 +16,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from models import dead_channels, erf_gelu, hardswish, heavy_tailed, images, mbconv, sigmoid_head
+from models import (
+    dead_channels,
+    dynamic_clip,
+    erf_gelu,
+    hardswish,
+    heavy_tailed,
+    images,
+    mbconv,
+    sigmoid_head,
+    square,
+)
 from onnx import TensorProto, helper, numpy_helper
 
 from mpsearch import analyze, open_dataset, parse_candidate
@@ -323,6 +333,51 @@ def test_int8_weights_stay_on_the_symmetric_grid_the_htp_computes(tmp_path):
     qm = quantize(a, parse_candidate("w8a8")).model
     good = verify(qm, data=tmp_path / "eval.npz", samples=2)
     assert good.verified and good.sqnr_db > 30
+
+
+def test_a_clip_with_a_run_time_limit_compiles_whole_on_the_htp(tmp_path):
+    """QNN refuses a Clip whose limit is computed at run time ("QNN doesn't support dynamic
+    min/max": openWakeWord's mel front end, 0 of 51 nodes); written as Max at ingestion, a
+    w8a8 export compiles whole and agrees with the CPU EP."""
+    fp32 = dynamic_clip()
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 16)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((4, 16)).astype(np.float32))
+    a = analyze(fp32, open_dataset(tmp_path / "calib.npz", fp32))
+    qm = quantize(a, parse_candidate("w8a8")).model
+    assert "Clip" not in {n.op_type for n in qm.graph.node}
+    r = verify(qm, data=tmp_path / "eval.npz", samples=2)
+    assert r.fully_on_target and r.verified, r.reasons
+
+
+def test_a_square_of_large_values_agrees_on_the_htp_as_mul(tmp_path):
+    """A power spectrum of int16-scale audio (tests/models.py, inputs ~3000): the HTP's
+    quantized ``Pow(x, 2)`` agrees with the CPU EP at 0 dB (openWakeWord's mel front end); the
+    same model as given to mpsearch has its Pows written as ``Mul(x, x)`` at ingestion, and
+    agrees above 40 dB in w8a8 and w8a16."""
+    from mpsearch.graph.ingest import prepare_model
+
+    fp32 = square()
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=(3000 * rng.standard_normal((16, 16))).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=(3000 * rng.standard_normal((4, 16))).astype(np.float32))
+    as_pow = prepare_model(fp32)
+    assert [n.op_type for n in as_pow.graph.node].count("Mul") == 2
+    a = analyze(fp32, open_dataset(tmp_path / "calib.npz", fp32))
+    for cand in ("w8a8", "w8a16"):
+        qm = quantize(a, parse_candidate(cand)).model
+        assert "Pow" not in {n.op_type for n in qm.graph.node}
+        r = verify(qm, data=tmp_path / "eval.npz", samples=2)
+        assert r.fully_on_target and r.sqnr_db > 40, (cand, r.sqnr_db)
+    # the Pow itself, quantized the same way: the device's disagreement this avoids
+    pow_q = onnx.ModelProto.FromString(qm.SerializeToString())
+    for n in pow_q.graph.node:
+        if n.op_type == "Mul" and n.input[0] == n.input[1]:
+            two = f"{n.name}_two"
+            pow_q.graph.initializer.append(numpy_helper.from_array(np.float32(2), two))
+            n.op_type, n.input[1] = "Pow", two
+    r = verify(pow_q, data=tmp_path / "eval.npz", samples=2)
+    assert r.fully_on_target and r.sqnr_db < 5
 
 
 def test_a_gelu_written_with_erf_compiles_whole_on_the_htp(tmp_path):

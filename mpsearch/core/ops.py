@@ -194,6 +194,8 @@ def _matmul_macs(node: NodeProto, shapes: Mapping[str, Shape]) -> int | None:
 # Element-wise arithmetic on activations: fresh output range, inputs quantized.
 for _op in ("Add", "Sub", "Mul", "Div"):
     _add(_op, OpRole.ELEMENTWISE, act_inputs=(0, 1), tieable=_op in ("Add", "Sub", "Mul"))
+for _op in ("Max", "Min"):  # variadic
+    _add(_op, OpRole.ELEMENTWISE, act_inputs=None)
 _add("Concat", OpRole.ELEMENTWISE, act_inputs=None, tieable=True)
 _add("Relu", OpRole.ELEMENTWISE, fuses_into_producer=True)
 _add("Clip", OpRole.ELEMENTWISE, fuses_into_producer=True)

@@ -6,8 +6,14 @@ it: ``W' = W·γ/√(σ²+ε)`` per output channel, ``b' = (b - μ)·γ/√(σ²
 written out as ``x·(1 + erf(x/√2))·0.5`` (PaddlePaddle's and older PyTorch exports, in any order
 of the products) replaced by one ``Gelu`` node (ONNX's from opset 20, else ONNX Runtime's
 ``com.microsoft.Gelu``), the same function: QNN's HTP has no ``Erf`` but runs ``Gelu`` (the
-zoo's PaddleOCR v5/v6 networks were refused whole for their 13 ``Erf`` nodes); then ONNX shape
-inference. Every function returns a new model; the argument is never modified.
+zoo's PaddleOCR v5/v6 networks were refused whole for their 13 ``Erf`` nodes); a ``Clip`` whose
+limit is computed at run time (a dB spectrogram's top-dB floor, ``max(S) - 80``) written as
+``Max(x, lo)`` and ``Min(·, hi)``, the same function: QNN supports no dynamic Clip limits
+(openWakeWord's mel front end was refused for its one such Clip); ``Pow(x, 2)`` written as
+``Mul(x, x)``, the same function: the HTP's quantized Pow of large values (a power spectrum of
+int16-scale audio, squares ~1e10) agrees with the CPU EP at 0 dB, its Mul exactly
+(tests/test_verify.py); then ONNX shape inference.
+Every function returns a new model; the argument is never modified.
 """
 
 from __future__ import annotations
@@ -191,6 +197,56 @@ def _fuse_gelu(model: ModelProto) -> int:
     return fused
 
 
+def _split_dynamic_clips(graph: onnx.GraphProto) -> int:
+    """Replace each ``Clip`` with a limit that is not a constant by ``Max(x, lo)`` then
+    ``Min(·, hi)`` (module docstring); how many were replaced."""
+    inits = {t.name for t in graph.initializer}
+    used = names_used(graph)
+
+    def limit(node: NodeProto, i: int) -> str:
+        return node.input[i] if len(node.input) > i else ""
+
+    nodes, split = [], 0
+    for n in graph.node:
+        lo, hi = (limit(n, 1), limit(n, 2)) if n.op_type == "Clip" else ("", "")
+        if n.domain not in ("", "ai.onnx") or not any(t and t not in inits for t in (lo, hi)):
+            nodes.append(n)
+            continue
+        steps = [(op, t) for op, t in (("Max", lo), ("Min", hi)) if t]
+        x = n.input[0]
+        for k, (op, t) in enumerate(steps):
+            y = n.output[0]
+            if k < len(steps) - 1:
+                y = f"{n.output[0]}/{op}"
+                while y in used:
+                    y += "_"
+                used.add(y)
+            nodes.append(onnx.helper.make_node(op, [x, t], [y], name=f"{n.name}/{op}"))
+            x = y
+        split += 1
+    if split:
+        keep_nodes(graph, nodes)
+    return split
+
+
+def _square_pows(graph: onnx.GraphProto) -> int:
+    """Replace each ``Pow(x, 2)`` (a constant exponent of exactly 2) by ``Mul(x, x)`` (module
+    docstring); how many were replaced."""
+    inits = {t.name: t for t in graph.initializer}
+    nodes, done = [], 0
+    for n in graph.node:
+        if (n.op_type == "Pow" and n.domain in ("", "ai.onnx") and len(n.input) == 2
+                and scalar_value(inits, n.input[1]) == 2.0):
+            nodes.append(onnx.helper.make_node("Mul", [n.input[0], n.input[0]], list(n.output),
+                                               name=n.name))
+            done += 1
+        else:
+            nodes.append(n)
+    if done:
+        keep_nodes(graph, nodes)
+    return done
+
+
 def _fold_batchnorm(graph: onnx.GraphProto) -> int:
     inits = {t.name: t for t in graph.initializer}
     consumers: dict[str, list[NodeProto]] = {}
@@ -261,6 +317,12 @@ def prepare_model(model: ModelProto) -> ModelProto:
     fused = _fuse_gelu(m)
     if fused:
         log.info("fused %d GELUs written with Erf into Gelu nodes", fused)
+    split = _split_dynamic_clips(g)
+    if split:
+        log.info("wrote %d Clips with run-time limits as Max/Min", split)
+    squared = _square_pows(g)
+    if squared:
+        log.info("wrote %d Pow(x, 2) as Mul(x, x)", squared)
     return _infer_shapes(m)
 
 

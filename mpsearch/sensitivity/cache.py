@@ -36,7 +36,7 @@ __all__ = ["CACHE_VERSION", "SensitivityCache", "data_digest", "default_cache_di
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 8  # 8: Sigmoid/Softmax/Tanh ranges calibrated within their bounds
+CACHE_VERSION = 9  # 9: run-time Clip limits as Max/Min, Pow(x, 2) as Mul
 
 
 def default_cache_dir() -> Path:
