@@ -378,6 +378,21 @@ def square(seed: int = 0) -> onnx.ModelProto:
                   opset=13)
 
 
+def log_power(seed: int = 0) -> onnx.ModelProto:
+    """A dB spectrum of int16-scale audio in miniature: a Gemm, its square (``Mul``; values
+    ~1e8, past fp16's 65504) and a ``Log`` that mpsearch leaves in float."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1, name="fc"),
+             helper.make_node("Mul", ["y", "y"], ["p"], name="square"),
+             helper.make_node("Add", ["p", "one"], ["p1"], name="floor"),
+             helper.make_node("Log", ["p1"], ["z"], name="log")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                  [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 8])],
+                  [_init("w", (rng.standard_normal((8, 16)) / 4).astype(np.float32)),
+                   _init("b", np.zeros(8, np.float32)), _init("one", np.float32(1))],
+                  opset=13)
+
+
 def images(n: int, seed: int = 0, shape: tuple[int, ...] = (3, 16, 16)) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 

@@ -23,6 +23,7 @@ from models import (
     hardswish,
     heavy_tailed,
     images,
+    log_power,
     mbconv,
     sigmoid_head,
     square,
@@ -378,6 +379,26 @@ def test_a_square_of_large_values_agrees_on_the_htp_as_mul(tmp_path):
             n.op_type, n.input[1] = "Pow", two
     r = verify(pow_q, data=tmp_path / "eval.npz", samples=2)
     assert r.fully_on_target and r.sqnr_db < 5
+
+
+def test_a_float_op_the_htp_gets_wrong_is_found_by_name(tmp_path):
+    """Every quantized tensor agrees, but the Log left in float reads values ~1e8 (a power
+    spectrum of int16-scale audio, openWakeWord's mel front end), past what the HTP's fp16
+    holds: the output disagrees, and the localisation names the Log, in format float, where
+    its input agrees."""
+    from mpsearch.device.localize import localize
+
+    fp32 = log_power()
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=(3e4 * rng.standard_normal((16, 16))).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=(3e4 * rng.standard_normal((4, 16))).astype(np.float32))
+    a = analyze(fp32, open_dataset(tmp_path / "calib.npz", fp32))
+    qm = quantize(a, parse_candidate("w8a16")).model
+    r = verify(qm, data=tmp_path / "eval.npz", samples=2)
+    assert r.fully_on_target and not r.verified
+    c = localize(qm, data=tmp_path / "eval.npz", soc_model=57, min_sqnr_db=25.0)
+    assert c is not None and (c.node, c.op_type, c.activation_format) == ("log", "Log", "float")
+    assert c.inputs and all(p.sqnr_db > 40 for p in c.inputs)
 
 
 def test_a_gelu_written_with_erf_compiles_whole_on_the_htp(tmp_path):

@@ -8,8 +8,11 @@ SQNR against the CPU. In topological order, the first probe below the threshold 
 error enters: the op that produces its ``QuantizeLinear``'s input is the culprit, the probes it
 reads agree (or it reads none). Exposing a tensor as an output cannot change what the ops
 before it compute, only where the compiler may fuse, so a culprit found this way is an op whose
-quantized result the HTP computes differently. Written here: no library localises across two
-execution providers.
+quantized result the HTP computes differently. Where every quantized tensor agrees, the outputs
+of the ops left in float are compared the same way (the HTP computes them in fp16: a Log of a
+power spectrum of int16-scale audio, ~1e10, overflows there); the first that disagrees is the
+culprit, in format ``float``. Written here: no library localises across two execution
+providers.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from onnx import TensorProto, helper
 
 from mpsearch.data.dataset import open_dataset
 
-__all__ = ["Culprit", "ProbeAgreement", "localize", "probe_tensors"]
+__all__ = ["Culprit", "ProbeAgreement", "float_probes", "localize", "probe_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +84,25 @@ def probe_tensors(model: onnx.ModelProto) -> list[str]:
     return out
 
 
+def float_probes(model: onnx.ModelProto) -> list[str]:
+    """The float outputs of the ops left in float (not Q/DQ, not read by a QuantizeLinear), in
+    node order."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    types |= {v.name: v.type.tensor_type.elem_type for v in model.graph.output}
+    readers: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, set()).add(n.op_type)
+    return [o for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            for o in n.output if o and types.get(o) == TensorProto.FLOAT
+            and "QuantizeLinear" not in readers.get(o, ())]
+
+
 def _sqnr(ref: np.ndarray, got: np.ndarray) -> float:
     r, g = ref.astype(np.float64), got.astype(np.float64)
+    if not np.isfinite(g).all() and np.isfinite(r).all():  # inf/nan where the CPU has none
+        return -math.inf
     noise = float(np.mean((r - g) ** 2)) if r.size else 0.0
     signal = float(np.mean(r ** 2)) if r.size else 0.0
     if noise == 0:
@@ -95,14 +115,15 @@ def localize(model: onnx.ModelProto | str | os.PathLike[str], *,
              sample_axes: Mapping[str, int | None] | None = None) -> Culprit | None:
     """The first quantized tensor of ``model`` (static shapes, as shipped) whose value on the
     HTP agrees with the CPU EP below ``min_sqnr_db`` on the first sample of ``data``; None when
-    every probe agrees (the disagreement is then in the float tail) or the probe model does not
-    compile."""
+    every probe agrees or the probe model does not compile. Then the first float op output that
+    disagrees (module docstring)."""
     from mpsearch.device.qnn import open_on_htp
     from mpsearch.graph.calibrate import make_session
 
     m = onnx.load(os.fspath(model)) if isinstance(model, (str, os.PathLike, Path)) else model
     m = onnx.ModelProto.FromString(m.SerializeToString())
-    probes = probe_tensors(m)
+    quantized, floats = probe_tensors(m), float_probes(m)
+    probes = quantized + floats
     known = {o.name for o in m.graph.output}
     for p in probes:
         if p not in known:
@@ -119,7 +140,7 @@ def localize(model: onnx.ModelProto | str | os.PathLike[str], *,
     on_cpu = dict(zip(probes, make_session(m).run(probes, feed), strict=True))
     scores = {p: _sqnr(on_cpu[p], on_htp[p]) for p in probes}
     producer = {o: n for n in m.graph.node for o in n.output}
-    for p in probes:  # node order is topological
+    for p in quantized:  # node order is topological
         if scores[p] >= min_sqnr_db:
             continue
         q = producer[producer[p].input[0]]
@@ -137,4 +158,12 @@ def localize(model: onnx.ModelProto | str | os.PathLike[str], *,
                        op_type=op.op_type if op is not None else None,
                        activation_format=_ZP_FORMAT.get(zp.data_type) if zp else None,
                        inputs=tuple(reads), probes=len(probes))
+    for p in floats:  # every quantized tensor agrees: the first float op that does not
+        if scores[p] >= min_sqnr_db:
+            continue
+        op = producer[p]
+        return Culprit(tensor=p, source=p, sqnr_db=scores[p], node=op.name, op_type=op.op_type,
+                       activation_format="float",
+                       inputs=tuple(ProbeAgreement(tensor=i, sqnr_db=scores[i])
+                                    for i in op.input if i in scores), probes=len(probes))
     return None

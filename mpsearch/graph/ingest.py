@@ -301,7 +301,8 @@ def keep_nodes(graph: onnx.GraphProto, nodes: list[NodeProto]) -> None:
 
 def prepare_model(model: ModelProto) -> ModelProto:
     """Return a normalised copy: unique node names, Constant nodes as initializers, BN folded,
-    initializers removed from the graph inputs, shapes inferred. The argument is not modified."""
+    initializers removed from the graph inputs, the rewrites of the module docstring, shapes
+    inferred. The argument is not modified."""
     m = copy.deepcopy(model)
     g = m.graph
     _name_nodes(g)
@@ -311,18 +312,13 @@ def prepare_model(model: ModelProto) -> ModelProto:
         real = [i for i in g.input if i.name not in init_names]
         del g.input[:]
         g.input.extend(real)
-    folded = _fold_batchnorm(g)
-    if folded:
-        log.info("folded %d BatchNormalization nodes into their Conv", folded)
-    fused = _fuse_gelu(m)
-    if fused:
-        log.info("fused %d GELUs written with Erf into Gelu nodes", fused)
-    split = _split_dynamic_clips(g)
-    if split:
-        log.info("wrote %d Clips with run-time limits as Max/Min", split)
-    squared = _square_pows(g)
-    if squared:
-        log.info("wrote %d Pow(x, 2) as Mul(x, x)", squared)
+    rewrites = ((lambda: _fold_batchnorm(g), "folded %d BatchNormalization nodes into their Conv"),
+                (lambda: _fuse_gelu(m), "fused %d GELUs written with Erf into Gelu nodes"),
+                (lambda: _split_dynamic_clips(g), "wrote %d Clips with run-time limits as Max/Min"),
+                (lambda: _square_pows(g), "wrote %d Pow(x, 2) as Mul(x, x)"))
+    for rewrite, message in rewrites:  # in order: each sees the graph the one before left
+        if count := rewrite():
+            log.info(message, count)
     return _infer_shapes(m)
 
 

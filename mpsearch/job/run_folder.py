@@ -381,7 +381,7 @@ def _replan_step(res: SearchResult, cfg: RunConfig, verified: VerifySummary | No
     culprit is a quantized tensor of this graph in a format some of its setters could give
     up, and re-plans are left; None otherwise."""
     if (verified is None or not verified.disagrees or done >= cfg.verification.replans
-            or not verified.culprit_tensors or verified.culprit_format is None):
+            or not verified.culprit_tensors or verified.culprit_format in (None, "float")):
         return None
     lg = res.analysis.graph
     # the probe keeps the model's name for a tensor its producer quantizes; for a graph input
