@@ -322,9 +322,11 @@ def erf_gelu(seed: int = 0, *, opset: int = 11) -> onnx.ModelProto:
                    _init("one", np.float32(1)), _init("half", np.float32(0.5))], opset=opset)
 
 
-def sigmoid_head(seed: int = 0) -> onnx.ModelProto:
+def sigmoid_head(seed: int = 0, *, bias: float = -9.0, gain: float = 0.1) -> onnx.ModelProto:
     """A wake-word head in miniature (openWakeWord's "hey mycroft"): a Gemm whose logits sit
-    near -9, then a Sigmoid, so every output is below 1e-3; and a Tanh beside it."""
+    near -9, then a Sigmoid, so every output is below 1e-3; and a Tanh beside it. ``bias=0``
+    and ``gain=2``: logits of a few units either side of 0, outputs across (0, 1) (a SiLU's
+    gate, a detector's class scores)."""
     rng = np.random.default_rng(seed)
     nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["z"], transB=1, name="fc"),
              helper.make_node("Sigmoid", ["z"], ["p"], name="sigmoid"),
@@ -333,8 +335,8 @@ def sigmoid_head(seed: int = 0) -> onnx.ModelProto:
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
                   [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 2]),
                    helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 4])],
-                  [_init("w", (rng.standard_normal((2, 16)) * 0.1).astype(np.float32)),
-                   _init("b", np.full(2, -9.0, np.float32)),
+                  [_init("w", (rng.standard_normal((2, 16)) * gain).astype(np.float32)),
+                   _init("b", np.full(2, bias, np.float32)),
                    _init("w2", (rng.standard_normal((4, 16)) * 0.3).astype(np.float32)),
                    _init("b2", np.zeros(4, np.float32))], opset=13)
 

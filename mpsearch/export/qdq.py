@@ -55,7 +55,7 @@ from mpsearch.export.opset import model_opset, required_opset, with_opset
 from mpsearch.graph.flow import channel_route, node_formats
 from mpsearch.graph.ingest import names_used
 from mpsearch.graph.layer_graph import Layer, LayerGraph
-from mpsearch.graph.ranges import QParams, constant_qparams
+from mpsearch.graph.ranges import QParams, constant_qparams, qparams_from_range
 from mpsearch.quant.analysis import Analysis
 from mpsearch.quant.layer import INT32_BIAS_LIMIT, LayerWeights
 from mpsearch.quant.parameters import RangeSetter
@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 
 _IR_FOR_TYPE = {TensorProto.INT4: 10, TensorProto.UINT4: 10, TensorProto.FLOAT8E4M3FN: 9,
                 TensorProto.FLOAT8E5M2: 9}
+# A Sigmoid's or Softmax's uint8 output takes its whole bounds once its calibrated range
+# reaches this fraction of them (mpsearch.core.ops: ``snaps``).
+SNAP_FRACTION = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -298,6 +301,10 @@ class _Export:
                     qp = QParams(fmt=f, scale=np.float32(scale),
                                  zero_point=np.asarray(zp, np.int64),
                                  rmin=-zp * scale, rmax=(65535 - zp) * scale)
+                elif info.snaps and info.bounds and f is Format.UINT8:
+                    qp = self.ranges.activation(self._range_source(t, f), f)
+                    if qp.rmax >= SNAP_FRACTION * info.bounds[1]:
+                        qp = qparams_from_range(*info.bounds, f)
                 elif ((info.role is OpRole.PASSTHROUGH or info.fuses_into_producer)
                       and src and (src[0], f) in self.qparams):
                     qp = self.qparams[(src[0], f)]

@@ -36,7 +36,7 @@ __all__ = ["CACHE_VERSION", "SensitivityCache", "data_digest", "default_cache_di
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 9  # 9: run-time Clip limits as Max/Min, Pow(x, 2) as Mul
+CACHE_VERSION = 10  # 10: Sigmoid/Softmax uint8 outputs snap to [0, 1]; 9: Clip as Max/Min
 
 
 def default_cache_dir() -> Path:
