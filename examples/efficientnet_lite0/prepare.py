@@ -5,8 +5,9 @@ module of package ``efficientnet-lite-pytorch`` and exported by the dynamo ONNX 
 18, dynamic batch). Images: the real photographs that ship offline in ``skimage.data``,
 ``sklearn.datasets.load_sample_images()`` and matplotlib's ``sample_data/grace_hopper.jpg``,
 cut into random resized crops (area 0.25-1.0, aspect 3/4-4/3, horizontal flips) of 224x224,
-preprocessed as ``(x - 127) / 128``, NCHW float32. Calibration and evaluation use different
-seeds. There are no ground-truth labels, so ``eval.npz`` has no ``labels`` key.
+preprocessed as ``(x - 127) / 128``, NCHW float32. Evaluation crops come from six photos
+(``EVAL_PHOTOS``) that no calibration crop comes from. There are no ground-truth labels, so
+``eval.npz`` has no ``labels`` key.
 
     python examples/efficientnet_lite0/prepare.py [--force] [--cache-dir DIR]
 """
@@ -46,6 +47,11 @@ SKIMAGE_PHOTOS = (
     "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
     "camera", "coins", "clock", "moon", "page", "text", "brick", "grass", "gravel",
 )  # fmt: skip
+# Evaluation crops come from these photos only, calibration crops from the others: crops of
+# the same photos flatter every method (a plan 2.9 dB above uniform w8a8 on crops of the
+# calibration photos trailed it by 1.4 dB on others). Natural scenes, a face, text and a
+# texture on each side.
+EVAL_PHOTOS = ("coffee", "camera", "clock", "text", "gravel", "flower")
 EXPECTED_OPS = {"Conv": 49, "Clip": 33, "Add": 9, "Gemm": 1}
 ORT_TOLERANCE = 1e-3  # max |ORT - torch| on logits of magnitude ~10; measured ~5e-6
 
@@ -66,13 +72,14 @@ def _settings() -> dict[str, Any]:
     )
     return {
         "builder": NAME,
-        "builder_version": 2,  # 2: exporter debug metadata stripped
+        "builder_version": 3,  # 3: evaluation photos apart; 2: exporter metadata stripped
         "image_size": IMAGE_SIZE,
         "calib": [CALIB_SAMPLES, CALIB_SEED],
         "eval": [EVAL_SAMPLES, EVAL_SEED],
         "crop_scale": list(CROP_SCALE),
         "crop_ratio": list(CROP_RATIO),
         "photos": list(SKIMAGE_PHOTOS) + ["sklearn:china", "sklearn:flower", "mpl:grace_hopper"],
+        "eval_photos": list(EVAL_PHOTOS),
         "versions": {p: version(p) for p in packages},
     }
 
@@ -224,10 +231,16 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
     logger.info("exported graph: %s", counts)
 
     photos = _load_photos()
-    calib, _ = _make_crops(photos, CALIB_SAMPLES, CALIB_SEED)
-    evals, eval_names = _make_crops(photos, EVAL_SAMPLES, EVAL_SEED)
+    eval_photos = [p for p in photos if p[0] in EVAL_PHOTOS]
+    calib_photos = [p for p in photos if p[0] not in EVAL_PHOTOS]
+    if len(eval_photos) != len(EVAL_PHOTOS):
+        raise RuntimeError(f"evaluation photos missing: {EVAL_PHOTOS} among "
+                           f"{[p[0] for p in photos]}")
+    calib, _ = _make_crops(calib_photos, CALIB_SAMPLES, CALIB_SEED)
+    evals, eval_names = _make_crops(eval_photos, EVAL_SAMPLES, EVAL_SEED)
     logger.info(
-        "%d photos -> %d calibration, %d evaluation crops", len(photos), len(calib), len(evals)
+        "%d photos -> %d calibration crops of %d photos, %d evaluation crops of the other %d",
+        len(photos), len(calib), len(calib_photos), len(evals), len(eval_photos)
     )
 
     _cache.save_onnx(paths["model"], proto)
