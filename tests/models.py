@@ -433,3 +433,16 @@ sparsity:
 rules:
   tie: [Add, Concat]
 """
+
+
+def mbconv_files(d) -> dict:
+    """The search tests' inputs in folder ``d``: :func:`mbconv` (seed 5) as ``model.onnx``, 24
+    calibration images and 16 evaluation images of other seeds."""
+    from pathlib import Path
+
+    d = Path(d)
+    onnx.save(mbconv(seed=5), str(d / "model.onnx"))
+    np.savez(d / "calib.npz", x=images(24, seed=1))
+    np.savez(d / "eval.npz", x=images(16, seed=2))
+    return {"model": d / "model.onnx", "calib": d / "calib.npz", "eval": d / "eval.npz",
+            "dir": d}

@@ -28,6 +28,7 @@ from mpsearch.job.config import (
     parse,
 )
 from mpsearch.job.polish import EVALUATIONS
+from mpsearch.job.selection import MIN_CHECK
 from mpsearch.quant.analysis import QuantizeOptions
 
 __all__ = ["DATA_HELP", "SEARCH_OPTIONS", "add_options", "common_parser", "parse_pins",
@@ -128,8 +129,10 @@ SEARCH_OPTIONS: tuple[Option, ...] = (
                     "the first dynamic axis where axis 0 is static; a fully static input whose "
                     "array has exactly its shape, and a scalar, are given once)")),
     Option(("--eval-data",), ("eval_data",), kwargs=dict(
-        metavar="EVAL", help="where plans are measured, same layout as --data (default: the "
-                             "calibration data)")),
+        metavar="EVAL", help="data from other sources than --data (other photos, speakers, "
+                             "texts), same layout, held out of everything: the shipped plan's "
+                             "headline figure (default: none, the figures are on --data's "
+                             "check and fitted parts, with a warning)")),
     Option(("--method",), ("search", "method"), kwargs=dict(
         choices=["hessian", "measured"],
         help="sensitivities: hessian (default; predicted from the layer Hessians "
@@ -189,13 +192,24 @@ SEARCH_OPTIONS: tuple[Option, ...] = (
            commands=frozenset({"run"}), kwargs=dict(
                action="store_true",
                help="ship the ILP's plan as it is, instead of the best measured (on the "
-                    "calibration data) of a shortlist of plans that fit: the ILP's plan of "
-                    "every refinement round, greedy's, the best uniform one")),
+                    "check part of --data) of a shortlist of plans that fit: the ILP's plan "
+                    "of every refinement round, greedy's, the best uniform ones")),
+    Option(("--check",), ("search", "refinement", "check"), commands=frozenset({"run"}),
+           kwargs=dict(
+               type=float, metavar="F",
+               help="hold the fraction F of --data out of calibration (ranges, rounding, "
+                    "sensitivities) and choose between measured plans on it: a seeded split "
+                    f"by sample (--seed), at least {MIN_CHECK} samples, else no split, with a "
+                    "warning (default "
+                    f"{_default(RefinementConfig, 'check'):g}; 0: choose on the fitted "
+                    "samples, which flatters every plan chosen on them). Split your data by "
+                    "source yourself (other photos, other speakers) when it holds several "
+                    "crops of one")),
     Option(("--polish",), ("search", "refinement", "polish"), commands=frozenset({"run"}),
            kwargs=dict(
                type=int, metavar="N",
                help="after the shortlist, measure at most N neighbouring plans that fit on "
-                    "the calibration data (one layer raised, or a producer and its consumer "
+                    "the check part of --data (one layer raised, or a producer and its consumer "
                     "raised together, paid for by the least harmful lowerings), the raises of "
                     "largest predicted gain first, and keep each that measures better by a "
                     f"paired test (default {EVALUATIONS}, 0.4-1.2 s each on "

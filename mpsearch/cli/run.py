@@ -64,7 +64,7 @@ def cmd_run(args: argparse.Namespace, ui: Ui) -> int:
                           "verification": verified.to_dict() if verified else None,
                           "formats": res.chosen.counts()}, indent=2))
         return code
-    _summary(ui, res, out.path, seconds, folder.exports)
+    _summary(ui, res, out.path, seconds, folder.exports, folder.plan)
     check = folder.plan["quality"].get("prediction_check")
     if check:
         layers = ", ".join(
@@ -113,29 +113,49 @@ def _exit_code(verified: Any) -> int:
         else 0
 
 
-def _summary(ui: Ui, res: Any, path: Any, seconds: float, exports: Any) -> None:
+PREDICTION_CAP_DB = 99.0  # a prediction without measurable error is shown as "> 99"
+
+
+def _pred(db: float) -> str:
+    return f"{db:.2f}" if db < PREDICTION_CAP_DB else f"> {PREDICTION_CAP_DB:g}"
+
+
+def _summary(ui: Ui, res: Any, path: Any, seconds: float, exports: Any,
+             plan: dict | None = None) -> None:
     from rich.table import Table
 
     # the budgets' quantities, then bit-operations (once), relative to w8a8
     metrics = list(dict.fromkeys([*(b.metric for b in res.budgets), "bops"]))
+    m0 = res.chosen.measured
+    where = f"{m0.data.value} data, {m0.result.samples} samples" if m0 else "not measured"
     t = Table(title=f"{', '.join(str(b) for b in res.budgets)} on {res.profile.name}")
-    for col in ("plan", *(f"{m} x w8a8" for m in metrics), "predicted dB", "measured dB",
-                "top-1 agree", "fits"):
+    for col in ("plan", *(f"{m} x w8a8" for m in metrics), "predicted dB",
+                f"measured dB ({where})", "top-1 agree", "fits"):
         t.add_column(col, justify="left" if col == "plan" else "right")
 
     def row(pr: Any, style: str | None = None) -> None:
         m = pr.measured
         t.add_row(pr.name, *(f"{pr.cost.relative[k]:.3f}" for k in metrics),
-                  f"{pr.predicted_sqnr_db:.2f}", f"{m.sqnr_db:.2f}" if m else "-",
+                  _pred(pr.predicted_sqnr_db), f"{m.sqnr_db:.2f}" if m else "-",
                   f"{100 * m.top1_agreement:.1f}%" if m and m.top1_agreement is not None
                   else "-", "yes" if pr.fits else "no", style=style)
 
     row(res.chosen, "bold")
     if res.greedy:
         row(res.greedy)
-    for u in res.uniform:
+    for u in sorted(res.uniform, key=lambda u: u.cost.relative[metrics[0]]):
         row(u)
     ui.out.print(t)
+    if res.selection is not None:
+        ui.out.print(f"chosen on the {res.selection.data} part "
+                     f"({res.samples.get(res.selection.data, 0)} samples): "
+                     f"{res.selection.reason}")
+    for c in (plan or {}).get("quality", {}).get("comparisons", []):
+        ci = c.get("ci_db")
+        span = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
+        ui.out.print(f"against {c['name']} ({c['role']}): {c['difference_db']:+.2f} dB{span} "
+                     f"SQNR on the {c['data']} data, "
+                     + ("interval excludes 0" if c["significant"] else "not significant"))
     ui.out.print("formats: " + ", ".join(f"{k} x{v}" for k, v in res.chosen.counts().items()))
     files = ["model.qdq.onnx", *(f for f in (exports.encodings, exports.ort_overrides) if f)]
     ui.out.print(f"wrote {path}/report.html, {', '.join(files)}, plan.json, plan.csv in "

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +57,8 @@ from mpsearch.data.npyio import (
 )
 from mpsearch.data.spec import DataSpec
 
-__all__ = ["Batch", "Dataset", "Split", "batch_samples", "open_dataset", "split"]
+__all__ = ["Batch", "Dataset", "Split", "batch_samples", "constant_samples", "open_dataset",
+           "split"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,28 @@ class Batch(dict):
                       for n, v in self.items()}, samples=min(k, self.samples), axes=self.axes)
 
 
+def constant_samples(batches: Iterable[Mapping[str, np.ndarray]]) -> list[int]:
+    """Positions of the samples whose every per-sample input holds one value throughout (an
+    all-zero image, a silent recording): they calibrate nothing and their output error has
+    no signal to be measured against."""
+    out: list[int] = []
+    pos = 0
+    for b in batches:
+        n = batch_samples(b)
+        axes = b.axes if isinstance(b, Batch) else dict.fromkeys(b, 0)
+        flags, seen = np.ones(n, bool), False
+        for name, a in b.items():
+            if axes.get(name) is None or not np.asarray(a).size:
+                continue
+            rows = np.moveaxis(np.asarray(a), axes[name], 0).reshape(n, -1)
+            flags &= rows.max(axis=1) == rows.min(axis=1)
+            seen = True
+        if seen:
+            out += [pos + int(i) for i in np.flatnonzero(flags)]
+        pos += n
+    return out
+
+
 def batch_samples(batch: Mapping[str, np.ndarray]) -> int:
     """How many samples ``batch`` holds: its own count (a :class:`Batch`), else the length of
     its first array's axis 0."""
@@ -120,6 +143,10 @@ class Dataset:
         if self._labels is None or self._indices is None:
             return self._labels
         return self._labels[self._indices]
+
+    def source_index(self, k: int) -> int:
+        """The index, in all the data at :attr:`path`, of this set's ``k``-th sample."""
+        return k if self._indices is None else int(self._indices[k])
 
     def take(self, indices: Sequence[int] | np.ndarray, *, name: str | None = None) -> Dataset:
         """The samples at ``indices`` (distinct positions in this data set), in data order."""
@@ -253,9 +280,9 @@ class Split(NamedTuple):
     evaluation: Dataset
 
 
-def split(ds: Dataset, fraction: float, *, seed: int) -> Split:
-    """Hold out ``round(fraction * len(ds))`` random samples for evaluation. The same seed gives
-    the same split; both parts keep the data order."""
+def split(ds: Dataset, fraction: float, *, seed: int, name: str = "evaluation") -> Split:
+    """Hold out ``round(fraction * len(ds))`` random samples for evaluation (the held-out part
+    is called ``name``). The same seed gives the same split; both parts keep the data order."""
     if not 0 < fraction < 1:
         raise UsageError(f"the evaluation fraction must be between 0 and 1, got {fraction}")
     n_eval = round(fraction * len(ds))
@@ -263,7 +290,7 @@ def split(ds: Dataset, fraction: float, *, seed: int) -> Split:
         raise DataError(f"{ds.name} data {ds.path} has {len(ds)} samples, too few to hold out "
                         f"a fraction {fraction} of them", fix="pass more samples")
     perm = np.random.default_rng(seed).permutation(len(ds))
-    return Split(ds.take(perm[n_eval:]), ds.take(perm[:n_eval], name="evaluation"))
+    return Split(ds.take(perm[n_eval:]), ds.take(perm[:n_eval], name=name))
 
 
 # --------------------------------------------------------------------------- opening

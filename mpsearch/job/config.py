@@ -41,6 +41,7 @@ from mpsearch.core.formats import Candidate, Format, parse_candidate
 from mpsearch.core.frozen import freeze
 from mpsearch.job.polish import EVALUATIONS
 from mpsearch.job.refinement import EXPLORE
+from mpsearch.job.selection import CHECK_FRACTION
 from mpsearch.quant.analysis import QuantizeOptions
 from mpsearch.quant.gating import GateSearch
 from mpsearch.sensitivity.run import Method
@@ -168,6 +169,9 @@ class RefinementConfig:
     explore: Annotated[float, Field(ge=1.0, allow_inf_nan=False)] = EXPLORE
     select: bool = True  # ship the best measured plan of a shortlist, not the ILP's as it is
     polish: Count = EVALUATIONS  # neighbouring plans measured after the shortlist
+    # the fraction of the calibration data held out of ranges, rounding and sensitivities to
+    # choose between measured plans on (the check part; 0: choose on the fitted samples)
+    check: Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)] = CHECK_FRACTION
 
 
 @_config

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 import pandas as pd
 
 from mpsearch.hw.cost import METRICS, PlanCost
+from mpsearch.job.result import Measured
 from mpsearch.job.search import PlanResult, SearchResult
+from mpsearch.job.selection import plan_key
 from mpsearch.sensitivity.table import sqnr
 
 __all__ = ["SCHEMA", "plan_document", "plan_frame"]
@@ -51,10 +53,51 @@ def _plan_summary(pr: PlanResult) -> dict:
 
 
 def _measured(pr: PlanResult) -> dict | None:
+    """The plan's headline figure (evaluation data, else check part, else fitted part), with
+    the figure on every part under ``figures``."""
     if pr.measured is None:
         return None
-    d = pr.measured.to_dict()
-    return {k: (_num(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
+
+    def one(m: Measured) -> dict:
+        return {k: (_num(v, 6) if isinstance(v, float) else
+                    [_num(x, 4) for x in v] if isinstance(v, list) else v)
+                for k, v in m.to_dict().items()}
+
+    return {**one(pr.measured), "figures": {m.data.value: one(m) for m in pr.figures}}
+
+
+def _comparisons(res: SearchResult) -> list[dict]:
+    """The chosen plan against uniform w8a8, the best measured uniform plan that fits and the
+    greedy plan, on the same samples: the SQNR difference and its paired interval, and
+    whether the interval excludes zero (module :mod:`mpsearch.graph.evaluate`)."""
+    mine = res.chosen.measured
+    if mine is None:
+        return []
+    ref = f"uniform {res.costs.reference.name}"
+    fitting = [u for u in res.uniform if u.fits and u.measured is not None]
+    best_u = max(fitting, key=lambda u: u.measured.sqnr_db, default=None)
+    others = [u for u in res.uniform if u.name == ref and u.measured is not None]
+    if best_u is not None and best_u.name != ref:
+        others.append(best_u)
+    if res.greedy is not None and res.greedy.measured is not None:
+        others.append(res.greedy)
+    out = []
+    for o in others:
+        m = o.measured
+        if plan_key(o.plan) == plan_key(res.plan):
+            d, ci = 0.0, (0.0, 0.0)
+        else:
+            d, ci = mine.result.versus(m.result)
+        out.append({"name": o.name, "role": "best uniform that fits" if o is best_u else
+                    "reference" if o.name == ref else "baseline",
+                    "fits": o.fits, "data": m.data.value, "samples": m.result.samples,
+                    "metric": "sqnr_db", "difference_db": _num(d, 3),
+                    "ci_db": [_num(v, 3) for v in ci] if ci else None,
+                    "significant": bool(ci and (ci[0] > 0 or ci[1] < 0)),
+                    "top1_difference": (None if mine.top1_agreement is None
+                                        or m.top1_agreement is None else
+                                        _num(mine.top1_agreement - m.top1_agreement, 4))})
+    return out
 
 
 def _prediction_check(res: SearchResult) -> dict | None:
@@ -84,14 +127,13 @@ def _prediction_check(res: SearchResult) -> dict | None:
 
 
 def _selection(res: SearchResult) -> dict | None:
-    """The shortlist measured on the calibration data (mpsearch/job/selection.py)."""
+    """The shortlist measured on the check part (mpsearch/job/selection.py)."""
     sel = res.selection
     if sel is None:
         return None
-    return {"data": "calibration", "chosen": sel.best.name,
+    return {"data": sel.data, "chosen": sel.best.name, "reason": sel.reason,
             "contenders": [{"name": c.name, "same_as": list(c.same_as),
-                            "calibration_sqnr_db": _num(sqnr(res.table.signal,
-                                                             c.calibration_mse), 4),
+                            "check_sqnr_db": _num(sqnr(sel.signal, c.check_mse), 4),
                             "predicted_sqnr_db": _num(_db(res, c.plan), 4),
                             "relative": {m: _num(v, 6) for m, v in
                                          sorted(res.costs.plan(c.plan).relative.items())}}
@@ -103,14 +145,14 @@ def _polish(res: SearchResult) -> dict | None:
     po = res.polish
     if po is None:
         return None
-    sig = res.table.signal
-    return {"data": "calibration", "start": po.start,
+    sig = res.selection.signal if res.selection else res.table.signal
+    return {"data": res.selection.data if res.selection else "fit", "start": po.start,
             "start_sqnr_db": _num(sqnr(sig, po.start_mse), 4),
-            "sqnr_db": _num(sqnr(sig, po.calibration_mse), 4),
+            "sqnr_db": _num(sqnr(sig, po.check_mse), 4),
             "evaluations": len(po.steps),
             "steps": [{"changes": [{"layer": g, "from": a.name, "to": b.name}
                                    for g, a, b in st.changes],
-                       "calibration_sqnr_db": _num(sqnr(sig, st.calibration_mse), 4),
+                       "check_sqnr_db": _num(sqnr(sig, st.check_mse), 4),
                        "accepted": st.accepted} for st in po.steps]}
 
 
@@ -161,7 +203,9 @@ def plan_document(res: SearchResult, *, model: str, profile: str,
         "quality": {"predicted_sqnr_db": _num(res.chosen.predicted_sqnr_db, 4),
                     "predicted_mse": _num(res.chosen.predicted_mse),
                     "measured": _measured(res.chosen),
-                    "prediction_check": _prediction_check(res)},
+                    "prediction_check": _prediction_check(res),
+                    "comparisons": _comparisons(res)},
+        "data": {**dict(res.samples), "warnings": list(res.warnings)},
         "gating": None if res.gating is None else {
             "search": res.gating.search.value, "seconds": _num(res.gating.seconds, 3),
             "candidates": {g: [c.name for c in cs] for g, cs in res.gating.by_group.items()},

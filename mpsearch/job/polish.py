@@ -61,7 +61,7 @@ class Step:
 
     changes: tuple[tuple[str, Candidate, Candidate], ...]  # (group, from, to)
     predicted_delta: float  # predicted change of the output MSE
-    calibration_mse: float
+    check_mse: float
     z: float  # standard errors by which it beat the incumbent (negative: it lost)
     accepted: bool
 
@@ -71,7 +71,7 @@ class Polish:
     start: str  # the shortlist entry it started from
     start_mse: float
     plan: Mapping[str, Candidate]
-    calibration_mse: float
+    check_mse: float
     steps: tuple[Step, ...]
 
     @property
@@ -120,7 +120,7 @@ def polish(start: Mapping[str, Candidate], start_mse: float, start_samples: np.n
             z = paired_z(cur_samples, samples)
             better = mse < cur_mse and z >= accept_z
             steps.append(Step(changes=tuple((g, cur[g], c) for g, c in changes),
-                              predicted_delta=delta, calibration_mse=mse, z=z,
+                              predicted_delta=delta, check_mse=mse, z=z,
                               accepted=better))
             log.info("polish: %s -> mse %.4g (incumbent %.4g, z %.2f)%s",
                      ", ".join(f"{g}={c.name}" for g, c in changes), mse, cur_mse, z,
@@ -132,7 +132,7 @@ def polish(start: Mapping[str, Candidate], start_mse: float, start_samples: np.n
             tabu.add(up)
         if not moved:
             break
-    return Polish(start=name, start_mse=start_mse, plan=cur, calibration_mse=cur_mse,
+    return Polish(start=name, start_mse=start_mse, plan=cur, check_mse=cur_mse,
                   steps=tuple(steps))
 
 

@@ -38,7 +38,8 @@ class DataRole(enum.Enum):
     """Which data a plan was measured on."""
 
     EVALUATION = "evaluation"  # held out: never seen by calibration, refinement or selection
-    CALIBRATION = "calibration"  # what everything was fitted on (no --eval-data given)
+    CHECK = "check"  # held out of calibration; the shortlist and the polish chose on it
+    FIT = "fit"  # what ranges, rounding and sensitivities were fitted on
 
 
 def _num(v: float | None) -> float | None:
@@ -60,11 +61,16 @@ class Measured:
     def top1_agreement(self) -> float | None:
         return self.result.primary.top1_agreement
 
+    @property
+    def sqnr_ci(self) -> tuple[float, float] | None:
+        return self.result.primary.sqnr_ci
+
     def to_dict(self) -> dict:
         p = self.result.primary
         return {"data": self.data.value, "samples": self.result.samples, "output": p.name,
-                "sqnr_db": _num(p.sqnr_db), "cosine": _num(p.cosine),
-                "top1_agreement": p.top1_agreement}
+                "sqnr_db": _num(p.sqnr_db),
+                "sqnr_ci_db": [_num(v) for v in p.sqnr_ci] if p.sqnr_ci else None,
+                "cosine": _num(p.cosine), "top1_agreement": p.top1_agreement}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,10 +83,14 @@ class PlanResult:
     predicted_mse: float
     predicted_sqnr_db: float
     fits: bool
-    measured: Measured | None = None
+    measured: Measured | None = None  # on the evaluation data, else the check part, else fit
+    figures: tuple[Measured, ...] = ()  # on each of fit, check, evaluation that exists
 
     def __post_init__(self) -> None:
         freeze_fields(self, "plan")
+
+    def figure(self, role: DataRole) -> Measured | None:
+        return next((m for m in self.figures if m.data is role), None)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -111,7 +121,7 @@ class SearchResult:
     front: Front = field(repr=False)
     front_plans: tuple[PlanResult, ...]
     model_sha256: str
-    selection: Selection | None = None  # the shortlist measured on the calibration data
+    selection: Selection | None = None  # the shortlist measured on the check part
     polish: Polish | None = None  # the local search from the shortlist's best, if run
     gating: GatedCandidates | None = field(default=None, repr=False)  # --gating's candidates
     # (group, candidate) pairs taken off because their sensitivity is not finite, with why
@@ -121,10 +131,13 @@ class SearchResult:
     # data (None: given once); the static device model has no dynamic dim left to infer it from
     sample_axes: Mapping[str, int | None] = field(default_factory=dict)
     chosen_model: QdqModel | None = field(default=None, repr=False)  # chosen's export, if made
+    # samples of each part the search used: fit, check (0: none) and evaluation (0: none)
+    samples: Mapping[str, int] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # what weakens the figures (too little data, no check part)
     seconds: Mapping[str, float] = field(default_factory=dict)  # per stage
 
     def __post_init__(self) -> None:
-        freeze_fields(self, "errors", "limits", "seconds", "sample_axes")
+        freeze_fields(self, "errors", "limits", "seconds", "sample_axes", "samples")
 
     @property
     def method(self) -> Method:

@@ -15,11 +15,13 @@ shown against the alternatives, exported and measured.
    walk, Pandey et al. 2023 phase 2) and the Pareto front over the first budget's quantity
    (Lagrangian hull plus ε-constraint solves, :mod:`mpsearch.solve.pareto`, on a second thread;
    :meth:`_Job.baselines`);
-5. the best measured plan of a shortlist and a measured local search from it
-   (:mod:`mpsearch.job.selection`, :mod:`mpsearch.job.polish`; :meth:`_Job.select`);
-6. the chosen plan, the best uniform plan that fits, the greedy plan and a few front points
-   exported and measured for real, so predicted and measured quality sit side by side
-   (:meth:`_Job.measure`).
+5. the best measured plan of a shortlist and a measured local search from it, both on the
+   *check part* of the data, which calibration never saw (:func:`~mpsearch.job.selection.
+   hold_out`; :mod:`mpsearch.job.selection`, :mod:`mpsearch.job.polish`; :meth:`_Job.select`);
+6. the chosen plan, uniform w8a8 (the reference every cost is relative to), the best uniform
+   plan that fits, the greedy plan and a few front points exported and measured for real on
+   the fitted part, the check part and the evaluation data, each with an interval over
+   samples, so predicted and measured quality sit side by side (:meth:`_Job.measure`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import onnx
 
 from mpsearch.core.errors import InfeasibleBudgetError, UsageError
 from mpsearch.core.formats import Candidate, parse_candidate
-from mpsearch.data.dataset import Dataset, open_dataset
+from mpsearch.data.dataset import Dataset, constant_samples, open_dataset
 from mpsearch.export.qdq import QdqModel, quantize
 from mpsearch.graph.control import Specialized, require_one_branch, specialize_ifs
 from mpsearch.graph.evaluate import evaluate, reference_run
@@ -57,7 +59,7 @@ from mpsearch.job.refinement import (
     pairs_to_verify,
 )
 from mpsearch.job.result import DataRole, Measured, PlanResult, SearchResult
-from mpsearch.job.selection import Selection, measure_plan, plan_key, select
+from mpsearch.job.selection import HeldOut, Selection, hold_out, measure_plan, plan_key, select
 from mpsearch.quant.analysis import analyze
 from mpsearch.sensitivity.cache import SensitivityCache
 from mpsearch.sensitivity.gated import gated_candidates
@@ -76,16 +78,18 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int | None], AbstractContextManager[Callable[[int], None]]]
 
 FRONT_SOLVES = 20  # solves per side of the front, Lagrangian and ε-constraint (30: 1.5x the time)
-UNIFORM_MARGIN_DB = 3.0  # a uniform plan predicted this far below the ILP's is not measured
+UNIFORM_MARGIN_DB = 3.0  # uniform plans predicted this far below the best fitting one: not
+# measured (w4a8 is predicted 20 dB below w8a8 on EfficientNet-Lite0)
 
 DataLike = str | os.PathLike[str] | Dataset
 
 
 @dataclass(frozen=True, kw_only=True)
 class SearchData:
-    """The data of a search: ``calibration`` (what ranges, sensitivities and every measured
-    choice are fitted on) and ``evaluation`` (where the exported plans are measured; None:
-    the calibration data)."""
+    """The data of a search: ``calibration`` (split into the part ranges, rounding and
+    sensitivities are fitted on and the check part plans are chosen on,
+    :func:`mpsearch.job.selection.hold_out`) and ``evaluation`` (held out of everything; the
+    exported plans are measured on it too; None: only on the two parts)."""
 
     calibration: DataLike
     evaluation: DataLike | None = None
@@ -127,7 +131,13 @@ class _Job:
         self.profile = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
         data = data if isinstance(data, SearchData) else SearchData(calibration=data)
         self.sample_axes = dict(data.sample_axes)
-        self.calib = self._dataset(data.calibration, "calibration")
+        calib = self._dataset(data.calibration, "calibration")
+        chooses = config.refinement.select  # the polish runs only after the selection
+        held = (hold_out(calib, config.refinement.check, seed=config.seed) if chooses
+                else HeldOut(fit=calib, check=None))
+        self.calib, self.check = held.fit, held.check  # calib: what everything is fitted on
+        self.warnings: list[str] = []  # what weakens the figures, in plan.json and the report
+        self.held_warning = held.warning  # said when the shortlist is measured
         self.evald = (None if data.evaluation is None
                       else self._dataset(data.evaluation, "evaluation"))
         self.specialized: tuple[Specialized, ...] = ()
@@ -135,6 +145,7 @@ class _Job:
             self._specialize()
         self.exported: dict[tuple, QdqModel] = {}  # each plan exported once
         self._reference: Sequence[Mapping] | None = None
+        self._check: tuple[tuple[Mapping, ...], Sequence[Mapping]] | None = None
 
     def _specialize(self) -> None:
         """Each If the calibration data decides once replaced by its branch
@@ -143,15 +154,30 @@ class _Job:
         self.model, self.specialized = specialize_ifs(
             original, self.calib.batches(self.config.quantize.batch_size),
             name="the calibration data")
-        if self.evald is not None:
-            require_one_branch(self.specialized, original,
-                               self.evald.batches(self.config.quantize.batch_size),
-                               name="the evaluation data")
+        for ds in (self.check, self.evald):
+            if ds is not None:
+                require_one_branch(self.specialized, original,
+                                   ds.batches(self.config.quantize.batch_size),
+                                   name=f"the {ds.name} data")
         if self.specialized:
             first = self.specialized[0]
             log.warning("%s%s", first.describe(), "" if len(self.specialized) == 1 else
                         f"; and {len(self.specialized) - 1} more If node(s) likewise "
                         "(plan.json 'specialized')")
+
+    def _warn(self, text: str) -> None:
+        log.warning("%s", text)
+        self.warnings.append(text)
+
+    def _check_constant(self, batches: Sequence[Mapping], ds: Dataset, part: str) -> None:
+        """Warn of samples whose every input is constant (:func:`constant_samples`)."""
+        bad = constant_samples(batches)
+        if bad:
+            where = ", ".join(str(ds.source_index(k)) for k in bad[:5])
+            self._warn(f"{len(bad)} of the {len(ds)} samples of the {part} are constant (an "
+                       f"all-zero input?): sample(s) {where}{' ...' if len(bad) > 5 else ''} "
+                       f"of {ds.path}; they calibrate nothing and their output error is "
+                       "measured against no signal: drop them from the data")
 
     def _dataset(self, d: DataLike, name: str) -> Dataset:
         return d if isinstance(d, Dataset) else open_dataset(d, self.model, name=name,
@@ -189,7 +215,9 @@ class _Job:
             chosen_model=self.exported.get(plan_key(self.chosen.plan)), gating=self.gated,
             dropped=self.dropped, specialized=self.specialized,
             sample_axes={i.name: i.sample_axis for i in (self.evald or self.calib).spec.inputs},
-            seconds=self.seconds)
+            seconds=self.seconds, warnings=tuple(self.warnings),
+            samples={"fit": len(self.calib), "check": len(self.check) if self.check else 0,
+                     "evaluation": len(self.evald) if self.evald else 0})
 
     # -- 1. analysis, candidates, pins
 
@@ -214,6 +242,8 @@ class _Job:
                 cands[g] = (*cands[g], c)
         self.cands = cands
         self.batches = tuple(self.calib.batches(cfg.quantize.batch_size))
+        self._check_constant(self.batches, self.calib, "fitted part" if self.check is not None
+                             else "calibration data")
         self.seconds["calibrate"] = time.perf_counter() - self.t0
 
     def reference(self) -> Sequence[Mapping]:
@@ -224,6 +254,17 @@ class _Job:
             self._reference = (self.analysis.calibration.reference_for(batches)
                                or reference_outputs(lg, batches))
         return self._reference
+
+    def checking(self) -> tuple[Sequence[Mapping], Sequence[Mapping]]:
+        """The batches plans are chosen on and the FP32 outputs on them: the check part, or the
+        fitted batches when there is none."""
+        if self.check is None:
+            return self.batches, self.reference()
+        if self._check is None:
+            b = tuple(self.check.batches(self.config.quantize.batch_size))
+            self._check_constant(b, self.check, "check part")
+            self._check = (b, reference_outputs(self.analysis.graph, b))
+        return self._check
 
     # -- 2. sensitivity
 
@@ -389,12 +430,16 @@ class _Job:
 
     def select(self) -> None:
         rc = self.config.refinement
+        if self.held_warning:
+            self._warn(self.held_warning)
         with self._stage("select"):
-            shortlist = _shortlist(self.round_plans, self.chosen.predicted_sqnr_db, self.greedy,
-                                   self.uniform, self.pins)
+            shortlist = _shortlist(self.round_plans, self.greedy, self.uniform, self.pins)
+            batches, reference = self.checking()
             with self.progress("measuring the shortlist", len(shortlist)) as advance:
-                self.selection = select(self.analysis, shortlist, self.batches,
-                                        self.reference(), progress=advance, export=self.export)
+                self.selection = dataclasses.replace(
+                    select(self.analysis, shortlist, batches, reference, progress=advance,
+                           export=self.export),
+                    data="fit" if self.check is None else "check")
             self.chosen = self.result("mpsearch", self.selection.best.plan)
         if rc.polish <= 0:
             return
@@ -402,41 +447,51 @@ class _Job:
         with self._stage("polish"):
             with self.progress("polishing on measured error", rc.polish) as advance:
                 self.polished = polish(
-                    best.plan, best.calibration_mse, best.samples, name=best.name,
+                    best.plan, best.check_mse, best.samples, name=best.name,
                     built=self.built, costs=self.costs, limits=self.limits, pins=self.pins,
                     evaluations=rc.polish, progress=advance,
                     tried=[c.plan for c in self.selection.contenders],
-                    measure=lambda plan: measure_plan(self.analysis, plan, self.batches,
-                                                      self.reference(), export=self.export))
+                    measure=lambda plan: measure_plan(self.analysis, plan, batches, reference,
+                                                      export=self.export))
             self.chosen = self.result("mpsearch", self.polished.plan)
 
     # -- 6. measured against FP32
 
     def measure(self) -> None:
         mc = self.config.measurement
+        if self.evald is None:
+            self._warn("no evaluation data (--eval-data): the plan is measured only on "
+                       "--data (its check part chose it, the rest fitted it), which flatters "
+                       "it; pass --eval-data from other sources (other photos, speakers, "
+                       "texts)")
         with self._stage("measure"):
-            which = DataRole.EVALUATION if self.evald is not None else DataRole.CALIBRATION
-            ds = self.evald if self.evald is not None else self.calib
+            parts = [(DataRole.FIT, self.calib), (DataRole.CHECK, self.check),
+                     (DataRole.EVALUATION, self.evald)]
+            parts = [(r, ds) for r, ds in parts if ds is not None]
+            ref = self.costs.reference
             fitting = [u for u in self.uniform if u.fits]
-            if not mc.all_uniform:  # the uniform plan that fits with the best predicted quality
-                fitting = sorted(fitting, key=lambda u: -u.predicted_sqnr_db)[:1]
-            todo = [self.chosen, *([self.greedy] if self.greedy else []), *fitting,
-                    *self.front_plans]
-            done: dict[tuple, Measured] = {}
+            if not mc.all_uniform:  # those the shortlist weighed, and the reference
+                fitting = _fitting_uniform(self.uniform, self.pins)
+            reference = [u for u in self.uniform if u.name == f"uniform {ref.name}"]
+            todo = [self.chosen, *([self.greedy] if self.greedy else []), *reference,
+                    *fitting, *self.front_plans]
+            plans = {plan_key(pr.plan): pr.plan for pr in todo}
+            done: dict[tuple, list[Measured]] = {k: [] for k in plans}
             original = self.analysis.original
-            with self.progress("measuring plans", len(todo)) as advance:
-                fp32 = reference_run(original, ds.batches(self.config.quantize.batch_size))
-                for pr in todo:
-                    key = plan_key(pr.plan)
-                    if key not in done:
-                        done[key] = Measured(data=which, result=evaluate(
-                            original, self.export(pr.plan).model, labels=ds.labels,
-                            reference_outputs=fp32))
-                    advance(1)
+            with self.progress("measuring plans", len(plans) * len(parts)) as advance:
+                for role, ds in parts:
+                    fp32 = reference_run(original, ds.batches(self.config.quantize.batch_size))
+                    for key, plan in plans.items():
+                        done[key].append(Measured(data=role, result=evaluate(
+                            original, self.export(plan).model, labels=ds.labels,
+                            reference_outputs=fp32)))
+                        advance(1)
 
             def with_measured(pr: PlanResult) -> PlanResult:
-                m = done.get(plan_key(pr.plan))
-                return dataclasses.replace(pr, measured=m) if m else pr
+                figs = tuple(done.get(plan_key(pr.plan), ()))
+                if not figs:
+                    return pr
+                return dataclasses.replace(pr, measured=figs[-1], figures=figs)
 
             self.chosen = with_measured(self.chosen)
             self.greedy = with_measured(self.greedy) if self.greedy else None
@@ -444,22 +499,28 @@ class _Job:
             self.front_plans = tuple(with_measured(p) for p in self.front_plans)
 
 
-def _shortlist(round_plans: Sequence[Mapping[str, Candidate]], ilp_db: float,
-               greedy_plan: PlanResult | None, uniform: Sequence[PlanResult],
-               pins: Mapping[str, Candidate]) -> list[tuple[str, Mapping[str, Candidate]]]:
+def _shortlist(round_plans: Sequence[Mapping[str, Candidate]], greedy_plan: PlanResult | None,
+               uniform: Sequence[PlanResult], pins: Mapping[str, Candidate]
+               ) -> list[tuple[str, Mapping[str, Candidate]]]:
     """Plans that meet every limit by the exact cost model and keep every pin, the final ILP
-    plan first (every round's plan met the same budgets and pins; ``ilp_db``: the final plan's
-    predicted SQNR)."""
+    plan first (every round's plan met the same budgets and pins), then greedy's, then every
+    uniform plan that fits predicted within :data:`UNIFORM_MARGIN_DB` of the best such one."""
     out: list[tuple[str, Mapping[str, Candidate]]] = [("ILP", round_plans[-1])]
     out += [(f"ILP round {i + 1}", p) for i, p in enumerate(round_plans[:-1])]
     if greedy_plan is not None and greedy_plan.fits:
         out.append(("greedy", greedy_plan.plan))
+    return out + [(u.name, u.plan) for u in _fitting_uniform(uniform, pins)]
+
+
+def _fitting_uniform(uniform: Sequence[PlanResult], pins: Mapping[str, Candidate]
+                     ) -> list[PlanResult]:
+    """The uniform plans that fit and keep every pin, predicted within
+    :data:`UNIFORM_MARGIN_DB` of the best of them, best predicted first."""
     fitting = sorted((u for u in uniform
                       if u.fits and all(u.plan[g] == c for g, c in pins.items())),
                      key=lambda u: -u.predicted_sqnr_db)
-    if fitting and fitting[0].predicted_sqnr_db >= ilp_db - UNIFORM_MARGIN_DB:
-        out.append((fitting[0].name, fitting[0].plan))
-    return out
+    return [u for u in fitting
+            if u.predicted_sqnr_db >= fitting[0].predicted_sqnr_db - UNIFORM_MARGIN_DB]
 
 
 def _front_sample(fr: Front, count: int, limit: float, chosen: Mapping[str, Candidate]):

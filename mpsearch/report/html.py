@@ -67,6 +67,16 @@ def _banner(run: RunFiles) -> str:
             '<a href="#verification">details</a></div>')
 
 
+def _data_box(run: RunFiles) -> str:
+    """What weakens the figures (too little data for a check part, constant samples, no
+    evaluation data), as the search warned of it on stderr."""
+    warnings = (run.plan.get("data") or {}).get("warnings") or []
+    if not warnings:
+        return ""
+    return ('<div class="box warn banner"><b>The figures below rest on weak data.</b><ul>'
+            + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul></div>")
+
+
 def _prediction_box(run: RunFiles) -> str:
     """A plan that measured well below its prediction says so, with the layers behind it."""
     check = (run.plan.get("quality") or {}).get("prediction_check")
@@ -79,6 +89,16 @@ def _prediction_box(run: RunFiles) -> str:
             f' dB below its prediction</b> on the {esc(check.get("data"))} data (more than '
             f'{esc(check.get("threshold_db"))} dB): {esc(check.get("note"))}.'
             + (f"<ul>{layers}</ul>" if layers else "") + "</div>")
+
+
+def _with_ci(f: Mapping[str, Any]) -> str:
+    """A measured SQNR with its 90% interval, e.g. "21.4 (20.1-22.6)"."""
+    ci = f.get("sqnr_ci_db")
+    v = f.get("sqnr_db")
+    if not ok(v):
+        return "-"
+    return f"{v:.2f}" + (f" ({ci[0]:.1f}-{ci[1]:.1f})" if ci and all(ok(x) for x in ci)
+                         else "")
 
 
 def _cos(v: Any) -> str:
@@ -192,18 +212,30 @@ def _headline(run: RunFiles) -> str:
             f" the {METRIC_LABELS.get(metric, metric)} of all-{esc(ref)}"
             + (f" (budget {esc(b.get('budget'))})" if b.get("budget") else "")
             + f" at <b>{fmt_db(mine)}</b> {kind} output SQNR against FP32")
-    mq = (q.get("measured") or {}).get("top1_agreement")
-    if ok(mq):
-        text += f" ({fmt_pct(mq)} top-1 agreement)"
+    m = q.get("measured") or {}
+    if ok(m.get("top1_agreement")):
+        text += f" ({fmt_pct(m['top1_agreement'])} top-1 agreement)"
+    ci = m.get("sqnr_ci_db")
+    if ci and all(ok(v) for v in ci):
+        text += (f", {fmt_db(ci[0])} to {fmt_db(ci[1])} at 90% confidence over its "
+                 f"{esc(m.get('samples'))} {esc(m.get('data'))} samples")
     text += "."
     cmp = []
-    for o in _comparators(p):
-        a, x, k = _common({"measured": q.get("measured"),
-                           "predicted_sqnr_db": q.get("predicted_sqnr_db")}, o)
-        if ok(a) and ok(x):
-            cmp.append(f"{esc(o.get('name'))} at "
-                       f"{fmt_ratio(o.get('totals', {}).get(metric, {}).get('relative_to_w8a8'))}: "
-                       f"<b>{a - x:+.2f} dB</b> ({k})")
+    for c in q.get("comparisons") or []:  # measured on the same samples, paired
+        ci = c.get("ci_db")
+        span = (f", 90% interval {ci[0]:+.2f} to {ci[1]:+.2f} dB, "
+                + ("excludes 0" if c.get("significant") else "<i>not significant</i>")
+                if ci else "")
+        cmp.append(f"{esc(c.get('name'))} ({esc(c.get('role'))}): "
+                   f"<b>{c.get('difference_db'):+.2f} dB</b> SQNR{span}")
+    if not cmp:  # an older plan.json, or nothing measured: both figures of one kind
+        for o in _comparators(p):
+            a, x, k = _common({"measured": q.get("measured"),
+                               "predicted_sqnr_db": q.get("predicted_sqnr_db")}, o)
+            if ok(a) and ok(x):
+                rel_o = o.get("totals", {}).get(metric, {}).get("relative_to_w8a8")
+                cmp.append(f"{esc(o.get('name'))} at {fmt_ratio(rel_o)}: "
+                           f"<b>{a - x:+.2f} dB</b> ({k})")
     if cmp:
         text += " Against " + "; against ".join(cmp) + "."
     return f'<p class="headline">{text}</p>'
@@ -231,7 +263,13 @@ def _plans_table(p: Mapping[str, Any]) -> pd.DataFrame:
             row[short] = fmt_ratio(t.get(metric, {}).get("relative_to_w8a8"))
         row["converts"] = t.get("conversions")
         row["predicted"] = fmt_db(s.get("predicted_sqnr_db"))
-        row["measured"] = fmt_db(m.get("sqnr_db")) if m else "-"
+        figs = m.get("figures") or {}
+        for part in ("fit", "check", "evaluation"):
+            if part in figs or not figs:
+                f = figs.get(part) or {}
+                row[f"{part} dB"] = _with_ci(f) if f else "-"
+        if not figs:
+            row["measured"] = fmt_db(m.get("sqnr_db")) if m else "-"
         row["cosine"] = f"{m['cosine']:.5f}" if ok(m.get("cosine")) else "-"
         row["top-1 agree"] = fmt_pct(m.get("top1_agreement"))
         rows.append(row)
@@ -302,13 +340,17 @@ def render_report(run: RunFiles, images: Mapping[str, bytes]) -> str:
         f" &middot; {esc(model.get('groups'))} quantizer groups &middot; model sha256 "
         f"{esc(str(model.get('sha256', ''))[:12])} &middot; {esc(p.get('schema'))}</div>{nav}"
         "</header>",
-        problems, _banner(run), _prediction_box(run), _headline(run), _glance(run),
+        problems, _banner(run), _data_box(run), _prediction_box(run), _headline(run),
+        _glance(run),
         section("pareto", "Pareto front: predicted and measured",
                  img_tag("pareto.png", images["pareto.png"], "Pareto front")),
         section("plans", "The plan against the baselines and the front",
                  '<p class="small">Costs relative to all-w8a8 on the same device; SQNR of the '
-                 "network output against FP32 (predicted by the search, measured on the "
-                 "evaluation data).</p>"
+                 "network output against FP32, predicted by the search and measured on each "
+                 "part of the data, with its 90% interval over samples: <i>fit</i> (what "
+                 "ranges, rounding and sensitivities were fitted on), <i>check</i> (held out "
+                 "of that; the shortlist and the polish chose on it), <i>evaluation</i> "
+                 "(--eval-data, never seen).</p>"
                  '<div class="scroll">' + html_table(_plans_table(p), left=3,
                                                     first_row_class="chosen")
                  + "</div>"),
