@@ -78,7 +78,8 @@ def test_configs_are_frozen_all_the_way_down(tmp_path):
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda: SearchConfig(budgets=()), "budgets is empty"),
+    (lambda: SearchConfig(budgets=()), "needs a budget or a target"),
+    (lambda: SearchConfig(target="snr=25"), "did you mean .sqnr."),
     (lambda: SearchConfig(budgets=("bops=0.9", "bops=0.8")), "both limit bops"),
     (lambda: SearchConfig(budgets=("speed=2",)), "not KEY=VALUE with a known KEY"),
     (lambda: SearchConfig(budgets=("bops=0.9",), method="guess"), "method guess is not a known"),

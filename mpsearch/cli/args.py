@@ -120,6 +120,15 @@ SEARCH_OPTIONS: tuple[Option, ...] = (
              "(bit-operations x w8a8), size=0.6 (weight bytes x w8a8), size_mb=4 (10^6 "
              "bytes), energy=0.8 (x w8a8), energy_mj=0.5. An impossible budget exits 2 and "
              "names, per budget, the smallest value any plan reaches")),
+    Option(("--target",), ("search", "target"), commands=frozenset({"run"}), kwargs=dict(
+        metavar="KEY=VALUE",
+        help="a quality to meet instead of a cost to stay within: ship the cheapest plan (in "
+             "the first --budget's quantity, which then caps it; else bit-operations) whose "
+             "quality on the check part meets it, found by bisection over the cost limit "
+             "(about 6 searches): sqnr=25 (output SQNR against FP32, dB), top1_drop=1% "
+             "(top-1 disagreement with FP32), accuracy_drop=0.5% (with labels in --data). "
+             "A target no plan meets exits 2 naming the best quality reached and the "
+             "closest uniform plan")),
     Option(("--sample-axis",), ("sample_axes",), value=lambda items: parse_sample_axes(items),
            commands=frozenset({"run"}), kwargs=dict(
                action="append", metavar="NAME=K",

@@ -71,7 +71,8 @@ def cmd_pareto(args: argparse.Namespace, ui: Ui) -> int:
         return 0
     for q in doc["front"]["points"]:
         db = q["predicted_sqnr_db"]
-        ui.out.print(f"{args.metric} x{q['relative_to_w8a8']:.3f}: predicted "
-                     f"{db if db is not None and math.isfinite(db) else 'inf'} dB")
+        shown = (f"{db:.2f} dB" if db is not None and math.isfinite(db) and db < 99
+                 else "> 99 dB (no error the predictions can measure; capped)")
+        ui.out.print(f"{args.metric} x{q['relative_to_w8a8']:.3f}: predicted {shown}")
     ui.out.print(f"wrote {out.path}/pareto.json, pareto.csv, pareto.png")
     return 0

@@ -146,11 +146,20 @@ def _summary(ui: Ui, res: Any, path: Any, seconds: float, exports: Any,
     for u in sorted(res.uniform, key=lambda u: u.cost.relative[metrics[0]]):
         row(u)
     ui.out.print(t)
+    if res.target is not None:
+        steps = ", ".join(f"{s.limit:.3f}x {res.target.shown(s.quality)}"
+                          + ("" if s.met else " (short)") for s in res.target_steps)
+        ui.out.print(f"target {res.target}: the least {res.budgets[0].key} limit whose plan "
+                     f"meets it on the check part is {res.budgets[0].value:.3f} x w8a8 "
+                     f"({len(res.target_steps)} searches: {steps})")
     if res.selection is not None:
         ui.out.print(f"chosen on the {res.selection.data} part "
                      f"({res.samples.get(res.selection.data, 0)} samples): "
                      f"{res.selection.reason}")
     for c in (plan or {}).get("quality", {}).get("comparisons", []):
+        if c.get("same_plan"):
+            ui.out.print(f"{c['name']} ({c['role']}) is the shipped plan")
+            continue
         ci = c.get("ci_db")
         span = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
         ui.out.print(f"against {c['name']} ({c['role']}): {c['difference_db']:+.2f} dB{span} "

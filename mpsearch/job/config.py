@@ -42,6 +42,7 @@ from mpsearch.core.frozen import freeze
 from mpsearch.job.polish import EVALUATIONS
 from mpsearch.job.refinement import EXPLORE
 from mpsearch.job.selection import CHECK_FRACTION
+from mpsearch.job.target import Target, parse_target
 from mpsearch.quant.analysis import QuantizeOptions
 from mpsearch.quant.gating import GateSearch
 from mpsearch.sensitivity.run import Method
@@ -65,6 +66,10 @@ def _budget(v: Any) -> Budget:
     return v if isinstance(v, Budget) else parse_budget(str(v))
 
 
+def _target(v: Any) -> Target:
+    return v if isinstance(v, Target) else parse_target(str(v))
+
+
 def _candidate(v: Any) -> Candidate:
     return v if isinstance(v, Candidate) else parse_candidate(str(v))
 
@@ -83,6 +88,8 @@ def _shape(v: Any) -> tuple[int, ...]:
 
 BudgetField = Annotated[Budget, BeforeValidator(_budget),
                         PlainSerializer(lambda b: f"{b.key}={b.value!r}", return_type=str)]
+TargetField = Annotated[Target, BeforeValidator(_target),
+                        PlainSerializer(str, return_type=str)]
 CandidateField = Annotated[Candidate, BeforeValidator(_candidate),
                            PlainSerializer(lambda c: c.name, return_type=str)]
 Pins = Annotated[Mapping[str, CandidateField], AfterValidator(freeze)]
@@ -194,9 +201,12 @@ class CacheConfig:
 @_config
 class SearchConfig:
     """Everything :func:`mpsearch.job.search.search` takes besides the model, the profile and
-    the data. Only ``budgets`` has no default."""
+    the data. Only ``budgets`` (or a ``target``) has no default."""
 
-    budgets: Annotated[tuple[BudgetField, ...], Field(min_length=1)]  # all hold; the 1st: axis
+    budgets: tuple[BudgetField, ...] = ()  # all hold; the 1st: the axis of the front
+    # the cheapest plan on the axis whose check-part quality meets it (mpsearch.job.target);
+    # the budgets, if any, then cap the search
+    target: TargetField | None = None
     method: Method = Method.HESSIAN  # how sensitivities are found
     candidates: CandidateConfig = Field(default_factory=CandidateConfig)
     # error charged per format conversion, x the all-w8a8 plan's predicted error
@@ -212,6 +222,9 @@ class SearchConfig:
     cache: CacheConfig = Field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
+        if not self.budgets and self.target is None:
+            raise UsageError("a search needs a budget or a target",
+                             fix="pass --budget (e.g. bops=0.9) or --target (e.g. sqnr=25)")
         seen: dict[str, Budget] = {}
         for b in self.budgets:
             if b.metric in seen:

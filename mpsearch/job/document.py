@@ -84,16 +84,14 @@ def _comparisons(res: SearchResult) -> list[dict]:
     out = []
     for o in others:
         m = o.measured
-        if plan_key(o.plan) == plan_key(res.plan):
-            d, ci = 0.0, (0.0, 0.0)
-        else:
-            d, ci = mine.result.versus(m.result)
+        same = plan_key(o.plan) == plan_key(res.plan)
+        d, ci = (0.0, None) if same else mine.result.versus(m.result)
         out.append({"name": o.name, "role": "best uniform that fits" if o is best_u else
                     "reference" if o.name == ref else "baseline",
                     "fits": o.fits, "data": m.data.value, "samples": m.result.samples,
                     "metric": "sqnr_db", "difference_db": _num(d, 3),
                     "ci_db": [_num(v, 3) for v in ci] if ci else None,
-                    "significant": bool(ci and (ci[0] > 0 or ci[1] < 0)),
+                    "significant": bool(ci and (ci[0] > 0 or ci[1] < 0)), "same_plan": same,
                     "top1_difference": (None if mine.top1_agreement is None
                                         or m.top1_agreement is None else
                                         _num(mine.top1_agreement - m.top1_agreement, 4))})
@@ -206,6 +204,13 @@ def plan_document(res: SearchResult, *, model: str, profile: str,
                     "prediction_check": _prediction_check(res),
                     "comparisons": _comparisons(res)},
         "data": {**dict(res.samples), "warnings": list(res.warnings)},
+        "target": None if res.target is None else {
+            "target": str(res.target), "key": res.target.key, "value": res.target.value,
+            "label": res.target.label, "axis": res.budgets[0].metric,
+            "limit_relative_to_w8a8": _num(res.budgets[0].value, 6),
+            "steps": [{"limit_relative_to_w8a8": _num(s.limit, 6),
+                       "quality": _num(s.quality, 6), "met": s.met}
+                      for s in res.target_steps]},
         "gating": None if res.gating is None else {
             "search": res.gating.search.value, "seconds": _num(res.gating.seconds, 3),
             "candidates": {g: [c.name for c in cs] for g, cs in res.gating.by_group.items()},

@@ -23,6 +23,7 @@ from mpsearch.job.config import SearchConfig
 from mpsearch.job.polish import Polish
 from mpsearch.job.refinement import Refinement
 from mpsearch.job.selection import Selection
+from mpsearch.job.target import Step, Target
 from mpsearch.quant.analysis import Analysis
 from mpsearch.sensitivity.gated import GatedCandidates
 from mpsearch.sensitivity.run import Method
@@ -134,6 +135,10 @@ class SearchResult:
     # samples of each part the search used: fit, check (0: none) and evaluation (0: none)
     samples: Mapping[str, int] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()  # what weakens the figures (too little data, no check part)
+    # --target: what it asked, and each search of the bisection (mpsearch.job.target); the
+    # budgets above then hold the limit it found
+    target: Target | None = None
+    target_steps: tuple[Step, ...] = ()
     seconds: Mapping[str, float] = field(default_factory=dict)  # per stage
 
     def __post_init__(self) -> None:

@@ -60,6 +60,7 @@ from mpsearch.job.refinement import (
 )
 from mpsearch.job.result import DataRole, Measured, PlanResult, SearchResult
 from mpsearch.job.selection import HeldOut, Selection, hold_out, measure_plan, plan_key, select
+from mpsearch.job.target import Step, bisect
 from mpsearch.quant.analysis import analyze
 from mpsearch.sensitivity.cache import SensitivityCache
 from mpsearch.sensitivity.gated import gated_candidates
@@ -67,7 +68,9 @@ from mpsearch.sensitivity.run import estimate, measure_pairs, table_variant
 from mpsearch.sensitivity.suffix import reference_outputs
 from mpsearch.sensitivity.table import Refusal, SensitivityTable, candidates_for, sqnr
 from mpsearch.solve.allocate import Allocation, Built, allocate, build_problem
+from mpsearch.solve.budget import BUDGET_KEYS, Budget
 from mpsearch.solve.greedy import greedy
+from mpsearch.solve.ilp import smallest, solve
 from mpsearch.solve.pareto import Front, front
 
 __all__ = ["Progress", "SearchData", "search"]
@@ -146,6 +149,7 @@ class _Job:
         self.exported: dict[tuple, QdqModel] = {}  # each plan exported once
         self._reference: Sequence[Mapping] | None = None
         self._check: tuple[tuple[Mapping, ...], Sequence[Mapping]] | None = None
+        self._check_fp32: list | None = None  # FP32 outputs on the check part, for targets
 
     def _specialize(self) -> None:
         """Each If the calibration data decides once replaced by its branch
@@ -190,10 +194,21 @@ class _Job:
         self.seconds[name] = time.perf_counter() - t
 
     def run(self) -> SearchResult:
+        self.budgets: tuple[Budget, ...] = tuple(self.config.budgets)
+        self.metric = self.budgets[0].metric if self.budgets else "bops"  # the front's axis
+        self.target_steps: tuple[Step, ...] = ()
+        if self.config.target is not None and self.config.target.key == "accuracy_drop" \
+                and self.calib.labels is None:
+            raise UsageError(f"target {self.config.target} needs labels in --data",
+                             fix="store a 'labels' array (one class per sample) in the data, "
+                                 "or use --target top1_drop= (agreement with FP32)")
         self.prepare()
         self.sensitivity()
+        if self.config.target is not None:
+            self.budgets = self.meet_target()
         self.refine()
         self.baselines()
+        self.start_front()
         if self.config.refinement.select:
             self.select()
         with self._stage("front (waited)"):
@@ -208,14 +223,15 @@ class _Job:
         return SearchResult(
             config=self.config, analysis=self.analysis, profile=self.profile, costs=self.costs,
             table=self.table, built=self.built, errors=self.errors, refinement=self.refinement,
-            budgets=self.config.budgets, limits=self.limits, chosen=self.chosen,
+            budgets=self.budgets, limits=self.limits, chosen=self.chosen,
             allocation=self.alloc, uniform=tuple(self.uniform), greedy=self.greedy,
             front=self.front, front_plans=self.front_plans, model_sha256=self.sha256,
             selection=self.selection, polish=self.polished,
             chosen_model=self.exported.get(plan_key(self.chosen.plan)), gating=self.gated,
             dropped=self.dropped, specialized=self.specialized,
             sample_axes={i.name: i.sample_axis for i in (self.evald or self.calib).spec.inputs},
-            seconds=self.seconds, warnings=tuple(self.warnings),
+            seconds=self.seconds, warnings=tuple(self.warnings), target=self.config.target,
+            target_steps=self.target_steps,
             samples={"fit": len(self.calib), "check": len(self.check) if self.check else 0,
                      "evaluation": len(self.evald) if self.evald else 0})
 
@@ -233,7 +249,7 @@ class _Job:
         if cc.gating is not None:
             with self.progress(f"gating ({cc.gating.value})", None):
                 self.gated = gated_candidates(self.analysis, self.costs, cands,
-                                              metric=cfg.budgets[0].metric, search=cc.gating)
+                                              metric=self.metric, search=cc.gating)
             for g, extra in self.gated.by_group.items():
                 cands[g] = (*cands[g], *extra)
         self.pins = resolve_pins(self.analysis, self.costs, cands, cc.pin, cc.keep_float)
@@ -331,17 +347,20 @@ class _Job:
 
     # -- 3. solve, measure what the plan rests on, solve again
 
+    def _allocate_problem(self, errors: Mapping, *, scale_from: Mapping | None = None) -> Built:
+        lg, table, ref = self.analysis.graph, self.table, self.costs.reference
+        scale_from = errors if scale_from is None else scale_from
+        ref_error = sum(scale_from.get((g, ref), 0.0) for g in lg.group_names)
+        return build_problem(lg, self.costs, self.cands, errors, input_noise=table.input_noise,
+                             convert_weight=self.config.convert_penalty * ref_error)
+
     def _allocate(self, errors: Mapping, *, scale_from: Mapping | None = None
                   ) -> tuple[Built, Allocation]:
         """The problem on ``errors`` and its exact plan. A conversion is charged
         ``convert_penalty`` times the all-w8a8 plan's error under ``scale_from`` (default:
         ``errors``)."""
-        lg, table, ref = self.analysis.graph, self.table, self.costs.reference
-        scale_from = errors if scale_from is None else scale_from
-        ref_error = sum(scale_from.get((g, ref), 0.0) for g in lg.group_names)
-        built = build_problem(lg, self.costs, self.cands, errors, input_noise=table.input_noise,
-                              convert_weight=self.config.convert_penalty * ref_error)
-        return built, allocate(built.problem, self.costs, self.config.budgets, pins=self.pins,
+        built = self._allocate_problem(errors, scale_from=scale_from)
+        return built, allocate(built.problem, self.costs, self.budgets, pins=self.pins,
                                penalty=1.0)
 
     def refine(self) -> None:
@@ -407,18 +426,96 @@ class _Job:
             self.greedy = self.result("greedy (AMP)", dict(gsol.choice))
         except InfeasibleBudgetError:
             log.info("the greedy walk found no plan within the budgets")
-        self.metric = self.config.budgets[0].metric
-        others = {m: v for m, v in self.limits.items() if m != self.metric}
-        # The front's ILPs run on a second thread while the shortlist and the polish run their
-        # plans in ONNX Runtime, which releases the GIL (the front is needed only after them).
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="front")
-        self.front_job: Future[Front] = pool.submit(
-            front, problem, self.metric, budgets=others, points=FRONT_SOLVES, pins=self.pins,
-            penalty=1.0)
-        pool.shutdown(wait=False)
         self.selection: Selection | None = None
         self.polished = None
         self.seconds["solve"] = time.perf_counter() - t1
+
+    def start_front(self) -> None:
+        """The front's ILPs, on a second thread while the shortlist and the polish run their
+        plans in ONNX Runtime, which releases the GIL (the front is needed only after them)."""
+        others = {m: v for m, v in self.limits.items() if m != self.metric}
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="front")
+        self.front_job: Future[Front] = pool.submit(
+            front, self.built.problem, self.metric, budgets=others, points=FRONT_SOLVES,
+            pins=self.pins, penalty=1.0)
+        pool.shutdown(wait=False)
+
+    # -- 3b. a quality target: the least cost limit whose plan meets it
+
+    def meet_target(self) -> tuple[Budget, ...]:
+        """The budgets of the cheapest search whose plan meets ``config.target`` on the check
+        part (:mod:`mpsearch.job.target`): the axis limit found by bisection, the other
+        budgets as given. Raises a UsageError naming the best quality reached and the closest
+        uniform plan when no limit meets it."""
+        t, lg = self.config.target, self.analysis.graph
+        key = _relative_key(self.metric)
+        caps = tuple(b for b in self.config.budgets if b.metric != self.metric)
+        ref = self.costs.plan({g: self.costs.reference for g in lg.group_names},
+                              relative=False).as_dict()
+        built = self._allocate_problem({(g, c): self.table.error(g, c) for g in lg.group_names
+                                        for c in self.cands[g]})
+        cap_limits = {b.metric: b.limit(ref) for b in caps}
+        lo = smallest(built.problem, self.metric, pins=self.pins, budgets=cap_limits) \
+            / ref[self.metric]
+        best = solve(built.problem, cap_limits, pins=self.pins, penalty=1.0)
+        hi = self.costs.plan(dict(best.choice)).relative[self.metric]
+        axis = next((b for b in self.config.budgets if b.metric == self.metric), None)
+        if axis is not None:
+            hi = min(hi, axis.limit(ref) / ref[self.metric])
+        hi = max(hi, lo)
+        start = 1.0
+        if t.key == "sqnr":  # where the predicted front first meets it
+            fr = front(built.problem, self.metric, budgets=cap_limits, points=FRONT_SOLVES,
+                       pins=self.pins, penalty=1.0)
+            meets = [p.cost / ref[self.metric] for p in fr.points
+                     if sqnr(self.table.signal, p.solution.error) >= t.value]
+            start = min(meets) if meets else hi
+        rc = self.config.refinement
+
+        def attempt(limit: float) -> float:
+            self.budgets = (Budget(key=key, value=limit), *caps)
+            with self.progress(f"target {t}: searching at {key} <= {limit:.3f} x w8a8", None):
+                self.refine()
+                self.baselines()
+                if rc.select:
+                    self.select(with_polish=False)
+            return self._check_quality(self.chosen.plan)
+
+        with self._stage("target"):
+            limit, steps = bisect(t, attempt, lo=lo, hi=hi, start=start)
+        self.target_steps = tuple(steps)
+        if limit is None:
+            raise self._target_missed(t, steps)
+        return (Budget(key=key, value=limit), *caps)
+
+    def _check_quality(self, plan: Mapping[str, Candidate]) -> float:
+        """``plan``'s quality in the target's terms on the check part (else the fitted part):
+        SQNR in dB, or a drop as a fraction."""
+        t = self.config.target
+        ds = self.check if self.check is not None else self.calib
+        if self._check_fp32 is None:
+            self._check_fp32 = reference_run(self.analysis.original,
+                                             ds.batches(self.config.quantize.batch_size))
+        m = evaluate(self.analysis.original, self.export(plan).model, labels=ds.labels,
+                     reference_outputs=self._check_fp32).primary
+        if t.key == "sqnr":
+            return m.sqnr_db
+        if t.key == "top1_drop":
+            if m.top1_agreement is None:
+                raise UsageError(f"target {t} needs a classifier output; output '{m.name}' "
+                                 "is not one", fix="use --target sqnr=")
+            return 1.0 - m.top1_agreement
+        return m.accuracy_fp32 - m.accuracy
+
+    def _target_missed(self, t, steps: Sequence[Step]) -> UsageError:
+        top = max(steps, key=lambda s: s.quality if t.key == "sqnr" else -s.quality)
+        uniform = [(self._check_quality(u.plan), u) for u in self.uniform]
+        q, u = max(uniform, key=lambda qu: qu[0] if t.key == "sqnr" else -qu[0])
+        return UsageError(
+            f"no plan meets target {t} on the check part: the best reached {t.shown(top.quality)}"
+            f" at {self.metric} <= {top.limit:.3g} x w8a8; the closest uniform plan is {u.name}"
+            f" with {t.shown(q)} at {u.cost.relative[self.metric]:.3g} x w8a8",
+            fix="lower the target, or allow more formats in the profile")
 
     def export(self, plan: Mapping[str, Candidate]) -> QdqModel:
         key = plan_key(plan)
@@ -428,10 +525,11 @@ class _Job:
 
     # -- 5. the best measured plan, polished
 
-    def select(self) -> None:
+    def select(self, *, with_polish: bool = True) -> None:
         rc = self.config.refinement
         if self.held_warning:
             self._warn(self.held_warning)
+            self.held_warning = None
         with self._stage("select"):
             shortlist = _shortlist(self.round_plans, self.greedy, self.uniform, self.pins)
             batches, reference = self.checking()
@@ -441,7 +539,7 @@ class _Job:
                            export=self.export),
                     data="fit" if self.check is None else "check")
             self.chosen = self.result("mpsearch", self.selection.best.plan)
-        if rc.polish <= 0:
+        if rc.polish <= 0 or not with_polish:
             return
         best = self.selection.best
         with self._stage("polish"):
@@ -497,6 +595,11 @@ class _Job:
             self.greedy = with_measured(self.greedy) if self.greedy else None
             self.uniform = [with_measured(u) for u in self.uniform]
             self.front_plans = tuple(with_measured(p) for p in self.front_plans)
+
+
+def _relative_key(metric: str) -> str:
+    """The budget key that limits ``metric`` relative to all-w8a8 (``bops``, ``latency``...)."""
+    return next(k for k, v in BUDGET_KEYS.items() if v.metric == metric and v.relative)
 
 
 def _shortlist(round_plans: Sequence[Mapping[str, Candidate]], greedy_plan: PlanResult | None,

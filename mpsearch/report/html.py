@@ -222,6 +222,9 @@ def _headline(run: RunFiles) -> str:
     text += "."
     cmp = []
     for c in q.get("comparisons") or []:  # measured on the same samples, paired
+        if c.get("same_plan"):
+            cmp.append(f"{esc(c.get('name'))} ({esc(c.get('role'))}): <b>the same plan</b>")
+            continue
         ci = c.get("ci_db")
         span = (f", 90% interval {ci[0]:+.2f} to {ci[1]:+.2f} dB, "
                 + ("excludes 0" if c.get("significant") else "<i>not significant</i>")
