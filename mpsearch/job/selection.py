@@ -21,7 +21,11 @@ shipped, and measured 21.4 dB on 300 other crops against uniform's 22.8 dB. So
 :func:`hold_out` sets aside a seeded fraction of the data (:data:`CHECK_FRACTION`; the *check
 part*) that calibration never sees; the shortlist and the polish (:mod:`mpsearch.job.polish`)
 are measured on it. Too little data for a check part of :data:`MIN_CHECK` samples: no split,
-and a warning that the choice is made on fitted samples.
+and a warning that the choice is made on fitted samples. The fitted part is what ships, not
+refitted on all the data afterwards: the figures then describe the shipped bytes, and the
+quarter held out costs little (EfficientNet-Lite0 calibrated on 48 of its 64 crops: uniform
+w8a8 20.72 dB on the evaluation photos against 20.71 dB with all 64, w8a16 30.51 against
+30.30).
 
 **Uniform wins unless beaten.** A mixed plan is shipped only when it beats the best measured
 uniform contender by :data:`SELECT_Z` standard errors of the per-sample differences
