@@ -245,14 +245,20 @@ def test_hw_show_with_a_model_skips_what_a_layer_cannot_take_with_the_reason(fil
 
 
 def test_json_stdout_holds_the_document_alone(files, tmp_path):
-    """QNN's HTP libraries print a line to file descriptor 1 when they load: with --json it
-    goes to stderr, and stdout parses as one JSON document."""
+    """QNN's HTP libraries print " # LIBNATIVE: ..." to file descriptor 1 when they load: it
+    never reaches stdout, which parses as one JSON document with --json and holds only the
+    tool's own lines without it; with -v the line goes to stderr."""
     q = tmp_path / "q"
     assert main(["quantize", str(files["model"]), "--uniform", "w8a8", "--data",
                  str(files["calib"]), "--out", str(q), "-q"]) == 0
-    r = subprocess.run([sys.executable, "-m", "mpsearch", "verify", str(q / "model.qdq.onnx"),
-                        "--data", str(files["eval"]), "--samples", "1", "--json"],
-                       capture_output=True, text=True, timeout=300)
+    verify = [sys.executable, "-m", "mpsearch", "verify", str(q / "model.qdq.onnx"), "--data",
+              str(files["eval"]), "--samples", "1"]
+    r = subprocess.run([*verify, "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)  # nothing else on stdout
     assert doc["schema"] == "mpsearch.verify/1" and doc["verified"] is True
+    plain = subprocess.run(verify, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0 and "LIBNATIVE" not in plain.stdout + plain.stderr
+    assert plain.stdout.strip()  # the tool's own table is there
+    loud = subprocess.run([*verify, "-v"], capture_output=True, text=True, timeout=300)
+    assert "LIBNATIVE" not in loud.stdout

@@ -266,3 +266,16 @@ def test_unknown_metric_and_bad_arguments():
         solve(problem, {}, penalty=-1.0)
     with pytest.raises(UsageError, match="cost"):
         Edge(src="a", dst="a", costs={"bops": {("x", "y"): -1.0}})
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("bpos=0.75", "did you mean 'bops=0.75'"), ("latncy=0.7", "did you mean 'latency=0.7'"),
+    ("speed=2", "not KEY=VALUE with a known KEY"), ("bops=-1", "not a positive number")])
+def test_budget_keys_are_forgiving_but_never_guessed(text, needle):
+    """Keys are case-insensitive; an unknown key is refused with the nearest known one."""
+    from mpsearch.solve.budget import parse_budget
+
+    assert parse_budget("BOPS=0.75") == parse_budget("bops=0.75")
+    assert parse_budget(" Size_MB = 4").key == "size_mb"
+    with pytest.raises(UsageError, match=needle):
+        parse_budget(text)

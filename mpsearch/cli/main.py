@@ -69,12 +69,14 @@ def _quiet_solver_banner() -> None:
 
 
 @contextlib.contextmanager
-def _stdout_for_the_document(enabled: bool) -> Iterator[None]:
-    """With ``--json``, stdout carries the JSON document alone: native libraries that print to
-    file descriptor 1 (QNN's HTP libraries announce themselves there) are pointed at stderr
-    for the command's duration, and Python's ``print`` writes to the real stdout. Only when
-    stdout is the process's own (a caller that captured ``sys.stdout`` keeps it)."""
-    if not enabled or sys.stdout is not sys.__stdout__:
+def _stdout_for_the_tool(chatter_to_stderr: bool) -> Iterator[None]:
+    """stdout carries the tool's own output alone (with ``--json``, the JSON document):
+    native libraries that print to file descriptor 1 (QNN's HTP libraries announce
+    themselves there: " # LIBNATIVE: No alternate configuration ...") are pointed at
+    /dev/null for the command's duration (at stderr with ``-v``/``--debug``), and Python's
+    ``print`` writes to the real stdout. Only when stdout is the process's own (a caller that
+    captured ``sys.stdout`` keeps it)."""
+    if sys.stdout is not sys.__stdout__:
         yield
         return
     try:
@@ -84,7 +86,12 @@ def _stdout_for_the_document(enabled: bool) -> Iterator[None]:
     except (OSError, ValueError, AttributeError):
         yield
         return
-    os.dup2(2, fd)
+    if chatter_to_stderr:
+        os.dup2(2, fd)
+    else:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
     doc = io.TextIOWrapper(io.FileIO(saved, "w", closefd=False), encoding="utf-8",
                            line_buffering=True)
     real, sys.stdout = sys.stdout, doc
@@ -106,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr, force=True)
     ui = Ui(quiet=args.quiet, as_json=args.json)
     try:
-        with _stdout_for_the_document(args.json):
+        with _stdout_for_the_tool(args.verbose or args.debug):
             return args.func(args, ui)
     except MpsearchError as e:
         if args.debug:

@@ -81,7 +81,7 @@ def cmd_run(args: argparse.Namespace, ui: Ui) -> int:
                          f"{', '.join(sorted(set(r.avoided.values())))} activations off "
                          f"{len(r.avoided)} layer(s): "
                          + (f"no plan ({r.outcome})" if r.outcome
-                            else f"{r.sqnr_db} -> {r.after_db} dB"))
+                            else f"{_db1(r.sqnr_db)} -> {_db1(r.after_db)} dB"))
         if verified.replans:
             ui.err.print(f"shipped the plan of round {verified.shipped_round} of "
                          f"{len(verified.replans) + 1}")
@@ -90,14 +90,14 @@ def cmd_run(args: argparse.Namespace, ui: Ui) -> int:
                          f"[/]: " + "; ".join(verified.reasons[:3] or ["see report.html"]))
         elif verified.disagrees:
             ui.err.print(f"[bold red]not verified: {verified.target} computes something else "
-                         f"than the CPU EP[/]: output SQNR {verified.sqnr_db} dB, below the "
+                         f"than the CPU EP[/]: output SQNR {_db1(verified.sqnr_db)} dB, below the "
                          f"{verified.min_sqnr_db:g} dB threshold (outputs "
                          f"{', '.join(verified.disagreeing) or 'none ran'})"
                          + (f"; {verified.culprit}" if verified.culprit else "")
                          + "; see report.html")
         elif verified.skipped is None:
             ui.out.print(f"verified on {verified.target} (soc {verified.soc_model}, "
-                         f"emulated): every node on the HTP, {verified.sqnr_db} dB against "
+                         f"emulated): every node on the HTP, {_db1(verified.sqnr_db)} dB against "
                          f"the CPU EP on {verified.samples} samples (threshold "
                          f"{verified.min_sqnr_db:g} dB); model.qdq.onnx sha256 "
                          f"{verified.sha256[:16]}")
@@ -114,10 +114,16 @@ def _exit_code(verified: Any) -> int:
 
 
 PREDICTION_CAP_DB = 99.0  # a prediction without measurable error is shown as "> 99"
+COST_LABELS = {"bops": "BOPs", "latency_s": "latency", "weight_bytes": "size",
+               "energy_j": "energy"}  # the table's cost columns, x all-w8a8
+
+
+def _db1(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
 
 
 def _pred(db: float) -> str:
-    return f"{db:.2f}" if db < PREDICTION_CAP_DB else f"> {PREDICTION_CAP_DB:g}"
+    return f"{db:.1f}" if db < PREDICTION_CAP_DB else f"> {PREDICTION_CAP_DB:g}"
 
 
 def _summary(ui: Ui, res: Any, path: Any, seconds: float, exports: Any,
@@ -127,17 +133,19 @@ def _summary(ui: Ui, res: Any, path: Any, seconds: float, exports: Any,
     # the budgets' quantities, then bit-operations (once), relative to w8a8
     metrics = list(dict.fromkeys([*(b.metric for b in res.budgets), "bops"]))
     m0 = res.chosen.measured
-    where = f"{m0.data.value} data, {m0.result.samples} samples" if m0 else "not measured"
-    t = Table(title=f"{', '.join(str(b) for b in res.budgets)} on {res.profile.name}")
-    for col in ("plan", *(f"{m} x w8a8" for m in metrics), "predicted dB",
-                f"measured dB ({where})", "top-1 agree", "fits"):
-        t.add_column(col, justify="left" if col == "plan" else "right")
+    where = (f"SQNR and top-1 agreement with FP32 measured on {m0.result.samples} "
+             f"{m0.data.value} samples" if m0 else "not measured")
+    t = Table(title=f"{', '.join(str(b) for b in res.budgets)} on {res.profile.name}",
+              caption=f"costs relative to all-w8a8; {where}")
+    for col in ("plan", *(f"{COST_LABELS.get(m, m)}" for m in metrics), "pred. dB",
+                "SQNR dB", "top-1", "fits"):
+        t.add_column(col, justify="left" if col == "plan" else "right", no_wrap=True)
 
     def row(pr: Any, style: str | None = None) -> None:
         m = pr.measured
-        t.add_row(pr.name, *(f"{pr.cost.relative[k]:.3f}" for k in metrics),
-                  _pred(pr.predicted_sqnr_db), f"{m.sqnr_db:.2f}" if m else "-",
-                  f"{100 * m.top1_agreement:.1f}%" if m and m.top1_agreement is not None
+        t.add_row(pr.name, *(f"{pr.cost.relative[k]:.2f}" for k in metrics),
+                  _pred(pr.predicted_sqnr_db), f"{m.sqnr_db:.1f}" if m else "-",
+                  f"{100 * m.top1_agreement:.0f}%" if m and m.top1_agreement is not None
                   else "-", "yes" if pr.fits else "no", style=style)
 
     row(res.chosen, "bold")

@@ -388,7 +388,8 @@ class _Job:
                                                     known) if k not in todo][:EXPLORE_PAIRS]
             if not todo:
                 break
-            with self.progress(f"verifying the plan (round {r + 1})", len(todo)) as advance:
+            with self.progress(f"measuring the layers the plan departs on (round {r + 1})",
+                               len(todo)) as advance:
                 known.update(measure_pairs(self.analysis, self.batches, todo,
                                            workers=self.config.workers, cache=self.cache,
                                            reference=self.reference(), progress=advance))

@@ -86,10 +86,16 @@ class Budget:
 
 
 def parse_budget(text: str) -> Budget:
+    """``KEY=VALUE``; keys are case-insensitive (``BOPS=0.75``), and an unknown one is answered
+    with the nearest known key (``bpos`` -> ``bops``)."""
     key, sep, value = text.partition("=")
-    key = key.strip()
+    key = key.strip().lower()
     if not sep or key not in BUDGET_KEYS:
-        raise UsageError(f"budget '{text}' is not KEY=VALUE with a known KEY",
+        import difflib
+
+        near = difflib.get_close_matches(key, BUDGET_KEYS, n=1, cutoff=0.5) if sep else []
+        raise UsageError(f"budget '{text}' is not KEY=VALUE with a known KEY"
+                         + (f" (did you mean '{near[0]}={value.strip()}'?)" if near else ""),
                          fix="use one of " + ", ".join(f"{k}=" for k in BUDGET_KEYS)
                              + " e.g. --budget latency=0.7")
     try:
