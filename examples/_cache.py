@@ -35,6 +35,18 @@ class Prepare(Protocol):
     ) -> dict[str, Path]: ...
 
 
+def quiet_third_party() -> None:
+    """The exporter's chatter, which says nothing about the example, kept off the terminal:
+    torch.onnx's "torchvision is not installed. Skipping torchvision::nms" (torchvision is
+    not needed to export these models) and pytree's copyreg ``FutureWarning`` about
+    ``LeafSpec``. Real errors still surface (errors are logged, other warnings shown)."""
+    import warnings
+
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*",
+                            category=FutureWarning)
+
+
 def output_paths(cache: Path) -> dict[str, Path]:
     """``{"model": cache / "model.onnx", "calib": ..., "eval": ...}``."""
     return {name.split(".")[0]: cache / name for name in OUTPUTS}

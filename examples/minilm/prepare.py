@@ -219,6 +219,7 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
 
     start = time.perf_counter()
     _cache.invalidate(cache)
+    _cache.quiet_third_party()
     torch.manual_seed(0)
     transformers.logging.disable_progress_bar()
 

@@ -170,6 +170,7 @@ def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, 
 
     start = time.perf_counter()
     _cache.invalidate(cache)
+    _cache.quiet_third_party()
 
     x_train, y_train, x_held, y_held = _load_split()
     logger.info("MNIST: %d train, %d held out", len(y_train), len(y_held))

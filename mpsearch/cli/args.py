@@ -119,13 +119,16 @@ SEARCH_OPTIONS: tuple[Option, ...] = (
              "latency=0.7 (x the all-w8a8 plan on this device), latency_ms=1.2, bops=0.9 "
              "(bit-operations x w8a8), size=0.6 (weight bytes x w8a8), size_mb=4 (10^6 "
              "bytes), energy=0.8 (x w8a8), energy_mj=0.5. An impossible budget exits 2 and "
-             "names, per budget, the smallest value any plan reaches")),
+             "names, per budget, the smallest value any plan reaches. Without --budget and "
+             "--target: --target sqnr_drop=0.5, the cheapest plan within 0.5 dB of uniform "
+             "w8a8 on the check part")),
     Option(("--target",), ("search", "target"), commands=frozenset({"run"}), kwargs=dict(
         metavar="KEY=VALUE",
         help="a quality to meet instead of a cost to stay within: ship the cheapest plan (in "
              "the first --budget's quantity, which then caps it; else bit-operations) whose "
              "quality on the check part meets it, found by bisection over the cost limit "
-             "(about 6 searches): sqnr=25 (output SQNR against FP32, dB), top1_drop=1% "
+             "(about 6 searches): sqnr=25 (output SQNR against FP32, dB), sqnr_drop=0.5 (dB "
+             "below uniform w8a8's SQNR on the same samples), top1_drop=1% "
              "(top-1 disagreement with FP32), accuracy_drop=0.5% (with labels in --data). "
              "A target no plan meets exits 2 naming the best quality reached and the "
              "closest uniform plan")),
@@ -306,8 +309,14 @@ def add_options(s: argparse.ArgumentParser, command: str) -> None:
                         + (" (required unless --config names it)" if run else ""),
                    required=not run)
     s.add_argument("--data", metavar="CALIB", required=not run,
-                   help=f"calibration data: {DATA_HELP}")
-    s.add_argument("--out", metavar="DIR", required=not run, help="output folder")
+                   help=f"calibration data: {DATA_HELP}"
+                        + ("; default: calib.npz or calib/ beside the model (and eval.npz or "
+                           "eval/ beside it as --eval-data), else a data-free run on random "
+                           "inputs of the declared shapes, with a warning" if run else ""))
+    s.add_argument("--out", metavar="DIR", required=not run,
+                   help="output folder" + ("; default: MODEL_STEM.mpsearch/ in the working "
+                                           "directory (never a folder mpsearch did not write)"
+                                           if run else ""))
     if run:
         s.add_argument("--config", metavar="RUN_YAML",
                        help="read every setting (inputs included) from a run config, e.g. the "
@@ -358,14 +367,48 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     for key in ("model", "hw", "data", "out"):
         if getattr(args, key, None) is not None:
             given[key] = getattr(args, key)
-    missing = [k for k in ("model", "hw", "data", "out") if k not in given and k not in base]
+    missing = [k for k in ("model", "hw") if k not in given and k not in base]
     if missing:
         flags = ", ".join("MODEL" if k == "model" else f"--{k}" for k in missing)
         raise UsageError(f"mpsearch run needs {flags}", fix="give them, or --config RUN_YAML")
     merged = _merge(base, given)
     merged.setdefault("search", {})
+    _run_defaults(merged)
     return parse(RunConfig, merged, names=lambda loc: _flag_name(loc) if
                  _in(given, loc) or not origin else f"{origin}: {'.'.join(loc)}")
+
+
+DEFAULT_TARGET = "sqnr_drop=0.5"  # a run without --budget or --target ships this
+
+
+def _run_defaults(merged: dict[str, Any]) -> None:
+    """What ``mpsearch run MODEL --hw PROFILE`` fills in (README, "the shortest form"):
+    ``--out`` is ``<model stem>.mpsearch/`` in the working directory, never a folder mpsearch
+    did not write; ``--data`` is ``calib.npz`` or ``calib/`` beside the model (and then
+    ``--eval-data`` ``eval.npz`` or ``eval/`` beside it), else none (a data-free run,
+    :mod:`mpsearch.data.synthetic`); without ``--budget`` or ``--target`` the
+    target is :data:`DEFAULT_TARGET`, the cheapest plan within 0.5 dB of uniform w8a8."""
+    from pathlib import Path
+
+    model = Path(str(merged["model"]))
+    if "out" not in merged:
+        out = Path.cwd() / f"{model.stem}.mpsearch"
+        if out.is_dir() and any(out.iterdir()) and not (out / "plan.json").is_file():
+            raise UsageError(f"the default output folder {out} exists and was not written by "
+                             "mpsearch", fix="pass --out DIR")
+        merged["out"] = str(out)
+    if "data" not in merged:
+        beside = next((p for p in (model.with_name("calib.npz"), model.with_name("calib"))
+                       if p.exists()), None)
+        merged["data"] = None if beside is None else str(beside)
+        if beside is not None and "eval_data" not in merged:
+            held = next((p for p in (model.with_name("eval.npz"), model.with_name("eval"))
+                         if p.exists()), None)
+            if held is not None:
+                merged["eval_data"] = str(held)
+    search = merged["search"]
+    if not search.get("budgets") and not search.get("target"):
+        search["target"] = DEFAULT_TARGET
 
 
 def _in(tree: Mapping[str, Any], loc: tuple[str, ...]) -> bool:

@@ -45,7 +45,7 @@ def cmd_run(args: argparse.Namespace, ui: Ui) -> int:
     from mpsearch.job.run_folder import RUN_OUTPUTS, run_job
 
     cfg = run_config(args)  # every setting checked before the long work
-    inputs = [cfg.model, cfg.data, cfg.hw] + ([cfg.eval_data] if cfg.eval_data else [])
+    inputs = [i for i in (cfg.model, cfg.data, cfg.hw, cfg.eval_data) if i]
     out = OutputDir(cfg.out, inputs=inputs, names=list(RUN_OUTPUTS), flag="--out")
     try:
         t0 = time.perf_counter()
@@ -155,9 +155,12 @@ def _summary(ui: Ui, res: Any, path: Any, seconds: float, exports: Any,
         row(u)
     ui.out.print(t)
     if res.target is not None:
-        steps = ", ".join(f"{s.limit:.3f}x {res.target.shown(s.quality)}"
+        shown = (res.target_effective or res.target).shown
+        steps = ", ".join(f"{s.limit:.3f}x {shown(s.quality)}"
                           + ("" if s.met else " (short)") for s in res.target_steps)
-        ui.out.print(f"target {res.target}: the least {res.budgets[0].key} limit whose plan "
+        asked = (f" (SQNR >= {res.target_effective.value:.2f} dB, uniform w8a8's minus "
+                 f"{res.target.value:g})" if res.target_effective else "")
+        ui.out.print(f"target {res.target}{asked}: the least {res.budgets[0].key} limit whose plan "
                      f"meets it on the check part is {res.budgets[0].value:.3f} x w8a8 "
                      f"({len(res.target_steps)} searches: {steps})")
     if res.selection is not None:

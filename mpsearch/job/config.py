@@ -255,7 +255,7 @@ class RunConfig:
 
     model: PathText
     hw: PathText  # the hardware profile
-    data: PathText  # calibration data
+    data: PathText | None = None  # calibration data (None: data-free, mpsearch.data.synthetic)
     eval_data: PathText | None = None  # where plans are measured (None: the calibration data)
     # input -> the model axis its samples go to, or None: given once (inferred where not named)
     sample_axes: SampleAxes = Field(default_factory=dict)

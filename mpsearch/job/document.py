@@ -207,6 +207,7 @@ def plan_document(res: SearchResult, *, model: str, profile: str,
         "target": None if res.target is None else {
             "target": str(res.target), "key": res.target.key, "value": res.target.value,
             "label": res.target.label, "axis": res.budgets[0].metric,
+            "as_sqnr": None if res.target_effective is None else res.target_effective.value,
             "limit_relative_to_w8a8": _num(res.budgets[0].value, 6),
             "steps": [{"limit_relative_to_w8a8": _num(s.limit, 6),
                        "quality": _num(s.quality, 6), "met": s.met}

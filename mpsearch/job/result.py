@@ -139,6 +139,7 @@ class SearchResult:
     # budgets above then hold the limit it found
     target: Target | None = None
     target_steps: tuple[Step, ...] = ()
+    target_effective: Target | None = None  # sqnr_drop as the SQNR it asked for
     seconds: Mapping[str, float] = field(default_factory=dict)  # per stage
 
     def __post_init__(self) -> None:

@@ -19,10 +19,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from mpsearch.core.errors import ExportError, InfeasibleBudgetError, InternalError, UsageError
 from mpsearch.core.formats import Format
 from mpsearch.core.frozen import freeze_fields
 from mpsearch.data.outputs import OutputDir
+from mpsearch.data.synthetic import synthetic_inputs
 from mpsearch.device.localize import localize
 from mpsearch.device.qnn import qnn_available
 from mpsearch.device.verify import (
@@ -36,6 +39,7 @@ from mpsearch.export.encodings import encodings_document
 from mpsearch.export.overrides import ort_overrides
 from mpsearch.export.qdq import QdqModel
 from mpsearch.graph.flow import format_setters, layers_reached
+from mpsearch.graph.ingest import load_model
 from mpsearch.job.config import RunConfig, to_yaml
 from mpsearch.job.document import plan_document, plan_frame
 from mpsearch.job.result import SearchResult
@@ -46,8 +50,9 @@ from mpsearch.sensitivity.document import sensitivity_document
 __all__ = ["RUN_OUTPUTS", "ExportFiles", "Replan", "RunFolder", "Shipped", "VerifySummary",
            "run_job", "write_run_folder"]
 
-RUN_OUTPUTS = ("model.qdq.onnx", "model.qdq.dynamic.onnx", "model.float.onnx", "encodings.json",
-               "ort_overrides.json",
+SYNTHETIC = "synthetic_data.npz"  # a data-free run's inputs
+RUN_OUTPUTS = (SYNTHETIC, "model.qdq.onnx", "model.qdq.dynamic.onnx", "model.float.onnx",
+               "encodings.json", "ort_overrides.json",
                "plan.json", "plan.csv", "sensitivity.json", "verify.json", "config.yaml",
                "report.html", "pareto.png", "allocation.png", "sensitivity.png")
 QNN_TARGET = "qnn-htp"
@@ -323,6 +328,8 @@ def run_job(cfg: RunConfig, out: OutputDir, *, progress: Progress,
     ``search.candidates.avoid`` holds what the re-plans took off, and goes to config.yaml)."""
     replans: list[Replan] = []
     rounds: list[_Round] = []
+    if cfg.data is None:
+        cfg = _synthesize(cfg, out)
     res = _search(cfg, progress)
     while True:
         qm = res.qdq()
@@ -369,9 +376,25 @@ def run_job(cfg: RunConfig, out: OutputDir, *, progress: Progress,
                                       shipped=best.shipped, verified=verified), best.cfg
 
 
+def _synthesize(cfg: RunConfig, out: OutputDir) -> RunConfig:
+    """A data-free run: random inputs of the declared shapes (:mod:`mpsearch.data.synthetic`)
+    written to ``OUT/synthetic_data.npz``, which the run (and its config.yaml) then uses."""
+    arrays = synthetic_inputs(load_model(cfg.model), seed=cfg.search.seed,
+                              shapes=cfg.verification.input_shapes,
+                              sample_axes=cfg.sample_axes)
+    def write(p: str) -> None:
+        with open(p, "wb") as f:  # a file object: savez would add ".npz" to a path
+            np.savez(f, **arrays)
+
+    path = out.write_with(SYNTHETIC, write)
+    return dataclasses.replace(cfg, data=str(path))
+
+
 def _search(cfg: RunConfig, progress: Progress) -> SearchResult:
+    synthetic = Path(str(cfg.data)).name == SYNTHETIC
     return search(cfg.model, cfg.hw, SearchData(calibration=cfg.data, evaluation=cfg.eval_data,
-                                                sample_axes=cfg.sample_axes),
+                                                sample_axes=cfg.sample_axes,
+                                                synthetic=synthetic),
                   cfg.search, progress=progress)
 
 

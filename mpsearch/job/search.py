@@ -42,10 +42,12 @@ import onnx
 from mpsearch.core.errors import InfeasibleBudgetError, UsageError
 from mpsearch.core.formats import Candidate, parse_candidate
 from mpsearch.data.dataset import Dataset, constant_samples, open_dataset
+from mpsearch.data.synthetic import WARNING as SYNTHETIC_WARNING
 from mpsearch.export.qdq import QdqModel, quantize
 from mpsearch.graph.control import Specialized, require_one_branch, specialize_ifs
 from mpsearch.graph.evaluate import evaluate, reference_run
-from mpsearch.graph.ingest import load_model
+from mpsearch.graph.ingest import load_model, prepare_model
+from mpsearch.graph.layer_graph import build_layer_graph
 from mpsearch.hw.cost import CostModel
 from mpsearch.hw.profile import HardwareProfile, load_profile
 from mpsearch.job.config import SearchConfig
@@ -60,7 +62,7 @@ from mpsearch.job.refinement import (
 )
 from mpsearch.job.result import DataRole, Measured, PlanResult, SearchResult
 from mpsearch.job.selection import HeldOut, Selection, hold_out, measure_plan, plan_key, select
-from mpsearch.job.target import Step, bisect
+from mpsearch.job.target import Step, Target, bisect
 from mpsearch.quant.analysis import analyze
 from mpsearch.sensitivity.cache import SensitivityCache
 from mpsearch.sensitivity.gated import gated_candidates
@@ -99,6 +101,7 @@ class SearchData:
     # input -> the model axis its samples go to, or None for an input given once (a state, a
     # sample rate); inputs not named: inferred (mpsearch.data.spec.DataSpec.from_model)
     sample_axes: Mapping[str, int | None] = dataclasses.field(default_factory=dict)
+    synthetic: bool = False  # calibration data made up (mpsearch.data.synthetic): warned of
 
 
 def _no_progress(label: str, total: int | None):
@@ -140,6 +143,8 @@ class _Job:
                 else HeldOut(fit=calib, check=None))
         self.calib, self.check = held.fit, held.check  # calib: what everything is fitted on
         self.warnings: list[str] = []  # what weakens the figures, in plan.json and the report
+        if data.synthetic:
+            self._warn(SYNTHETIC_WARNING)
         self.held_warning = held.warning  # said when the shortlist is measured
         self.evald = (None if data.evaluation is None
                       else self._dataset(data.evaluation, "evaluation"))
@@ -197,6 +202,7 @@ class _Job:
         self.budgets: tuple[Budget, ...] = tuple(self.config.budgets)
         self.metric = self.budgets[0].metric if self.budgets else "bops"  # the front's axis
         self.target_steps: tuple[Step, ...] = ()
+        self.effective_target: Target | None = None  # sqnr_drop as the SQNR it asks for
         if self.config.target is not None and self.config.target.key == "accuracy_drop" \
                 and self.calib.labels is None:
             raise UsageError(f"target {self.config.target} needs labels in --data",
@@ -231,14 +237,37 @@ class _Job:
             dropped=self.dropped, specialized=self.specialized,
             sample_axes={i.name: i.sample_axis for i in (self.evald or self.calib).spec.inputs},
             seconds=self.seconds, warnings=tuple(self.warnings), target=self.config.target,
-            target_steps=self.target_steps,
+            target_steps=self.target_steps, target_effective=self.effective_target,
             samples={"fit": len(self.calib), "check": len(self.check) if self.check else 0,
                      "evaluation": len(self.evald) if self.evald else 0})
 
     # -- 1. analysis, candidates, pins
 
+    def _check_reachable(self) -> None:
+        """Budgets that cost alone decides, checked before the calibration pass: the graph
+        and the device's costs give the smallest reachable total of every budgeted quantity
+        (InfeasibleBudgetError naming each, as after calibration). Skipped where some layer's
+        MACs are known only from the calibration run's shapes."""
+        if not self.budgets:
+            return
+        first = next(self.calib.batches(1), None)
+        shapes = {k: v.shape for k, v in first.items()} if first else None
+        lg = build_layer_graph(prepare_model(self.model), input_shapes=shapes, prepared=True)
+        if not lg.layers or any(layer.macs is None for layer in lg.layers.values()):
+            return
+        costs = CostModel(lg, self.profile)
+        cands = candidates_for(lg, costs, self.config.candidates.only,
+                               sparsity=self.config.candidates.sparsity)
+        if not all(cands.get(g) for g in lg.group_names):
+            return  # said with its reason after calibration
+        built = build_problem(lg, costs, cands, {(g, c): 0.0 for g in lg.group_names
+                                                 for c in cands[g]})
+        allocate(built.problem, costs, self.budgets, penalty=1.0)
+
     def prepare(self) -> None:
         cfg, cc = self.config, self.config.candidates
+        if cc.gating is None:  # gating adds cheaper options; pins and keep-float only remove
+            self._check_reachable()
         with self.progress("calibrating", len(self.calib)) as advance:
             self.analysis = analyze(self.model, self.calib, options=cfg.quantize, hessians=True,
                                     progress=advance)
@@ -449,6 +478,10 @@ class _Job:
         budgets as given. Raises a UsageError naming the best quality reached and the closest
         uniform plan when no limit meets it."""
         t, lg = self.config.target, self.analysis.graph
+        if t.key == "sqnr_drop":  # relative to uniform w8a8 on the same check samples
+            ref_plan = {g: self.costs.reference for g in lg.group_names}
+            t = t.against(self._check_quality(ref_plan, key="sqnr"))
+            self.effective_target = t
         key = _relative_key(self.metric)
         caps = tuple(b for b in self.config.budgets if b.metric != self.metric)
         ref = self.costs.plan({g: self.costs.reference for g in lg.group_names},
@@ -484,24 +517,28 @@ class _Job:
 
         with self._stage("target"):
             limit, steps = bisect(t, attempt, lo=lo, hi=hi, start=start)
+        log.info("target %s: %s", self.config.target, t)
         self.target_steps = tuple(steps)
         if limit is None:
             raise self._target_missed(t, steps)
+        # rounded up to 3 decimals, as a user would write it (never below what met it)
+        limit = min(math.ceil(limit * 1000 - 1e-9) / 1000, max(hi, limit))
         return (Budget(key=key, value=limit), *caps)
 
-    def _check_quality(self, plan: Mapping[str, Candidate]) -> float:
-        """``plan``'s quality in the target's terms on the check part (else the fitted part):
-        SQNR in dB, or a drop as a fraction."""
-        t = self.config.target
+    def _check_quality(self, plan: Mapping[str, Candidate], *, key: str | None = None) -> float:
+        """``plan``'s quality in the target's terms (``key``: another target key's) on the
+        check part (else the fitted part): SQNR in dB, or a drop as a fraction."""
+        t = self.effective_target or self.config.target
+        tkey = key or t.key
         ds = self.check if self.check is not None else self.calib
         if self._check_fp32 is None:
             self._check_fp32 = reference_run(self.analysis.original,
                                              ds.batches(self.config.quantize.batch_size))
         m = evaluate(self.analysis.original, self.export(plan).model, labels=ds.labels,
                      reference_outputs=self._check_fp32).primary
-        if t.key == "sqnr":
+        if tkey == "sqnr":
             return m.sqnr_db
-        if t.key == "top1_drop":
+        if tkey == "top1_drop":
             if m.top1_agreement is None:
                 raise UsageError(f"target {t} needs a classifier output; output '{m.name}' "
                                  "is not one", fix="use --target sqnr=")

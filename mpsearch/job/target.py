@@ -1,7 +1,9 @@
 """A quality target instead of a cost budget: the cheapest plan whose measured quality meets it.
 
 What AIMET AMP (``allowed_accuracy_drop``) and NNCF's accuracy-aware mode offer. ``--target
-sqnr=25`` (output SQNR against FP32, dB, at least), ``--target top1_drop=1%`` (top-1
+sqnr=25`` (output SQNR against FP32, dB, at least), ``--target sqnr_drop=0.5`` (at most 0.5 dB
+below uniform w8a8's SQNR, measured on the same samples: what a run without a budget ships),
+``--target top1_drop=1%`` (top-1
 disagreement with FP32, at most) or, with labels, ``--target accuracy_drop=0.5%`` (FP32's
 accuracy minus the plan's, at most) asks for the plan of least cost on one axis (the first
 ``--budget``'s quantity, which then caps it, else bit-operations) whose quality *on the check
@@ -49,6 +51,8 @@ class _Key:
 
 TARGET_KEYS = {
     "sqnr": _Key("output SQNR against FP32", "dB", True),
+    # dB below uniform w8a8's SQNR on the check part: the default of a run without a budget
+    "sqnr_drop": _Key("output SQNR below uniform w8a8's", "dB", True),
     "top1_drop": _Key("top-1 disagreement with FP32", "%", False),
     "accuracy_drop": _Key("accuracy drop against FP32, on the labels", "%", False),
 }
@@ -62,8 +66,8 @@ class Target:
     value: float
 
     def __str__(self) -> str:
-        if self.key == "sqnr":
-            return f"sqnr={self.value:g}"
+        if self.key in ("sqnr", "sqnr_drop"):
+            return f"{self.key}={self.value:g}"
         return f"{self.key}={100 * self.value:g}%"
 
     @property
@@ -79,6 +83,12 @@ class Target:
 
     def shown(self, quality: float) -> str:
         return f"{quality:.2f} dB" if self.key == "sqnr" else f"{100 * quality:.2f}%"
+
+    def against(self, reference_db: float) -> Target:
+        """``sqnr_drop=d`` as the SQNR it asks for, given uniform w8a8's; others as they are."""
+        if self.key != "sqnr_drop":
+            return self
+        return Target(key="sqnr", value=reference_db - self.value)
 
 
 def parse_target(text: str) -> Target:
@@ -103,9 +113,13 @@ def parse_target(text: str) -> Target:
     if not math.isfinite(value):
         raise UsageError(f"target {key}={raw}{pct} is not a finite number",
                          fix=f"write e.g. {example}")
-    if key == "sqnr":
+    if key in ("sqnr", "sqnr_drop"):
         if pct:
-            raise UsageError("target sqnr is in dB, not %", fix="write e.g. --target sqnr=25")
+            raise UsageError(f"target {key} is in dB, not %",
+                             fix=f"write e.g. --target {key}={'25' if key == 'sqnr' else '0.5'}")
+        if key == "sqnr_drop" and value < 0:
+            raise UsageError(f"target sqnr_drop={raw} is negative",
+                             fix="give the dB the plan may lose against uniform w8a8, e.g. 0.5")
         return Target(key=key, value=value)
     value = value / 100 if pct else value
     if not 0 <= value < 1:
