@@ -8,6 +8,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from onnx import ModelProto, TensorProto, helper
 
@@ -16,6 +17,8 @@ from mpsearch.data import dataset as data
 from mpsearch.data import npyio
 from mpsearch.data.dataset import open_dataset, split
 from mpsearch.data.spec import DataSpec, is_symbol
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _model(inputs: list[tuple[str, int, list[int | str]]]) -> ModelProto:
@@ -190,7 +193,7 @@ def test_subset_of_npz_read_in_small_chunks(tmp_path: Path, image_model: ModelPr
 def test_missing_path_and_empty_folder(tmp_path: Path, image_model: ModelProto) -> None:
     assert "does not exist" in _error(lambda: open_dataset(tmp_path / "no.npz", image_model))
     (tmp_path / "notes.txt").write_text("hello")
-    assert "no .npz or .npy files" in _error(lambda: open_dataset(tmp_path, image_model))
+    assert "no .npz, .npy or image files" in _error(lambda: open_dataset(tmp_path, image_model))
 
 
 def test_not_an_npz(tmp_path: Path, image_model: ModelProto) -> None:
@@ -451,3 +454,69 @@ def test_a_state_with_its_batch_on_axis_1_takes_samples_there(tmp_path):
 def test_inferred_sample_axes(dims, axis):
     model = _model([("x", TensorProto.FLOAT, ["batch", 8]), ("s", TensorProto.FLOAT, dims)])
     assert DataSpec.from_model(model)["s"].sample_axis == axis
+
+
+def _photos(folder: Path, n: int, size: tuple[int, int] = (40, 30), seed: int = 0) -> None:
+    """``n`` structured RGB pictures (gradients and a bright square), JPEG and PNG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    for i in range(n):
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 127 // (w + h)], -1)
+        x0, y0 = rng.integers(0, w - 8), rng.integers(0, h - 8)
+        img[y0:y0 + 8, x0:x0 + 8] = rng.integers(0, 256, 3)
+        Image.fromarray(img.astype(np.uint8)).save(folder / f"p{i:02d}.{'png' if i % 2 else 'jpg'}")
+
+
+def test_a_folder_of_images_is_decoded_as_documented(tmp_path):
+    """Each image: shorter side resized to the input's size, centre crop, (pixel - mean) /
+    std, NCHW for a [N, 3, H, W] input; equal to decoding it by hand with Pillow; limit takes
+    the first images by name; a model with two inputs is told what a folder of images feeds."""
+    from PIL import Image
+
+    from mpsearch.data.images import parse_preprocess
+
+    _photos(tmp_path / "photos", 5)
+    m = _model([("x", TensorProto.FLOAT, ["N", 3, 16, 16])])
+    pre = parse_preprocess("mean=127;std=128;limit=4")
+    ds = open_dataset(tmp_path / "photos", m, preprocess=pre)
+    assert len(ds) == 4
+    got = np.concatenate([b["x"] for b in ds.batches(8)])
+    with Image.open(tmp_path / "photos" / "p01.png") as im:  # 40 x 30 -> 21 x 16, crop 16
+        im = im.convert("RGB").resize((21, 16), Image.Resampling.BILINEAR).crop((2, 0, 18, 16))
+        want = ((np.asarray(im, np.float32) - 127) / 128).transpose(2, 0, 1)
+    np.testing.assert_allclose(got[1], want, atol=1e-6)
+    nhwc = open_dataset(tmp_path / "photos", _model([("x", TensorProto.FLOAT, ["N", 16, 16, 3])]))
+    first = next(nhwc.batches(8))["x"]
+    assert first.shape == (5, 16, 16, 3) and first.min() >= 0 and first.max() <= 1
+    two = _model([("x", TensorProto.FLOAT, ["N", 3, 16, 16]), ("y", TensorProto.FLOAT, ["N", 4])])
+    with pytest.raises(DataError, match="feeds a model with one image input"):
+        open_dataset(tmp_path / "photos", two)
+    with pytest.raises(UsageError, match="unknown key 'size'"):
+        parse_preprocess("size=3")
+    assert DataSpec.from_model(m).inputs[0].name == "x"
+
+
+def test_a_run_takes_a_folder_of_photos_as_data(tmp_path):
+    """The MBConv block on the Snapdragon profile, calibrated on 24 decoded photos and
+    evaluated on 8 others: exit 0, 18 fitted and 6 check samples, 8 evaluation samples."""
+    import json
+
+    from models import mbconv
+
+    from mpsearch.cli.main import main
+
+    _photos(tmp_path / "calib", 24, seed=1)
+    _photos(tmp_path / "eval", 8, seed=2)
+    onnx.save(mbconv(seed=5), str(tmp_path / "m.onnx"))
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "m.onnx"), "--hw", str(ROOT / "hw_profiles" /
+                 "snapdragon_8gen3.yaml"), "--data", str(tmp_path / "calib"), "--eval-data",
+                 str(tmp_path / "eval"), "--preprocess", "mean=127;std=128", "--out", str(out),
+                 "-q", "--no-cache", "--budget", "bops=0.9", "--no-verify"]) == 0
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["data"]["fit"] == 18 and doc["data"]["check"] == 6
+    assert doc["quality"]["measured"]["samples"] == 8

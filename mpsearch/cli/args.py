@@ -34,7 +34,9 @@ from mpsearch.quant.analysis import QuantizeOptions
 __all__ = ["DATA_HELP", "SEARCH_OPTIONS", "add_options", "common_parser", "parse_pins",
            "parse_sample_axes", "parse_shapes", "run_config", "search_config"]
 
-DATA_HELP = ".npz (keys = input names, axis 0 = samples), or a folder of .npz/.npy"
+DATA_HELP = (".npz (keys = input names, axis 0 = samples), a folder of .npz/.npy, or a folder "
+             "of images for a one-image-input model (run: see --preprocess; elsewhere pixels "
+             "/ 255)")
 
 
 def common_parser() -> argparse.ArgumentParser:
@@ -140,6 +142,12 @@ SEARCH_OPTIONS: tuple[Option, ...] = (
                     "given once, the same for every sample (repeatable; default: axis 0, or "
                     "the first dynamic axis where axis 0 is static; a fully static input whose "
                     "array has exactly its shape, and a scalar, are given once)")),
+    Option(("--preprocess",), ("preprocess",), commands=frozenset({"run"}), kwargs=dict(
+        metavar="SPEC",
+        help="how a folder of images (.jpg/.png) as --data or --eval-data becomes samples: "
+             "'resize=256;mean=127;std=128;channels=rgb;limit=64' (shorter side resized, "
+             "centre crop to the input's height and width, (pixel - mean) / std per channel, "
+             "the input's layout and dtype; default mean=0;std=255, pixels in [0, 1])")),
     Option(("--eval-data",), ("eval_data",), kwargs=dict(
         metavar="EVAL", help="data from other sources than --data (other photos, speakers, "
                              "texts), same layout, held out of everything: the shipped plan's "

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,7 @@ import numpy as np
 from onnx import ModelProto
 
 from mpsearch.core.errors import DataError, UsageError
+from mpsearch.data.images import IMAGE_SUFFIXES, Preprocess, decode_folder
 from mpsearch.data.npyio import (
     READ_ERRORS,
     Reader,
@@ -57,8 +58,8 @@ from mpsearch.data.npyio import (
 )
 from mpsearch.data.spec import DataSpec
 
-__all__ = ["Batch", "Dataset", "Split", "batch_samples", "constant_samples", "open_dataset",
-           "split"]
+__all__ = ["Batch", "Dataset", "Split", "batch_samples", "constant_samples", "is_image_folder",
+           "open_dataset", "split"]
 
 log = logging.getLogger(__name__)
 
@@ -298,17 +299,26 @@ def split(ds: Dataset, fraction: float, *, seed: int, name: str = "evaluation") 
 
 def open_dataset(path: str | os.PathLike[str], model: ModelProto | DataSpec, *,
                  batch_size: int | None = None, name: str = "calibration",
-                 sample_axes: Mapping[str, int | None] | None = None) -> Dataset:
+                 sample_axes: Mapping[str, int | None] | None = None,
+                 preprocess: Preprocess | None = None,
+                 progress: Callable[[int], None] | None = None) -> Dataset:
     """Find the files at ``path`` and check them against the model's inputs (headers only).
     ``batch_size`` defaults to the model's static batch size, else 32. ``sample_axes``: see
     :meth:`DataSpec.from_model`; an input not named there whose every dim is static and whose
-    stored array has exactly the model's shape is given once (the same for every sample)."""
+    stored array has exactly the model's shape is given once (the same for every sample).
+    A folder of images is decoded by ``preprocess`` (:mod:`mpsearch.data.images`; default
+    pixels / 255), one image at a time, calling ``progress(1)`` after each."""
     spec = model if isinstance(model, DataSpec) else DataSpec.from_model(model, sample_axes)
     p = Path(path)
     if not p.exists():
         raise DataError(f"{name} data {p} does not exist",
                         fix="pass an existing .npz or .npy file, or a folder of them")
-    groups, label_arrays = _layout(p, spec, name)
+    if is_image_folder(p):
+        decoded = decode_folder(p, spec, preprocess or Preprocess(), name=name,
+                                progress=progress)
+        groups, label_arrays = _layout(decoded.parent, spec, name)
+    else:
+        groups, label_arrays = _layout(p, spec, name)
     spec = _given_once(spec, groups, set(sample_axes or {}))
     bs = _batch_size(spec.static_batch or DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
                      spec.static_batch)
@@ -326,6 +336,14 @@ def open_dataset(path: str | os.PathLike[str], model: ModelProto | DataSpec, *,
     return Dataset(name=name, path=p, spec=spec, sources=sources, labels=labels, batch_size=bs)
 
 
+def is_image_folder(p: Path) -> bool:
+    """A folder with images and no .npz/.npy files."""
+    if not p.is_dir():
+        return False
+    suffixes = {f.suffix.lower() for f in p.iterdir() if f.is_file()}
+    return bool(suffixes & IMAGE_SUFFIXES) and not suffixes & {".npz", ".npy"}
+
+
 def _layout(p: Path, spec: DataSpec,
             name: str) -> tuple[list[dict[str, StoredArray]], list[StoredArray]]:
     """The stored arrays, one dict input name -> array per source, and the labels arrays."""
@@ -337,8 +355,9 @@ def _layout(p: Path, spec: DataSpec,
             raise DataError(f"{name} data folder {p} mixes .npz and .npy files",
                             fix="keep one kind of file in the folder")
         if not npz and not npy:
-            raise DataError(f"{name} data folder {p} has no .npz or .npy files",
-                            fix="put the data in .npz files with one key per model input")
+            raise DataError(f"{name} data folder {p} has no .npz, .npy or image files",
+                            fix="put the data in .npz files with one key per model input, or "
+                                "pass a folder of .jpg/.png images")
     elif p.suffix.lower() in (".npz", ".npy"):
         npz, npy = ([p], []) if p.suffix.lower() == ".npz" else ([], [p])
     else:

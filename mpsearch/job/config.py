@@ -39,6 +39,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from mpsearch.core.errors import UsageError
 from mpsearch.core.formats import Candidate, Format, parse_candidate
 from mpsearch.core.frozen import freeze
+from mpsearch.data.images import Preprocess, parse_preprocess
 from mpsearch.job.polish import EVALUATIONS
 from mpsearch.job.refinement import EXPLORE
 from mpsearch.job.selection import CHECK_FRACTION
@@ -70,6 +71,10 @@ def _target(v: Any) -> Target:
     return v if isinstance(v, Target) else parse_target(str(v))
 
 
+def _preprocess(v: Any) -> Preprocess:
+    return parse_preprocess(v)
+
+
 def _candidate(v: Any) -> Candidate:
     return v if isinstance(v, Candidate) else parse_candidate(str(v))
 
@@ -90,6 +95,8 @@ BudgetField = Annotated[Budget, BeforeValidator(_budget),
                         PlainSerializer(lambda b: f"{b.key}={b.value!r}", return_type=str)]
 TargetField = Annotated[Target, BeforeValidator(_target),
                         PlainSerializer(str, return_type=str)]
+PreprocessField = Annotated[Preprocess, BeforeValidator(_preprocess),
+                            PlainSerializer(str, return_type=str)]
 CandidateField = Annotated[Candidate, BeforeValidator(_candidate),
                            PlainSerializer(lambda c: c.name, return_type=str)]
 Pins = Annotated[Mapping[str, CandidateField], AfterValidator(freeze)]
@@ -259,6 +266,8 @@ class RunConfig:
     eval_data: PathText | None = None  # where plans are measured (None: the calibration data)
     # input -> the model axis its samples go to, or None: given once (inferred where not named)
     sample_axes: SampleAxes = Field(default_factory=dict)
+    # how a folder of images becomes samples (mpsearch.data.images); None: pixels / 255
+    preprocess: PreprocessField | None = None
     out: PathText
     search: SearchConfig
     verification: VerifyConfig = Field(default_factory=VerifyConfig)

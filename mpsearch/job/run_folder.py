@@ -394,7 +394,7 @@ def _search(cfg: RunConfig, progress: Progress) -> SearchResult:
     synthetic = Path(str(cfg.data)).name == SYNTHETIC
     return search(cfg.model, cfg.hw, SearchData(calibration=cfg.data, evaluation=cfg.eval_data,
                                                 sample_axes=cfg.sample_axes,
-                                                synthetic=synthetic),
+                                                synthetic=synthetic, preprocess=cfg.preprocess),
                   cfg.search, progress=progress)
 
 

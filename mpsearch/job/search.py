@@ -36,12 +36,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 
 from mpsearch.core.errors import InfeasibleBudgetError, UsageError
 from mpsearch.core.formats import Candidate, parse_candidate
-from mpsearch.data.dataset import Dataset, constant_samples, open_dataset
+from mpsearch.data.dataset import Dataset, constant_samples, is_image_folder, open_dataset
+from mpsearch.data.images import Preprocess, image_files
 from mpsearch.data.synthetic import WARNING as SYNTHETIC_WARNING
 from mpsearch.export.qdq import QdqModel, quantize
 from mpsearch.graph.control import Specialized, require_one_branch, specialize_ifs
@@ -102,6 +104,7 @@ class SearchData:
     # sample rate); inputs not named: inferred (mpsearch.data.spec.DataSpec.from_model)
     sample_axes: Mapping[str, int | None] = dataclasses.field(default_factory=dict)
     synthetic: bool = False  # calibration data made up (mpsearch.data.synthetic): warned of
+    preprocess: Preprocess | None = None  # how folders of images become samples
 
 
 def _no_progress(label: str, total: int | None):
@@ -137,6 +140,7 @@ class _Job:
         self.profile = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
         data = data if isinstance(data, SearchData) else SearchData(calibration=data)
         self.sample_axes = dict(data.sample_axes)
+        self.preprocess = data.preprocess
         calib = self._dataset(data.calibration, "calibration")
         chooses = config.refinement.select  # the polish runs only after the selection
         held = (hold_out(calib, config.refinement.check, seed=config.seed) if chooses
@@ -189,8 +193,14 @@ class _Job:
                        "measured against no signal: drop them from the data")
 
     def _dataset(self, d: DataLike, name: str) -> Dataset:
-        return d if isinstance(d, Dataset) else open_dataset(d, self.model, name=name,
-                                                             sample_axes=self.sample_axes)
+        if isinstance(d, Dataset):
+            return d
+        if not is_image_folder(Path(d)):
+            return open_dataset(d, self.model, name=name, sample_axes=self.sample_axes)
+        with self.progress(f"decoding the {name} images",
+                           len(image_files(Path(d)))) as advance:
+            return open_dataset(d, self.model, name=name, sample_axes=self.sample_axes,
+                                preprocess=self.preprocess, progress=advance)
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
