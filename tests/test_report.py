@@ -81,8 +81,20 @@ window.addEventListener("load", function () {
   var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
   var out = document.createElement("pre");
   out.id = "probe";
+  var vw = document.documentElement.clientWidth;
+  function boxed(e) {  // inside a box that scrolls (or clips) sideways by itself
+    for (var a = e.parentElement; a; a = a.parentElement) {
+      var o = getComputedStyle(a).overflowX;
+      if (o === "auto" || o === "scroll" || o === "hidden") { return true; }
+    }
+    return false;
+  }
+  var over = Array.prototype.slice.call(document.querySelectorAll("table, img, .card"))
+    .filter(function (e) { return !boxed(e) && e.getBoundingClientRect().right > vw + 1; })
+    .map(function (e) { return e.tagName + "." + e.className; });
   out.textContent = "PROBE " + JSON.stringify({images: imgs.length, broken: bad.length,
-    widths: imgs.map(function (i) { return i.naturalWidth; })});
+    widths: imgs.map(function (i) { return i.naturalWidth; }),
+    page: document.documentElement.scrollWidth, viewport: vw, overflowing: over});
   document.body.appendChild(out);
 });
 </script>"""
@@ -121,6 +133,20 @@ def test_page_loads_every_image_without_console_errors(run_dir, report, tmp_path
     r = _chromium(bad.as_uri(), tmp_path, "--dump-dom")
     assert json.loads(re.search(r"PROBE (\{.*?\})", r.stdout).group(1))["broken"] == 1
     assert any("probe error" in ln for ln in _console_errors(r.stderr)), r.stderr[-2000:]
+
+
+@needs_chromium
+@pytest.mark.parametrize("width", [1280, 800])
+def test_nothing_overflows_the_page_at_laptop_and_narrow_widths(run_dir, report, tmp_path,
+                                                               width):
+    """At 1280 and 800 px: no table, picture or card reaches past the window (wide tables
+    scroll inside their own box), so the page never scrolls sideways."""
+    page = tmp_path / "probe.html"
+    page.write_text(report.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+    r = _chromium(page.as_uri(), tmp_path, "--dump-dom", f"--window-size={width},1200")
+    probe = json.loads(re.search(r"PROBE (\{.*?\})", r.stdout).group(1))
+    assert probe["viewport"] <= width and probe["overflowing"] == [], probe
+    assert probe["page"] <= probe["viewport"] + 1, probe
 
 
 @needs_chromium

@@ -66,6 +66,24 @@ def _measured(pr: PlanResult) -> dict | None:
     return {**one(pr.measured), "figures": {m.data.value: one(m) for m in pr.figures}}
 
 
+def _placeholder_costs(res: SearchResult) -> list[str]:
+    """The metrics whose figures rest on numbers the profile calls placeholders (its
+    ``source`` says so): latency when no measured latency table of this model is used and the
+    compute, memory or overhead figures are placeholders; energy when its figures are."""
+    prof = res.profile
+
+    def placeholder(source: str) -> bool:
+        return "placeholder" in source.lower()
+
+    out = []
+    if res.costs.table is None and any(placeholder(s) for s in (
+            prof.compute.source, prof.memory.source, prof.overhead_source)):
+        out.append("latency_s")
+    if placeholder(prof.energy.source):
+        out.append("energy_j")
+    return out
+
+
 def _comparisons(res: SearchResult) -> list[dict]:
     """The chosen plan against uniform w8a8, the best measured uniform plan that fits and the
     greedy plan, on the same samples: the SQNR difference and its paired interval, and
@@ -187,7 +205,8 @@ def plan_document(res: SearchResult, *, model: str, profile: str,
         "model": {"path": model, "sha256": res.model_sha256, "groups": len(lg.group_names),
                   "layers": len(lg.layers)},
         "profile": {"path": profile, "name": res.profile.name,
-                    "reference": res.costs.reference.name},
+                    "reference": res.costs.reference.name,
+                    "placeholder_costs": _placeholder_costs(res)},
         "budgets": [{"budget": str(b), "metric": b.metric, "relative": b.relative,
                      "limit": _num(res.limits[b.metric]),
                      "limit_relative_to_w8a8": _num(res.limits[b.metric]

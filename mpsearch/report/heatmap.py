@@ -26,6 +26,8 @@ __all__ = ["heatmap_key", "sensitivity_heatmap"]
 
 CAP_DB = 100.0
 DPI = 100
+ANNOTATE_GROUPS = 40  # beyond this many groups a cell is too narrow for its number: the
+# colour bar tells the value (EfficientNet-Lite0's 80 groups: 5 px digits otherwise)
 
 
 def heatmap_key(table: SensitivityTable, *, title: str = "Single-group sensitivity",
@@ -74,7 +76,9 @@ def sensitivity_heatmap(table: SensitivityTable, path: str | os.PathLike[str], *
         else "Hessian-predicted"
     n, k = len(table.groups), len(cands)
     grid = grid.T  # candidates down, groups across: the network reads left to right
-    width = min(max(10.0, 0.24 * n + 3.0), 24.0)
+    # at most 14 in (1,400 px): the report shows it about 1,200 px wide, so the labels keep
+    # their size; numbers in the cells only where a cell is wide enough to read them
+    width = min(max(10.0, 0.16 * n + 3.0), 14.0)
     fig = Figure(figsize=(width, 2.8 + 0.5 * k), dpi=DPI)
     ax = fig.subplots()
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
@@ -82,7 +86,7 @@ def sensitivity_heatmap(table: SensitivityTable, path: str | os.PathLike[str], *
     step = max(1, n // 100)
     ax.set_xticks(range(0, n, step), [table.groups[i] for i in range(0, n, step)],
                   rotation=90, fontsize=7 if n > 30 else 8)
-    if n <= 120 and k <= 12:
+    if n <= ANNOTATE_GROUPS and k <= 12:
         finite = grid[np.isfinite(grid)]
         mid = float(np.nanmean(finite)) if finite.size else 0.0
         for j in range(k):
@@ -91,8 +95,7 @@ def sensitivity_heatmap(table: SensitivityTable, path: str | os.PathLike[str], *
                 if np.isfinite(v):
                     # inside its cell: nothing tight_layout must make room for, so it
                     # skips measuring them (300 texts on EfficientNet-Lite0, 40 ms)
-                    ax.text(i, j, f"{v:.0f}", ha="center", va="center",
-                            fontsize=6 if n > 40 else 7,
+                    ax.text(i, j, f"{v:.0f}", ha="center", va="center", fontsize=8,
                             color="black" if v > mid else "white", in_layout=False)
     if chosen:
         names = [c.name for c in cands]

@@ -111,6 +111,7 @@ def _glance(run: RunFiles) -> str:
     totals, q = p.get("totals", {}), p.get("quality", {})
     ref = p.get("profile", {}).get("reference", "w8a8")
     budget_metrics = [b.get("metric") for b in p.get("budgets", [])]
+    placeholders = set(p.get("profile", {}).get("placeholder_costs") or [])
     # what was chosen
     shares = "".join(f"<tr><th>{esc(r['format'])}</th><td class=num>{r['share of MACs']}</td>"
                      f"<td class=num>{r['share of weight bytes']}</td>"
@@ -134,6 +135,9 @@ def _glance(run: RunFiles) -> str:
             mark = (f' <span class="{"good" if fits else "bad"}">'
                     f'{"within" if fits else "OVER"} {limit}</span>')
         strong = m in budget_metrics
+        if m in placeholders:
+            mark += (' <span class="bad small" title="the profile calls these numbers '
+                     'placeholders: see Hardware profile">placeholder costs</span>')
         rows.append(f"<tr{' class=budget' if strong else ''}><th>{METRIC_LABELS[m]}</th>"
                     f'<td class="num">{fmt_ratio(t.get("relative_to_w8a8"))}</td>'
                     f'<td class="num small">{fmt_si(t.get("value"), UNITS[m])}</td>'
@@ -208,8 +212,10 @@ def _headline(run: RunFiles) -> str:
     mine, kind = quality_of({"measured": q.get("measured"),
                               "predicted_sqnr_db": q.get("predicted_sqnr_db")})
     rel = fmt_ratio(totals.get(metric, {}).get("relative_to_w8a8"))
+    placeholder = metric in (p.get("profile", {}).get("placeholder_costs") or [])
     text = (f"The chosen plan costs <b>{rel}</b>"
             f" the {METRIC_LABELS.get(metric, metric)} of all-{esc(ref)}"
+            + (" (estimated from placeholder costs in the profile)" if placeholder else "")
             + (f" (budget {esc(b.get('budget'))})" if b.get("budget") else "")
             + f" at <b>{fmt_db(mine)}</b> {kind} output SQNR against FP32")
     m = q.get("measured") or {}
@@ -293,7 +299,10 @@ nav{font-size:13px;margin:6px 0 10px}nav a{margin-right:14px;color:#0b5cad;text-
 padding:10px 14px}
 .cards{display:grid;grid-template-columns:repeat(3,minmax(0,1fr));gap:12px}
 .wide{grid-column:span 2}
-.card{background:#fff;border:1px solid #dfe3e8;border-radius:8px;padding:8px 14px}
+@media (max-width:1000px){.cards{grid-template-columns:minmax(0,1fr)}.wide{grid-column:span 1}
+table.kv td{white-space:normal}main{padding:12px}}
+.card{background:#fff;border:1px solid #dfe3e8;border-radius:8px;padding:8px 14px;
+overflow-x:auto}
 .card h3{margin-top:4px;color:#57606a;text-transform:uppercase;font-size:12px;letter-spacing:.04em}
 .big{font-size:30px;font-weight:600}
 .chip{display:inline-block;color:#fff;border-radius:10px;padding:1px 9px;margin:2px 2px;

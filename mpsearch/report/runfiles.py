@@ -115,6 +115,10 @@ def _config_hw(path: Path) -> str | None:
     return hw if isinstance(hw, str) else None
 
 
+def _db(v: Any) -> str:
+    return f"{v:.2f}" if isinstance(v, (int, float)) and math.isfinite(v) else str(v)
+
+
 def verify_status(verify: Mapping[str, Any] | None) -> tuple[str, str]:
     """(css class, one line) for the verification result: none, ok, warn or fail."""
     if verify is None:
@@ -136,7 +140,7 @@ def verify_status(verify: Mapping[str, Any] | None) -> tuple[str, str]:
             f"{', '.join(sorted(set(r.get('avoided', {}).values())))} off "
             f"{len(r.get('avoided', {}))} layer(s): "
             + (f"no plan ({r['outcome']})" if r.get("outcome")
-               else f"{r.get('sqnr_db')} -> {r.get('after_db')} dB") for r in replans)
+               else f"{_db(r.get('sqnr_db'))} -> {_db(r.get('after_db'))} dB") for r in replans)
         shown += (f" ({len(replans)} re-plan(s) around what the HTP computed differently: "
                   f"{tried}; shipped: the plan of round {verify.get('shipped_round', 1)})")
     if threshold is not None and not verify.get("agrees", False):

@@ -82,7 +82,8 @@ def html_table(df: pd.DataFrame, *, left: int = 1, chip_column: str | None = Non
     if first_row_class:
         text = text.replace("<tbody>\n    <tr>", f'<tbody>\n    <tr class="{first_row_class}">',
                             1)
-    return text
+    return text if text.startswith('<div class="scroll">') else \
+        f'<div class="scroll">{text}</div>'  # a wide table scrolls in its own box
 
 
 def img_tag(name: str, data: bytes, alt: str) -> str:
@@ -115,7 +116,7 @@ def quality_of(summary: Mapping[str, Any]) -> tuple[float | None, str]:
 
 def kv_table(d: Mapping[str, Any]) -> str:
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in d.items())
-    return f'<table class="kv">{rows}</table>'
+    return f'<div class="scroll"><table class="kv">{rows}</table></div>'
 
 
 def verification_html(run: RunFiles) -> str:
