@@ -193,7 +193,7 @@ def test_subset_of_npz_read_in_small_chunks(tmp_path: Path, image_model: ModelPr
 def test_missing_path_and_empty_folder(tmp_path: Path, image_model: ModelProto) -> None:
     assert "does not exist" in _error(lambda: open_dataset(tmp_path / "no.npz", image_model))
     (tmp_path / "notes.txt").write_text("hello")
-    assert "no .npz, .npy or image files" in _error(lambda: open_dataset(tmp_path, image_model))
+    assert "no .npz, .npy, image or .wav files" in _error(lambda: open_dataset(tmp_path, image_model))
 
 
 def test_not_an_npz(tmp_path: Path, image_model: ModelProto) -> None:
@@ -520,3 +520,40 @@ def test_a_run_takes_a_folder_of_photos_as_data(tmp_path):
     doc = json.loads((out / "plan.json").read_text())
     assert doc["data"]["fit"] == 18 and doc["data"]["check"] == 6
     assert doc["quality"]["measured"]["samples"] == 8
+
+
+def _wav(path: Path, x: np.ndarray, rate: int) -> None:
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def test_a_folder_of_recordings_is_cut_into_windows_of_the_input_length(tmp_path):
+    """Two 16 kHz recordings (1.0 s and 0.3 s) and one at 8 kHz (0.5 s), into a [N, 4000]
+    input at rate=16000: 4 + 1 (padded) + 2 windows; a window equals the file's samples /
+    32768 times scale, cut where the documented hop says; the 8 kHz file is resampled to
+    twice its length."""
+    from mpsearch.data.images import parse_preprocess
+
+    rng = np.random.default_rng(0)
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    a = 0.5 * np.sin(np.linspace(0, 200 * np.pi, 16000)) * rng.uniform(0.5, 1, 16000)
+    _wav(rec / "a.wav", a, 16000)
+    _wav(rec / "b.wav", 0.2 * rng.standard_normal(4800), 16000)
+    _wav(rec / "c.wav", 0.3 * np.sin(np.linspace(0, 40 * np.pi, 4000)), 8000)
+    m = _model([("audio", TensorProto.FLOAT, ["N", 4000])])
+    ds = open_dataset(rec, m, preprocess=parse_preprocess("rate=16000;scale=32768"))
+    x = np.concatenate([b["audio"] for b in ds.batches(16)])
+    assert x.shape == (7, 4000)
+    pcm = (np.clip(a, -1, 1) * 32767).astype("<i2").astype(np.float64) / 32768
+    np.testing.assert_allclose(x[1], pcm[4000:8000] * 32768, rtol=1e-6, atol=1e-3)
+    assert np.all(x[4, 4800:] == 0) and np.any(x[4, :4800] != 0)  # b: one window, padded
+    c = x[5:7].ravel()  # c: 0.5 s at 8 kHz -> 8000 samples at 16 kHz
+    assert np.abs(c).max() == pytest.approx(0.3 * 32768, rel=0.05)
+    hop = open_dataset(rec, m, preprocess=parse_preprocess("rate=16000;hop=2000;limit=1"))
+    assert len(hop) == 7  # a.wav alone: 1 + (16000 - 4000) / 2000 windows

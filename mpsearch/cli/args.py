@@ -144,10 +144,13 @@ SEARCH_OPTIONS: tuple[Option, ...] = (
                     "array has exactly its shape, and a scalar, are given once)")),
     Option(("--preprocess",), ("preprocess",), commands=frozenset({"run"}), kwargs=dict(
         metavar="SPEC",
-        help="how a folder of images (.jpg/.png) as --data or --eval-data becomes samples: "
-             "'resize=256;mean=127;std=128;channels=rgb;limit=64' (shorter side resized, "
-             "centre crop to the input's height and width, (pixel - mean) / std per channel, "
-             "the input's layout and dtype; default mean=0;std=255, pixels in [0, 1])")),
+        help="how a folder of images (.jpg/.png) or recordings (.wav) as --data or "
+             "--eval-data becomes samples: images 'resize=256;mean=127;std=128;channels=rgb' "
+             "(shorter side resized, centre crop to the input's height and width, (pixel - "
+             "mean) / std per channel, the input's layout and dtype; default mean=0;std=255, "
+             "pixels in [0, 1]); recordings 'rate=16000;window=16000;hop=8000;scale=32768' "
+             "(mono, resampled, windows of the input's length, x scale; default the file's "
+             "rate, no overlap, samples in [-1, 1]); limit=N takes the first N files")),
     Option(("--eval-data",), ("eval_data",), kwargs=dict(
         metavar="EVAL", help="data from other sources than --data (other photos, speakers, "
                              "texts), same layout, held out of everything: the shipped plan's "

@@ -46,6 +46,7 @@ import numpy as np
 from onnx import ModelProto
 
 from mpsearch.core.errors import DataError, UsageError
+from mpsearch.data.audio import AUDIO_SUFFIXES, decode_audio_folder
 from mpsearch.data.images import IMAGE_SUFFIXES, Preprocess, decode_folder
 from mpsearch.data.npyio import (
     READ_ERRORS,
@@ -58,7 +59,7 @@ from mpsearch.data.npyio import (
 )
 from mpsearch.data.spec import DataSpec
 
-__all__ = ["Batch", "Dataset", "Split", "batch_samples", "constant_samples", "is_image_folder",
+__all__ = ["Batch", "Dataset", "Split", "batch_samples", "constant_samples", "media_folder",
            "open_dataset", "split"]
 
 log = logging.getLogger(__name__)
@@ -306,16 +307,17 @@ def open_dataset(path: str | os.PathLike[str], model: ModelProto | DataSpec, *,
     ``batch_size`` defaults to the model's static batch size, else 32. ``sample_axes``: see
     :meth:`DataSpec.from_model`; an input not named there whose every dim is static and whose
     stored array has exactly the model's shape is given once (the same for every sample).
-    A folder of images is decoded by ``preprocess`` (:mod:`mpsearch.data.images`; default
-    pixels / 255), one image at a time, calling ``progress(1)`` after each."""
+    A folder of images or recordings is decoded by ``preprocess`` (:mod:`mpsearch.data.images`,
+    :mod:`mpsearch.data.audio`), one file at a time, calling ``progress(1)`` after each."""
     spec = model if isinstance(model, DataSpec) else DataSpec.from_model(model, sample_axes)
     p = Path(path)
     if not p.exists():
         raise DataError(f"{name} data {p} does not exist",
                         fix="pass an existing .npz or .npy file, or a folder of them")
-    if is_image_folder(p):
-        decoded = decode_folder(p, spec, preprocess or Preprocess(), name=name,
-                                progress=progress)
+    kind = media_folder(p)
+    if kind is not None:
+        decode = decode_folder if kind == "images" else decode_audio_folder
+        decoded = decode(p, spec, preprocess or Preprocess(), name=name, progress=progress)
         groups, label_arrays = _layout(decoded.parent, spec, name)
     else:
         groups, label_arrays = _layout(p, spec, name)
@@ -336,12 +338,16 @@ def open_dataset(path: str | os.PathLike[str], model: ModelProto | DataSpec, *,
     return Dataset(name=name, path=p, spec=spec, sources=sources, labels=labels, batch_size=bs)
 
 
-def is_image_folder(p: Path) -> bool:
-    """A folder with images and no .npz/.npy files."""
+def media_folder(p: Path) -> str | None:
+    """"images" or "recordings" for a folder of them with no .npz/.npy files, else None."""
     if not p.is_dir():
-        return False
+        return None
     suffixes = {f.suffix.lower() for f in p.iterdir() if f.is_file()}
-    return bool(suffixes & IMAGE_SUFFIXES) and not suffixes & {".npz", ".npy"}
+    if suffixes & {".npz", ".npy"}:
+        return None
+    if suffixes & IMAGE_SUFFIXES:
+        return "images"
+    return "recordings" if suffixes & AUDIO_SUFFIXES else None
 
 
 def _layout(p: Path, spec: DataSpec,
@@ -355,9 +361,9 @@ def _layout(p: Path, spec: DataSpec,
             raise DataError(f"{name} data folder {p} mixes .npz and .npy files",
                             fix="keep one kind of file in the folder")
         if not npz and not npy:
-            raise DataError(f"{name} data folder {p} has no .npz, .npy or image files",
+            raise DataError(f"{name} data folder {p} has no .npz, .npy, image or .wav files",
                             fix="put the data in .npz files with one key per model input, or "
-                                "pass a folder of .jpg/.png images")
+                                "pass a folder of .jpg/.png images or .wav recordings")
     elif p.suffix.lower() in (".npz", ".npy"):
         npz, npy = ([p], []) if p.suffix.lower() == ".npz" else ([], [p])
     else:

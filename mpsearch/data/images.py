@@ -14,7 +14,7 @@ config's ``preprocess`` key.
 The decoded samples are streamed into a ``.npy`` file in a temporary folder (removed when the
 process ends), which the data set then reads in batches like any other, so a folder of
 thousands of photos is never held in memory. Pillow does the decoding and resampling
-(bilinear); the rest is numpy. Audio (WAV) folders are not read yet: save them as ``.npz``.
+(bilinear); the rest is numpy. Folders of recordings: :mod:`mpsearch.data.audio`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import numpy as np
 from mpsearch.core.errors import DataError, UsageError
 from mpsearch.data.spec import DataSpec
 
-__all__ = ["IMAGE_SUFFIXES", "Preprocess", "decode_folder", "image_files", "parse_preprocess"]
+__all__ = ["IMAGE_SUFFIXES", "Preprocess", "decode_folder", "image_files", "parse_preprocess",
+           "temp_folder"]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 _TEMP: list[Path] = []  # folders of decoded images, removed at exit
@@ -52,13 +53,21 @@ class Preprocess:
     mean: tuple[float, ...] = (0.0,)  # per channel, or one for all
     std: tuple[float, ...] = (255.0,)
     channels: str = "rgb"  # "rgb", "bgr" or "grey"
-    limit: int | None = None  # the first N images by name (None: all)
+    limit: int | None = None  # the first N files by name (None: all)
+    # recordings (mpsearch.data.audio): resampled to ``rate`` Hz (None: the file's), windows
+    # of ``window`` samples (None: the input's length) every ``hop``, times ``scale``
+    rate: int | None = None
+    window: int | None = None
+    hop: int | None = None
+    scale: float = 1.0
 
     def __str__(self) -> str:
         parts = [f"resize={self.resize}"] if self.resize else []
         parts += [f"mean={','.join(f'{v:g}' for v in self.mean)}",
                   f"std={','.join(f'{v:g}' for v in self.std)}", f"channels={self.channels}"]
-        return ";".join(parts + ([f"limit={self.limit}"] if self.limit else []))
+        parts += [f"{k}={getattr(self, k)}" for k in ("limit", "rate", "window", "hop")
+                  if getattr(self, k)]
+        return ";".join(parts + ([f"scale={self.scale:g}"] if self.scale != 1.0 else []))
 
 
 _EXAMPLE = "--preprocess 'resize=256;mean=127;std=128' (';' between keys, ',' between channels)"
@@ -66,7 +75,8 @@ _EXAMPLE = "--preprocess 'resize=256;mean=127;std=128' (';' between keys, ',' be
 
 def parse_preprocess(text: str | Preprocess | None) -> Preprocess:
     """``key=value`` pairs joined by ``;``: resize, mean, std (one value or one per channel,
-    comma-separated), channels (rgb, bgr, grey), limit."""
+    comma-separated), channels (rgb, bgr, grey), limit; for recordings rate, window, hop,
+    scale."""
     if text is None or isinstance(text, Preprocess):
         return text or Preprocess()
     fields: dict = {}
@@ -81,7 +91,11 @@ def parse_preprocess(text: str | Preprocess | None) -> Preprocess:
                 if not all(math.isfinite(v) for v in vals) or (key == "std" and 0 in vals):
                     raise ValueError
                 fields[key] = vals
-            elif key in ("resize", "limit"):
+            elif key == "scale":
+                fields[key] = float(value)
+                if not math.isfinite(fields[key]) or fields[key] == 0:
+                    raise ValueError
+            elif key in ("resize", "limit", "rate", "window", "hop"):
                 fields[key] = int(value)
                 if fields[key] <= 0:
                     raise ValueError
@@ -91,11 +105,19 @@ def parse_preprocess(text: str | Preprocess | None) -> Preprocess:
                     raise ValueError
             else:
                 raise UsageError(f"--preprocess: unknown key '{key}'",
-                                 fix=f"use resize, mean, std, channels, limit: {_EXAMPLE}")
+                                 fix="use resize, mean, std, channels, limit (images), rate, "
+                                     f"window, hop, scale (recordings): {_EXAMPLE}")
         except ValueError:
             raise UsageError(f"--preprocess: '{part}' is not a valid {key or 'key=value'}",
                              fix=f"write e.g. {_EXAMPLE}") from None
     return Preprocess(**fields)
+
+
+def temp_folder() -> Path:
+    """A folder for decoded samples, removed when the process ends."""
+    tmp = Path(tempfile.mkdtemp(prefix="mpsearch-data-"))
+    _TEMP.append(tmp)
+    return tmp
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -132,9 +154,7 @@ def decode_folder(folder: Path, spec: DataSpec, pre: Preprocess, *, name: str,
                         fix="fix it with --input-shape, or save the inputs as .npz")
     mean = np.broadcast_to(np.asarray(pre.mean, np.float32), (want,))
     std = np.broadcast_to(np.asarray(pre.std, np.float32), (want,))
-    tmp = Path(tempfile.mkdtemp(prefix="mpsearch-images-"))
-    _TEMP.append(tmp)
-    out = tmp / f"{s.name}.npy"
+    out = temp_folder() / f"{s.name}.npy"
     arr = np.lib.format.open_memmap(out, mode="w+", dtype=s.dtype,
                                     shape=(len(files), *dims))
     for i, f in enumerate(files):

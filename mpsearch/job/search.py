@@ -42,7 +42,8 @@ import onnx
 
 from mpsearch.core.errors import InfeasibleBudgetError, UsageError
 from mpsearch.core.formats import Candidate, parse_candidate
-from mpsearch.data.dataset import Dataset, constant_samples, is_image_folder, open_dataset
+from mpsearch.data.audio import audio_files
+from mpsearch.data.dataset import Dataset, constant_samples, media_folder, open_dataset
 from mpsearch.data.images import Preprocess, image_files
 from mpsearch.data.synthetic import WARNING as SYNTHETIC_WARNING
 from mpsearch.export.qdq import QdqModel, quantize
@@ -195,10 +196,11 @@ class _Job:
     def _dataset(self, d: DataLike, name: str) -> Dataset:
         if isinstance(d, Dataset):
             return d
-        if not is_image_folder(Path(d)):
+        kind = media_folder(Path(d))
+        if kind is None:
             return open_dataset(d, self.model, name=name, sample_axes=self.sample_axes)
-        with self.progress(f"decoding the {name} images",
-                           len(image_files(Path(d)))) as advance:
+        files = image_files(Path(d)) if kind == "images" else audio_files(Path(d))
+        with self.progress(f"decoding the {name} {kind}", len(files)) as advance:
             return open_dataset(d, self.model, name=name, sample_axes=self.sample_axes,
                                 preprocess=self.preprocess, progress=advance)
 
