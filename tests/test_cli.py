@@ -262,3 +262,22 @@ def test_json_stdout_holds_the_document_alone(files, tmp_path):
     assert plain.stdout.strip()  # the tool's own table is there
     loud = subprocess.run([*verify, "-v"], capture_output=True, text=True, timeout=300)
     assert "LIBNATIVE" not in loud.stdout
+
+
+@pytest.mark.parametrize("profile", ["snapdragon_8gen3", "ort_cpu", "nvidia_h100"])
+def test_run_json_is_one_document_on_every_profile(files, tmp_path, profile):
+    """``mpsearch run ... --json`` in a fresh process: stdout parses as one JSON document (the
+    QNN libraries' native line never reaches it), with the shipped model's digest (bops=1.0:
+    the H100 profile has no 4-bit integer weights, so w8a8 is its cheapest plan)."""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "mpsearch", "run", str(files["model"]), "--hw",
+                        str(root / "hw_profiles" / f"{profile}.yaml"), "--data",
+                        str(files["calib"]), "--eval-data", str(files["eval"]), "--out",
+                        str(tmp_path / "out"), "--budget", "bops=1.0", "--no-cache",
+                        "--verify-samples", "1", "--json"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(r.stdout)
+    digest = hashlib.sha256((tmp_path / "out" / "model.qdq.onnx").read_bytes()).hexdigest()
+    assert doc["model"]["sha256"] == digest
+    assert doc["quality"]["measured"]["data"] == "evaluation"

@@ -193,7 +193,8 @@ def test_subset_of_npz_read_in_small_chunks(tmp_path: Path, image_model: ModelPr
 def test_missing_path_and_empty_folder(tmp_path: Path, image_model: ModelProto) -> None:
     assert "does not exist" in _error(lambda: open_dataset(tmp_path / "no.npz", image_model))
     (tmp_path / "notes.txt").write_text("hello")
-    assert "no .npz, .npy, image or .wav files" in _error(lambda: open_dataset(tmp_path, image_model))
+    assert "no .npz, .npy, image or .wav files" in _error(
+        lambda: open_dataset(tmp_path, image_model))
 
 
 def test_not_an_npz(tmp_path: Path, image_model: ModelProto) -> None:

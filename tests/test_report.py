@@ -150,15 +150,16 @@ def test_nothing_overflows_the_page_at_laptop_and_narrow_widths(run_dir, report,
 
 
 @needs_chromium
-def test_screenshot_is_not_blank(run_dir, report, tmp_path):
+@pytest.mark.parametrize("width", [1280, 800])
+def test_screenshot_is_not_blank(run_dir, report, tmp_path, width):
     import matplotlib.image as mpimg
 
     shot = tmp_path / "shot.png"
     _chromium((run_dir / "report.html").as_uri(), tmp_path, f"--screenshot={shot}",
-              "--window-size=1280,2000")
+              f"--window-size={width},2000")
     assert shot.is_file() and shot.stat().st_size > 10_000
     px = mpimg.imread(shot)[..., :3]
-    assert px.shape[:2] == (2000, 1280)
+    assert px.shape[:2] == (2000, width)
     not_white = (px.min(axis=2) < 0.9).mean()
     assert not_white > 0.05 and px.std() > 0.05, (not_white, px.std())
 
