@@ -195,10 +195,19 @@ def test_console_entry_point_exit_code_and_no_traceback(files):
 
 
 def test_help_for_every_command():
-    for cmd in ("inspect", "quantize", "eval", "hw", "hw validate", "hw show", "hw measure"):
+    """Every command's --help exits 0, and every sub-command's ends with examples, one
+    command a line, each a command of that name."""
+    from mpsearch.cli.main import EXAMPLES
+
+    for cmd in ("run", "pareto", "inspect", "quantize", "sensitivity", "eval", "verify",
+                "report", "hw", "hw validate", "hw show", "hw measure"):
         r = subprocess.run([sys.executable, "-m", "mpsearch", *cmd.split(), "--help"],
                            capture_output=True, text=True)
-        assert r.returncode == 0 and "usage: mpsearch " + cmd in r.stdout, cmd
+        assert r.returncode == 0 and "usage: mpsearch " + cmd in r.stdout, (cmd, r.stderr)
+        if cmd != "hw":
+            tail = r.stdout.split("examples:\n")[-1].splitlines()
+            assert 1 <= len(EXAMPLES[cmd]) <= 3 and len(tail) == len(EXAMPLES[cmd]), cmd
+            assert all(line.startswith(f"  mpsearch {cmd} ") for line in tail), tail
 
 
 def test_relu6_equalization_that_changes_the_float_model_is_refused(files, capsys):

@@ -130,8 +130,8 @@ SEARCH_OPTIONS: tuple[Option, ...] = (
              "the first --budget's quantity, which then caps it; else bit-operations) whose "
              "quality on the check part meets it, found by bisection over the cost limit "
              "(about 6 searches): sqnr=25 (output SQNR against FP32, dB), sqnr_drop=0.5 (dB "
-             "below uniform w8a8's SQNR on the same samples), top1_drop=1% "
-             "(top-1 disagreement with FP32), accuracy_drop=0.5% (with labels in --data). "
+             "below uniform w8a8's SQNR on the same samples), top1_drop=1%% "
+             "(top-1 disagreement with FP32), accuracy_drop=0.5%% (with labels in --data). "
              "A target no plan meets exits 2 naming the best quality reached and the "
              "closest uniform plan")),
     Option(("--sample-axis",), ("sample_axes",), value=lambda items: parse_sample_axes(items),

@@ -30,6 +30,57 @@ EXIT_INTERRUPTED = 130
 COMMANDS = (inspect, quantize, eval_cmd, hw, sensitivity, run, pareto, report, verify)
 
 
+# What every sub-command's --help ends with: two or three commands that work as written
+# (from the repository root, after `make demo` has built the example).
+_M = "examples/efficientnet_lite0/cache"
+_SD = "hw_profiles/snapdragon_8gen3.yaml"
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "run": (f"mpsearch run {_M}/model.onnx --hw {_SD}",
+            f"mpsearch run {_M}/model.onnx --hw {_SD} --budget bops=0.75 --out out/",
+            f"mpsearch run model.onnx --hw {_SD} --data photos/ --preprocess "
+            "'mean=127;std=128' --target sqnr=25"),
+    "pareto": (f"mpsearch pareto {_M}/model.onnx --hw {_SD} --data {_M}/calib.npz "
+               "--out front/",),
+    "quantize": (f"mpsearch quantize {_M}/model.onnx --uniform w8a8 --data {_M}/calib.npz "
+                 "--out q/",
+                 "mpsearch quantize model.onnx --uniform w8a16 --data calib.npz --holdout 0.25 "
+                 "--out q16/"),
+    "sensitivity": (f"mpsearch sensitivity {_M}/model.onnx --hw {_SD} --data {_M}/calib.npz "
+                    "--out sens/",),
+    "eval": (f"mpsearch eval {_M}/model.onnx out/model.qdq.onnx --data {_M}/eval.npz",),
+    "verify": (f"mpsearch verify out/model.qdq.onnx --data {_M}/eval.npz",
+               "mpsearch verify out/model.qdq.onnx --data eval.npz --json"),
+    "inspect": (f"mpsearch inspect {_M}/model.onnx",),
+    "report": ("mpsearch report out/", "mpsearch report out/ --out elsewhere.html"),
+    "hw validate": (f"mpsearch hw validate {_SD}",),
+    "hw show": (f"mpsearch hw show {_SD}", f"mpsearch hw show {_SD} --model {_M}/model.onnx"),
+    "hw measure": (f"mpsearch hw measure {_M}/model.onnx --data {_M}/calib.npz --profile "
+                   "hw_profiles/ort_cpu.yaml --out ort_cpu_measured.yaml",),
+}
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's wrapping, except that lines indented by two spaces (the examples) are kept
+    as they are."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:\n"):  # the epilog: one command a line, as written
+            return text
+        return super()._fill_text(text, width, indent)
+
+
+def _with_examples(parser: argparse.ArgumentParser, path: str = "") -> None:
+    """Each sub-command's --help ends with its examples (:data:`EXAMPLES`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                key = f"{path} {name}".strip()
+                child.formatter_class = _HelpFormatter
+                if key in EXAMPLES:
+                    child.epilog = "examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES[key])
+                _with_examples(child, key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = common_parser()
     p = argparse.ArgumentParser(
@@ -39,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub, common)
+    _with_examples(p)
     return p
 
 
