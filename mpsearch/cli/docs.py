@@ -58,7 +58,8 @@ def options_table(command: str) -> str:
         name = action.metavar or action.dest if not action.option_strings else \
             fmt._format_action_invocation(action)
         required = " (required)" if action.required and action.option_strings else ""
-        rows.append(f"| `{_cell(name)}` | {_cell(action.help or '')}{required} |")
+        text = fmt._expand_help(action) if action.help else ""  # as --help shows it (%%)
+        rows.append(f"| `{_cell(name)}` | {_cell(text)}{required} |")
     return "\n".join(rows) + "\n"
 
 
