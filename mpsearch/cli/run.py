@@ -96,7 +96,7 @@ def cmd_run(args: argparse.Namespace, ui: Ui) -> int:
                          + (f"; {verified.culprit}" if verified.culprit else "")
                          + "; see report.html")
         elif verified.skipped is None:
-            ui.out.print(f"verified on {verified.target} (soc {verified.soc_model}, "
+            _say(ui, f"verified on {verified.target} (soc {verified.soc_model}, "
                          f"emulated): every node on the HTP, {_db1(verified.sqnr_db)} dB against "
                          f"the CPU EP on {verified.samples} samples (threshold "
                          f"{verified.min_sqnr_db:g} dB); model.qdq.onnx sha256 "
@@ -118,6 +118,11 @@ COST_LABELS = {"bops": "BOPs", "latency_s": "latency", "weight_bytes": "size",
                "energy_j": "energy"}  # the table's cost columns, x all-w8a8
 
 
+def _say(ui: Ui, text: str) -> None:
+    """A summary line, wrapped at the terminal's width (80 columns in a pipe or a log)."""
+    ui.out.print(text, soft_wrap=False)
+
+
 def _db1(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
@@ -133,10 +138,10 @@ def _summary(ui: Ui, res: Any, path: Any, seconds: float, exports: Any,
     # the budgets' quantities, then bit-operations (once), relative to w8a8
     metrics = list(dict.fromkeys([*(b.metric for b in res.budgets), "bops"]))
     m0 = res.chosen.measured
-    where = (f"SQNR and top-1 agreement with FP32 measured on {m0.result.samples} "
-             f"{m0.data.value} samples" if m0 else "not measured")
+    where = (f"SQNR, top-1 vs FP32 on {m0.result.samples} {m0.data.value} samples" if m0
+             else "not measured")
     t = Table(title=f"{', '.join(str(b) for b in res.budgets)} on {res.profile.name}",
-              caption=f"costs relative to all-w8a8; {where}")
+              caption=f"costs x all-w8a8; {where}")
     for col in ("plan", *(f"{COST_LABELS.get(m, m)}" for m in metrics), "pred. dB",
                 "SQNR dB", "top-1", "fits"):
         t.add_column(col, justify="left" if col == "plan" else "right", no_wrap=True)
@@ -160,25 +165,25 @@ def _summary(ui: Ui, res: Any, path: Any, seconds: float, exports: Any,
                           + ("" if s.met else " (short)") for s in res.target_steps)
         asked = (f" (SQNR >= {res.target_effective.value:.2f} dB, uniform w8a8's minus "
                  f"{res.target.value:g})" if res.target_effective else "")
-        ui.out.print(f"target {res.target}{asked}: the least {res.budgets[0].key} limit whose plan "
+        _say(ui, f"target {res.target}{asked}: the least {res.budgets[0].key} limit whose plan "
                      f"meets it on the check part is {res.budgets[0].value:.3f} x w8a8 "
                      f"({len(res.target_steps)} searches: {steps})")
     if res.selection is not None:
-        ui.out.print(f"chosen on the {res.selection.data} part "
+        _say(ui, f"chosen on the {res.selection.data} part "
                      f"({res.samples.get(res.selection.data, 0)} samples): "
                      f"{res.selection.reason}")
     for c in (plan or {}).get("quality", {}).get("comparisons", []):
         if c.get("same_plan"):
-            ui.out.print(f"{c['name']} ({c['role']}) is the shipped plan")
+            _say(ui, f"{c['name']} ({c['role']}) is the shipped plan")
             continue
         ci = c.get("ci_db")
         span = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
-        ui.out.print(f"against {c['name']} ({c['role']}): {c['difference_db']:+.2f} dB{span} "
+        _say(ui, f"against {c['name']} ({c['role']}): {c['difference_db']:+.2f} dB{span} "
                      f"SQNR on the {c['data']} data, "
                      + ("interval excludes 0" if c["significant"] else "not significant"))
-    ui.out.print("formats: " + ", ".join(f"{k} x{v}" for k, v in res.chosen.counts().items()))
+    _say(ui, "formats: " + ", ".join(f"{k} x{v}" for k, v in res.chosen.counts().items()))
     files = ["model.qdq.onnx", *(f for f in (exports.encodings, exports.ort_overrides) if f)]
-    ui.out.print(f"wrote {path}/report.html, {', '.join(files)}, plan.json, plan.csv in "
+    _say(ui, f"wrote {path}/report.html, {', '.join(files)}, plan.json, plan.csv in "
                  f"{seconds} s")
     if exports.skipped:
-        ui.out.print(f"not written: encodings.json, ort_overrides.json ({exports.skipped})")
+        _say(ui, f"not written: encodings.json, ort_overrides.json ({exports.skipped})")
