@@ -144,3 +144,30 @@ def test_constant_samples_and_missing_evaluation_data_are_warned_of(files, tmp_p
     warnings = json.loads((out / "plan.json").read_text())["data"]["warnings"]
     assert len(warnings) == 2
     assert "rest on weak data" in (out / "report.html").read_text()
+
+
+def test_per_sample_errors_follow_the_batch_not_a_state_output(tmp_path):
+    """Silero-like: windows on a dynamic axis 0 beside a recurrent state [1, 1, 128] given once
+    and returned. Each window gets its own squared error (the paired test then has 16 samples
+    to work with), not one per batch from the state output's leading 1 (which made the
+    uniform guard see '1 sample' and ship uniform w4a8 on a real VAD: 1.4 dB against 6.8)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_data import _stateful
+
+    from mpsearch import analyze, parse_candidate
+    from mpsearch.job.selection import plan_errors
+    from mpsearch.sensitivity.suffix import reference_outputs
+
+    m = _stateful([1, 1, 128], ["seq", 576])
+    audio = np.random.default_rng(0).standard_normal((16, 576)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", audio=audio, sr=np.array(16000, np.int64),
+             state=np.full((1, 1, 128), 0.5, np.float32))
+    ds = open_dataset(tmp_path / "c.npz", m)
+    analysis = analyze(m, ds)
+    batches = list(ds.batches(8))
+    ref = reference_outputs(analysis.graph, batches)
+    plan = {g: parse_candidate("w8a8") for g in analysis.graph.group_names}
+    per, _ = plan_errors(analysis, plan, batches, ref)
+    assert per.shape == (16,) and np.unique(per).size > 8

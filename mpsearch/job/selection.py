@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mpsearch.core.formats import Candidate
-from mpsearch.data.dataset import Dataset, split
+from mpsearch.data.dataset import Dataset, batch_samples, split
 from mpsearch.export.qdq import QdqModel, quantize
 from mpsearch.graph.calibrate import make_session
 from mpsearch.quant.analysis import Analysis
@@ -134,7 +134,9 @@ def plan_errors(analysis: Analysis, plan: Mapping[str, Candidate],
     for ref, batch in zip(reference, batches, strict=True):
         got = sess.run(names, {k: v for k, v in batch.items() if k in feeds})
         rows = None
-        b = min((y.shape[0] for y in got if y.ndim), default=1)  # the samples in this batch
+        # the samples in this batch: its own count, not an output's leading dim (a recurrent
+        # state output [1, 1, 128] beside per-window outputs [N] has none)
+        b = batch_samples(batch)
         for name, y in zip(names, got, strict=True):
             if name not in ref:
                 continue
@@ -218,7 +220,9 @@ def select(analysis: Analysis, shortlist: Sequence[tuple[str, Mapping[str, Candi
     best = min(out, key=lambda c: c.check_mse)  # min keeps the first of equals
     reason = f"least output error on {n} samples"
     uniform = [c for c in out if c.uniform]
-    if uniform and not best.uniform:
+    if uniform and not best.uniform and n < 2:
+        reason += " (too few to test it against the uniform plans)"
+    elif uniform and not best.uniform:
         top = min(uniform, key=lambda c: c.check_mse)
         z = paired_z(top.samples, best.samples)
         if z < SELECT_Z:
