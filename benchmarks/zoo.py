@@ -16,7 +16,10 @@ the full ONNX checker, the plan's measured SQNR (and top-1 agreement where the o
 classifier's) on the evaluation inputs, and on Snapdragon the HTP against the CPU EP (nodes on
 the HTP, worst output SQNR, verified or not). The error line of every run that did not exit 0.
 
-    python benchmarks/zoo.py [--only NAME,...] [--work DIR] [--timeout S]
+    python benchmarks/zoo.py [--only NAME,... [--update]] [--work DIR] [--timeout S]
+
+``--update`` with ``--only`` keeps the other models' rows of the committed results (each row
+says the commit it was measured at).
 
 Needs espeak-ng, fonts-dejavu-core and fonts-liberation (Debian packages) for the recordings
 and the text images. About 20 minutes on 2 cores.
@@ -37,7 +40,7 @@ from pathlib import Path
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, markdown_table, write_results  # noqa: E402
+from _common import RESULTS, ROOT, git_commit, markdown_table, write_results  # noqa: E402
 
 ZOO = Path(__file__).resolve().parent / "zoo"
 PROFILES = {"snapdragon": ROOT / "hw_profiles" / "snapdragon_8gen3.yaml",
@@ -149,7 +152,7 @@ def _cells(r: dict) -> list[str]:
     return [model, r["profile"], str(r["exit"]), f"{r['seconds']:.0f}", r["checker"],
             f"{db:.2f}" if isinstance(db, (int, float)) else "-",
             f"{100 * top1:.1f}%" if isinstance(top1, (int, float)) else "-", htp,
-            (r.get("error") or "").replace("|", "/")[:160]]
+            r.get("git") or "-", (r.get("error") or "").replace("|", "/")[:160]]
 
 
 def main() -> None:
@@ -157,6 +160,8 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated model names")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "mpsearch-zoo")
     ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument("--update", action="store_true",
+                    help="with --only: keep the other models' rows of results/zoo.json")
     args = ap.parse_args()
     models = json.loads((ZOO / "models.json").read_text())["models"]
     if args.only:
@@ -164,12 +169,21 @@ def main() -> None:
     fetch(models, args.work)
     make_data(models, args.work)
     rows = []
+    commit = git_commit()
     for m in models:
         for profile in PROFILES:
-            rows.append(run_one(m, profile, args.work, args.timeout))
+            rows.append(run_one(m, profile, args.work, args.timeout) | {"git": commit})
             print(" | ".join(_cells(rows[-1])), flush=True)
+    if args.update and args.only:
+        old = json.loads((RESULTS / "zoo.json").read_text())["results"]
+        fresh = {(r["model"], r["profile"]): r for r in rows}
+        order = [m["name"] for m in json.loads((ZOO / "models.json").read_text())["models"]]
+        kept = [r for r in old if (r["model"], r["profile"]) not in fresh]
+        rows = sorted([*kept, *fresh.values()],
+                      key=lambda r: (order.index(r["model"]) if r["model"] in order else 99,
+                                     list(PROFILES).index(r["profile"])))
     header = ["model", "profile", "exit", "s", "checker (written models)", "SQNR dB",
-              "top-1", "HTP vs CPU", "error"]
+              "top-1", "HTP vs CPU", "git", "error"]
     ok = sum(r["exit"] == 0 for r in rows)
     notes = (f"{ok} of {len(rows)} runs exit 0. Exit 2: the model is refused with the reason "
              "(bad input, or nothing mpsearch can plan); 1: the device compiler refused part of "
@@ -178,7 +192,8 @@ def main() -> None:
              "benchmarks/zoo/models.json and benchmarks/zoo/data.py.")
     write_results("zoo", title="The zoo: real exports from other people", git=True,
                   command="python benchmarks/zoo.py" + (f" --only {args.only}" if args.only
-                                                        else ""),
+                                                        else "")
+                  + (" --update" if args.update and args.only else ""),
                   table=markdown_table(header, [_cells(r) for r in rows]), payload=rows,
                   notes=notes)
 
