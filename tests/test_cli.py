@@ -290,3 +290,6 @@ def test_run_json_is_one_document_on_every_profile(files, tmp_path, profile):
     digest = hashlib.sha256((tmp_path / "out" / "model.qdq.onnx").read_bytes()).hexdigest()
     assert doc["model"]["sha256"] == digest
     assert doc["quality"]["measured"]["data"] == "evaluation"
+    stages = doc["stages"]  # seconds per stage, the whole search last
+    assert {"calibrate", "sensitivity", "refine", "select", "measure"} <= set(stages)
+    assert stages["total"] >= max(v for k, v in stages.items() if k != "total")

@@ -58,6 +58,7 @@ def cmd_run(args: argparse.Namespace, ui: Ui) -> int:
     code = _exit_code(verified)
     if ui.as_json:
         print(json.dumps({"out": str(out.path), "seconds": seconds,
+                          "stages": {k: round(v, 2) for k, v in res.seconds.items()},
                           "model": {"path": "model.qdq.onnx",
                                     "sha256": folder.exports.shipped.sha256},
                           "totals": folder.plan["totals"], "quality": folder.plan["quality"],

@@ -238,6 +238,8 @@ class _Job:
         if self.config.measurement.enabled:
             self.measure()
         self.seconds["total"] = time.perf_counter() - self.t0
+        log.info("seconds per stage: %s", ", ".join(f"{k} {v:.1f}" for k, v in
+                                                   self.seconds.items()))
         return SearchResult(
             config=self.config, analysis=self.analysis, profile=self.profile, costs=self.costs,
             table=self.table, built=self.built, errors=self.errors, refinement=self.refinement,
