@@ -38,13 +38,17 @@ class Prepare(Protocol):
 def quiet_third_party() -> None:
     """The exporter's chatter, which says nothing about the example, kept off the terminal:
     torch.onnx's "torchvision is not installed. Skipping torchvision::nms" (torchvision is
-    not needed to export these models) and pytree's copyreg ``FutureWarning`` about
-    ``LeafSpec``. Real errors still surface (errors are logged, other warnings shown)."""
+    not needed to export these models), pytree's copyreg ``FutureWarning`` about
+    ``LeafSpec`` and the exporter's note that two inputs share a dynamic axis. Real errors
+    still surface (errors are logged, other warnings shown)."""
     import warnings
 
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*",
                             category=FutureWarning)
+    # MiniLM's two inputs share the batch and sequence dims; the exporter says so
+    warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used",
+                            category=UserWarning)
 
 
 def output_paths(cache: Path) -> dict[str, Path]:
