@@ -30,7 +30,6 @@ import time
 import warnings
 from collections.abc import Hashable, Mapping
 
-import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
 
@@ -214,6 +213,8 @@ class _Model:
         self, goal: _Linear, rows: list[tuple[_Linear, float]], time_limit_s: float
     ) -> tuple[SolveStatus, dict[str, Hashable] | None]:
         """Minimise ``goal`` subject to ``f ≤ bound`` for each row: (status, plan or None)."""
+        import cvxpy as cp  # here: 1.3 s to import, which every command paid, --help included
+
         x = cp.Variable(self.n, boolean=True)
         y = cp.Variable(self.ny, nonneg=True) if self.ny else None
         constraints = [self.eq @ x == self.eq_rhs]
