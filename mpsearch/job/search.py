@@ -65,7 +65,8 @@ from mpsearch.job.refinement import (
 )
 from mpsearch.job.result import DataRole, Measured, PlanResult, SearchResult
 from mpsearch.job.selection import HeldOut, Selection, hold_out, measure_plan, plan_key, select
-from mpsearch.job.target import Step, Target, bisect
+from mpsearch.job.target import Step, Target
+from mpsearch.job.target_search import meet_target
 from mpsearch.quant.analysis import analyze
 from mpsearch.sensitivity.cache import SensitivityCache
 from mpsearch.sensitivity.gated import gated_candidates
@@ -73,10 +74,9 @@ from mpsearch.sensitivity.run import estimate, measure_pairs, table_variant
 from mpsearch.sensitivity.suffix import reference_outputs
 from mpsearch.sensitivity.table import Refusal, SensitivityTable, candidates_for, sqnr
 from mpsearch.solve.allocate import Allocation, Built, allocate, build_problem
-from mpsearch.solve.budget import BUDGET_KEYS, Budget
+from mpsearch.solve.budget import Budget
 from mpsearch.solve.greedy import greedy
-from mpsearch.solve.ilp import smallest, solve
-from mpsearch.solve.pareto import Front, front
+from mpsearch.solve.pareto import FRONT_SOLVES, Front, front
 
 __all__ = ["Progress", "SearchData", "search"]
 
@@ -85,7 +85,6 @@ log = logging.getLogger(__name__)
 # label, total (None: unknown) -> a context that yields advance(n)
 Progress = Callable[[str, int | None], AbstractContextManager[Callable[[int], None]]]
 
-FRONT_SOLVES = 20  # solves per side of the front, Lagrangian and ε-constraint (30: 1.5x the time)
 UNIFORM_MARGIN_DB = 3.0  # uniform plans predicted this far below the best fitting one: not
 # measured (w4a8 is predicted 20 dB below w8a8 on EfficientNet-Lite0)
 
@@ -223,7 +222,9 @@ class _Job:
         self.prepare()
         self.sensitivity()
         if self.config.target is not None:
-            self.budgets = self.meet_target()
+            met = meet_target(self)
+            self.budgets, self.effective_target = met.budgets, met.effective
+            self.target_steps = met.steps
         self.refine()
         self.baselines()
         self.start_front()
@@ -484,90 +485,14 @@ class _Job:
             pins=self.pins, penalty=1.0)
         pool.shutdown(wait=False)
 
-    # -- 3b. a quality target: the least cost limit whose plan meets it
-
-    def meet_target(self) -> tuple[Budget, ...]:
-        """The budgets of the cheapest search whose plan meets ``config.target`` on the check
-        part (:mod:`mpsearch.job.target`): the axis limit found by bisection, the other
-        budgets as given. Raises a UsageError naming the best quality reached and the closest
-        uniform plan when no limit meets it."""
-        t, lg = self.config.target, self.analysis.graph
-        if t.key == "sqnr_drop":  # relative to uniform w8a8 on the same check samples
-            ref_plan = {g: self.costs.reference for g in lg.group_names}
-            t = t.against(self._check_quality(ref_plan, key="sqnr"))
-            self.effective_target = t
-        key = _relative_key(self.metric)
-        caps = tuple(b for b in self.config.budgets if b.metric != self.metric)
-        ref = self.costs.plan({g: self.costs.reference for g in lg.group_names},
-                              relative=False).as_dict()
-        built = self._allocate_problem({(g, c): self.table.error(g, c) for g in lg.group_names
-                                        for c in self.cands[g]})
-        cap_limits = {b.metric: b.limit(ref) for b in caps}
-        lo = smallest(built.problem, self.metric, pins=self.pins, budgets=cap_limits) \
-            / ref[self.metric]
-        best = solve(built.problem, cap_limits, pins=self.pins, penalty=1.0)
-        hi = self.costs.plan(dict(best.choice)).relative[self.metric]
-        axis = next((b for b in self.config.budgets if b.metric == self.metric), None)
-        if axis is not None:
-            hi = min(hi, axis.limit(ref) / ref[self.metric])
-        hi = max(hi, lo)
-        start = 1.0
-        if t.key == "sqnr":  # where the predicted front first meets it
-            fr = front(built.problem, self.metric, budgets=cap_limits, points=FRONT_SOLVES,
-                       pins=self.pins, penalty=1.0)
-            meets = [p.cost / ref[self.metric] for p in fr.points
-                     if sqnr(self.table.signal, p.solution.error) >= t.value]
-            start = min(meets) if meets else hi
-        rc = self.config.refinement
-
-        def attempt(limit: float) -> float:
-            self.budgets = (Budget(key=key, value=limit), *caps)
-            with self.progress(f"target {t}: searching at {key} <= {limit:.3f} x w8a8", None):
-                self.refine()
-                self.baselines()
-                if rc.select:
-                    self.select(with_polish=False)
-            return self._check_quality(self.chosen.plan)
-
-        with self._stage("target"):
-            limit, steps = bisect(t, attempt, lo=lo, hi=hi, start=start)
-        log.info("target %s: %s", self.config.target, t)
-        self.target_steps = tuple(steps)
-        if limit is None:
-            raise self._target_missed(t, steps)
-        # rounded up to 3 decimals, as a user would write it (never below what met it)
-        limit = min(math.ceil(limit * 1000 - 1e-9) / 1000, max(hi, limit))
-        return (Budget(key=key, value=limit), *caps)
-
-    def _check_quality(self, plan: Mapping[str, Candidate], *, key: str | None = None) -> float:
-        """``plan``'s quality in the target's terms (``key``: another target key's) on the
-        check part (else the fitted part): SQNR in dB, or a drop as a fraction."""
-        t = self.effective_target or self.config.target
-        tkey = key or t.key
-        ds = self.check if self.check is not None else self.calib
+    def check_fp32(self) -> Sequence:
+        """The FP32 model's outputs on the check part (else the fitted part), batch by batch,
+        run once: for the target's measurements and the measure stage's."""
         if self._check_fp32 is None:
+            ds = self.check if self.check is not None else self.calib
             self._check_fp32 = reference_run(self.analysis.original,
                                              ds.batches(self.config.quantize.batch_size))
-        m = evaluate(self.analysis.original, self.export(plan).model, labels=ds.labels,
-                     reference_outputs=self._check_fp32).primary
-        if tkey == "sqnr":
-            return m.sqnr_db
-        if tkey == "top1_drop":
-            if m.top1_agreement is None:
-                raise UsageError(f"target {t} needs a classifier output; output '{m.name}' "
-                                 "is not one", fix="use --target sqnr=")
-            return 1.0 - m.top1_agreement
-        return m.accuracy_fp32 - m.accuracy
-
-    def _target_missed(self, t, steps: Sequence[Step]) -> UsageError:
-        top = max(steps, key=lambda s: s.quality if t.key == "sqnr" else -s.quality)
-        uniform = [(self._check_quality(u.plan), u) for u in self.uniform]
-        q, u = max(uniform, key=lambda qu: qu[0] if t.key == "sqnr" else -qu[0])
-        return UsageError(
-            f"no plan meets target {t} on the check part: the best reached {t.shown(top.quality)}"
-            f" at {self.metric} <= {top.limit:.3g} x w8a8; the closest uniform plan is {u.name}"
-            f" with {t.shown(q)} at {u.cost.relative[self.metric]:.3g} x w8a8",
-            fix="lower the target, or allow more formats in the profile")
+        return self._check_fp32
 
     def export(self, plan: Mapping[str, Candidate]) -> QdqModel:
         key = plan_key(plan)
@@ -629,8 +554,10 @@ class _Job:
             done: dict[tuple, list[Measured]] = {k: [] for k in plans}
             original = self.analysis.original
             with self.progress("measuring plans", len(plans) * len(parts)) as advance:
+                checked = self.check if self.check is not None else self.calib
                 for role, ds in parts:
-                    fp32 = reference_run(original, ds.batches(self.config.quantize.batch_size))
+                    fp32 = (self.check_fp32() if ds is checked else
+                            reference_run(original, ds.batches(self.config.quantize.batch_size)))
                     for key, plan in plans.items():
                         done[key].append(Measured(data=role, result=evaluate(
                             original, self.export(plan).model, labels=ds.labels,
@@ -647,11 +574,6 @@ class _Job:
             self.greedy = with_measured(self.greedy) if self.greedy else None
             self.uniform = [with_measured(u) for u in self.uniform]
             self.front_plans = tuple(with_measured(p) for p in self.front_plans)
-
-
-def _relative_key(metric: str) -> str:
-    """The budget key that limits ``metric`` relative to all-w8a8 (``bops``, ``latency``...)."""
-    return next(k for k, v in BUDGET_KEYS.items() if v.metric == metric and v.relative)
 
 
 def _shortlist(round_plans: Sequence[Mapping[str, Candidate]], greedy_plan: PlanResult | None,

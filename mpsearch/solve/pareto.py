@@ -31,7 +31,9 @@ from mpsearch.core.errors import InfeasibleBudgetError, UsageError
 from mpsearch.solve.ilp import TOLERANCE, smallest, solve
 from mpsearch.solve.problem import Problem, Solution
 
-__all__ = ["Front", "FrontPoint", "front"]
+__all__ = ["FRONT_SOLVES", "Front", "FrontPoint", "front"]
+
+FRONT_SOLVES = 20  # the search's solves per side, Lagrangian and ε-constraint (30: 1.5x the time)
 
 log = logging.getLogger(__name__)
 
