@@ -252,3 +252,23 @@ def test_an_output_declared_with_the_wrong_rank_is_written_with_the_rank_it_has(
     ref, got = make_session(model).run(None, {"x": x})[0], make_session(q).run(None, {"x": x})[0]
     assert ref.shape == got.shape == (2, 1, 6)
     assert sqnr_db(float(np.mean(ref ** 2)), float(np.mean((ref - got) ** 2))) > 40
+
+
+def test_int4_weights_are_the_bytes_onnx_helper_writes(cnn):
+    # the exporter packs 4-bit weights with numpy; onnx.helper.make_tensor (a Python list) is
+    # the reference encoding: the same serialized tensor, odd sizes included
+    from onnx import TensorProto
+
+    from mpsearch.export.qdq import _quantized_tensor
+
+    rng = np.random.default_rng(0)
+    for t, lo, hi in ((TensorProto.INT4, -8, 8), (TensorProto.UINT4, 0, 16)):
+        for shape in ((3, 5, 7), (16, 4, 1, 1), (1,)):
+            v = rng.integers(lo, hi, size=shape).astype(np.int8 if lo else np.uint8)
+            ref = helper.make_tensor("w", t, list(shape), v.astype(np.int64).ravel().tolist())
+            assert _quantized_tensor("w", v, t).SerializeToString() == ref.SerializeToString()
+    model, a = cnn
+    q = quantize(a, {g: Candidate(weight=Format.INT4, activation=Format.UINT8)
+                     for g in a.graph.group_names})
+    assert any(t.data_type == TensorProto.INT4 for t in q.model.graph.initializer)
+    assert _sqnr(model, q.model, FEED) > 10
