@@ -179,11 +179,11 @@ class OutputAccumulator:
 
 
 def reference_run(reference: onnx.ModelProto | str,
-                  batches: Iterable[Mapping[str, np.ndarray]]
+                  batches: Iterable[Mapping[str, np.ndarray]], *, threads: int = 0
                   ) -> list[tuple[Mapping[str, np.ndarray], dict[str, np.ndarray]]]:
     """The FP32 model's outputs per batch, with the batch: run it once, compare several
     quantized models against it (``evaluate(..., reference_outputs=...)``)."""
-    sess = make_session(reference)
+    sess = make_session(reference, threads=threads)
     names = [o.name for o in sess.get_outputs()]
     return [(batch, dict(zip(names, sess.run(names, dict(batch)), strict=True)))
             for batch in batches]
@@ -194,12 +194,13 @@ def evaluate(reference: onnx.ModelProto | str, quantized: onnx.ModelProto | str,
              labels: np.ndarray | None = None, classifier: bool | None = None,
              progress: Callable[[int], None] | None = None,
              reference_outputs: Sequence[tuple[Mapping[str, np.ndarray],
-                                               Mapping[str, np.ndarray]]] | None = None
-             ) -> EvalResult:
+                                               Mapping[str, np.ndarray]]] | None = None,
+             threads: int = 0) -> EvalResult:
     """Run both models over ``batches`` and compare every output of the reference
     (``reference_outputs``: batches with the reference's outputs from :func:`reference_run`,
-    instead of ``batches``)."""
-    q_s = make_session(quantized)
+    instead of ``batches``). ``threads``: the quantized session's ORT threads (0: ORT's
+    default), for runs side by side (:func:`mpsearch.core.threads.fan_out`)."""
+    q_s = make_session(quantized, threads=threads)
     q_names = {o.name for o in q_s.get_outputs()}
     if reference_outputs is None:
         if batches is None:

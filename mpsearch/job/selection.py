@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mpsearch.core.formats import Candidate
+from mpsearch.core.threads import fan_out
 from mpsearch.data.dataset import Dataset, batch_samples, split
 from mpsearch.export.qdq import QdqModel, quantize
 from mpsearch.graph.calibrate import make_session
@@ -119,14 +120,14 @@ class Selection:
 def plan_errors(analysis: Analysis, plan: Mapping[str, Candidate],
                 batches: Sequence[Mapping[str, np.ndarray]],
                 reference: Sequence[Mapping[str, np.ndarray]], *,
-                export: Callable[[Mapping[str, Candidate]], QdqModel] | None = None
-                ) -> tuple[np.ndarray, int]:
+                export: Callable[[Mapping[str, Candidate]], QdqModel] | None = None,
+                threads: int = 0) -> tuple[np.ndarray, int]:
     """The squared output error of each calibration sample (summed over every output element
     of that sample), and the number of output elements in all: ``mse = sum / count``.
     ``export``: how the plan becomes a QDQ model (default :func:`mpsearch.export.qdq.quantize`; the
-    search passes a cached one)."""
+    search passes a cached one). ``threads``: the session's ORT threads (0: ORT's default)."""
     qdq = export(plan) if export is not None else quantize(analysis, plan)
-    sess = make_session(qdq.model)
+    sess = make_session(qdq.model, threads=threads)
     names = [o.name for o in sess.get_outputs()]
     feeds = {i.name for i in sess.get_inputs()}
     per: list[np.ndarray] = []
@@ -173,11 +174,11 @@ def plan_mse(analysis: Analysis, plan: Mapping[str, Candidate],
 def measure_plan(analysis: Analysis, plan: Mapping[str, Candidate],
                  batches: Sequence[Mapping[str, np.ndarray]],
                  reference: Sequence[Mapping[str, np.ndarray]], *,
-                 export: Callable[[Mapping[str, Candidate]], QdqModel] | None = None
-                 ) -> tuple[float, np.ndarray]:
+                 export: Callable[[Mapping[str, Candidate]], QdqModel] | None = None,
+                 threads: int = 0) -> tuple[float, np.ndarray]:
     """The plan's output MSE and each sample's squared error (:func:`plan_errors`), from one
     run."""
-    per, count = plan_errors(analysis, plan, batches, reference, export=export)
+    per, count = plan_errors(analysis, plan, batches, reference, export=export, threads=threads)
     return float(per.sum()) / max(count, 1), per
 
 
@@ -206,14 +207,24 @@ def select(analysis: Analysis, shortlist: Sequence[tuple[str, Mapping[str, Candi
         if key in seen:
             c = out[seen[key]]
             out[seen[key]] = dataclasses.replace(c, same_as=(*c.same_as, name))
+            if progress:
+                progress(1)
         else:
             seen[key] = len(out)
-            mse, per = measure_plan(analysis, plan, batches, reference, export=export)
-            out.append(Contender(name=name, plan=dict(plan), check_mse=mse, samples=per,
+            out.append(Contender(name=name, plan=dict(plan), check_mse=math.nan,
                                  uniform=len(set(plan.values())) == 1))
-            log.info("shortlist %s: check mse %.4g", name, out[-1].check_mse)
+    qdq = [export(c.plan) if export is not None else quantize(analysis, c.plan) for c in out]
+
+    def run(k: int, threads: int) -> tuple[float, np.ndarray]:
+        got = measure_plan(analysis, out[k].plan, batches, reference, export=lambda _: qdq[k],
+                           threads=threads)
         if progress:
-            progress(1)
+            progress(1 + len(out[k].same_as))
+        return got
+
+    for k, (mse, per) in enumerate(fan_out(run, range(len(out)))):
+        out[k] = dataclasses.replace(out[k], check_mse=mse, samples=per)
+        log.info("shortlist %s: check mse %.4g", out[k].name, mse)
     if not out:
         raise ValueError("empty shortlist")
     n = len(out[0].samples) if out[0].samples is not None else 0

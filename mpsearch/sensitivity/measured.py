@@ -12,7 +12,8 @@ change would cost. What makes |groups|·|candidates| runs affordable:
   inputs. Those are collected for a handful of groups at a time in one float ORT pass and held
   in memory (at most :data:`FEED_BYTES`), so the calibration statistics are reused and nothing
   is re-calibrated; an early layer still runs most of the network, a late one almost nothing.
-* ``workers > 1`` spreads the groups over processes (each with ``cores / workers`` ORT
+* The suffix models of a pass run side by side on threads (:func:`mpsearch.core.threads.fan_out`);
+  ``workers > 1`` spreads the groups over processes instead (each with ``cores / workers`` ORT
   threads).
 
 Results are reported one by one through ``on_result`` so a cache can keep them as they come.
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpsearch.core.formats import Candidate, Format
+from mpsearch.core.threads import fan_out_iter
 from mpsearch.export.qdq import export_qdq
 from mpsearch.graph.layer_graph import LayerGraph
 from mpsearch.quant.parameters import RangeSetter
@@ -83,7 +85,7 @@ def _measure_groups(ctx: MeasureContext, work: Sequence[tuple[str, tuple[Candida
             if unchanged(c):
                 on_result(g, c, 0.0)
             else:
-                qm = export_qdq(lg, {**base, g: c}, ctx.ranges)
+                qm = export_qdq(lg, {**base, g: c}, ctx.ranges, check=False)
                 out.append((c, suffix_model(lg.model, qm.model, external=ctx.ranges.weights)))
         return out
 
@@ -91,14 +93,20 @@ def _measure_groups(ctx: MeasureContext, work: Sequence[tuple[str, tuple[Candida
     for chunk, stored in in_passes(lg, ctx.batches, items,
                                    lambda it: {f for _, s in it[1] for f in s.feeds},
                                    per_pass=GROUPS_PER_PASS):
-        for g, suffixes in chunk:
-            for c, suf in suffixes:
-                if not suf.outputs:  # nothing changes on this runtime (fp16 with no weights)
-                    on_result(g, c, 0.0)
-                    continue
-                sess = suffix_session(suf, ctx.ranges.weights, threads=ctx.threads)
-                noise = _noise(ctx.reference, sess, suf.feeds, suf.outputs, stored, ctx.batches)
-                on_result(g, c, noise / count)
+        todo = [(g, c, suf) for g, suffixes in chunk for c, suf in suffixes]
+
+        def run(item: tuple[str, Candidate, Suffix], threads: int,
+                stored: list[dict[str, np.ndarray]] = stored) -> float:
+            suf = item[2]
+            if not suf.outputs:  # nothing changes on this runtime (fp16 with no weights)
+                return 0.0
+            sess = suffix_session(suf, ctx.ranges.weights, threads=ctx.threads or threads)
+            return _noise(ctx.reference, sess, suf.feeds, suf.outputs, stored, ctx.batches)
+
+        # side by side in this process; a worker process of the pool runs its own one by one
+        results = fan_out_iter(run, todo, jobs=1 if ctx.threads else None)
+        for (g, c, _), noise in zip(todo, results, strict=True):
+            on_result(g, c, noise / count)
 
 
 # --------------------------------------------------------------------------- parallel workers
