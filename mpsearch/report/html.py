@@ -11,6 +11,7 @@ bytes out: no dates, no absolute paths of this machine, PNGs without metadata at
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,10 @@ from mpsearch.report.sections import (
     sensitivity_note,
     verification_html,
 )
+from mpsearch.sensitivity.table import SensitivityTable
 
-__all__ = ["REPORT_OUTPUTS", "RunFiles", "build_report", "load_run", "render_report",
-           "write_report"]
+__all__ = ["REPORT_OUTPUTS", "RunFiles", "build_report", "draw_figures", "load_run",
+           "render_report", "write_report"]
 
 REPORT_OUTPUTS = ("report.html", "pareto.png", "allocation.png", "sensitivity.png")
 COST_METRICS = ("latency_s", "bops", "weight_bytes", "energy_j")
@@ -387,25 +389,42 @@ def render_report(run: RunFiles, images: Mapping[str, bytes]) -> str:
             + "\n</main></body></html>\n")
 
 
-def write_report(run_dir: str | os.PathLike[str], out: OutputDir, *,
-                 html_name: str = "report.html") -> Path:
-    """Draw the PNGs and the page into ``out`` (its names must include REPORT_OUTPUTS)."""
-    run = load_run(run_dir)
+def draw_figures(plan: Mapping[str, Any], table: SensitivityTable | None,
+                 method: str | None) -> dict[str, bytes]:
+    """The page's PNGs (name -> bytes) from a plan document and its sensitivity table: what
+    :func:`write_report` draws from a run folder, drawable before the folder is complete
+    (``mpsearch run`` draws them while the device check runs)."""
     images: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="mpsearch-figures-") as tmp:
+        def draw(name: str, fn) -> None:
+            path = Path(tmp) / name
+            fn(path)
+            images[name] = path.read_bytes()
 
-    def draw(name: str, fn) -> None:
-        images[name] = out.write_with(name, fn).read_bytes()
+        draw("pareto.png", lambda path: front_plot(plan, path))
+        draw("allocation.png", lambda path: allocation_plot(list(plan["layers"]), path))
+        if table is not None:
+            from mpsearch.report.heatmap import sensitivity_heatmap
 
-    draw("pareto.png", lambda path: front_plot(run.plan, path))
-    draw("allocation.png", lambda path: allocation_plot(list(run.plan["layers"]), path))
-    if run.sensitivity_table is not None and run.sensitivity is not None:
-        from mpsearch.report.heatmap import sensitivity_heatmap
+            chosen = {str(r.get("group")): str(r.get("candidate")) for r in plan["layers"]}
+            draw("sensitivity.png", lambda path: sensitivity_heatmap(
+                table, path, title=f"Single-group sensitivity ({method or '?'})",
+                chosen=chosen))
+    return images
 
-        table = run.sensitivity_table
-        chosen = {str(r.get("group")): str(r.get("candidate")) for r in run.plan["layers"]}
-        draw("sensitivity.png", lambda path: sensitivity_heatmap(
-            table, path, title=f"Single-group sensitivity ({run.sensitivity.get('method', '?')})",
-            chosen=chosen))
+
+def write_report(run_dir: str | os.PathLike[str], out: OutputDir, *,
+                 html_name: str = "report.html",
+                 images: Mapping[str, bytes] | None = None) -> Path:
+    """Draw the PNGs and the page into ``out`` (its names must include REPORT_OUTPUTS).
+    ``images``: the PNGs :func:`draw_figures` drew from this folder's plan, written as they
+    are instead of drawn again."""
+    run = load_run(run_dir)
+    if images is None:
+        table = run.sensitivity_table if run.sensitivity is not None else None
+        images = draw_figures(run.plan, table, (run.sensitivity or {}).get("method"))
+    for name, data in images.items():
+        out.write_with(name, lambda path, data=data: Path(path).write_bytes(data))
     text = render_report(run, images)
     return out.write_with(html_name, lambda path: Path(path).write_text(text, encoding="utf-8"))
 
