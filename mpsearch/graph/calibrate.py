@@ -261,10 +261,12 @@ def layer_input_axes(lg: LayerGraph) -> dict[str, int]:
 
 
 def make_session(model: onnx.ModelProto | bytes | str, *, threads: int = 0,
-                 initializers: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
+                 initializers: Mapping[str, np.ndarray] | None = None,
+                 disabled_optimizers: Sequence[str] = ()) -> ort.InferenceSession:
     """A CPU EP session for a model (in memory, serialized, or a path to one).
     ``initializers``: the arrays of initializers the model marks external, read from memory
-    (they must stay unchanged while the session lives; the session keeps them alive)."""
+    (they must stay unchanged while the session lives; the session keeps them alive).
+    ``disabled_optimizers``: ORT graph passes to leave out, by name."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
@@ -278,7 +280,8 @@ def make_session(model: onnx.ModelProto | bytes | str, *, threads: int = 0,
     if values:
         so.add_external_initializers(list(initializers), values)
     src = model if isinstance(model, (str, bytes)) else model.SerializeToString()
-    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers) or None)
     if values:  # ONNX Runtime may read their memory as long as the session lives
         sess._mpsearch_initializers = values
     return sess

@@ -12,7 +12,8 @@ scipy's ``bootstrap`` resamples one statistic of one sample at a time, 20x slowe
 An output is taken for a
 classifier when it is ``[N, C]`` with ``C ≥ 2`` and its FP32 rows are not unit vectors
 (L2-normalised rows are embeddings, where "top-1" means nothing); ``classifier=`` overrides.
-Both models run batch by batch on ONNX Runtime's CPU execution provider.
+Both models run batch by batch on ONNX Runtime's CPU execution provider (a quantized model
+in memory in the form it runs fastest there, :mod:`mpsearch.graph.folding`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import onnx
 
 from mpsearch.graph.calibrate import make_session
+from mpsearch.graph.folding import measuring_session
 
 __all__ = ["EvalResult", "OutputAccumulator", "OutputMetrics", "evaluate", "paired_difference",
            "reference_run", "sqnr_db", "sqnr_interval"]
@@ -200,7 +202,8 @@ def evaluate(reference: onnx.ModelProto | str, quantized: onnx.ModelProto | str,
     (``reference_outputs``: batches with the reference's outputs from :func:`reference_run`,
     instead of ``batches``). ``threads``: the quantized session's ORT threads (0: ORT's
     default), for runs side by side (:func:`mpsearch.core.threads.fan_out`)."""
-    q_s = make_session(quantized, threads=threads)
+    q_s = (measuring_session(quantized, threads=threads)
+           if isinstance(quantized, onnx.ModelProto) else make_session(quantized, threads=threads))
     q_names = {o.name for o in q_s.get_outputs()}
     if reference_outputs is None:
         if batches is None:

@@ -49,7 +49,7 @@ from mpsearch.core.formats import Candidate
 from mpsearch.core.threads import fan_out
 from mpsearch.data.dataset import Dataset, batch_samples, split
 from mpsearch.export.qdq import QdqModel, quantize
-from mpsearch.graph.calibrate import make_session
+from mpsearch.graph.folding import measuring_session
 from mpsearch.quant.analysis import Analysis
 
 __all__ = ["CHECK_FRACTION", "MIN_CHECK", "SELECT_Z", "Contender", "HeldOut", "Selection",
@@ -127,7 +127,7 @@ def plan_errors(analysis: Analysis, plan: Mapping[str, Candidate],
     ``export``: how the plan becomes a QDQ model (default :func:`mpsearch.export.qdq.quantize`; the
     search passes a cached one). ``threads``: the session's ORT threads (0: ORT's default)."""
     qdq = export(plan) if export is not None else quantize(analysis, plan)
-    sess = make_session(qdq.model, threads=threads)
+    sess = measuring_session(qdq.model, threads=threads)
     names = [o.name for o in sess.get_outputs()]
     feeds = {i.name for i in sess.get_inputs()}
     per: list[np.ndarray] = []

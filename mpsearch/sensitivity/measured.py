@@ -21,6 +21,7 @@ Results are reported one by one through ``on_result`` so a cache can keep them a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -34,6 +35,7 @@ import numpy as np
 from mpsearch.core.formats import Candidate, Format
 from mpsearch.core.threads import fan_out_iter
 from mpsearch.export.qdq import export_qdq
+from mpsearch.graph.folding import DISABLED, folded
 from mpsearch.graph.layer_graph import LayerGraph
 from mpsearch.quant.parameters import RangeSetter
 from mpsearch.sensitivity.suffix import Suffix, in_passes, suffix_model, suffix_session
@@ -86,7 +88,10 @@ def _measure_groups(ctx: MeasureContext, work: Sequence[tuple[str, tuple[Candida
                 on_result(g, c, 0.0)
             else:
                 qm = export_qdq(lg, {**base, g: c}, ctx.ranges, check=False)
-                out.append((c, suffix_model(lg.model, qm.model, external=ctx.ranges.weights)))
+                fast = folded(qm.model)  # the form ORT runs fastest (int4, 16-bit)
+                suf = suffix_model(lg.model, fast or qm.model, external=ctx.ranges.weights)
+                out.append((c, suf if fast is None else dataclasses.replace(suf,
+                                                                           disabled=DISABLED)))
         return out
 
     items = ((g, built(g, cands)) for g, cands in work)

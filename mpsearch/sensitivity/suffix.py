@@ -40,13 +40,15 @@ class Suffix:
     feeds: tuple[str, ...]  # float tensors it reads
     outputs: tuple[str, ...]  # the graph outputs it computes (others equal the float model's)
     external: tuple[str, ...] = ()  # initializers left out of ``model`` (see suffix_session)
+    disabled: tuple[str, ...] = ()  # ORT passes off (a folded model, mpsearch.graph.folding)
 
 
 def suffix_session(suf: Suffix, external: Mapping[str, np.ndarray], *, threads: int = 0):
     """An ONNX Runtime session of ``suf``, its left-out initializers read from ``external``
     (the mapping :func:`cut` was given)."""
     return make_session(suf.model, threads=threads,
-                        initializers={n: external[n] for n in suf.external})
+                        initializers={n: external[n] for n in suf.external},
+                        disabled_optimizers=suf.disabled)
 
 
 def suffix_model(float_model: onnx.ModelProto, qdq: onnx.ModelProto, *,
