@@ -31,6 +31,7 @@ import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
 from mpsearch.graph.calibrate import make_session
+from mpsearch.graph.ingest import graph_index, names_used
 
 __all__ = ["DISABLED", "folded", "measuring_session"]
 
@@ -73,12 +74,8 @@ def folded(model: onnx.ModelProto) -> onnx.ModelProto | None:
                                                          onnx.AttributeProto.GRAPHS)
            for n in g.node for a in n.attribute):
         return None  # blocked quantization, or subgraphs: left as they are
-    inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    index = graph_index(g)
+    inits, producer, consumers = index.inits, index.producer, index.consumers
 
     def const_dq(name: str) -> onnx.NodeProto | None:
         n = producer.get(name)
@@ -121,7 +118,7 @@ def folded(model: onnx.ModelProto) -> onnx.ModelProto | None:
             if not (n.op_type == "DequantizeLinear" and n.output[0] in fold)]
     del out.graph.node[:]
     out.graph.node.extend(kept)
-    used = {i for n in kept for i in n.input} | {o.name for o in g.output}
+    used = names_used(out.graph)
     left = [t for t in g.initializer if t.name in used]
     del out.graph.initializer[:]
     out.graph.initializer.extend(left)
