@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from mpsearch.graph.calibrate import make_session
 from mpsearch.graph.folding import measuring_session
@@ -191,7 +192,8 @@ def reference_run(reference: onnx.ModelProto | str,
             for batch in batches]
 
 
-def evaluate(reference: onnx.ModelProto | str, quantized: onnx.ModelProto | str,
+def evaluate(reference: onnx.ModelProto | str,
+             quantized: onnx.ModelProto | str | ort.InferenceSession,
              batches: Iterable[Mapping[str, np.ndarray]] | None = None, *,
              labels: np.ndarray | None = None, classifier: bool | None = None,
              progress: Callable[[int], None] | None = None,
@@ -200,10 +202,15 @@ def evaluate(reference: onnx.ModelProto | str, quantized: onnx.ModelProto | str,
              threads: int = 0) -> EvalResult:
     """Run both models over ``batches`` and compare every output of the reference
     (``reference_outputs``: batches with the reference's outputs from :func:`reference_run`,
-    instead of ``batches``). ``threads``: the quantized session's ORT threads (0: ORT's
-    default), for runs side by side (:func:`mpsearch.core.threads.fan_out`)."""
-    q_s = (measuring_session(quantized, threads=threads)
-           if isinstance(quantized, onnx.ModelProto) else make_session(quantized, threads=threads))
+    instead of ``batches``). ``quantized``: a model, or a session of one (run on several
+    parts of the data). ``threads``: the quantized session's ORT threads (0: ORT's default),
+    for runs side by side (:func:`mpsearch.core.threads.fan_out`)."""
+    if isinstance(quantized, ort.InferenceSession):
+        q_s = quantized
+    elif isinstance(quantized, onnx.ModelProto):
+        q_s = measuring_session(quantized, threads=threads)
+    else:
+        q_s = make_session(quantized, threads=threads)
     q_names = {o.name for o in q_s.get_outputs()}
     if reference_outputs is None:
         if batches is None:

@@ -50,6 +50,7 @@ from mpsearch.data.synthetic import WARNING as SYNTHETIC_WARNING
 from mpsearch.export.qdq import QdqModel, quantize
 from mpsearch.graph.control import Specialized, require_one_branch, specialize_ifs
 from mpsearch.graph.evaluate import evaluate, reference_run
+from mpsearch.graph.folding import measuring_session
 from mpsearch.graph.ingest import load_model, prepare_model
 from mpsearch.graph.layer_graph import build_layer_graph
 from mpsearch.hw.cost import CostModel
@@ -566,17 +567,17 @@ class _Job:
                         threads=threads)), parts)
                 models = {k: self.export(plan).model for k, plan in plans.items()}
 
-                def run(item: tuple[tuple, int], threads: int) -> Measured:
-                    key, p = item
-                    (role, ds), ref = parts[p], fp32[p]
-                    got = evaluate(original, models[key], labels=ds.labels,
-                                   reference_outputs=ref, threads=threads)
-                    advance(1)
-                    return Measured(data=role, result=got)
+                def run(key: tuple, threads: int) -> list[Measured]:
+                    sess = measuring_session(models[key], threads=threads)  # one per plan
+                    out = []
+                    for p in (q for k, q in work if k == key):
+                        (role, ds), ref = parts[p], fp32[p]
+                        out.append(Measured(data=role, result=evaluate(
+                            original, sess, labels=ds.labels, reference_outputs=ref)))
+                        advance(1)
+                    return out
 
-                done: dict[tuple, list[Measured]] = {k: [] for k in plans}
-                for (key, _), m in zip(work, fan_out(run, work), strict=True):
-                    done[key].append(m)
+                done = dict(zip(plans, fan_out(run, list(plans)), strict=True))
 
             def with_measured(pr: PlanResult) -> PlanResult:
                 figs = tuple(done.get(plan_key(pr.plan), ()))
