@@ -79,3 +79,47 @@ def test_fused_8bit_ops_and_float_weights_between_quantized_activations_stay(ana
     q.graph.initializer.append(onnx.numpy_helper.from_array(arr, "float_weight"))
     assert folded(q) is None
     assert DISABLED == ("WeightBiasQuantization",)
+
+
+def test_a_float_layer_between_quantized_activations_is_quantized_by_ort_and_said(
+        analysis, tmp_path):
+    # ORT's WeightBiasQuantization quantizes the weights of a float Conv that reads a
+    # quantized activation (its output quantized again through the fused Clip): the layer a
+    # plan keeps float does not run float on the CPU EP. Seen in ORT's optimized model.
+    import onnxruntime as ort
+
+    import mpsearch
+    from mpsearch.job.config import CacheConfig, CandidateConfig, MeasureConfig, SearchConfig
+
+    model, a = analysis
+    plan = {g: parse_candidate("w8a8") for g in a.graph.group_names}
+    plan["expand"] = parse_candidate("fp16")  # fp16-rounded weights, computed in fp32 on CPU
+    q = quantize(a, plan).model
+    assert folded(q) is None  # measured as it is, ORT's pass included
+    from mpsearch.graph.folding import requantized_by_ort
+
+    assert requantized_by_ort(q) == ["expand"]
+    assert requantized_by_ort(quantize(a, parse_candidate("w8a8")).model) == []
+
+    def weight_producer(disabled):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=disabled)
+        opt = onnx.load(str(tmp_path / "opt.onnx"))
+        conv = next(n for n in opt.graph.node if n.name == "expand")
+        return next((n.op_type for n in opt.graph.node if conv.input[1] in n.output), None)
+
+    assert weight_producer([]) == "DequantizeLinear"  # ORT made it int8
+    assert weight_producer(list(DISABLED)) is None  # a float initializer, as written
+
+    np.savez(tmp_path / "c.npz", x=images(32, seed=1))
+    from pathlib import Path
+
+    profile = Path(__file__).resolve().parent.parent / "hw_profiles" / "ort_cpu.yaml"
+    res = mpsearch.search(model, profile, str(tmp_path / "c.npz"), SearchConfig(
+        budgets=["bops=1.5"], cache=CacheConfig(enabled=False),
+        measurement=MeasureConfig(enabled=False, front_points=0),
+        candidates=CandidateConfig(pin={"expand": "fp16"}, only=["w8a8", "w4a8"])))
+    assert any("WeightBiasQuantization" in w and "expand" in w for w in res.warnings)

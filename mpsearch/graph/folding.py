@@ -33,7 +33,7 @@ from onnx import TensorProto, numpy_helper
 from mpsearch.graph.calibrate import make_session
 from mpsearch.graph.ingest import graph_index, names_used
 
-__all__ = ["DISABLED", "folded", "measuring_session"]
+__all__ = ["DISABLED", "folded", "measuring_session", "requantized_by_ort"]
 
 DISABLED = ("WeightBiasQuantization",)  # ORT passes off for a folded model (docstring)
 
@@ -133,3 +133,21 @@ def measuring_session(model: onnx.ModelProto, *, threads: int = 0) -> ort.Infere
     if fast is None:
         return make_session(model, threads=threads)
     return make_session(fast, threads=threads, disabled_optimizers=DISABLED)
+
+
+def requantized_by_ort(model: onnx.ModelProto) -> list[str]:
+    """The ops of ``model`` with float weights that read a quantized activation: ORT's
+    ``WeightBiasQuantization`` (on by default) quantizes their weights to int8 per tensor on
+    the CPU EP when their output is quantized again (through a fused activation too), so a
+    layer a plan keeps float does not run float there (module docstring)."""
+    index = graph_index(model.graph)
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in _WEIGHTED or len(n.input) < 2 or n.input[1] not in index.inits:
+            continue
+        if index.inits[n.input[1]].data_type != TensorProto.FLOAT:
+            continue
+        src = index.producer.get(n.input[0])
+        if src is not None and src.op_type == "DequantizeLinear":
+            out.append(n.name)
+    return out

@@ -50,7 +50,7 @@ from mpsearch.data.synthetic import WARNING as SYNTHETIC_WARNING
 from mpsearch.export.qdq import QdqModel, quantize
 from mpsearch.graph.control import Specialized, require_one_branch, specialize_ifs
 from mpsearch.graph.evaluate import evaluate, reference_run
-from mpsearch.graph.folding import measuring_session
+from mpsearch.graph.folding import measuring_session, requantized_by_ort
 from mpsearch.graph.ingest import load_model, prepare_model
 from mpsearch.graph.layer_graph import build_layer_graph
 from mpsearch.hw.cost import CostModel
@@ -232,6 +232,7 @@ class _Job:
         self.start_front()
         if self.config.refinement.select:
             self.select()
+        self._warn_requantized()
         with self._stage("front (waited)"):
             self.front: Front = self.front_job.result()
         self.front_plans = tuple(
@@ -531,6 +532,21 @@ class _Job:
                     measure=lambda plan: measure_plan(self.analysis, plan, batches, reference,
                                                       export=self.export))
             self.chosen = self.result("mpsearch", self.polished.plan)
+
+    def _warn_requantized(self) -> None:
+        """On ONNX Runtime's CPU EP, a layer the plan keeps float between quantized
+        activations is quantized to int8 by ORT itself (:func:`requantized_by_ort`): say so,
+        and how to keep it float."""
+        if self.profile.runtime != "ort-cpu":
+            return
+        names = requantized_by_ort(self.export(self.chosen.plan).model)
+        if names:
+            self._warn(f"ONNX Runtime's CPU EP quantizes the float weights of {len(names)} "
+                       f"layer(s) the plan leaves unquantized ({', '.join(names[:3])}"
+                       f"{' ...' if len(names) > 3 else ''}) to int8 per tensor, as they read "
+                       "a quantized activation (its WeightBiasQuantization pass; the figures "
+                       "here include it); to run them float, create the session with "
+                       "disabled_optimizers=['WeightBiasQuantization']")
 
     # -- 6. measured against FP32
 
