@@ -81,7 +81,7 @@ def test_the_shipped_plan_is_the_best_measured_of_a_shortlist_that_fits(result, 
     within 3 dB of the best of them) is measured on the check part, a seeded quarter of the
     calibration file that calibration never saw; the least error ships unless it is a mixed
     plan that does not beat the best uniform one by SELECT_Z standard errors."""
-    from mpsearch.job.search import UNIFORM_MARGIN_DB
+    from mpsearch.job.measure_stage import UNIFORM_MARGIN_DB
     from mpsearch.job.selection import SELECT_Z, paired_z
 
     sel = result.selection

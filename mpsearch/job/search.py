@@ -29,33 +29,29 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import onnx
 
 from mpsearch.core.errors import InfeasibleBudgetError, UsageError
 from mpsearch.core.formats import Candidate, parse_candidate
-from mpsearch.core.threads import fan_out
-from mpsearch.data.audio import audio_files
-from mpsearch.data.dataset import Dataset, constant_samples, media_folder, open_dataset
-from mpsearch.data.images import Preprocess, image_files
+from mpsearch.data.dataset import Dataset
+from mpsearch.data.images import Preprocess
 from mpsearch.data.synthetic import WARNING as SYNTHETIC_WARNING
 from mpsearch.export.qdq import QdqModel, quantize
 from mpsearch.graph.control import Specialized, require_one_branch, specialize_ifs
-from mpsearch.graph.evaluate import evaluate, reference_run
-from mpsearch.graph.folding import measuring_session, requantized_by_ort
-from mpsearch.graph.ingest import load_model, prepare_model
-from mpsearch.graph.layer_graph import build_layer_graph
+from mpsearch.graph.evaluate import reference_run
+from mpsearch.graph.ingest import load_model
 from mpsearch.hw.cost import CostModel
 from mpsearch.hw.profile import HardwareProfile, load_profile
 from mpsearch.job.config import SearchConfig
+from mpsearch.job.inputs import check_reachable, constant_warning, open_data
+from mpsearch.job.measure_stage import front_sample, measure_plans, shortlist, warn_requantized
 from mpsearch.job.pins import resolve_pins
 from mpsearch.job.polish import polish
 from mpsearch.job.refinement import (
@@ -65,7 +61,7 @@ from mpsearch.job.refinement import (
     hopeful_errors,
     pairs_to_verify,
 )
-from mpsearch.job.result import DataRole, Measured, PlanResult, SearchResult
+from mpsearch.job.result import PlanResult, SearchResult
 from mpsearch.job.selection import HeldOut, Selection, hold_out, measure_plan, plan_key, select
 from mpsearch.job.target import Step, Target
 from mpsearch.job.target_search import meet_target
@@ -87,8 +83,6 @@ log = logging.getLogger(__name__)
 # label, total (None: unknown) -> a context that yields advance(n)
 Progress = Callable[[str, int | None], AbstractContextManager[Callable[[int], None]]]
 
-UNIFORM_MARGIN_DB = 3.0  # uniform plans predicted this far below the best fitting one: not
-# measured (w4a8 is predicted 20 dB below w8a8 on EfficientNet-Lite0)
 
 DataLike = str | os.PathLike[str] | Dataset
 
@@ -185,25 +179,13 @@ class _Job:
         self.warnings.append(text)
 
     def _check_constant(self, batches: Sequence[Mapping], ds: Dataset, part: str) -> None:
-        """Warn of samples whose every input is constant (:func:`constant_samples`)."""
-        bad = constant_samples(batches)
-        if bad:
-            where = ", ".join(str(ds.source_index(k)) for k in bad[:5])
-            self._warn(f"{len(bad)} of the {len(ds)} samples of the {part} are constant (an "
-                       f"all-zero input?): sample(s) {where}{' ...' if len(bad) > 5 else ''} "
-                       f"of {ds.path}; they calibrate nothing and their output error is "
-                       "measured against no signal: drop them from the data")
+        text = constant_warning(batches, ds, part)
+        if text:
+            self._warn(text)
 
     def _dataset(self, d: DataLike, name: str) -> Dataset:
-        if isinstance(d, Dataset):
-            return d
-        kind = media_folder(Path(d))
-        if kind is None:
-            return open_dataset(d, self.model, name=name, sample_axes=self.sample_axes)
-        files = image_files(Path(d)) if kind == "images" else audio_files(Path(d))
-        with self.progress(f"decoding the {name} {kind}", len(files)) as advance:
-            return open_dataset(d, self.model, name=name, sample_axes=self.sample_axes,
-                                preprocess=self.preprocess, progress=advance)
+        return open_data(d, self.model, name=name, sample_axes=self.sample_axes,
+                         preprocess=self.preprocess, progress=self.progress)
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
@@ -232,15 +214,15 @@ class _Job:
         self.start_front()
         if self.config.refinement.select:
             self.select()
-        self._warn_requantized()
+        warn_requantized(self)
         with self._stage("front (waited)"):
             self.front: Front = self.front_job.result()
         self.front_plans = tuple(
             self.result(f"front {i}", dict(p.solution.choice))
-            for i, p in enumerate(_front_sample(self.front, self.config.measurement.front_points,
+            for i, p in enumerate(front_sample(self.front, self.config.measurement.front_points,
                                                 self.limits[self.metric], self.chosen.plan)))
         if self.config.measurement.enabled:
-            self.measure()
+            measure_plans(self)  # 6. measured against FP32
         self.seconds["total"] = time.perf_counter() - self.t0
         log.info("seconds per stage: %s", ", ".join(f"{k} {v:.1f}" for k, v in
                                                    self.seconds.items()))
@@ -261,31 +243,11 @@ class _Job:
 
     # -- 1. analysis, candidates, pins
 
-    def _check_reachable(self) -> None:
-        """Budgets that cost alone decides, checked before the calibration pass: the graph
-        and the device's costs give the smallest reachable total of every budgeted quantity
-        (InfeasibleBudgetError naming each, as after calibration). Skipped where some layer's
-        MACs are known only from the calibration run's shapes."""
-        if not self.budgets:
-            return
-        first = next(self.calib.batches(1), None)
-        shapes = {k: v.shape for k, v in first.items()} if first else None
-        lg = build_layer_graph(prepare_model(self.model), input_shapes=shapes, prepared=True)
-        if not lg.layers or any(layer.macs is None for layer in lg.layers.values()):
-            return
-        costs = CostModel(lg, self.profile)
-        cands = candidates_for(lg, costs, self.config.candidates.only,
-                               sparsity=self.config.candidates.sparsity)
-        if not all(cands.get(g) for g in lg.group_names):
-            return  # said with its reason after calibration
-        built = build_problem(lg, costs, cands, {(g, c): 0.0 for g in lg.group_names
-                                                 for c in cands[g]})
-        allocate(built.problem, costs, self.budgets, penalty=1.0)
-
     def prepare(self) -> None:
         cfg, cc = self.config, self.config.candidates
         if cc.gating is None:  # gating adds cheaper options; pins and keep-float only remove
-            self._check_reachable()
+            check_reachable(self.model, self.calib, self.profile, self.config.candidates,
+                            self.budgets)
         with self.progress("calibrating", len(self.calib)) as advance:
             self.analysis = analyze(self.model, self.calib, options=cfg.quantize, hessians=True,
                                     progress=advance)
@@ -305,8 +267,8 @@ class _Job:
                 cands[g] = (*cands[g], c)
         self.cands = cands
         self.batches = tuple(self.calib.batches(cfg.quantize.batch_size))
-        self._check_constant(self.batches, self.calib, "fitted part" if self.check is not None
-                             else "calibration data")
+        self._check_constant(self.batches, self.calib,
+                             "fitted part" if self.check is not None else "calibration data")
         self.seconds["calibrate"] = time.perf_counter() - self.t0
 
     def reference(self) -> Sequence[Mapping]:
@@ -511,11 +473,11 @@ class _Job:
             self._warn(self.held_warning)
             self.held_warning = None
         with self._stage("select"):
-            shortlist = _shortlist(self.round_plans, self.greedy, self.uniform, self.pins)
+            plans = shortlist(self.round_plans, self.greedy, self.uniform, self.pins)
             batches, reference = self.checking()
-            with self.progress("measuring the shortlist", len(shortlist)) as advance:
+            with self.progress("measuring the shortlist", len(plans)) as advance:
                 self.selection = dataclasses.replace(
-                    select(self.analysis, shortlist, batches, reference, progress=advance,
+                    select(self.analysis, plans, batches, reference, progress=advance,
                            export=self.export),
                     data="fit" if self.check is None else "check")
             self.chosen = self.result("mpsearch", self.selection.best.plan)
@@ -533,116 +495,3 @@ class _Job:
                                                       export=self.export))
             self.chosen = self.result("mpsearch", self.polished.plan)
 
-    def _warn_requantized(self) -> None:
-        """On ONNX Runtime's CPU EP, a layer the plan keeps float between quantized
-        activations is quantized to int8 by ORT itself (:func:`requantized_by_ort`): say so,
-        and how to keep it float."""
-        if self.profile.runtime != "ort-cpu":
-            return
-        names = requantized_by_ort(self.export(self.chosen.plan).model)
-        if names:
-            self._warn(f"ONNX Runtime's CPU EP quantizes the float weights of {len(names)} "
-                       f"layer(s) the plan leaves unquantized ({', '.join(names[:3])}"
-                       f"{' ...' if len(names) > 3 else ''}) to int8 per tensor, as they read "
-                       "a quantized activation (its WeightBiasQuantization pass; the figures "
-                       "here include it); to run them float, create the session with "
-                       "disabled_optimizers=['WeightBiasQuantization']")
-
-    # -- 6. measured against FP32
-
-    def measure(self) -> None:
-        mc = self.config.measurement
-        if self.evald is None:
-            self._warn("no evaluation data (--eval-data): the plan is measured only on "
-                       "--data (its check part chose it, the rest fitted it), which flatters "
-                       "it; pass --eval-data from other sources (other photos, speakers, "
-                       "texts)")
-        with self._stage("measure"):
-            parts = [(DataRole.FIT, self.calib), (DataRole.CHECK, self.check),
-                     (DataRole.EVALUATION, self.evald)]
-            parts = [(r, ds) for r, ds in parts if ds is not None]
-            ref = self.costs.reference
-            fitting = [u for u in self.uniform if u.fits]
-            if not mc.all_uniform:  # those the shortlist weighed, and the reference
-                fitting = _fitting_uniform(self.uniform, self.pins)
-            reference = [u for u in self.uniform if u.name == f"uniform {ref.name}"]
-            named = [self.chosen, *([self.greedy] if self.greedy else []), *reference,
-                     *fitting]
-            plans = {plan_key(pr.plan): pr.plan for pr in (*named, *self.front_plans)}
-            # the front's other points mark the figure's measured front: the last part only
-            # (the evaluation data where there is some), 16% of this stage on the demo
-            every_part = {plan_key(pr.plan) for pr in named}
-            original = self.analysis.original
-            work = [(k, p) for k in plans for p in range(len(parts))
-                    if k in every_part or p == len(parts) - 1]
-            with self.progress("measuring plans", len(work)) as advance:
-                checked = self.check if self.check is not None else self.calib
-                fp32 = fan_out(lambda part, threads: (
-                    self.check_fp32() if part[1] is checked else reference_run(
-                        original, part[1].batches(self.config.quantize.batch_size),
-                        threads=threads)), parts)
-                models = {k: self.export(plan).model for k, plan in plans.items()}
-
-                def run(key: tuple, threads: int) -> list[Measured]:
-                    sess = measuring_session(models[key], threads=threads)  # one per plan
-                    out = []
-                    for p in (q for k, q in work if k == key):
-                        (role, ds), ref = parts[p], fp32[p]
-                        out.append(Measured(data=role, result=evaluate(
-                            original, sess, labels=ds.labels, reference_outputs=ref)))
-                        advance(1)
-                    return out
-
-                done = dict(zip(plans, fan_out(run, list(plans)), strict=True))
-
-            def with_measured(pr: PlanResult) -> PlanResult:
-                figs = tuple(done.get(plan_key(pr.plan), ()))
-                if not figs:
-                    return pr
-                return dataclasses.replace(pr, measured=figs[-1], figures=figs)
-
-            self.chosen = with_measured(self.chosen)
-            self.greedy = with_measured(self.greedy) if self.greedy else None
-            self.uniform = [with_measured(u) for u in self.uniform]
-            self.front_plans = tuple(with_measured(p) for p in self.front_plans)
-
-
-def _shortlist(round_plans: Sequence[Mapping[str, Candidate]], greedy_plan: PlanResult | None,
-               uniform: Sequence[PlanResult], pins: Mapping[str, Candidate]
-               ) -> list[tuple[str, Mapping[str, Candidate]]]:
-    """Plans that meet every limit by the exact cost model and keep every pin, the final ILP
-    plan first (every round's plan met the same budgets and pins), then greedy's, then every
-    uniform plan that fits predicted within :data:`UNIFORM_MARGIN_DB` of the best such one."""
-    out: list[tuple[str, Mapping[str, Candidate]]] = [("ILP", round_plans[-1])]
-    out += [(f"ILP round {i + 1}", p) for i, p in enumerate(round_plans[:-1])]
-    if greedy_plan is not None and greedy_plan.fits:
-        out.append(("greedy", greedy_plan.plan))
-    return out + [(u.name, u.plan) for u in _fitting_uniform(uniform, pins)]
-
-
-def _fitting_uniform(uniform: Sequence[PlanResult], pins: Mapping[str, Candidate]
-                     ) -> list[PlanResult]:
-    """The uniform plans that fit and keep every pin, predicted within
-    :data:`UNIFORM_MARGIN_DB` of the best of them, best predicted first."""
-    fitting = sorted((u for u in uniform
-                      if u.fits and all(u.plan[g] == c for g, c in pins.items())),
-                     key=lambda u: -u.predicted_sqnr_db)
-    return [u for u in fitting
-            if u.predicted_sqnr_db >= fitting[0].predicted_sqnr_db - UNIFORM_MARGIN_DB]
-
-
-def _front_sample(fr: Front, count: int, limit: float, chosen: Mapping[str, Candidate]):
-    """``count`` front points to measure: those nearest ``limit`` in log-cost (the chosen plan
-    left out, it is measured anyway), or, when the limit lies beyond the whole front, spread
-    evenly by cost with the ends included."""
-    pts = [p for p in fr.points if dict(p.solution.choice) != dict(chosen)]
-    if count <= 0 or not pts:
-        return []
-    if len(pts) <= count:
-        return pts
-    if limit < pts[-1].cost:
-        near = sorted(pts, key=lambda p: abs(math.log(max(p.cost, 1e-300) / limit)))[:count]
-        return sorted(near, key=lambda p: p.cost)
-    idx = sorted({round(i * (len(pts) - 1) / (count - 1)) for i in range(count)}) \
-        if count > 1 else [len(pts) // 2]
-    return [pts[i] for i in idx]
