@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy  # noqa: F401 - loads numpy's BLAS, which the first test inspects (alone, too)
 import pytest
 
 from mpsearch.core.threads import one_blas_thread
@@ -78,3 +79,29 @@ def test_plans_measured_side_by_side_equal_one_by_one(tmp_path):
         assert x.primary.sqnr_db == y.primary.sqnr_db
         assert np.array_equal(x.powers[x.primary.name][1], y.powers[y.primary.name][1])
     assert alone[1].primary.sqnr_db < alone[0].primary.sqnr_db  # three different plans
+
+
+def test_the_shortlist_bar_counts_each_entry_once(tmp_path):
+    # plans measured side by side: a plan listed twice is measured once and the progress
+    # reaches exactly the shortlist's length
+    import numpy as np
+    from models import images, mbconv
+
+    from mpsearch import analyze, open_dataset, parse_candidate
+    from mpsearch.graph.evaluate import reference_run
+    from mpsearch.job.selection import select
+
+    model = mbconv()
+    np.savez(tmp_path / "c.npz", x=images(16, seed=1))
+    ds = open_dataset(tmp_path / "c.npz", model)
+    a = analyze(model, ds)
+    plans = {c: {g: parse_candidate(c) for g in a.graph.group_names} for c in ("w8a8", "w4a8")}
+    batches = tuple(ds.batches(8))
+    reference = [out for _, out in reference_run(model, batches)]
+    seen = []
+    sel = select(a, [("a", plans["w8a8"]), ("b", plans["w4a8"]), ("c", plans["w8a8"])],
+                 batches, reference, progress=seen.append)
+    assert sum(seen) == 3
+    assert [c.name for c in sel.contenders] == ["a", "b"]
+    assert sel.contenders[0].same_as == ("c",)
+    assert sel.contenders[0].check_mse < sel.contenders[1].check_mse

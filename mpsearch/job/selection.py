@@ -213,13 +213,15 @@ def select(analysis: Analysis, shortlist: Sequence[tuple[str, Mapping[str, Candi
             seen[key] = len(out)
             out.append(Contender(name=name, plan=dict(plan), check_mse=math.nan,
                                  uniform=len(set(plan.values())) == 1))
+    # exported here, one by one (the exporter's memo of rounded weights is not shared across
+    # threads); only the sessions run side by side
     qdq = [export(c.plan) if export is not None else quantize(analysis, c.plan) for c in out]
 
     def run(k: int, threads: int) -> tuple[float, np.ndarray]:
         got = measure_plan(analysis, out[k].plan, batches, reference, export=lambda _: qdq[k],
                            threads=threads)
-        if progress:
-            progress(1 + len(out[k].same_as))
+        if progress:  # (a repeated plan advanced the bar when it was found)
+            progress(1)
         return got
 
     for k, (mse, per) in enumerate(fan_out(run, range(len(out)))):
