@@ -172,7 +172,7 @@ class VerifySummary:
         return {"file": "verify.json", "target": self.target, "soc_model": self.soc_model,
                 "compiled": self.compiled, "fully_on_target": self.fully_on_target,
                 "nodes_on_target": self.nodes_on_target, "nodes": self.nodes,
-                "sqnr_db": self.sqnr_db, "min_sqnr_db": self.min_sqnr_db,
+                "sqnr_db": _json_db(self.sqnr_db), "min_sqnr_db": self.min_sqnr_db,
                 "verified": self.verified, "disagreeing": list(self.disagreeing),
                 "culprit": self.culprit, "replans": [r.to_dict() for r in self.replans],
                 "shipped_round": self.shipped_round,
@@ -209,6 +209,15 @@ def ship_model(out: OutputDir, res: SearchResult, qm: QdqModel, cfg: RunConfig) 
         out.write_model(dynamic, qm.model)
     return Shipped(sha256=_sha256(path), shapes_fixed=tuple(f.describe() for f in fixed),
                    dynamic=dynamic)
+
+
+def _rounded(db: float | None) -> float | None:
+    """A dB figure as verify.json states it (6 decimals); an exact agreement stays inf."""
+    return db if db is None or not math.isfinite(db) else round(float(db), 6)
+
+
+def _json_db(db: float | None) -> float | str | None:
+    return db if db is None or math.isfinite(db) else ("inf" if db > 0 else "-inf")
 
 
 def _sha256(path: Path) -> str:
@@ -288,7 +297,7 @@ def verify_on_device(out: OutputDir, res: SearchResult, shipped: Shipped, cfg: R
     return VerifySummary(target=QNN_TARGET, soc_model=prof.soc_model, compiled=result.compiled,
                          fully_on_target=result.fully_on_target,
                          nodes_on_target=result.nodes.on_target, nodes=result.nodes.total,
-                         sqnr_db=doc["sqnr_db"], samples=result.samples,
+                         sqnr_db=_rounded(result.sqnr_db), samples=result.samples,
                          min_sqnr_db=result.min_sqnr_db,
                          disagreeing=tuple(o.name for o in result.disagreeing),
                          culprit=culprit.describe() if culprit is not None else None,
