@@ -210,6 +210,44 @@ def if_sample_rate(seed: int = 0) -> onnx.ModelProto:
                    _init("k16000", np.array(16000, np.int64))], opset=17)
 
 
+def if_detector(seed: int = 0, *, shapes: bool = True) -> onnx.ModelProto:
+    """openWakeWord's *hey jarvis* layout: a detector (Gemm, Relu, Gemm, Sigmoid) whose score
+    decides, per sample, an ``If``: at 0.5 or above a verifier network (two Gemms reading the
+    main graph's weights and input from the outer scope) gives the output, else the score
+    itself. Batch 1, as exported. ``shapes=False`` leaves the branches' output shapes unknown."""
+    rng = np.random.default_rng(seed)
+
+    def w(name, rows, cols, scale=1.0):
+        return _init(name, (scale * rng.standard_normal((rows, cols)) / np.sqrt(cols)
+                            ).astype(np.float32))
+
+    def out(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 1] if shapes else None)
+
+    verify = helper.make_graph([
+        helper.make_node("Gemm", ["x", "v1", "vb1"], ["vh"], transB=1, name="verifier1"),
+        helper.make_node("Relu", ["vh"], ["vr"], name="verifier_relu"),
+        helper.make_node("Gemm", ["vr", "v2", "vb2"], ["vz"], transB=1, name="verifier2"),
+        helper.make_node("Sigmoid", ["vz"], ["p2"], name="verifier_sigmoid")],
+        "verify", [], [out("p2")])
+    keep = helper.make_graph([helper.make_node("Identity", ["p"], ["p1"], name="keep_score")],
+                             "keep", [], [out("p1")])
+    nodes = [helper.make_node("Gemm", ["x", "d1", "db1"], ["h"], transB=1, name="detector1"),
+             helper.make_node("Relu", ["h"], ["r"], name="detector_relu"),
+             helper.make_node("Gemm", ["r", "d2", "db2"], ["z"], transB=1, name="detector2"),
+             helper.make_node("Sigmoid", ["z"], ["p"], name="detector_sigmoid"),
+             helper.make_node("GreaterOrEqual", ["p", "half"], ["fires"], name="fires"),
+             helper.make_node("If", ["fires"], ["y"], then_branch=verify, else_branch=keep,
+                              name="verify_if")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 24])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+                  [w("d1", 32, 24), _init("db1", np.zeros(32, np.float32)),
+                   w("d2", 1, 32, 3.0), _init("db2", np.zeros(1, np.float32)),
+                   w("v1", 16, 24), _init("vb1", np.zeros(16, np.float32)),
+                   w("v2", 1, 16, 3.0), _init("vb2", np.full(1, 1.0, np.float32)),
+                   _init("half", np.array(0.5, np.float32))], opset=17)
+
+
 def softmax_opset11(seed: int = 0) -> onnx.ModelProto:
     """A Paddle-style classifier head at opset 11: Conv, then Softmax over axis 1 of a 4-D
     tensor, then Identity to the output. Raising it to opset 13 for int8 makes ONNX's converter

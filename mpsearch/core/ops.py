@@ -97,6 +97,9 @@ class OpInfo:
     bounds: tuple[float, float] | None = None
     u16_encoding: tuple[float, int] | None = None
     snaps: bool = False
+    # The output is always one of the activation inputs' values (Where): its range is the
+    # union of theirs, not the calibration data's (a branch the data rarely takes saturates).
+    selects: bool = False
     # Constant float inputs that are quantized like weights (per tensor, 8-bit), e.g. LN gamma.
     const_inputs: tuple[int, ...] = ()
     # A clipping activation (Relu, Clip): the producer's output quantizer takes this op's
@@ -203,6 +206,8 @@ for _op in ("Add", "Sub", "Mul", "Div"):
 for _op in ("Max", "Min"):  # variadic
     _add(_op, OpRole.ELEMENTWISE, act_inputs=None)
 _add("Concat", OpRole.ELEMENTWISE, act_inputs=None, tieable=True)
+_add("Where", OpRole.ELEMENTWISE, act_inputs=(1, 2), tieable=True,  # input 0: the condition
+     selects=True)
 _add("Relu", OpRole.ELEMENTWISE, fuses_into_producer=True)
 _add("Clip", OpRole.ELEMENTWISE, fuses_into_producer=True)
 for _op in ("LeakyRelu", "HardSwish", "Elu", "Gelu",

@@ -324,6 +324,9 @@ class _Export:
                 elif ((info.role is OpRole.PASSTHROUGH or info.fuses_into_producer)
                       and src and (src[0], f) in self.qparams):
                     qp = self.qparams[(src[0], f)]
+                elif info.selects and src and all((x, f) in self.qparams for x in src):
+                    qps = [self.qparams[(x, f)] for x in src]
+                    qp = qparams_from_range(min(q.rmin for q in qps), max(q.rmax for q in qps), f)
             self.qparams[key] = qp or self.ranges.activation(self._range_source(t, f), f)
         return self.qparams[key]
 

@@ -1,5 +1,6 @@
-"""Control flow the data decides once: an ``If`` whose condition is the same on every sample is
-replaced by the branch taken (opt-in: ``--specialize-if``).
+"""Control flow in a form the target runs: an ``If`` whose condition is the same on every sample
+is replaced by the branch taken (opt-in: ``--specialize-if``); on a target with no control flow
+(QNN's HTP), an ``If`` the data decides both ways computes both branches and selects.
 
 Speech and wake-word exports put their whole network inside ``If`` branches (Silero VAD: one
 branch per sample rate, chosen by a scalar ``sr`` input the data gives once), so the main graph
@@ -11,6 +12,17 @@ are specialised in turn. The model then computes exactly what it computed on tha
 nothing else: an input that would take the other branch is not served, which the run states
 (``plan.json`` ``specialized``, the report, stderr). Inputs stay as declared, so the shipped
 file keeps its interface. ``Loop`` and ``Scan`` bodies are left as they are.
+
+**Both branches and a select** (:func:`select_ifs`). QNN's HTP has no ``If``: a wake-word
+model whose verifier network runs only when the detector fires (openWakeWord's *hey jarvis*:
+``If(Sigmoid(x) >= 0.5)``) does not compile there, whatever the plan. ONNX branches have no side
+effects, so ``If(c, then, else)`` equals ``Where(c, then(), else())`` wherever both branches
+compute outputs of one shape: both are inlined into the main graph (their tensors and nodes
+renamed under the ``If``'s name, their outer-scope reads kept) and each output becomes a
+``Where`` on the condition, reshaped to a scalar. The model computes exactly what it computed,
+for every input, at the cost of always running both branches; the run states which ``If`` was
+rewritten. An ``If`` whose branches hold control flow of their own, or whose outputs' shapes
+differ or are unknown, is left as it is (the device check then names it).
 
 Written here: ONNX's own tools inline functions, not branches.
 """
@@ -28,7 +40,8 @@ from onnx import ModelProto, helper, numpy_helper
 
 from mpsearch.core.errors import DataError
 
-__all__ = ["Specialized", "condition_values", "require_one_branch", "specialize_ifs"]
+__all__ = ["Specialized", "condition_values", "require_one_branch", "select_ifs",
+           "specialize_ifs"]
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +52,15 @@ class Specialized:
 
     node: str
     condition: str  # the tensor it tests
-    value: bool  # its value on every sample
-    branch: str  # "then_branch" or "else_branch"
-    nodes: int  # how many nodes the branch brought in
+    value: bool | None  # its value on every sample; None: it varies (both branches kept)
+    branch: str  # "then_branch", "else_branch", or "both" (computed both, then a Where)
+    nodes: int  # how many nodes the branch (both: the branches) brought in
 
     def describe(self) -> str:
+        if self.branch == "both":
+            return (f"If '{self.node}' computed as both branches and a Where on "
+                    f"'{self.condition}' ({self.nodes} nodes): the target has no If; the "
+                    "model computes the same outputs, always running both branches")
         return (f"If '{self.node}' replaced by its {self.branch.split('_')[0]} branch "
                 f"({self.nodes} nodes): '{self.condition}' is {str(self.value).lower()} on "
                 "every calibration sample, so the shipped model computes only that branch")
@@ -153,6 +170,8 @@ def require_one_branch(specialized: tuple[Specialized, ...], model: ModelProto,
         return
     values = condition_values(model, batches)
     for s in specialized:
+        if s.branch == "both":
+            continue
         other = values.get(s.node, set()) - {s.value}
         if other:
             took = s.branch.split("_")[0]
@@ -162,3 +181,65 @@ def require_one_branch(specialized: tuple[Specialized, ...], model: ModelProto,
                             f"the {took} branch, the only one the specialised model computes",
                             fix="calibrate and evaluate on data of one kind (e.g. one sample "
                                 "rate), or drop --specialize-if")
+
+
+def select_ifs(model: ModelProto) -> tuple[ModelProto, tuple[Specialized, ...]]:
+    """``model`` with each top-level ``If`` that can be computed as both branches and a
+    ``Where`` so rewritten, and what was rewritten (module docstring); the rest unchanged."""
+    ifs = [n for n in model.graph.node if n.op_type == "If" and _selectable(n)]
+    if not ifs:
+        return model, ()
+    m = copy.deepcopy(model)
+    g = m.graph
+    nodes, done = [], []
+    for n in g.node:
+        if n.op_type != "If" or not _selectable(n):
+            nodes.append(n)
+            continue
+        outs = []
+        for key in ("then_branch", "else_branch"):
+            body = next(a.g for a in n.attribute if a.name == key)
+            prefix = f"{n.name}/{key.split('_')[0]}/"
+            local = {t.name for t in body.initializer} | {o for b in body.node for o in b.output}
+            name = {t: prefix + t for t in local}
+            for t in body.initializer:
+                t2 = copy.deepcopy(t)
+                t2.name = name[t.name]
+                g.initializer.append(t2)
+            for b in body.node:
+                b2 = copy.deepcopy(b)
+                b2.name = prefix + (b.name or b.op_type)
+                b2.input[:] = [name.get(i, i) for i in b.input]
+                b2.output[:] = [name.get(o, o) for o in b.output]
+                nodes.append(b2)
+            outs.append([name.get(o.name, o.name) for o in body.output])
+        cond = f"{n.name}/condition"
+        shape = f"{n.name}/scalar_shape"
+        g.initializer.append(numpy_helper.from_array(np.zeros(0, np.int64), shape))
+        nodes.append(helper.make_node("Reshape", [n.input[0], shape], [cond],
+                                      name=f"{n.name}/condition"))
+        for out, a, b in zip(n.output, *outs, strict=True):
+            nodes.append(helper.make_node("Where", [cond, a, b], [out], name=f"{n.name}/{out}"))
+        done.append(Specialized(node=n.name, condition=n.input[0], value=None, branch="both",
+                                nodes=sum(len(a.g.node) for a in n.attribute)))
+    del g.node[:]
+    g.node.extend(nodes)
+    return m, tuple(done)
+
+
+def _selectable(n: onnx.NodeProto) -> bool:
+    """Whether ``If`` node ``n`` can become both branches and a ``Where``: no control flow
+    inside, and each output of one known shape and type in both branches."""
+    bodies = [a.g for a in n.attribute if a.name in ("then_branch", "else_branch")]
+    if len(bodies) != 2 or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                               for b in bodies for bn in b.node for a in bn.attribute):
+        return False
+    for x, y in zip(bodies[0].output, bodies[1].output, strict=True):
+        tx, ty = x.type.tensor_type, y.type.tensor_type
+        if tx.elem_type != ty.elem_type or not tx.HasField("shape") or not ty.HasField("shape"):
+            return False
+        dx = [d.dim_value if d.HasField("dim_value") else None for d in tx.shape.dim]
+        dy = [d.dim_value if d.HasField("dim_value") else None for d in ty.shape.dim]
+        if dx != dy or None in dx:
+            return False
+    return True

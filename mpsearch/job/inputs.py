@@ -1,9 +1,11 @@
 """What a search opens and checks before its first stage: the data (arrays, or folders of
 images or recordings decoded with a progress bar), the samples that are constant (warned of),
-and the budgets the costs alone decide (refused before the calibration pass)."""
+the control flow put in a form the target runs (:mod:`mpsearch.graph.control`), and the
+budgets the costs alone decide (refused before the calibration pass)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,13 @@ import onnx
 from mpsearch.data.audio import audio_files
 from mpsearch.data.dataset import Dataset, constant_samples, media_folder, open_dataset
 from mpsearch.data.images import image_files
+from mpsearch.graph.control import (
+    Specialized,
+    condition_values,
+    require_one_branch,
+    select_ifs,
+    specialize_ifs,
+)
 from mpsearch.graph.ingest import prepare_model
 from mpsearch.graph.layer_graph import build_layer_graph
 from mpsearch.hw.cost import CostModel
@@ -22,7 +31,9 @@ from mpsearch.sensitivity.table import candidates_for
 from mpsearch.solve.allocate import allocate, build_problem
 from mpsearch.solve.budget import Budget
 
-__all__ = ["check_reachable", "constant_warning", "open_data"]
+__all__ = ["check_reachable", "constant_warning", "control_flow", "open_data"]
+
+log = logging.getLogger(__name__)
 
 
 def open_data(d: Any, model: onnx.ModelProto, *, name: str,
@@ -74,3 +85,43 @@ def check_reachable(model: onnx.ModelProto, calib: Dataset, profile: HardwarePro
     built = build_problem(lg, costs, cands, {(g, c): 0.0 for g in lg.group_names
                                              for c in cands[g]})
     allocate(built.problem, costs, budgets, penalty=1.0)
+
+
+def control_flow(model: onnx.ModelProto, *, specialize: bool, no_control_flow: bool,
+                 calib: Dataset, others: Sequence[Dataset | None], batch_size: int
+                 ) -> tuple[onnx.ModelProto, tuple[Specialized, ...], list[str]]:
+    """``model`` with its ``If`` nodes in the form the run plans, what was rewritten, and the
+    warnings for the report. ``specialize`` (``--specialize-if``): each If the calibration data
+    decides once becomes its branch, and the ``others`` (check, evaluation) data must take the
+    same branches. ``no_control_flow`` (QNN's HTP): each If left becomes both branches and a
+    Where, and a branch the calibration data never takes is warned of: its layers' errors go
+    unseen."""
+    done: tuple[Specialized, ...] = ()
+    warnings: list[str] = []
+    if specialize:
+        original = model
+        model, done = specialize_ifs(original, calib.batches(batch_size),
+                                     name="the calibration data")
+        for ds in others:
+            if ds is not None:
+                require_one_branch(done, original, ds.batches(batch_size),
+                                   name=f"the {ds.name} data")
+        if done:
+            log.warning("%s%s", done[0].describe(), "" if len(done) == 1 else
+                        f"; and {len(done) - 1} more If node(s) likewise "
+                        "(plan.json 'specialized')")
+    if no_control_flow:
+        before = model
+        model, selected = select_ifs(before)
+        values = condition_values(before, calib.batches(batch_size)) if selected else {}
+        for s in selected:
+            log.warning("%s", s.describe())
+            seen = values.get(s.node, set())
+            if len(seen) == 1:
+                never = "else" if next(iter(seen)) else "then"
+                warnings.append(f"the calibration data never takes the {never} branch of If "
+                                f"'{s.node}': the errors of its layers are not seen, so they "
+                                "are planned as if they did not matter; calibrate on data "
+                                "that takes both branches")
+        done += selected
+    return model, done, warnings

@@ -44,13 +44,12 @@ from mpsearch.data.dataset import Dataset
 from mpsearch.data.images import Preprocess
 from mpsearch.data.synthetic import WARNING as SYNTHETIC_WARNING
 from mpsearch.export.qdq import QdqModel, quantize
-from mpsearch.graph.control import Specialized, require_one_branch, specialize_ifs
 from mpsearch.graph.evaluate import reference_run
 from mpsearch.graph.ingest import load_model
 from mpsearch.hw.cost import CostModel
 from mpsearch.hw.profile import HardwareProfile, load_profile
 from mpsearch.job.config import SearchConfig
-from mpsearch.job.inputs import check_reachable, constant_warning, open_data
+from mpsearch.job.inputs import check_reachable, constant_warning, control_flow, open_data
 from mpsearch.job.measure_stage import front_sample, measure_plans, shortlist, warn_requantized
 from mpsearch.job.pins import resolve_pins
 from mpsearch.job.polish import polish
@@ -148,31 +147,16 @@ class _Job:
         self.held_warning = held.warning  # said when the shortlist is measured
         self.evald = (None if data.evaluation is None
                       else self._dataset(data.evaluation, "evaluation"))
-        self.specialized: tuple[Specialized, ...] = ()
-        if config.specialize_if:
-            self._specialize()
+        self.model, self.specialized, warned = control_flow(
+            self.model, specialize=config.specialize_if,
+            no_control_flow=self.profile.runtime == "qnn-htp", calib=self.calib,
+            others=(self.check, self.evald), batch_size=config.quantize.batch_size)
+        for text in warned:
+            self._warn(text)
         self.exported: dict[tuple, QdqModel] = {}  # each plan exported once
         self._reference: Sequence[Mapping] | None = None
         self._check: tuple[tuple[Mapping, ...], Sequence[Mapping]] | None = None
         self._check_fp32: list | None = None  # FP32 outputs on the check part, for targets
-
-    def _specialize(self) -> None:
-        """Each If the calibration data decides once replaced by its branch
-        (:mod:`mpsearch.graph.control`); evaluation data must take the same branches."""
-        original = self.model
-        self.model, self.specialized = specialize_ifs(
-            original, self.calib.batches(self.config.quantize.batch_size),
-            name="the calibration data")
-        for ds in (self.check, self.evald):
-            if ds is not None:
-                require_one_branch(self.specialized, original,
-                                   ds.batches(self.config.quantize.batch_size),
-                                   name=f"the {ds.name} data")
-        if self.specialized:
-            first = self.specialized[0]
-            log.warning("%s%s", first.describe(), "" if len(self.specialized) == 1 else
-                        f"; and {len(self.specialized) - 1} more If node(s) likewise "
-                        "(plan.json 'specialized')")
 
     def _warn(self, text: str) -> None:
         log.warning("%s", text)

@@ -220,13 +220,19 @@ def float_ops_html(p: Mapping[str, Any]) -> str:
                      "that is not a finite number, or a format the device computed wrongly "
                      "there):</p>" + html_table(pd.DataFrame(
                          dropped, columns=["group", "candidate", "reason"]), left=0))
-    specialized = list(p.get("specialized", []))
+    specialized = [s for s in p.get("specialized", []) if s.get("branch") != "both"]
     if specialized:
         parts.append(f"<p><b>{len(specialized)} If node(s) replaced by the branch the "
                      "calibration data takes (--specialize-if): the shipped model computes "
                      "only that branch.</b></p>" + html_table(pd.DataFrame(
                          specialized, columns=["node", "condition", "value", "branch",
                                                "nodes"]), left=0))
+    selected = [s for s in p.get("specialized", []) if s.get("branch") == "both"]
+    if selected:
+        parts.append(f"<p>{len(selected)} If node(s) computed as both branches and a Where on "
+                     "the condition (the target has no If): the same outputs for every input, "
+                     "both branches always run.</p>" + html_table(pd.DataFrame(
+                         selected, columns=["node", "condition", "nodes"]), left=0))
     if not parts:
         parts.append("<p>None: every op mpsearch knows is quantized as the plan says; no op "
                      "was left in float.</p>")
