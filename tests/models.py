@@ -248,6 +248,31 @@ def if_detector(seed: int = 0, *, shapes: bool = True) -> onnx.ModelProto:
                    _init("half", np.array(0.5, np.float32))], opset=17)
 
 
+def power_spectrum(seed: int = 0) -> onnx.ModelProto:
+    """openWakeWord's mel front end in miniature: two Gemms (the STFT's real and imaginary
+    parts), each squared by ``Mul(x, x)``, summed, a mel MatMul with non-negative weights, then
+    ``Log(1 + mel)`` (the Log left in float): the squared spectrum spans twice its input's
+    dynamic range, and the log makes its quiet bins count."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(64) / 64.0
+    freqs = np.arange(1, 33)[:, None]
+    re = (np.cos(2 * np.pi * freqs * t) / 8).astype(np.float32)
+    im = (np.sin(2 * np.pi * freqs * t) / 8).astype(np.float32)
+    mel = np.abs(rng.standard_normal((32, 8))).astype(np.float32) / 4
+    nodes = [helper.make_node("Gemm", ["x", "re_w"], ["re"], transB=1, name="stft_re"),
+             helper.make_node("Gemm", ["x", "im_w"], ["im"], transB=1, name="stft_im"),
+             helper.make_node("Mul", ["re", "re"], ["re2"], name="square_re"),
+             helper.make_node("Mul", ["im", "im"], ["im2"], name="square_im"),
+             helper.make_node("Add", ["re2", "im2"], ["power"], name="power"),
+             helper.make_node("MatMul", ["power", "mel_w"], ["mel"], name="mel"),
+             helper.make_node("Add", ["mel", "one"], ["mel1"], name="plus_one"),
+             helper.make_node("Log", ["mel1"], ["y"], name="log")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                  [_init("re_w", re), _init("im_w", im), _init("mel_w", mel),
+                   _init("one", np.array(1.0, np.float32))])
+
+
 def softmax_opset11(seed: int = 0) -> onnx.ModelProto:
     """A Paddle-style classifier head at opset 11: Conv, then Softmax over axis 1 of a 4-D
     tensor, then Identity to the output. Raising it to opset 13 for int8 makes ONNX's converter
