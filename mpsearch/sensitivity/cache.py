@@ -36,7 +36,9 @@ __all__ = ["CACHE_VERSION", "SensitivityCache", "data_digest", "default_cache_di
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 10  # 10: Sigmoid/Softmax uint8 outputs snap to [0, 1]; 9: Clip as Max/Min
+# 11: element-wise ops as wide as their consumers; 10: Sigmoid/Softmax uint8 outputs snap to
+# [0, 1]; 9: Clip as Max/Min
+CACHE_VERSION = 11
 
 
 def default_cache_dir() -> Path:
