@@ -4,13 +4,15 @@ output channels go.
 **Activation formats** (:func:`node_formats`). Each node carries one activation format: a layer
 takes its group's candidate's, other ops inherit the widest format among their producers (or,
 with no quantized producer, the widest among their consumers); ops left in float stay float.
-An element-wise op that computes a fresh range (Mul, Add, Pow, ...; not a clipping activation,
-whose range is its producer's quantizer's) also takes the widest format among its consumers:
-a layer then reads its input at its own precision, as the sensitivity stage scores it, instead
-of a 16-bit copy of 8-bit values the op had already rounded. A squared spectrum (``Mul(x, x)``
-of an STFT's output, openWakeWord's mel front end) spans twice the dynamic range of its input:
-in 8 bits every bin 27 dB below the loudest became zero before the 16-bit mel MatMul read it
-(6.5 dB at ``bops=0.9`` against 10.0 with the conversion moved up to the STFT's output).
+A product of activations (``Mul(x, x)``, a gate ``Mul(x, y)``, ``Pow``) spans a wider dynamic
+range than its inputs: it also takes the widest format of the layers it reaches through ops
+that are no layer, and the ops after it inherit that, so a 16-bit layer reads it at its own
+precision, as the sensitivity stage scores it, and not as a 16-bit copy of values rounded to
+8 bits. A squared spectrum (openWakeWord's mel front end: an STFT's output squared, summed, a
+16-bit mel MatMul) in 8 bits made every bin 27 dB below the loudest zero (6.5 dB at
+``bops=0.9`` against 10.0 so). Linear ops (a Mul by a constant, an Add) are not raised: they
+add no range, and a conversion right after a layer's output is one the HTP computes
+otherwise than the CPU EP (PaddleOCR v4's recogniser: 22.9 dB at such a Conv).
 The exporter writes these formats (:mod:`mpsearch.export.qdq`) and the cost model counts a
 format conversion wherever a consumer's format differs from its producer's
 (:mod:`mpsearch.hw.cost`).
@@ -109,6 +111,32 @@ def layers_reached(lg: LayerGraph, tensor: str) -> tuple[str, ...]:
 
 def node_formats(lg: LayerGraph, plan: Mapping[str, Candidate]) -> dict[str, Format]:
     """Activation format of every node under ``plan`` (FLOAT for nodes left in float)."""
+    fmt = _formats(lg, plan, {})
+    # A product of activations is as wide as the layers it reaches (module docstring), and
+    # what follows it as wide as it: the forward pass again, with those formats raised.
+    raised = {}
+    for name in lg.order:
+        if fmt[name].is_quantized and _is_product(lg, name):
+            reach = [plan[g].activation for o in lg.nodes[name].output
+                     for g in layers_reached(lg, o) if plan[g].activation.is_quantized]
+            if reach and widest([fmt[name], *reach]) is not fmt[name]:
+                raised[name] = widest([fmt[name], *reach])
+    return _formats(lg, plan, raised) if raised else fmt
+
+
+def _is_product(lg: LayerGraph, name: str) -> bool:
+    """A Mul of two activations (a square ``Mul(x, x)``, a gate) or a Pow of one: an op whose
+    output spans a wider dynamic range than its inputs."""
+    node = lg.nodes[name]
+    if name in lg.layers or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Mul":
+        return len(node.input) == 2 and all(i in lg.activations for i in node.input)
+    return node.op_type == "Pow" and node.input[0] in lg.activations
+
+
+def _formats(lg: LayerGraph, plan: Mapping[str, Candidate],
+             raised: Mapping[str, Format]) -> dict[str, Format]:
     fmt: dict[str, Format] = {}
     float_nodes = {f.node for f in lg.float_ops}
     producer_of = {a.name: a.producer for a in lg.activations.values()}
@@ -122,6 +150,7 @@ def node_formats(lg: LayerGraph, plan: Mapping[str, Candidate]) -> dict[str, For
         else:
             srcs = [fmt[p] for t in lg.activation_inputs(name)
                     if (p := producer_of.get(t)) is not None and p in fmt]
+            srcs += [raised[name]] if name in raised else []
             if srcs:
                 fmt[name] = widest(srcs)
             else:
@@ -131,17 +160,6 @@ def node_formats(lg: LayerGraph, plan: Mapping[str, Candidate]) -> dict[str, For
     for name in reversed(unresolved):
         quant = _consumer_formats(lg, fmt, name)
         fmt[name] = widest(quant) if quant else Format.FLOAT
-    # Element-wise ops with a fresh range are as wide as their consumers (module docstring);
-    # in reverse order, so that a chain of them widens back to the last layer's output.
-    for name in reversed(lg.order):
-        if name in lg.layers or name in unresolved or not fmt[name].is_quantized:
-            continue
-        info = lookup(lg.nodes[name].op_type, lg.nodes[name].domain)
-        if info is None or info.role is not OpRole.ELEMENTWISE or info.fuses_into_producer:
-            continue
-        quant = _consumer_formats(lg, fmt, name)
-        if quant:
-            fmt[name] = widest([fmt[name], *quant])
     return fmt
 
 
