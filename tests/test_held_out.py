@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from models import images, mbconv_files
+from models import images, mbconv, mbconv_files
 
 import mpsearch
 from mpsearch.cli.main import main
@@ -171,3 +171,31 @@ def test_per_sample_errors_follow_the_batch_not_a_state_output(tmp_path):
     plan = {g: parse_candidate("w8a8") for g in analysis.graph.group_names}
     per, _ = plan_errors(analysis, plan, batches, ref)
     assert per.shape == (16,) and np.unique(per).size > 8
+
+
+def test_errors_below_float_rounding_count_as_the_floor(tmp_path):
+    """PaddleOCR's text-direction classifier on its check part: a saturated softmax, where
+    plans agreed with FP32 to float32's rounding (134 and 143 dB on 4 samples, called 1.0
+    standard errors apart; on other data 27.3 and 22.6 dB). A sample's error below
+    FLOAT_FLOOR_DB counts as that floor: the float plan, exact but for rounding, measures
+    exactly the floor on every sample, so two plans there tie."""
+    from mpsearch import analyze, parse_candidate
+    from mpsearch.job.selection import FLOAT_FLOOR_DB, measure_plan, plan_errors
+    from mpsearch.sensitivity.suffix import reference_outputs
+
+    m = mbconv()
+    np.savez(tmp_path / "c.npz", x=images(16, seed=3))
+    ds = open_dataset(tmp_path / "c.npz", m)
+    analysis = analyze(m, ds)
+    batches = list(ds.batches(8))
+    ref = reference_outputs(analysis.graph, batches)
+    exact = {g: parse_candidate("float") for g in analysis.graph.group_names}
+    raw, count = plan_errors(analysis, exact, batches, ref)
+    mse, per = measure_plan(analysis, exact, batches, ref)
+    signal = selection._signal(ref)
+    floor = signal * count / per.size * 10 ** (-FLOAT_FLOOR_DB / 10)
+    assert raw.max() < floor and per == pytest.approx(np.full(16, floor))
+    assert sqnr_db(signal, mse) == pytest.approx(FLOAT_FLOOR_DB)
+    w8a8 = {g: parse_candidate("w8a8") for g in analysis.graph.group_names}
+    _, quantized = measure_plan(analysis, w8a8, batches, ref)
+    assert quantized.min() > floor * 1e3  # a real quantization error is left as it is

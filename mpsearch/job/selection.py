@@ -32,7 +32,9 @@ uniform contender by :data:`SELECT_Z` standard errors of the per-sample differen
 (:func:`paired_z`); otherwise that uniform plan ships, and the selection says so
 (:attr:`Selection.reason`). Sixteen check samples rarely tell 0.1 dB apart, and a uniform plan
 is what a user would ship without mpsearch: the shipped plan is never worse than it on the
-check part.
+check part. A sample's error below :data:`FLOAT_FLOOR_DB` under the mean output power counts
+as that floor: on saturated outputs (a softmax at 1.0) the plans differ there only by
+float32 rounding, which no other data would repeat.
 """
 
 from __future__ import annotations
@@ -52,15 +54,19 @@ from mpsearch.export.qdq import QdqModel, quantize
 from mpsearch.graph.folding import measuring_session
 from mpsearch.quant.analysis import Analysis
 
-__all__ = ["CHECK_FRACTION", "MIN_CHECK", "SELECT_Z", "Contender", "HeldOut", "Selection",
-           "hold_out", "measure_plan", "paired_z", "plan_errors", "plan_key", "plan_mse",
-           "select"]
+__all__ = ["CHECK_FRACTION", "FLOAT_FLOOR_DB", "MIN_CHECK", "SELECT_Z", "Contender", "HeldOut",
+           "Selection", "hold_out", "measure_plan", "paired_z", "plan_errors", "plan_key",
+           "plan_mse", "select"]
 
 log = logging.getLogger(__name__)
 
 CHECK_FRACTION = 0.25  # of --data held out to choose between plans on (--check)
 MIN_CHECK = 4  # samples at least in the check part, and in the fitted part
 SELECT_Z = 1.0  # a mixed plan must beat the best uniform one by this many standard errors
+# Below this SQNR's worth of error a plan's outputs are float32's own rounding of the FP32
+# model's: two plans there are not told apart (PaddleOCR's text-direction classifier: 134 and
+# 143 dB on 4 saturated check samples "1.0 standard errors" apart, 27.3 and 22.6 dB on others)
+FLOAT_FLOOR_DB = 120.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,8 +183,12 @@ def measure_plan(analysis: Analysis, plan: Mapping[str, Candidate],
                  export: Callable[[Mapping[str, Candidate]], QdqModel] | None = None,
                  threads: int = 0) -> tuple[float, np.ndarray]:
     """The plan's output MSE and each sample's squared error (:func:`plan_errors`), from one
-    run."""
+    run; an error below :data:`FLOAT_FLOOR_DB` under the sample's signal counts as that floor
+    (module docstring)."""
     per, count = plan_errors(analysis, plan, batches, reference, export=export, threads=threads)
+    if per.size:
+        per = np.maximum(per, _signal(reference) * count / per.size
+                         * 10.0 ** (-FLOAT_FLOOR_DB / 10.0))
     return float(per.sum()) / max(count, 1), per
 
 
