@@ -74,7 +74,19 @@ def run_model(name: str, profile: Path, budget: str) -> dict:
             "groups": plan["model"]["groups"], "layers": plan["model"]["layers"],
             "options": options, "samples": sens.get("samples"), "wall_s": round(wall, 2),
             "peak_mb": round(peak_kb / 1024, 1), "stages": doc.get("stages", {}),
+            "pairs_measured": (plan.get("refinement") or {}).get("pairs_measured"),
+            "selection_plans": len((plan.get("selection") or {}).get("contenders", [])),
+            "polish_evaluations": (plan.get("polish") or {}).get("evaluations"),
+            "parameters": _parameters(paths["model"]),
             "sqnr_db": (doc.get("quality", {}).get("measured") or {}).get("sqnr_db")}
+
+
+def _parameters(path: Path) -> int:
+    """The float weights of the model (initializer elements)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return int(sum(np.prod(t.dims) for t in m.graph.initializer))
 
 
 def synthetic_problem(groups: int, seed: int = 0):
