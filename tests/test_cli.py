@@ -120,6 +120,20 @@ def test_data_missing_an_input(files, capsys):
     assert not out.exists()
 
 
+def test_a_failed_json_command_still_prints_one_json_document(files, capsys):
+    """With --json a script reads stdout alone: a refused input gives the error, its fix and
+    the exit code there, beside the one line on stderr."""
+    np.savez(files["dir"] / "wrong.npz", y=images(4))
+    profile = Path(__file__).resolve().parent.parent / "hw_profiles" / "ort_cpu.yaml"
+    code = main(["run", str(files["model"]), "--hw", str(profile), "--data",
+                 str(files["dir"] / "wrong.npz"), "--out", str(files["dir"] / "o"), "--json"])
+    got = capsys.readouterr()
+    doc = json.loads(got.out)
+    assert code == 2 and doc["error"]["exit"] == 2 and doc["error"]["type"] == "DataError"
+    assert "'x'" in doc["error"]["problem"] and doc["error"]["fix"]
+    assert got.err.startswith("mpsearch: error: ") and "Traceback" not in got.err
+
+
 def test_data_of_the_wrong_shape(files, capsys):
     np.savez(files["dir"] / "shape.npz", x=images(4, shape=(3, 8, 8)))
     out = files["dir"] / "out"

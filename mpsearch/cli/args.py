@@ -43,7 +43,8 @@ def common_parser() -> argparse.ArgumentParser:
     """The flags every sub-command takes."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true",
-                        help="print a JSON document on stdout instead of tables")
+                        help="print a JSON document on stdout instead of tables (on an "
+                             "error: {\"error\": {type, problem, fix, exit}})")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     common.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
     common.add_argument("--debug", action="store_true",

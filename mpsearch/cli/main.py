@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import logging
 import os
 import sys
@@ -171,13 +172,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"mpsearch: error: {e.one_line()}", file=sys.stderr)
-        return EXIT_USAGE
+        return _json_error(args, EXIT_USAGE, type(e).__name__, e.problem, e.fix)
     except InternalError as e:
         if args.debug:
             raise
         print(f"mpsearch: internal error: {e.problem} (--debug shows the traceback)",
               file=sys.stderr)
-        return EXIT_BUG
+        return _json_error(args, EXIT_BUG, "InternalError", e.problem, "report this as a bug")
     except KeyboardInterrupt:
         print("mpsearch: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _json_error(args, EXIT_INTERRUPTED, "KeyboardInterrupt", "interrupted", None)
+
+
+def _json_error(args: argparse.Namespace, code: int, kind: str, problem: str,
+                fix: str | None) -> int:
+    """With ``--json``, a failed command still prints one JSON document on stdout: the error,
+    its fix and the exit code (a script reading stdout needs no second channel)."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"type": kind, "problem": problem, "fix": fix,
+                                    "exit": code}}), flush=True)
+    return code
