@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
-from models import mbconv
+from models import images, mbconv
 
 from mpsearch.cli.main import main
 from mpsearch.core.errors import ProfileError
@@ -173,12 +175,21 @@ def test_sparsity_names_round_trip():
         assert parse_candidate(text).name == text
 
 
-def test_a_latency_table_of_another_model_is_not_used():
+def test_a_latency_table_of_another_model_is_not_used(tmp_path, capsys):
     p = load_profile(ROOT / "hw_profiles" / "ort_cpu.yaml")  # measured on EfficientNet-Lite0
     assert p.latency_table is not None
     cm = CostModel(build_layer_graph(mbconv()), p)
     assert cm.table is None
     assert cm.layer("stem", parse_candidate("w8a8")).latency_from == "roofline"
+    # a run says so once (its budget check before calibration builds a quiet cost model)
+    onnx.save(mbconv(), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", x=images(16, seed=1))
+    capsys.readouterr()  # what the cost model above said
+    assert main(["run", str(tmp_path / "m.onnx"), "--hw", str(ROOT / "hw_profiles" /
+                 "ort_cpu.yaml"), "--data", str(tmp_path / "c.npz"), "--out",
+                 str(tmp_path / "out"), "-q", "--no-cache", "--budget", "bops=0.9",
+                 "--refine", "0", "--polish", "0"]) == 0
+    assert capsys.readouterr().err.count("was measured on another model") == 1
 
 
 def test_the_device_agreement_threshold_is_a_profile_setting():

@@ -93,14 +93,16 @@ def _elements(shape: tuple[int | None, ...] | None) -> int:
 class CostModel:
     """Costs of every (group, candidate) of one LayerGraph on one device, memoised."""
 
-    def __init__(self, lg: LayerGraph, profile: HardwareProfile) -> None:
+    def __init__(self, lg: LayerGraph, profile: HardwareProfile, *, warn: bool = True) -> None:
+        """``warn``: say when the profile's latency table is not this model's (off for a
+        cost model built only to check budgets before the run's own)."""
         self.lg, self.profile = lg, profile
         self.reference = reference_candidate(profile)
         # A table is measured on one model; layer names such as node_Conv_12 recur across
         # models, so it is used only when it covers exactly this graph's layers.
         table = profile.latency_table
         self.table = table if table is not None and set(table.layers) == set(lg.layers) else None
-        if table is not None and self.table is None:
+        if table is not None and self.table is None and warn:
             log.warning("the latency table in profile %s was measured on another model "
                         "(%s); using the roofline instead", profile.name,
                         table.model_sha256[:12])

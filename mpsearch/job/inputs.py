@@ -78,7 +78,7 @@ def check_reachable(model: onnx.ModelProto, calib: Dataset, profile: HardwarePro
     lg = build_layer_graph(prepare_model(model), input_shapes=shapes, prepared=True)
     if not lg.layers or any(layer.macs is None for layer in lg.layers.values()):
         return
-    costs = CostModel(lg, profile)
+    costs = CostModel(lg, profile, warn=False)  # the run's own cost model warns
     cands = candidates_for(lg, costs, candidates.only, sparsity=candidates.sparsity)
     if not all(cands.get(g) for g in lg.group_names):
         return  # said with its reason after calibration
