@@ -47,8 +47,8 @@ from mpsearch.data.spec import input_specs, is_symbol
 from mpsearch.graph.ingest import load_model
 
 __all__ = ["MIN_SQNR_DB", "SCHEMA", "TARGETS", "FixedDim", "NodeCounts", "OutputAgreement",
-           "ChildCrashed", "VerifyResult", "fix_shapes", "in_child", "static_model", "verify",
-           "verify_in_child"]
+           "ChildCrashed", "VerifyResult", "fix_shapes", "in_child", "json_number", "static_model",
+           "verify", "verify_in_child"]
 
 log = logging.getLogger(__name__)
 
@@ -155,16 +155,17 @@ class VerifyResult:
                       "not_on_target": [dict(n) for n in self.nodes.not_on_target]},
             "reasons": list(self.reasons),
             "samples": self.samples,
-            "outputs": [{"name": o.name, "sqnr_db": _num(o.sqnr_db), "cosine": _num(o.cosine)}
-                        for o in self.outputs],
-            "sqnr_db": _num(self.sqnr_db),
+            "outputs": [{"name": o.name, "sqnr_db": json_number(o.sqnr_db),
+                         "cosine": json_number(o.cosine)} for o in self.outputs],
+            "sqnr_db": json_number(self.sqnr_db),
             "model_summary": dict(self.model_summary),
             "compile_seconds": round(self.compile_seconds, 2),
             "seconds": round(self.seconds, 2),
         }
 
 
-def _num(v: float | None) -> float | str | None:
+def json_number(v: float | None) -> float | str | None:
+    """``v`` as verify.json writes it: 6 decimals, non-finite as the string "inf"/"-inf"."""
     if v is None or math.isfinite(v):
         return None if v is None else round(float(v), 6)
     return "inf" if v > 0 else "-inf"

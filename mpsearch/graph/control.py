@@ -186,14 +186,14 @@ def require_one_branch(specialized: tuple[Specialized, ...], model: ModelProto,
 def select_ifs(model: ModelProto) -> tuple[ModelProto, tuple[Specialized, ...]]:
     """``model`` with each top-level ``If`` that can be computed as both branches and a
     ``Where`` so rewritten, and what was rewritten (module docstring); the rest unchanged."""
-    ifs = [n for n in model.graph.node if n.op_type == "If" and _selectable(n)]
-    if not ifs:
+    chosen = {n.name for n in model.graph.node if n.op_type == "If" and _selectable(n)}
+    if not chosen:
         return model, ()
     m = copy.deepcopy(model)
     g = m.graph
     nodes, done = [], []
     for n in g.node:
-        if n.op_type != "If" or not _selectable(n):
+        if n.op_type != "If" or n.name not in chosen:
             nodes.append(n)
             continue
         outs = []

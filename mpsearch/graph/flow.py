@@ -119,8 +119,9 @@ def node_formats(lg: LayerGraph, plan: Mapping[str, Candidate]) -> dict[str, For
         if fmt[name].is_quantized and _is_product(lg, name):
             reach = [plan[g].activation for o in lg.nodes[name].output
                      for g in layers_reached(lg, o) if plan[g].activation.is_quantized]
-            if reach and widest([fmt[name], *reach]) is not fmt[name]:
-                raised[name] = widest([fmt[name], *reach])
+            wide = widest([fmt[name], *reach])
+            if wide is not fmt[name]:
+                raised[name] = wide
     return _formats(lg, plan, raised) if raised else fmt
 
 

@@ -34,6 +34,7 @@ from mpsearch.device.verify import (
     MIN_SQNR_DB,
     ChildCrashed,
     in_child,
+    json_number,
     static_model,
     verify_in_child,
 )
@@ -172,7 +173,7 @@ class VerifySummary:
         return {"file": "verify.json", "target": self.target, "soc_model": self.soc_model,
                 "compiled": self.compiled, "fully_on_target": self.fully_on_target,
                 "nodes_on_target": self.nodes_on_target, "nodes": self.nodes,
-                "sqnr_db": _json_db(self.sqnr_db), "min_sqnr_db": self.min_sqnr_db,
+                "sqnr_db": json_number(self.sqnr_db), "min_sqnr_db": self.min_sqnr_db,
                 "verified": self.verified, "disagreeing": list(self.disagreeing),
                 "culprit": self.culprit, "replans": [r.to_dict() for r in self.replans],
                 "shipped_round": self.shipped_round,
@@ -214,10 +215,6 @@ def ship_model(out: OutputDir, res: SearchResult, qm: QdqModel, cfg: RunConfig) 
 def _rounded(db: float | None) -> float | None:
     """A dB figure as verify.json states it (6 decimals); an exact agreement stays inf."""
     return db if db is None or not math.isfinite(db) else round(float(db), 6)
-
-
-def _json_db(db: float | None) -> float | str | None:
-    return db if db is None or math.isfinite(db) else ("inf" if db > 0 else "-inf")
 
 
 def _sha256(path: Path) -> str:
